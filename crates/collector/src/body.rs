@@ -1,0 +1,248 @@
+//! Reading and cheaply checking a request body: bounded read, bounded gunzip, JSON well-formed,
+//! the right top-level shape, per-event size. No schema validation here: that is the worker's.
+
+use std::io::Read;
+
+use axum::body::Body;
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use crate::error::CaptureError;
+
+/// The tracking API's endpoints: `batch`, or one event of the named type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    Batch,
+    Track,
+    Identify,
+    Page,
+    Screen,
+    Group,
+    Alias,
+}
+
+impl Endpoint {
+    pub fn parse(path: &str) -> Option<Self> {
+        Some(match path {
+            "batch" | "import" => Self::Batch,
+            "track" | "t" => Self::Track,
+            "identify" | "i" => Self::Identify,
+            "page" | "p" => Self::Page,
+            "screen" | "s" => Self::Screen,
+            "group" | "g" => Self::Group,
+            "alias" | "a" => Self::Alias,
+            _ => return None,
+        })
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Batch => "batch",
+            Self::Track => "track",
+            Self::Identify => "identify",
+            Self::Page => "page",
+            Self::Screen => "screen",
+            Self::Group => "group",
+            Self::Alias => "alias",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_event_bytes: usize,
+    pub max_batch_bytes: usize,
+}
+
+impl Limits {
+    pub fn for_endpoint(&self, endpoint: Endpoint) -> usize {
+        match endpoint {
+            Endpoint::Batch => self.max_batch_bytes,
+            _ => self.max_event_bytes,
+        }
+    }
+}
+
+/// Reads at most `limit` bytes; a larger body is a 413, a client that vanishes is a 400.
+pub async fn read_limited(body: Body, limit: usize) -> Result<bytes::Bytes, CaptureError> {
+    match Limited::new(body, limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(error) if error.downcast_ref::<LengthLimitError>().is_some() => {
+            Err(CaptureError::BatchTooLarge { limit })
+        }
+        Err(error) => Err(CaptureError::BodyRead(error.to_string())),
+    }
+}
+
+/// Inflates a gzip body, refusing to produce more than `limit` bytes (gzip bombs).
+pub fn gunzip_limited(compressed: &[u8], limit: usize) -> Result<Vec<u8>, CaptureError> {
+    let mut out = Vec::with_capacity(compressed.len().saturating_mul(4).min(limit));
+    let cap = u64::try_from(limit).unwrap_or(u64::MAX).saturating_add(1);
+    flate2::read::MultiGzDecoder::new(compressed)
+        .take(cap)
+        .read_to_end(&mut out)
+        .map_err(|e| CaptureError::BadGzip(e.to_string()))?;
+    if out.len() > limit {
+        return Err(CaptureError::BatchTooLarge { limit });
+    }
+    Ok(out)
+}
+
+#[derive(Deserialize)]
+struct BatchBody<'a> {
+    #[serde(rename = "writeKey")]
+    write_key: Option<String>,
+    #[serde(borrow)]
+    batch: Option<Vec<&'a RawValue>>,
+}
+
+#[derive(Deserialize)]
+struct EventBody {
+    #[serde(rename = "writeKey")]
+    write_key: Option<String>,
+}
+
+/// What the collector needs from a well-formed body.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Inspected {
+    pub write_key: Option<String>,
+    pub events: usize,
+}
+
+/// Checks the decoded body's shape and sizes; returns the body's `writeKey`, if any.
+pub fn inspect(
+    endpoint: Endpoint,
+    json: &[u8],
+    limits: &Limits,
+) -> Result<Inspected, CaptureError> {
+    if json.len() > limits.for_endpoint(endpoint) {
+        return Err(CaptureError::BatchTooLarge {
+            limit: limits.for_endpoint(endpoint),
+        });
+    }
+    if !starts_with_object(json) {
+        return Err(CaptureError::BadRequest(
+            "the body must be a JSON object".into(),
+        ));
+    }
+    match endpoint {
+        Endpoint::Batch => {
+            let body: BatchBody<'_> = serde_json::from_slice(json)
+                .map_err(|e| CaptureError::MalformedJson(e.to_string()))?;
+            let batch = body
+                .batch
+                .ok_or_else(|| CaptureError::BadRequest("missing `batch` array".into()))?;
+            for (index, event) in batch.iter().enumerate() {
+                let raw = event.get();
+                if !starts_with_object(raw.as_bytes()) {
+                    return Err(CaptureError::BadRequest(format!(
+                        "batch[{index}] is not a JSON object"
+                    )));
+                }
+                if raw.len() > limits.max_event_bytes {
+                    return Err(CaptureError::EventTooLarge {
+                        index,
+                        limit: limits.max_event_bytes,
+                    });
+                }
+            }
+            Ok(Inspected {
+                write_key: body.write_key,
+                events: batch.len(),
+            })
+        }
+        _ => {
+            let body: EventBody = serde_json::from_slice(json)
+                .map_err(|e| CaptureError::MalformedJson(e.to_string()))?;
+            Ok(Inspected {
+                write_key: body.write_key,
+                events: 1,
+            })
+        }
+    }
+}
+
+fn starts_with_object(json: &[u8]) -> bool {
+    json.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    const LIMITS: Limits = Limits {
+        max_event_bytes: 100,
+        max_batch_bytes: 300,
+    };
+
+    #[test]
+    fn batch_yields_write_key_and_event_count() {
+        let got = inspect(
+            Endpoint::Batch,
+            br#"{"writeKey":"k","batch":[{"type":"track"},{"type":"page"}]}"#,
+            &LIMITS,
+        )
+        .expect("valid");
+        assert_eq!(
+            got,
+            Inspected {
+                write_key: Some("k".into()),
+                events: 2
+            }
+        );
+    }
+
+    #[test]
+    fn shape_errors_are_400_and_size_errors_413() {
+        let status = |endpoint, body: &[u8]| {
+            inspect(endpoint, body, &LIMITS).map_err(|e| e.status().as_u16())
+        };
+        assert_eq!(status(Endpoint::Batch, b"[1,2]"), Err(400));
+        assert_eq!(status(Endpoint::Batch, br#"{"batch":[1]}"#), Err(400));
+        assert_eq!(status(Endpoint::Batch, br#"{"nobatch":[]}"#), Err(400));
+        assert_eq!(status(Endpoint::Track, br#"{"event":"x""#), Err(400));
+        assert_eq!(status(Endpoint::Track, b"{\"event\":\"\xff\"}"), Err(400));
+        assert_eq!(
+            status(Endpoint::Track, br#"{"writeKey":"a","writeKey":"b"}"#),
+            Err(400)
+        );
+        let big_event = format!(r#"{{"batch":[{{"p":"{}"}}]}}"#, "x".repeat(120));
+        assert_eq!(status(Endpoint::Batch, big_event.as_bytes()), Err(413));
+        let big_single = format!(r#"{{"p":"{}"}}"#, "x".repeat(120));
+        assert_eq!(status(Endpoint::Track, big_single.as_bytes()), Err(413));
+    }
+
+    #[test]
+    fn deep_nesting_is_rejected_not_a_stack_overflow() {
+        let deep = format!("{{\"a\":{}{}}}", "[".repeat(100_000), "]".repeat(100_000));
+        let limits = Limits {
+            max_event_bytes: 1 << 20,
+            max_batch_bytes: 1 << 20,
+        };
+        let err = inspect(Endpoint::Track, deep.as_bytes(), &limits).expect_err("too deep");
+        assert_eq!(err.status().as_u16(), 400);
+    }
+
+    #[test]
+    fn gzip_bomb_stops_at_the_limit() {
+        let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+        enc.write_all(&vec![b' '; 10 << 20]).expect("write");
+        let bomb = enc.finish().expect("finish");
+        assert!(bomb.len() < 64 << 10);
+        let err = gunzip_limited(&bomb, 1000).expect_err("bomb");
+        assert_eq!(err.status().as_u16(), 413);
+        assert!(matches!(
+            gunzip_limited(b"not gzip", 1000),
+            Err(CaptureError::BadGzip(_))
+        ));
+    }
+
+    #[test]
+    fn endpoints_parse_including_short_aliases() {
+        assert_eq!(Endpoint::parse("batch"), Some(Endpoint::Batch));
+        assert_eq!(Endpoint::parse("t"), Some(Endpoint::Track));
+        assert_eq!(Endpoint::parse("nope"), None);
+    }
+}

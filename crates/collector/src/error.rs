@@ -1,0 +1,101 @@
+//! The one error type at the HTTP edge, and how each variant answers the client.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::json;
+
+use crate::publisher::PublishError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CaptureError {
+    #[error("missing write key: send it as the HTTP Basic username or as `writeKey` in the body")]
+    MissingWriteKey,
+    #[error("unknown write key")]
+    UnknownWriteKey,
+    #[error("malformed Authorization header")]
+    BadAuthorization,
+    #[error("request body is larger than {limit} bytes")]
+    BatchTooLarge { limit: usize },
+    #[error("event {index} is larger than {limit} bytes")]
+    EventTooLarge { index: usize, limit: usize },
+    #[error("malformed JSON: {0}")]
+    MalformedJson(String),
+    #[error("malformed request: {0}")]
+    BadRequest(String),
+    #[error("invalid gzip body: {0}")]
+    BadGzip(String),
+    #[error("unsupported Content-Encoding `{0}` (use gzip or none)")]
+    UnsupportedEncoding(String),
+    #[error("unsupported Content-Type `{0}` (use application/json or text/plain)")]
+    UnsupportedContentType(String),
+    #[error("the request body was not received in time")]
+    BodyTimeout,
+    #[error("could not read the request body: {0}")]
+    BodyRead(String),
+    #[error("service unavailable: {source}")]
+    Unavailable {
+        source: PublishError,
+        retry_after_secs: u64,
+    },
+}
+
+impl CaptureError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::MissingWriteKey | Self::UnknownWriteKey | Self::BadAuthorization => {
+                StatusCode::UNAUTHORIZED
+            }
+            Self::BatchTooLarge { .. } | Self::EventTooLarge { .. } => {
+                StatusCode::PAYLOAD_TOO_LARGE
+            }
+            Self::MalformedJson(_) | Self::BadRequest(_) | Self::BadGzip(_) | Self::BodyRead(_) => {
+                StatusCode::BAD_REQUEST
+            }
+            Self::UnsupportedEncoding(_) | Self::UnsupportedContentType(_) => {
+                StatusCode::UNSUPPORTED_MEDIA_TYPE
+            }
+            Self::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
+            Self::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    fn code(&self) -> &'static str {
+        match self {
+            Self::MissingWriteKey => "missing_write_key",
+            Self::UnknownWriteKey => "unknown_write_key",
+            Self::BadAuthorization => "bad_authorization",
+            Self::BatchTooLarge { .. } => "batch_too_large",
+            Self::EventTooLarge { .. } => "event_too_large",
+            Self::MalformedJson(_) => "malformed_json",
+            Self::BadRequest(_) => "bad_request",
+            Self::BadGzip(_) => "bad_gzip",
+            Self::UnsupportedEncoding(_) => "unsupported_encoding",
+            Self::UnsupportedContentType(_) => "unsupported_content_type",
+            Self::BodyTimeout => "body_timeout",
+            Self::BodyRead(_) => "body_read",
+            Self::Unavailable { .. } => "unavailable",
+        }
+    }
+}
+
+impl IntoResponse for CaptureError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        let body = Json(json!({
+            "success": false,
+            "code": self.code(),
+            "message": self.to_string(),
+        }));
+        let mut response = (status, body).into_response();
+        if let Self::Unavailable {
+            retry_after_secs, ..
+        } = self
+        {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs));
+        }
+        response
+    }
+}

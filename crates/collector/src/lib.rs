@@ -1,0 +1,69 @@
+//! The collector: authenticate, bound, publish with confirms, answer. `main` only loads the
+//! configuration and calls [`serve`]; tests call it in-process on a port-0 listener.
+
+pub mod api;
+pub mod auth;
+pub mod body;
+pub mod error;
+pub mod publisher;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ingest_pipeline::Settings;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::api::AppState;
+use crate::auth::WriteKeys;
+use crate::body::Limits;
+use crate::publisher::Publisher;
+
+/// Serves until `shutdown` completes, then lets open requests finish (bounded by
+/// `collector.shutdown_timeout_ms`) and closes the broker connection.
+pub async fn serve(
+    settings: Settings,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let c = &settings.collector;
+    let publisher = Publisher::start(settings.broker.clone());
+    let state = Arc::new(AppState {
+        publisher: publisher.clone(),
+        keys: WriteKeys::new(&c.write_keys),
+        limits: Limits {
+            max_event_bytes: c.max_event_bytes,
+            max_batch_bytes: c.max_batch_bytes,
+        },
+        body_timeout: Duration::from_millis(c.body_timeout_ms),
+        retry_after_secs: c.retry_after_secs,
+        trusted_proxies: c.trusted_proxies.clone(),
+    });
+    let app = api::router(state, c);
+    tracing::info!(addr = %listener.local_addr()?, "collector listening");
+
+    let stop = CancellationToken::new();
+    let stop_signal = stop.clone();
+    tokio::spawn(async move {
+        shutdown.await;
+        stop_signal.cancel();
+    });
+    let graceful = stop.clone();
+    let server = axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(async move { graceful.cancelled().await });
+    let grace = Duration::from_millis(c.shutdown_timeout_ms);
+    tokio::select! {
+        result = server => result?,
+        () = async { stop.cancelled().await; tokio::time::sleep(grace).await } => {
+            tracing::warn!(?grace, "open requests did not finish in time; closing anyway");
+        }
+    }
+    publisher.close().await;
+    tracing::info!("collector stopped");
+    Ok(())
+}

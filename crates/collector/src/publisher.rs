@@ -1,0 +1,220 @@
+//! Publishes request bodies to the raw queue with publisher confirms, over a connection that a
+//! supervisor task keeps alive (reconnect with backoff). `publish` returns only when the broker
+//! has confirmed the message; anything else is an error the caller turns into a 503.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use ingest_pipeline::settings::BrokerSettings;
+use ingest_pipeline::{broker, Backoff, Topology};
+use lapin::options::BasicPublishOptions;
+use lapin::{BasicProperties, Channel, Confirmation, Connection, Event};
+use tokio::sync::Notify;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    #[error("no connection to the broker")]
+    Unavailable,
+    #[error("the broker blocked publishing (resource alarm)")]
+    Blocked,
+    #[error("the broker refused the message (nack)")]
+    Nacked,
+    #[error("the message could not be routed to the raw queue")]
+    Unroutable,
+    #[error("no confirm from the broker within {0:?}")]
+    ConfirmTimeout(Duration),
+    #[error("broker error: {0}")]
+    Amqp(#[from] lapin::Error),
+}
+
+struct Live {
+    connection: Connection,
+    channels: Vec<Channel>,
+    next: AtomicUsize,
+}
+
+struct Shared {
+    live: RwLock<Option<Arc<Live>>>,
+    blocked: AtomicBool,
+    broken: Notify,
+    closing: AtomicBool,
+    closed: Notify,
+}
+
+#[derive(Clone)]
+pub struct Publisher {
+    shared: Arc<Shared>,
+    queue: String,
+    confirm_timeout: Duration,
+}
+
+impl Publisher {
+    /// Starts the supervisor; the publisher is usable (not ready) at once.
+    pub fn start(settings: BrokerSettings) -> Self {
+        let topology = Topology::new(settings.prefix.clone());
+        let shared = Arc::new(Shared {
+            live: RwLock::new(None),
+            blocked: AtomicBool::new(false),
+            broken: Notify::new(),
+            closing: AtomicBool::new(false),
+            closed: Notify::new(),
+        });
+        let publisher = Self {
+            shared: shared.clone(),
+            queue: topology.raw(),
+            confirm_timeout: settings.confirm_timeout(),
+        };
+        tokio::spawn(supervise(shared, settings, topology));
+        publisher
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.current().is_some() && !self.shared.blocked.load(Ordering::Relaxed)
+    }
+
+    fn current(&self) -> Option<Arc<Live>> {
+        self.shared.live.read().ok().and_then(|live| live.clone())
+    }
+
+    pub async fn publish(
+        &self,
+        body: &[u8],
+        properties: BasicProperties,
+    ) -> Result<(), PublishError> {
+        if self.shared.blocked.load(Ordering::Relaxed) {
+            return Err(PublishError::Blocked);
+        }
+        let live = self.current().ok_or(PublishError::Unavailable)?;
+        let index = live.next.fetch_add(1, Ordering::Relaxed) % live.channels.len();
+        let channel = &live.channels[index];
+        let result = tokio::time::timeout(self.confirm_timeout, async {
+            let confirm = channel
+                .basic_publish(
+                    "".into(),
+                    self.queue.as_str().into(),
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..BasicPublishOptions::default()
+                    },
+                    body,
+                    properties,
+                )
+                .await?
+                .await?;
+            Ok::<_, lapin::Error>(confirm)
+        })
+        .await;
+        match result {
+            Err(_) => Err(PublishError::ConfirmTimeout(self.confirm_timeout)),
+            Ok(Err(error)) => {
+                // A channel or connection error: let the supervisor rebuild everything.
+                self.shared.broken.notify_one();
+                Err(PublishError::Amqp(error))
+            }
+            Ok(Ok(Confirmation::Ack(None))) => Ok(()),
+            Ok(Ok(Confirmation::Ack(Some(_)))) => Err(PublishError::Unroutable),
+            Ok(Ok(Confirmation::Nack(_))) => Err(PublishError::Nacked),
+            Ok(Ok(Confirmation::NotRequested)) => Err(PublishError::Nacked),
+        }
+    }
+
+    /// Closes the connection after in-flight publishes have been answered.
+    pub async fn close(&self) {
+        self.shared.closing.store(true, Ordering::SeqCst);
+        let live = self.shared.live.write().ok().and_then(|mut l| l.take());
+        if let Some(live) = live {
+            let _ = live
+                .connection
+                .close(200, "collector shutting down".into())
+                .await;
+        }
+        self.shared.closed.notify_waiters();
+        self.shared.broken.notify_one();
+    }
+}
+
+async fn supervise(shared: Arc<Shared>, settings: BrokerSettings, topology: Topology) {
+    let mut backoff = Backoff::new(
+        Duration::from_millis(settings.reconnect_min_ms),
+        Duration::from_millis(settings.reconnect_max_ms),
+    );
+    while !shared.closing.load(Ordering::SeqCst) {
+        match open(&settings, &topology).await {
+            Ok(live) => {
+                backoff.reset();
+                let mut events = live.connection.events_listener();
+                let live = Arc::new(live);
+                shared
+                    .blocked
+                    .store(live.connection.status().blocked(), Ordering::SeqCst);
+                if let Ok(mut slot) = shared.live.write() {
+                    *slot = Some(live.clone());
+                }
+                tracing::info!(queue = %topology.raw(), "connected to the broker");
+                loop {
+                    tokio::select! {
+                        event = events.next() => match event {
+                            Some(Event::ConnectionBlocked(reason)) => {
+                                tracing::warn!(%reason, "broker blocked publishing");
+                                shared.blocked.store(true, Ordering::SeqCst);
+                            }
+                            Some(Event::ConnectionUnblocked) => {
+                                tracing::info!("broker unblocked publishing");
+                                shared.blocked.store(false, Ordering::SeqCst);
+                            }
+                            Some(Event::Error(error)) => {
+                                tracing::warn!(%error, "broker connection failed");
+                                break;
+                            }
+                            Some(_) => {}
+                            None => break,
+                        },
+                        () = shared.broken.notified() => break,
+                        () = tokio::time::sleep(Duration::from_secs(1)) => {
+                            if !live.connection.status().connected()
+                                || live.channels.iter().any(|c| !c.status().connected())
+                            {
+                                tracing::warn!("broker connection or channel lost");
+                                break;
+                            }
+                        }
+                    }
+                }
+                if let Ok(mut slot) = shared.live.write() {
+                    *slot = None;
+                }
+                shared.blocked.store(false, Ordering::SeqCst);
+                let _ = live.connection.close(320, "reconnecting".into()).await;
+            }
+            Err(error) => {
+                tracing::warn!(%error, "cannot connect to the broker");
+            }
+        }
+        if shared.closing.load(Ordering::SeqCst) {
+            break;
+        }
+        let delay = backoff.next_delay();
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            () = shared.closed.notified() => break,
+        }
+    }
+}
+
+async fn open(settings: &BrokerSettings, topology: &Topology) -> lapin::Result<Live> {
+    let connection = broker::connect(settings, "collector").await?;
+    let mut channels = Vec::with_capacity(settings.publish_channels);
+    for _ in 0..settings.publish_channels {
+        channels.push(broker::confirm_channel(&connection).await?);
+    }
+    if let Some(first) = channels.first() {
+        topology.declare(first).await?;
+    }
+    Ok(Live {
+        connection,
+        channels,
+        next: AtomicUsize::new(0),
+    })
+}

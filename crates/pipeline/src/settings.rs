@@ -1,0 +1,304 @@
+//! Layered, typed configuration shared by every binary.
+//!
+//! Order (later wins): the compiled-in `config/default.toml` → `config/$APP_ENV.toml` (APP_ENV
+//! defaults to `local`; the directory is `$INGEST_CONFIG_DIR`, default `config`) → environment
+//! variables `INGEST__SECTION__KEY`. Lists from the environment are comma separated. `validate`
+//! names the bad setting; secrets never appear in `Debug` output.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use config::{Config, Environment, File, FileFormat};
+use ingest_schema::UnknownEventPolicy;
+use serde::Deserialize;
+
+const DEFAULTS: &str = include_str!("../../../config/default.toml");
+
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    #[error("configuration could not be read: {0}")]
+    Load(#[from] config::ConfigError),
+    #[error("invalid setting `{setting}`: {reason}")]
+    Invalid {
+        setting: &'static str,
+        reason: String,
+    },
+}
+
+/// A string that is never printed: write keys, URLs with passwords.
+#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("\"<redacted>\"")
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Settings {
+    pub broker: BrokerSettings,
+    pub collector: CollectorSettings,
+    pub worker: WorkerSettings,
+    pub mongo: MongoSettings,
+    pub log: LogSettings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct BrokerSettings {
+    pub url: Secret,
+    pub prefix: String,
+    pub publish_channels: usize,
+    pub confirm_timeout_ms: u64,
+    pub reconnect_min_ms: u64,
+    pub reconnect_max_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct CollectorSettings {
+    pub listen: SocketAddr,
+    pub max_event_bytes: usize,
+    pub max_batch_bytes: usize,
+    pub body_timeout_ms: u64,
+    pub retry_after_secs: u64,
+    pub shutdown_timeout_ms: u64,
+    pub trusted_proxies: Vec<IpAddr>,
+    pub cors_allowed_origins: Vec<String>,
+    /// source name → write key
+    pub write_keys: BTreeMap<String, Secret>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct WorkerSettings {
+    pub schemas_dir: PathBuf,
+    pub unknown_events: UnknownEventPolicy,
+    pub prefetch: u16,
+    pub batch_max_events: usize,
+    pub batch_linger_ms: u64,
+    pub max_payload_bytes: usize,
+    pub mongo_max_attempts: u32,
+    pub shutdown_timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct MongoSettings {
+    pub uri: Secret,
+    pub database: String,
+    pub collection: String,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Pretty,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct LogSettings {
+    pub format: LogFormat,
+    pub level: String,
+}
+
+impl Settings {
+    /// The compiled-in defaults alone: what tests start from before setting their own values.
+    pub fn defaults() -> Result<Self, SettingsError> {
+        let settings: Settings = Config::builder()
+            .add_source(File::from_str(DEFAULTS, FileFormat::Toml))
+            .build()?
+            .try_deserialize()?;
+        Ok(settings)
+    }
+
+    /// Every layer, as the binaries load it.
+    pub fn load() -> Result<Self, SettingsError> {
+        let app_env = std::env::var("APP_ENV").unwrap_or_else(|_| "local".to_owned());
+        let dir = std::env::var("INGEST_CONFIG_DIR").unwrap_or_else(|_| "config".to_owned());
+        let env_file = PathBuf::from(dir).join(format!("{app_env}.toml"));
+        let settings: Settings = Config::builder()
+            .add_source(File::from_str(DEFAULTS, FileFormat::Toml))
+            .add_source(File::from(env_file).required(false))
+            .add_source(
+                Environment::with_prefix("INGEST")
+                    .prefix_separator("__")
+                    .separator("__")
+                    .try_parsing(true)
+                    .list_separator(",")
+                    .with_list_parse_key("collector.trusted_proxies")
+                    .with_list_parse_key("collector.cors_allowed_origins"),
+            )
+            .build()?
+            .try_deserialize()?;
+        Ok(settings)
+    }
+
+    /// Checks shared by both services.
+    pub fn validate(&self) -> Result<(), SettingsError> {
+        let b = &self.broker;
+        check(
+            !b.url.expose().is_empty(),
+            "broker.url",
+            "must not be empty",
+        )?;
+        check(
+            !b.prefix.is_empty()
+                && b.prefix
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c)),
+            "broker.prefix",
+            "must be non-empty ASCII letters, digits, '.', '_' or '-'",
+        )?;
+        check(
+            (1..=64).contains(&b.publish_channels),
+            "broker.publish_channels",
+            "must be between 1 and 64",
+        )?;
+        check(
+            b.confirm_timeout_ms > 0,
+            "broker.confirm_timeout_ms",
+            "must be > 0",
+        )?;
+        check(
+            b.reconnect_min_ms > 0 && b.reconnect_min_ms <= b.reconnect_max_ms,
+            "broker.reconnect_min_ms",
+            "must be > 0 and <= broker.reconnect_max_ms",
+        )?;
+        Ok(())
+    }
+
+    pub fn validate_collector(&self) -> Result<(), SettingsError> {
+        self.validate()?;
+        let c = &self.collector;
+        check(
+            c.max_event_bytes > 0,
+            "collector.max_event_bytes",
+            "must be > 0",
+        )?;
+        check(
+            c.max_batch_bytes >= c.max_event_bytes,
+            "collector.max_batch_bytes",
+            "must be >= collector.max_event_bytes",
+        )?;
+        check(
+            c.body_timeout_ms > 0,
+            "collector.body_timeout_ms",
+            "must be > 0",
+        )?;
+        check(
+            !c.write_keys.is_empty(),
+            "collector.write_keys",
+            "needs at least one source = \"key\" (or INGEST__COLLECTOR__WRITE_KEYS__<SOURCE>)",
+        )?;
+        for (source, key) in &c.write_keys {
+            if key.expose().len() < 8 {
+                return Err(SettingsError::Invalid {
+                    setting: "collector.write_keys",
+                    reason: format!("the key of source `{source}` is shorter than 8 characters"),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    pub fn validate_worker(&self) -> Result<(), SettingsError> {
+        self.validate()?;
+        let w = &self.worker;
+        check(w.prefetch > 0, "worker.prefetch", "must be > 0")?;
+        check(
+            (1..=100_000).contains(&w.batch_max_events),
+            "worker.batch_max_events",
+            "must be between 1 and 100000",
+        )?;
+        check(
+            w.max_payload_bytes > 0,
+            "worker.max_payload_bytes",
+            "must be > 0",
+        )?;
+        check(
+            w.mongo_max_attempts > 0,
+            "worker.mongo_max_attempts",
+            "must be > 0",
+        )?;
+        check(
+            !self.mongo.database.is_empty(),
+            "mongo.database",
+            "must not be empty",
+        )?;
+        check(
+            !self.mongo.collection.is_empty(),
+            "mongo.collection",
+            "must not be empty",
+        )?;
+        Ok(())
+    }
+}
+
+impl BrokerSettings {
+    pub fn confirm_timeout(&self) -> Duration {
+        Duration::from_millis(self.confirm_timeout_ms)
+    }
+}
+
+fn check(ok: bool, setting: &'static str, reason: &str) -> Result<(), SettingsError> {
+    if ok {
+        Ok(())
+    } else {
+        Err(SettingsError::Invalid {
+            setting,
+            reason: reason.to_owned(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_parse_and_pass_shared_validation() {
+        let s = Settings::defaults().expect("defaults");
+        assert_eq!(s.broker.prefix, "analytics");
+        assert_eq!(s.collector.max_event_bytes, 32 * 1024);
+        assert_eq!(s.collector.max_batch_bytes, 500 * 1024);
+        s.validate().expect("valid");
+    }
+
+    #[test]
+    fn collector_without_write_keys_is_rejected_naming_the_setting() {
+        let s = Settings::defaults().expect("defaults");
+        let err = s.validate_collector().expect_err("no keys");
+        assert!(err.to_string().contains("collector.write_keys"), "{err}");
+    }
+
+    #[test]
+    fn bad_prefix_is_rejected_naming_the_setting() {
+        let mut s = Settings::defaults().expect("defaults");
+        s.broker.prefix = "has space".into();
+        let err = s.validate().expect_err("bad prefix");
+        assert!(err.to_string().contains("broker.prefix"), "{err}");
+    }
+
+    #[test]
+    fn secrets_are_redacted_in_debug_output() {
+        let mut s = Settings::defaults().expect("defaults");
+        s.collector
+            .write_keys
+            .insert("app".into(), Secret::new("super-secret-key"));
+        let printed = format!("{s:?}");
+        assert!(!printed.contains("super-secret-key"));
+        assert!(!printed.contains("guest:guest"));
+    }
+}

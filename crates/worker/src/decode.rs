@@ -1,0 +1,228 @@
+//! From a raw delivery to events: request metadata from the AMQP headers, a capped gunzip,
+//! JSON parsing, and the split of a batch into events (batch-level `context`, `integrations`
+//! and `sentAt` apply to every event; `writeKey` is dropped so no secret is ever stored).
+
+use std::io::Read;
+
+use chrono::{DateTime, Utc};
+use ingest_pipeline::broker::header_str;
+use ingest_pipeline::headers;
+use lapin::BasicProperties;
+use serde_json::{Map, Value};
+
+use crate::enrich::RequestMeta;
+
+const REQUEST_ID_NAMESPACE: uuid::Uuid =
+    uuid::Uuid::from_u128(0x0b5e_77d2_51a4_4c39_8e0f_9a61_c2d4_e5f1);
+
+pub fn request_meta(properties: &BasicProperties, body: &[u8]) -> RequestMeta {
+    let h = properties.headers().as_ref();
+    let received_at = header_str(h, headers::RECEIVED_AT)
+        .and_then(|s| DateTime::parse_from_rfc3339(s).ok())
+        .map(|t| t.with_timezone(&Utc))
+        .or_else(|| {
+            properties
+                .timestamp()
+                .and_then(|secs| i64::try_from(secs).ok())
+                .and_then(|secs| DateTime::from_timestamp(secs, 0))
+        })
+        .unwrap_or_else(Utc::now);
+    // Without the collector's id, the body itself names the request, so redeliveries agree.
+    let request_id = properties
+        .message_id()
+        .as_ref()
+        .map(|id| id.to_string())
+        .unwrap_or_else(|| uuid::Uuid::new_v5(&REQUEST_ID_NAMESPACE, body).to_string());
+    RequestMeta {
+        request_id,
+        received_at,
+        source: header_str(h, headers::SOURCE)
+            .unwrap_or("unknown")
+            .to_owned(),
+        endpoint: header_str(h, headers::ENDPOINT)
+            .unwrap_or("batch")
+            .to_owned(),
+        client_ip: header_str(h, headers::CLIENT_IP).map(str::to_owned),
+        user_agent: header_str(h, headers::USER_AGENT).map(str::to_owned),
+    }
+}
+
+pub fn is_gzip(properties: &BasicProperties) -> bool {
+    properties
+        .content_encoding()
+        .as_ref()
+        .is_some_and(|e| e.as_str().eq_ignore_ascii_case("gzip"))
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DecodeError {
+    #[error("invalid gzip payload: {0}")]
+    Gzip(String),
+    #[error("payload inflates to more than {0} bytes")]
+    TooLarge(usize),
+    #[error("malformed JSON: {0}")]
+    Json(String),
+    #[error("{0}")]
+    Shape(String),
+}
+
+/// The payload as JSON bytes: gunzipped if needed, never more than `limit` bytes.
+pub fn payload(
+    body: &[u8],
+    gzip: bool,
+    limit: usize,
+) -> Result<std::borrow::Cow<'_, [u8]>, DecodeError> {
+    if !gzip {
+        if body.len() > limit {
+            return Err(DecodeError::TooLarge(limit));
+        }
+        return Ok(std::borrow::Cow::Borrowed(body));
+    }
+    let mut out = Vec::new();
+    let cap = u64::try_from(limit).unwrap_or(u64::MAX).saturating_add(1);
+    flate2::read::MultiGzDecoder::new(body)
+        .take(cap)
+        .read_to_end(&mut out)
+        .map_err(|e| DecodeError::Gzip(e.to_string()))?;
+    if out.len() > limit {
+        return Err(DecodeError::TooLarge(limit));
+    }
+    Ok(std::borrow::Cow::Owned(out))
+}
+
+/// One element of a request: an event object, or what stood in its place.
+#[derive(Debug, PartialEq)]
+pub enum Element {
+    Event(Map<String, Value>),
+    NotAnObject(Value),
+}
+
+/// A request split into its events, plus the batch's `sentAt`.
+#[derive(Debug, PartialEq)]
+pub struct Split {
+    pub elements: Vec<Element>,
+    pub sent_at: Option<Value>,
+}
+
+pub fn split(endpoint: &str, json: &[u8]) -> Result<Split, DecodeError> {
+    let value: Value =
+        serde_json::from_slice(json).map_err(|e| DecodeError::Json(e.to_string()))?;
+    let Value::Object(mut body) = value else {
+        return Err(DecodeError::Shape(
+            "the payload is not a JSON object".into(),
+        ));
+    };
+    body.remove("writeKey");
+    if endpoint != "batch" {
+        body.entry("type")
+            .or_insert_with(|| Value::String(endpoint.to_owned()));
+        return Ok(Split {
+            elements: vec![Element::Event(body)],
+            sent_at: None,
+        });
+    }
+    let Some(Value::Array(batch)) = body.remove("batch") else {
+        return Err(DecodeError::Shape(
+            "the payload has no `batch` array".into(),
+        ));
+    };
+    let shared_context = match body.remove("context") {
+        Some(Value::Object(context)) => Some(context),
+        _ => None,
+    };
+    let shared_integrations = body.remove("integrations");
+    let elements = batch
+        .into_iter()
+        .map(|item| match item {
+            Value::Object(mut event) => {
+                event.remove("writeKey");
+                if let Some(shared) = &shared_context {
+                    merge_missing(&mut event, "context", shared);
+                }
+                if let Some(integrations) = &shared_integrations {
+                    event
+                        .entry("integrations")
+                        .or_insert_with(|| integrations.clone());
+                }
+                Element::Event(event)
+            }
+            other => Element::NotAnObject(other),
+        })
+        .collect();
+    Ok(Split {
+        elements,
+        sent_at: body.remove("sentAt"),
+    })
+}
+
+/// Copies the keys of `shared` that the event's own object at `key` lacks.
+fn merge_missing(event: &mut Map<String, Value>, key: &str, shared: &Map<String, Value>) {
+    let slot = event
+        .entry(key)
+        .or_insert_with(|| Value::Object(Map::new()));
+    if let Value::Object(own) = slot {
+        for (k, v) in shared {
+            own.entry(k.clone()).or_insert_with(|| v.clone());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn batch_context_fills_gaps_without_overriding_and_write_key_is_dropped() {
+        let body = json!({
+            "writeKey": "secret",
+            "sentAt": "2026-11-21T12:00:00Z",
+            "context": {"app": {"name": "Shop"}, "ip": "1.1.1.1"},
+            "batch": [
+                {"type": "track", "event": "A", "context": {"ip": "2.2.2.2"}, "writeKey": "secret"},
+                7
+            ]
+        });
+        let split = split("batch", body.to_string().as_bytes()).expect("split");
+        assert_eq!(split.sent_at, Some(json!("2026-11-21T12:00:00Z")));
+        let Element::Event(first) = &split.elements[0] else {
+            panic!("not an event")
+        };
+        assert_eq!(first["context"]["ip"], json!("2.2.2.2"));
+        assert_eq!(first["context"]["app"]["name"], json!("Shop"));
+        assert!(!first.contains_key("writeKey"));
+        assert_eq!(split.elements[1], Element::NotAnObject(json!(7)));
+    }
+
+    #[test]
+    fn single_event_endpoints_get_their_type() {
+        let split = split("track", br#"{"event":"A","writeKey":"k"}"#).expect("split");
+        let Element::Event(event) = &split.elements[0] else {
+            panic!("not an event")
+        };
+        assert_eq!(event["type"], json!("track"));
+        assert!(!event.contains_key("writeKey"));
+    }
+
+    #[test]
+    fn shape_and_json_errors() {
+        assert!(matches!(split("batch", b"[1]"), Err(DecodeError::Shape(_))));
+        assert!(matches!(split("batch", b"{}"), Err(DecodeError::Shape(_))));
+        assert!(matches!(split("batch", b"{"), Err(DecodeError::Json(_))));
+    }
+
+    #[test]
+    fn gunzip_is_capped() {
+        use std::io::Write;
+        let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        enc.write_all(&[b'a'; 5000]).expect("write");
+        let gz = enc.finish().expect("gz");
+        assert_eq!(payload(&gz, true, 5000).map(|p| p.len()), Ok(5000));
+        assert_eq!(payload(&gz, true, 4999), Err(DecodeError::TooLarge(4999)));
+        assert!(matches!(
+            payload(b"nope", true, 10),
+            Err(DecodeError::Gzip(_))
+        ));
+        assert_eq!(payload(b"12345", false, 4), Err(DecodeError::TooLarge(4)));
+    }
+}

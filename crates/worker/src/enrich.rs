@@ -1,0 +1,215 @@
+//! Enrichment: what the worker adds to each event before validation. Everything here is
+//! deterministic for a given delivery, so a redelivered payload yields the same documents
+//! (in particular the same generated `messageId`), which is what makes MongoDB writes idempotent.
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde_json::{Map, Value};
+
+/// What the collector recorded about the request (AMQP headers).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RequestMeta {
+    pub request_id: String,
+    pub received_at: DateTime<Utc>,
+    pub source: String,
+    pub endpoint: String,
+    pub client_ip: Option<String>,
+    pub user_agent: Option<String>,
+}
+
+const MESSAGE_ID_NAMESPACE: uuid::Uuid =
+    uuid::Uuid::from_u128(0x6c1f_3a2e_9b8d_4f70_a5e1_20c4_7d9b_13aa);
+
+/// The `messageId` given to an event that came without one: a UUIDv5 of the request id and the
+/// event's position in the request, stable across redeliveries.
+pub fn derived_message_id(request_id: &str, index: usize) -> String {
+    uuid::Uuid::new_v5(
+        &MESSAGE_ID_NAMESPACE,
+        format!("{request_id}/{index}").as_bytes(),
+    )
+    .to_string()
+}
+
+/// Segment's clock-skew correction: a device clock that is off shifts `timestamp` and `sentAt`
+/// alike, so `timestamp = receivedAt − (sentAt − originalTimestamp)`. Without `sentAt` the
+/// device's timestamp is kept; without a timestamp, the receive time is the best we know.
+pub fn corrected_timestamp(
+    received_at: DateTime<Utc>,
+    original: Option<DateTime<Utc>>,
+    sent_at: Option<DateTime<Utc>>,
+) -> DateTime<Utc> {
+    match (original, sent_at) {
+        (Some(original), Some(sent_at)) => received_at
+            .checked_sub_signed(sent_at - original)
+            .unwrap_or(original),
+        (Some(original), None) => original,
+        (None, _) => received_at,
+    }
+}
+
+pub fn format_time(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Millis, true)
+}
+
+pub fn parse_time(value: Option<&Value>) -> Option<DateTime<Utc>> {
+    let text = value?.as_str()?;
+    DateTime::parse_from_rfc3339(text)
+        .ok()
+        .map(|t| t.with_timezone(&Utc))
+}
+
+/// Adds `messageId` (if absent), `receivedAt`, `sentAt` (from the batch, if the event has none),
+/// `originalTimestamp` + corrected `timestamp`, `source`, `requestId`, and `context.ip` /
+/// `context.userAgent` when the SDK did not set them.
+pub fn enrich(
+    event: &mut Map<String, Value>,
+    meta: &RequestMeta,
+    index: usize,
+    batch_sent_at: Option<&Value>,
+) {
+    let has_id = matches!(event.get("messageId"), Some(Value::String(s)) if !s.is_empty());
+    if !has_id && !event.contains_key("messageId") {
+        event.insert(
+            "messageId".into(),
+            Value::String(derived_message_id(&meta.request_id, index)),
+        );
+    }
+    if !event.contains_key("sentAt") {
+        if let Some(sent_at) = batch_sent_at {
+            event.insert("sentAt".into(), sent_at.clone());
+        }
+    }
+    event.insert(
+        "receivedAt".into(),
+        Value::String(format_time(meta.received_at)),
+    );
+
+    let original_value = event
+        .get("originalTimestamp")
+        .or_else(|| event.get("timestamp"))
+        .cloned();
+    let original = parse_time(original_value.as_ref());
+    let unparseable = original_value.is_some() && original.is_none();
+    if !unparseable {
+        let sent_at = parse_time(event.get("sentAt"));
+        let corrected = corrected_timestamp(meta.received_at, original, sent_at);
+        if let Some(value) = original_value {
+            event.insert("originalTimestamp".into(), value);
+        }
+        event.insert("timestamp".into(), Value::String(format_time(corrected)));
+    }
+
+    event.insert("source".into(), Value::String(meta.source.clone()));
+    event.insert("requestId".into(), Value::String(meta.request_id.clone()));
+    let context = event
+        .entry("context")
+        .or_insert_with(|| Value::Object(Map::new()));
+    if let Value::Object(context) = context {
+        if let Some(ip) = &meta.client_ip {
+            context
+                .entry("ip")
+                .or_insert_with(|| Value::String(ip.clone()));
+        }
+        if let Some(agent) = &meta.user_agent {
+            context
+                .entry("userAgent")
+                .or_insert_with(|| Value::String(agent.clone()));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn t(s: &str) -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339(s)
+            .expect("time")
+            .with_timezone(&Utc)
+    }
+
+    fn meta() -> RequestMeta {
+        RequestMeta {
+            request_id: "req-1".into(),
+            received_at: t("2026-11-21T12:00:00.000Z"),
+            source: "shop-ios".into(),
+            endpoint: "batch".into(),
+            client_ip: Some("203.0.113.9".into()),
+            user_agent: Some("ShopApp/1.0".into()),
+        }
+    }
+
+    #[test]
+    fn skew_is_removed_using_sent_at() {
+        // Device clock 1 hour fast: event at device 13:00:00, sent at device 13:00:05,
+        // received at true 12:00:06 -> event happened at true 12:00:01.
+        let fixed = corrected_timestamp(
+            t("2026-11-21T12:00:06Z"),
+            Some(t("2026-11-21T13:00:00Z")),
+            Some(t("2026-11-21T13:00:05Z")),
+        );
+        assert_eq!(fixed, t("2026-11-21T12:00:01Z"));
+    }
+
+    #[test]
+    fn without_sent_at_the_device_time_stands_and_without_timestamp_receipt_time_is_used() {
+        let received = t("2026-11-21T12:00:00Z");
+        let device = t("2026-11-21T11:59:00Z");
+        assert_eq!(corrected_timestamp(received, Some(device), None), device);
+        assert_eq!(corrected_timestamp(received, None, Some(device)), received);
+    }
+
+    #[test]
+    fn enrich_corrects_timestamp_with_batch_sent_at_and_keeps_the_original() {
+        let mut event = json!({"type":"track","event":"X","timestamp":"2026-11-21T13:00:00.000Z"})
+            .as_object()
+            .cloned()
+            .expect("object");
+        enrich(
+            &mut event,
+            &meta(),
+            3,
+            Some(&json!("2026-11-21T13:00:10.000Z")),
+        );
+        assert_eq!(
+            event["originalTimestamp"],
+            json!("2026-11-21T13:00:00.000Z")
+        );
+        assert_eq!(event["timestamp"], json!("2026-11-21T11:59:50.000Z"));
+        assert_eq!(event["receivedAt"], json!("2026-11-21T12:00:00.000Z"));
+        assert_eq!(event["sentAt"], json!("2026-11-21T13:00:10.000Z"));
+        assert_eq!(event["source"], json!("shop-ios"));
+        assert_eq!(event["context"]["ip"], json!("203.0.113.9"));
+        assert_eq!(event["context"]["userAgent"], json!("ShopApp/1.0"));
+        assert_eq!(event["messageId"], json!(derived_message_id("req-1", 3)));
+    }
+
+    #[test]
+    fn existing_message_id_and_context_ip_are_kept() {
+        let mut event = json!({"messageId":"m-1","context":{"ip":"198.51.100.1"}})
+            .as_object()
+            .cloned()
+            .expect("object");
+        enrich(&mut event, &meta(), 0, None);
+        assert_eq!(event["messageId"], json!("m-1"));
+        assert_eq!(event["context"]["ip"], json!("198.51.100.1"));
+        assert_eq!(event["timestamp"], json!("2026-11-21T12:00:00.000Z"));
+    }
+
+    #[test]
+    fn derived_ids_are_stable_and_distinct() {
+        assert_eq!(derived_message_id("r", 0), derived_message_id("r", 0));
+        assert_ne!(derived_message_id("r", 0), derived_message_id("r", 1));
+        assert_ne!(derived_message_id("r", 0), derived_message_id("s", 0));
+    }
+
+    #[test]
+    fn an_unparseable_timestamp_is_left_for_validation_to_report() {
+        let mut event = json!({"timestamp":"yesterday"})
+            .as_object()
+            .cloned()
+            .expect("object");
+        enrich(&mut event, &meta(), 0, None);
+        assert_eq!(event["timestamp"], json!("yesterday"));
+    }
+}

@@ -1,0 +1,126 @@
+//! The MongoDB sink: unordered `insert_many` of batches gathered across deliveries, with a
+//! unique index on `messageId`, so a redelivered event is stored once (duplicate-key errors on
+//! that index count as success).
+
+use std::time::Duration;
+
+use bson::{doc, Document};
+use ingest_pipeline::settings::MongoSettings;
+use mongodb::error::{ErrorKind, InsertManyError};
+use mongodb::options::{ClientOptions, IndexOptions};
+use mongodb::{Client, Collection, IndexModel};
+use serde_json::{Map, Value};
+
+use super::SinkError;
+
+const DUPLICATE_KEY: i32 = 11000;
+/// Fields stored as BSON dates, so they can be queried and indexed as times.
+const DATE_FIELDS: [&str; 4] = ["timestamp", "receivedAt", "sentAt", "originalTimestamp"];
+
+#[derive(Clone)]
+pub struct MongoSink {
+    collection: Collection<Document>,
+}
+
+impl MongoSink {
+    pub async fn connect(settings: &MongoSettings) -> Result<Self, mongodb::error::Error> {
+        let mut options = ClientOptions::parse(settings.uri.expose()).await?;
+        options
+            .app_name
+            .get_or_insert_with(|| "ingest-worker".to_owned());
+        options
+            .server_selection_timeout
+            .get_or_insert(Duration::from_secs(5));
+        options
+            .connect_timeout
+            .get_or_insert(Duration::from_secs(5));
+        let client = Client::with_options(options)?;
+        Ok(Self {
+            collection: client
+                .database(&settings.database)
+                .collection(&settings.collection),
+        })
+    }
+
+    pub async fn ensure_indexes(&self) -> Result<(), mongodb::error::Error> {
+        let unique = IndexModel::builder()
+            .keys(doc! {"messageId": 1})
+            .options(
+                IndexOptions::builder()
+                    .unique(true)
+                    .name("messageId_unique".to_owned())
+                    .build(),
+            )
+            .build();
+        self.collection.create_index(unique).await?;
+        Ok(())
+    }
+
+    pub async fn ping(&self) -> bool {
+        self.collection
+            .client()
+            .database("admin")
+            .run_command(doc! {"ping": 1})
+            .await
+            .is_ok()
+    }
+
+    pub async fn write(&self, docs: &[Document]) -> Result<(), SinkError> {
+        if docs.is_empty() {
+            return Ok(());
+        }
+        match self.collection.insert_many(docs).ordered(false).await {
+            Ok(_) => Ok(()),
+            Err(error) => match error.kind.as_ref() {
+                ErrorKind::InsertMany(InsertManyError {
+                    write_errors: Some(write_errors),
+                    write_concern_error: None,
+                    ..
+                }) if write_errors.iter().all(|e| e.code == DUPLICATE_KEY) => Ok(()),
+                _ => Err(SinkError::Retryable(error.to_string())),
+            },
+        }
+    }
+}
+
+/// The document stored for an event: the event itself, with its times as BSON dates.
+pub fn to_document(event: Map<String, Value>) -> Result<Document, String> {
+    let mut document = bson::to_document(&event).map_err(|e| e.to_string())?;
+    for field in DATE_FIELDS {
+        let parsed = crate::enrich::parse_time(event.get(field));
+        if let Some(time) = parsed {
+            document.insert(field, bson::DateTime::from_chrono(time));
+        }
+    }
+    Ok(document)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn times_become_dates_and_other_fields_stay() {
+        let event =
+            json!({"messageId":"m","timestamp":"2026-11-21T12:00:00.000Z","properties":{"n":1}});
+        let document = to_document(event.as_object().cloned().expect("object")).expect("doc");
+        assert_eq!(document.get_str("messageId"), Ok("m"));
+        assert!(matches!(
+            document.get("timestamp"),
+            Some(bson::Bson::DateTime(_))
+        ));
+        assert_eq!(
+            document
+                .get_document("properties")
+                .map(|p| p.get_i64("n").is_ok() || p.get_i32("n").is_ok()),
+            Ok(true)
+        );
+    }
+
+    #[test]
+    fn numbers_bson_cannot_hold_are_an_error_not_a_panic() {
+        let event = json!({"messageId":"m","properties":{"big": u64::MAX}});
+        assert!(to_document(event.as_object().cloned().expect("object")).is_err());
+    }
+}
