@@ -1,1 +1,489 @@
+//! Test harness for the end-to-end tests in `tests/`: per-test queue prefix and database,
+//! collector and worker run in-process (port 0) or as processes, broker nodes owned by a test.
+//! Everything a test starts is stopped when its handle is dropped.
+//!
+//! The servers come from `scripts/test` through TEST_AMQP_URL and TEST_MONGO_URI. Set
+//! TEST_LOG=debug to see the services' logs.
+#![allow(clippy::unwrap_used)]
 
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use futures_util::TryStreamExt;
+use ingest_pipeline::{Secret, Settings};
+use lapin::options::{BasicAckOptions, BasicGetOptions, QueueDeclareOptions};
+use lapin::types::FieldTable;
+use mongodb::bson::{doc, Document};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+pub const IOS_KEY: &str = "test-ios-write-key";
+pub const WEB_KEY: &str = "test-web-write-key";
+
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn required_env(name: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| {
+        panic!("{name} is not set: run the tests with scripts/test, which starts the servers")
+    })
+}
+
+pub fn amqp_url() -> String {
+    required_env("TEST_AMQP_URL")
+}
+
+pub fn mongo_uri() -> String {
+    required_env("TEST_MONGO_URI")
+}
+
+pub fn init_logs() {
+    if let Ok(level) = std::env::var("TEST_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(level)
+            .with_test_writer()
+            .try_init();
+    }
+}
+
+/// A name no other test uses: queue prefix and database name.
+pub fn unique(name: &str) -> String {
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    format!("t{}_{}", &id[..10], name)
+}
+
+/// Settings for one test: its own prefix and database, short timeouts.
+pub fn settings(name: &str) -> Settings {
+    init_logs();
+    let mut s = Settings::defaults().unwrap();
+    let id = unique(name);
+    s.broker.url = Secret::new(amqp_url());
+    s.broker.prefix = id.clone();
+    s.broker.publish_channels = 2;
+    s.broker.confirm_timeout_ms = 3000;
+    s.broker.reconnect_min_ms = 100;
+    s.broker.reconnect_max_ms = 1000;
+    s.mongo.uri = Secret::new(mongo_uri());
+    s.mongo.database = id;
+    s.collector.listen = "127.0.0.1:0".parse().unwrap();
+    s.collector.retry_after_secs = 2;
+    s.collector.shutdown_timeout_ms = 5000;
+    s.collector.write_keys = [
+        ("shop-ios".to_owned(), Secret::new(IOS_KEY)),
+        ("shop-web".to_owned(), Secret::new(WEB_KEY)),
+    ]
+    .into_iter()
+    .collect();
+    s.worker.schemas_dir = root().join("schemas");
+    s.worker.batch_linger_ms = 20;
+    s.worker.shutdown_timeout_ms = 10_000;
+    s.validate_collector().unwrap();
+    s.validate_worker().unwrap();
+    s
+}
+
+/// The settings as the binaries read them from the environment.
+pub fn settings_env(s: &Settings) -> Vec<(String, String)> {
+    vec![
+        ("APP_ENV".into(), "test".into()),
+        (
+            "INGEST_CONFIG_DIR".into(),
+            root().join("config").display().to_string(),
+        ),
+        (
+            "INGEST__BROKER__URL".into(),
+            s.broker.url.expose().to_owned(),
+        ),
+        ("INGEST__BROKER__PREFIX".into(), s.broker.prefix.clone()),
+        (
+            "INGEST__BROKER__RECONNECT_MIN_MS".into(),
+            s.broker.reconnect_min_ms.to_string(),
+        ),
+        (
+            "INGEST__BROKER__RECONNECT_MAX_MS".into(),
+            s.broker.reconnect_max_ms.to_string(),
+        ),
+        ("INGEST__MONGO__URI".into(), s.mongo.uri.expose().to_owned()),
+        ("INGEST__MONGO__DATABASE".into(), s.mongo.database.clone()),
+        (
+            "INGEST__WORKER__SCHEMAS_DIR".into(),
+            s.worker.schemas_dir.display().to_string(),
+        ),
+        (
+            "INGEST__WORKER__PREFETCH".into(),
+            s.worker.prefetch.to_string(),
+        ),
+        (
+            "INGEST__WORKER__BATCH_MAX_EVENTS".into(),
+            s.worker.batch_max_events.to_string(),
+        ),
+        (
+            "INGEST__WORKER__BATCH_LINGER_MS".into(),
+            s.worker.batch_linger_ms.to_string(),
+        ),
+        (
+            "RUST_LOG".into(),
+            std::env::var("TEST_LOG").unwrap_or_else(|_| "warn".into()),
+        ),
+    ]
+}
+
+/// A collector running in this process on an ephemeral port.
+pub struct Collector {
+    pub url: String,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+impl Collector {
+    pub async fn start(settings: &Settings) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(collector::serve(settings.clone(), listener, async move {
+            let _ = stopped.await;
+        }));
+        let c = Self {
+            url,
+            stop: Some(stop),
+            task: Some(task),
+        };
+        c.wait_ready().await;
+        c
+    }
+
+    pub async fn wait_ready(&self) {
+        let client = http();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(r) = client.get(format!("{}/readyz", self.url)).send().await {
+                if r.status() == 200 {
+                    return;
+                }
+            }
+            assert!(Instant::now() < deadline, "collector not ready within 30 s");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await.unwrap().unwrap();
+        }
+    }
+}
+
+impl Drop for Collector {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// A worker running in this process.
+pub struct Worker {
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+impl Worker {
+    pub fn start(settings: &Settings) -> Self {
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(worker::run(settings.clone(), async move {
+            let _ = stopped.await;
+        }));
+        Self {
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    /// Graceful shutdown; returns when the worker has finished.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await.unwrap().unwrap();
+        }
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// A built binary of the workspace (scripts/test builds them first).
+pub fn binary(name: &str) -> PathBuf {
+    let dir = std::env::var("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| root().join("target"));
+    let path = dir.join("debug").join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build --bins` (scripts/test does)",
+        path.display()
+    );
+    path
+}
+
+/// A service running as its own OS process, killed (SIGKILL) on drop.
+pub struct Process {
+    child: Child,
+}
+
+impl Process {
+    pub fn spawn(name: &str, settings: &Settings) -> Self {
+        let child = Command::new(binary(name))
+            .envs(settings_env(settings))
+            .current_dir(root())
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap();
+        Self { child }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// A RabbitMQ node owned by one test (for stopping and restarting a broker).
+pub struct RabbitNode {
+    pub name: String,
+    pub port: u16,
+    pub dir: PathBuf,
+    running: bool,
+}
+
+impl RabbitNode {
+    pub fn start() -> Self {
+        let port = free_port();
+        let name = format!(
+            "ingest-{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..10]
+        );
+        let base = std::env::var("TEST_WORK_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|_| std::env::temp_dir());
+        let dir = base.join(&name);
+        let mut node = Self {
+            name,
+            port,
+            dir,
+            running: false,
+        };
+        node.resume();
+        node
+    }
+
+    pub fn url(&self) -> String {
+        format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
+    }
+
+    fn script(&self, args: &[&str]) {
+        let status = Command::new(root().join("scripts/rabbit-node"))
+            .args(args)
+            .status()
+            .unwrap();
+        assert!(status.success(), "scripts/rabbit-node {args:?} failed");
+    }
+
+    /// Starts (again) on the same port and data directory.
+    pub fn resume(&mut self) {
+        let port = self.port.to_string();
+        let dir = self.dir.display().to_string();
+        self.script(&["start", &self.name, &port, &dir]);
+        self.running = true;
+    }
+
+    pub fn stop(&mut self) {
+        let dir = self.dir.display().to_string();
+        self.script(&["stop", &self.name, &dir]);
+        self.running = false;
+    }
+}
+
+impl Drop for RabbitNode {
+    fn drop(&mut self) {
+        if self.running {
+            self.stop();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub fn http() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(20))
+        .build()
+        .unwrap()
+}
+
+pub fn gzip(data: &[u8]) -> Vec<u8> {
+    let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    enc.write_all(data).unwrap();
+    enc.finish().unwrap()
+}
+
+pub async fn events(settings: &Settings) -> mongodb::Collection<Document> {
+    let client = mongodb::Client::with_uri_str(settings.mongo.uri.expose())
+        .await
+        .unwrap();
+    client
+        .database(&settings.mongo.database)
+        .collection(&settings.mongo.collection)
+}
+
+pub async fn count(settings: &Settings, filter: Document) -> u64 {
+    events(settings)
+        .await
+        .count_documents(filter)
+        .await
+        .unwrap()
+}
+
+pub async fn find(settings: &Settings, filter: Document) -> Vec<Document> {
+    events(settings)
+        .await
+        .find(filter)
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap()
+}
+
+/// Waits until `filter` matches at least `n` documents; returns the final count.
+pub async fn wait_for_count(
+    settings: &Settings,
+    filter: Document,
+    n: u64,
+    within: Duration,
+) -> u64 {
+    let deadline = Instant::now() + within;
+    loop {
+        let c = count(settings, filter.clone()).await;
+        if c >= n || Instant::now() >= deadline {
+            return c;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+pub async fn all(settings: &Settings) -> Vec<Document> {
+    find(settings, doc! {}).await
+}
+
+async fn channel(url: &str) -> (lapin::Connection, lapin::Channel) {
+    let conn = lapin::Connection::connect(url, lapin::ConnectionProperties::default())
+        .await
+        .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    (conn, ch)
+}
+
+/// Messages ready in a queue (0 if it does not exist yet).
+pub async fn depth(url: &str, queue: &str) -> u32 {
+    let (conn, ch) = channel(url).await;
+    let n = ch
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .map(|q| q.message_count())
+        .unwrap_or(0);
+    let _ = conn.close(200, "".into()).await;
+    n
+}
+
+/// Publishes bytes straight to a queue (persistent, confirmed), bypassing the collector.
+pub async fn publish_raw(url: &str, queue: &str, body: &[u8]) {
+    let (conn, ch) = channel(url).await;
+    ch.confirm_select(lapin::options::ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    let confirm = ch
+        .basic_publish(
+            "".into(),
+            queue.into(),
+            lapin::options::BasicPublishOptions::default(),
+            body,
+            lapin::BasicProperties::default().with_delivery_mode(2),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    assert!(confirm.is_ack());
+    let _ = conn.close(200, "".into()).await;
+}
+
+/// Takes (and acks) every message in a queue, as parsed JSON.
+pub async fn drain_json(url: &str, queue: &str) -> Vec<serde_json::Value> {
+    let (conn, ch) = channel(url).await;
+    let mut out = Vec::new();
+    while let Some(m) = ch
+        .basic_get(queue.into(), BasicGetOptions::default())
+        .await
+        .unwrap()
+    {
+        out.push(serde_json::from_slice(&m.delivery.data).unwrap());
+        m.delivery.ack(BasicAckOptions::default()).await.unwrap();
+    }
+    let _ = conn.close(200, "".into()).await;
+    out
+}
+
+/// Polls `cond` until it holds or `within` passes.
+pub async fn eventually<F, Fut>(within: Duration, mut cond: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        if cond().await {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -121,6 +121,17 @@ pub fn inspect(
             limit: limits.for_endpoint(endpoint),
         });
     }
+    // serde skips the fields it ignores without checking them, so these two are checked here.
+    if let Err(error) = std::str::from_utf8(json) {
+        return Err(CaptureError::MalformedJson(format!(
+            "invalid UTF-8: {error}"
+        )));
+    }
+    if nesting_depth_exceeds(json, MAX_DEPTH) {
+        return Err(CaptureError::BadRequest(format!(
+            "JSON nested deeper than {MAX_DEPTH} levels"
+        )));
+    }
     if !starts_with_object(json) {
         return Err(CaptureError::BadRequest(
             "the body must be a JSON object".into(),
@@ -161,6 +172,37 @@ pub fn inspect(
             })
         }
     }
+}
+
+/// Deeper than this is refused: the worker's parser (serde_json) stops at 128 levels.
+pub const MAX_DEPTH: usize = 100;
+
+/// One pass over the bytes, counting brackets outside strings.
+fn nesting_depth_exceeds(json: &[u8], max: usize) -> bool {
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    for &b in json {
+        if in_string {
+            match (escaped, b) {
+                (true, _) => escaped = false,
+                (false, b'\\') => escaped = true,
+                (false, b'"') => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'{' | b'[' => {
+                depth += 1;
+                if depth > max {
+                    return true;
+                }
+            }
+            b'}' | b']' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    false
 }
 
 fn starts_with_object(json: &[u8]) -> bool {
@@ -223,6 +265,30 @@ mod tests {
         };
         let err = inspect(Endpoint::Track, deep.as_bytes(), &limits).expect_err("too deep");
         assert_eq!(err.status().as_u16(), 400);
+    }
+
+    #[test]
+    fn brackets_inside_strings_do_not_count_as_nesting() {
+        let limits = Limits {
+            max_event_bytes: 1 << 20,
+            max_batch_bytes: 1 << 20,
+        };
+        let body = format!(r#"{{"a":"{}\"{}"}}"#, "[".repeat(500), "{".repeat(500));
+        assert!(inspect(Endpoint::Track, body.as_bytes(), &limits).is_ok());
+        let at_limit = format!("{}{}", "[".repeat(MAX_DEPTH - 1), "]".repeat(MAX_DEPTH - 1));
+        assert!(inspect(
+            Endpoint::Track,
+            format!(r#"{{"a":{at_limit}}}"#).as_bytes(),
+            &limits
+        )
+        .is_ok());
+        let over = format!("{}{}", "[".repeat(MAX_DEPTH), "]".repeat(MAX_DEPTH));
+        assert!(inspect(
+            Endpoint::Track,
+            format!(r#"{{"a":{over}}}"#).as_bytes(),
+            &limits
+        )
+        .is_err());
     }
 
     #[test]

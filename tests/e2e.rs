@@ -1,0 +1,9 @@
+//! End-to-end tests of the whole pipeline against a real RabbitMQ and a real MongoDB-wire
+//! server (started by scripts/test). One binary, so the workspace links once.
+#![allow(clippy::unwrap_used)]
+
+mod e2e {
+    pub mod fixtures;
+    pub mod ingest;
+    pub mod resilience;
+}

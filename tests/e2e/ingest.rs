@@ -1,0 +1,377 @@
+//! The durable ingest path: what gets in, what is refused, where each event ends.
+
+use std::time::Duration;
+
+use ingest_e2e::*;
+use mongodb::bson::doc;
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use super::fixtures::*;
+
+const LAND: Duration = Duration::from_secs(30);
+
+#[tokio::test]
+async fn batch_with_basic_auth_lands_in_mongo_with_enrichment() {
+    let s = settings("basic");
+    let collector = Collector::start(&s).await;
+    let _worker = Worker::start(&s);
+    let body = batch(vec![
+        product_viewed("pv-1"),
+        order_completed("oc-1", 89.9),
+        screen("sc-1"),
+    ]);
+    let r = http()
+        .post(format!("{}/v1/batch", collector.url))
+        .basic_auth(IOS_KEY, Some(""))
+        .header("user-agent", "Shop/4.2.0 CFNetwork")
+        .header("x-forwarded-for", "198.51.100.7")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.headers().contains_key("x-request-id"));
+    assert_eq!(
+        r.json::<serde_json::Value>().await.unwrap(),
+        json!({"success": true})
+    );
+
+    assert_eq!(wait_for_count(&s, doc! {}, 3, LAND).await, 3);
+    let docs = find(&s, doc! {"messageId": "oc-1"}).await;
+    assert_eq!(docs.len(), 1);
+    let d = &docs[0];
+    assert_eq!(d.get_str("source").unwrap(), "shop-ios");
+    assert!(d.get_datetime("receivedAt").is_ok());
+    // timestamp corrected for skew: receivedAt - (sentAt - originalTimestamp) = receivedAt - 5 s
+    let received = d.get_datetime("receivedAt").unwrap().timestamp_millis();
+    let corrected = d.get_datetime("timestamp").unwrap().timestamp_millis();
+    assert_eq!(received - corrected, 5_000);
+    assert!(d.get_datetime("originalTimestamp").is_ok());
+    let context = d.get_document("context").unwrap();
+    // the peer is not a trusted proxy, so X-Forwarded-For is ignored
+    assert_eq!(context.get_str("ip").unwrap(), "127.0.0.1");
+    assert_eq!(
+        context.get_str("userAgent").unwrap(),
+        "Shop/4.2.0 CFNetwork"
+    );
+    // batch-level context reached every event
+    assert_eq!(
+        context
+            .get_document("library")
+            .unwrap()
+            .get_str("name")
+            .unwrap(),
+        "analytics-ios"
+    );
+    assert!(!d.contains_key("writeKey"));
+    assert_eq!(
+        depth(
+            s.broker.url.expose(),
+            &format!("{}.invalid", s.broker.prefix)
+        )
+        .await,
+        0
+    );
+}
+
+#[tokio::test]
+async fn send_beacon_text_plain_with_write_key_in_body_lands() {
+    let s = settings("beacon");
+    let collector = Collector::start(&s).await;
+    let _worker = Worker::start(&s);
+    let mut event = product_viewed("beacon-1");
+    event["writeKey"] = json!(WEB_KEY);
+    let r = http()
+        .post(format!("{}/v1/track", collector.url))
+        .header("content-type", "text/plain;charset=UTF-8")
+        .header("origin", "https://shop.example")
+        .body(event.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers().get("access-control-allow-origin").unwrap(), "*");
+    assert_eq!(
+        wait_for_count(&s, doc! {"messageId": "beacon-1"}, 1, LAND).await,
+        1
+    );
+    let d = &find(&s, doc! {"messageId": "beacon-1"}).await[0];
+    assert_eq!(d.get_str("source").unwrap(), "shop-web");
+    assert_eq!(d.get_str("type").unwrap(), "track");
+    assert!(
+        !d.contains_key("writeKey"),
+        "the write key must never be stored"
+    );
+}
+
+#[tokio::test]
+async fn gzip_body_lands() {
+    let s = settings("gzip");
+    let collector = Collector::start(&s).await;
+    let _worker = Worker::start(&s);
+    let ids = ids("gz", 40);
+    let body = batch(ids.iter().map(|id| product_viewed(id)).collect());
+    let r = http()
+        .post(format!("{}/v1/batch", collector.url))
+        .basic_auth(IOS_KEY, Some(""))
+        .header("content-type", "application/json")
+        .header("content-encoding", "gzip")
+        .body(gzip(body.to_string().as_bytes()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(wait_for_count(&s, doc! {}, 40, LAND).await, 40);
+}
+
+#[tokio::test]
+async fn cors_preflight_is_answered_for_allowed_origins_only() {
+    let mut s = settings("cors");
+    s.collector.cors_allowed_origins = vec!["https://shop.example".into()];
+    let collector = Collector::start(&s).await;
+    let preflight = |origin: &'static str| {
+        http()
+            .request(
+                reqwest::Method::OPTIONS,
+                format!("{}/v1/batch", collector.url),
+            )
+            .header("origin", origin)
+            .header("access-control-request-method", "POST")
+            .header(
+                "access-control-request-headers",
+                "content-type,authorization",
+            )
+            .send()
+    };
+    let ok = preflight("https://shop.example").await.unwrap();
+    assert!(ok.status().is_success());
+    assert_eq!(
+        ok.headers().get("access-control-allow-origin").unwrap(),
+        "https://shop.example"
+    );
+    assert!(ok
+        .headers()
+        .get("access-control-allow-credentials")
+        .is_none());
+    let other = preflight("https://evil.example").await.unwrap();
+    assert!(other.headers().get("access-control-allow-origin").is_none());
+}
+
+#[tokio::test]
+async fn refusals_are_401_413_400_with_json_errors_and_publish_nothing() {
+    let s = settings("refuse");
+    let collector = Collector::start(&s).await;
+    let url = format!("{}/v1/batch", collector.url);
+    let good = batch(vec![product_viewed("r-1")]).to_string();
+
+    let cases: Vec<(reqwest::RequestBuilder, u16, &str)> = vec![
+        (http().post(&url).body(good.clone()), 401, "missing_write_key"),
+        (http().post(&url).basic_auth("wrong-key", Some("")).body(good.clone()), 401, "unknown_write_key"),
+        (
+            http().post(&url).body(json!({"writeKey": "nope", "batch": []}).to_string()),
+            401,
+            "unknown_write_key",
+        ),
+        (
+            http().post(&url).basic_auth(IOS_KEY, Some("")).body(format!(
+                r#"{{"batch":[{{"type":"track","event":"Big","userId":"u","properties":{{"blob":"{}"}}}}]}}"#,
+                "x".repeat(40_000)
+            )),
+            413,
+            "event_too_large",
+        ),
+        (
+            http().post(&url).basic_auth(IOS_KEY, Some("")).body("x".repeat(600_000)),
+            413,
+            "batch_too_large",
+        ),
+        (
+            http().post(&url).basic_auth(IOS_KEY, Some("")).body(r#"{"batch":[{"type":"track""#),
+            400,
+            "malformed_json",
+        ),
+        (
+            http().post(&url).basic_auth(IOS_KEY, Some("")).body(vec![b'{', b'"', 0xff, b'"', b':', b'1', b'}']),
+            400,
+            "malformed_json",
+        ),
+        (
+            http()
+                .post(&url)
+                .basic_auth(IOS_KEY, Some(""))
+                .header("content-encoding", "gzip")
+                .body("definitely not gzip"),
+            400,
+            "bad_gzip",
+        ),
+    ];
+    for (request, status, code) in cases {
+        let r = request.send().await.unwrap();
+        assert_eq!(r.status().as_u16(), status, "expected {code}");
+        let body: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(body["success"], json!(false));
+        assert_eq!(body["code"], json!(code));
+        assert!(body["message"].as_str().is_some_and(|m| !m.is_empty()));
+    }
+    let raw = format!("{}.raw", s.broker.prefix);
+    assert_eq!(
+        depth(s.broker.url.expose(), &raw).await,
+        0,
+        "a refused request was published"
+    );
+    // and the same collector still accepts a good one
+    let r = http()
+        .post(&url)
+        .basic_auth(IOS_KEY, Some(""))
+        .body(good)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            depth(s.broker.url.expose(), &raw).await == 1
+        })
+        .await
+    );
+}
+
+#[tokio::test]
+async fn invalid_event_goes_to_the_invalid_queue_while_its_siblings_land() {
+    let s = settings("invalid");
+    let collector = Collector::start(&s).await;
+    let _worker = Worker::start(&s);
+    let mut bad = order_completed("bad-1", -5.0);
+    bad["properties"]["products"][0]
+        .as_object_mut()
+        .unwrap()
+        .remove("product_id");
+    let body = batch(vec![product_viewed("ok-1"), bad, screen("ok-2")]);
+    let r = http()
+        .post(format!("{}/v1/batch", collector.url))
+        .basic_auth(IOS_KEY, Some(""))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    // The worker does not trust the queue: a payload the collector would have refused
+    // (published straight to the raw queue) ends in the invalid queue too, with its bytes.
+    publish_raw(
+        s.broker.url.expose(),
+        &format!("{}.raw", s.broker.prefix),
+        b"{\"batch\": [\"not an event\"]}",
+    )
+    .await;
+    publish_raw(
+        s.broker.url.expose(),
+        &format!("{}.raw", s.broker.prefix),
+        b"\x1f\x8bnot json",
+    )
+    .await;
+    assert_eq!(wait_for_count(&s, doc! {}, 2, LAND).await, 2);
+    let invalid_queue = format!("{}.invalid", s.broker.prefix);
+    assert!(
+        eventually(LAND, || async {
+            depth(s.broker.url.expose(), &invalid_queue).await == 3
+        })
+        .await
+    );
+    let records = drain_json(s.broker.url.expose(), &invalid_queue).await;
+    let schema_record = records
+        .iter()
+        .find(|r| r["event"]["messageId"] == json!("bad-1"))
+        .expect("the invalid order is in the invalid queue");
+    assert_eq!(schema_record["reason"], json!("schema"));
+    assert_eq!(schema_record["source"], json!("shop-ios"));
+    let pointers: Vec<&str> = schema_record["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["pointer"].as_str().unwrap())
+        .collect();
+    assert!(pointers.contains(&"/properties/total"), "{pointers:?}");
+    assert!(pointers.contains(&"/properties/products/0"), "{pointers:?}");
+    assert!(records
+        .iter()
+        .any(|r| r["event"] == json!("not an event") && r["reason"] == json!("schema")));
+    let undecodable = records
+        .iter()
+        .find(|r| r["reason"] == json!("decode"))
+        .expect("decode record");
+    assert!(undecodable["rawBase64"]
+        .as_str()
+        .is_some_and(|b| !b.is_empty()));
+    assert!(undecodable["errors"][0]["message"]
+        .as_str()
+        .unwrap()
+        .contains("malformed JSON"));
+    assert_eq!(count(&s, doc! {"messageId": "bad-1"}).await, 0);
+}
+
+#[tokio::test]
+async fn the_same_message_id_posted_twice_is_stored_once() {
+    let s = settings("dedupe");
+    let collector = Collector::start(&s).await;
+    let _worker = Worker::start(&s);
+    for _ in 0..2 {
+        let r = http()
+            .post(format!("{}/v1/batch", collector.url))
+            .basic_auth(IOS_KEY, Some(""))
+            .json(&batch(vec![
+                product_viewed("twice-1"),
+                product_viewed("once-2"),
+            ]))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    let raw = format!("{}.raw", s.broker.prefix);
+    // both deliveries consumed and acked, then exactly one document per messageId
+    assert!(
+        eventually(LAND, || async {
+            depth(s.broker.url.expose(), &raw).await == 0
+        })
+        .await
+    );
+    assert_eq!(wait_for_count(&s, doc! {}, 2, LAND).await, 2);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(count(&s, doc! {"messageId": "twice-1"}).await, 1);
+    assert_eq!(count(&s, doc! {}).await, 2);
+}
+
+#[tokio::test]
+async fn a_client_that_vanishes_mid_body_causes_nothing_to_be_published() {
+    let s = settings("vanish");
+    let collector = Collector::start(&s).await;
+    let addr = collector.url.trim_start_matches("http://").to_owned();
+    let body = batch(vec![product_viewed("v-1")]).to_string();
+    let mut stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let auth = "dGVzdC1pb3Mtd3JpdGUta2V5Og=="; // base64("test-ios-write-key:")
+    let head = format!(
+        "POST /v1/batch HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Basic {auth}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    stream
+        .write_all(&body.as_bytes()[..body.len() / 2])
+        .await
+        .unwrap();
+    drop(stream);
+
+    // the same bytes sent whole are published: the check below can see a publish
+    let mut whole = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    whole.write_all(head.as_bytes()).await.unwrap();
+    whole.write_all(body.as_bytes()).await.unwrap();
+    let mut response = vec![0u8; 12];
+    whole.read_exact(&mut response).await.unwrap();
+    assert_eq!(&response, b"HTTP/1.1 200");
+
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        depth(s.broker.url.expose(), &format!("{}.raw", s.broker.prefix)).await,
+        1
+    );
+}

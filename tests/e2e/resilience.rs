@@ -1,0 +1,185 @@
+//! Crashes, shutdowns and outages: nothing a collector answered 2xx for is ever lost.
+
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use ingest_e2e::*;
+use ingest_pipeline::Settings;
+use mongodb::bson::doc;
+
+use super::fixtures::*;
+
+/// Posts `requests` batches of `per_request` events; returns how many got 200.
+async fn post_batches(
+    collector: &Collector,
+    tag: &str,
+    requests: usize,
+    per_request: usize,
+) -> usize {
+    let client = http();
+    futures_util::stream::iter(0..requests)
+        .map(|r| {
+            let client = client.clone();
+            let url = format!("{}/v1/batch", collector.url);
+            let events = ids(&format!("{tag}-{r}"), per_request)
+                .iter()
+                .map(|id| product_viewed(id))
+                .collect();
+            async move {
+                client
+                    .post(url)
+                    .basic_auth(IOS_KEY, Some(""))
+                    .json(&batch(events))
+                    .send()
+                    .await
+                    .map(|r| r.status() == 200)
+                    .unwrap_or(false)
+            }
+        })
+        .buffer_unordered(16)
+        .filter(|ok| std::future::ready(*ok))
+        .count()
+        .await
+}
+
+#[tokio::test]
+async fn a_worker_killed_with_sigkill_mid_batch_loses_nothing_and_duplicates_nothing() {
+    let mut s = settings("sigkill");
+    s.worker.batch_max_events = 50;
+    s.worker.prefetch = 64;
+    let collector = Collector::start(&s).await;
+    let total = 600 * 5;
+    assert_eq!(post_batches(&collector, "k", 600, 5).await, 600);
+
+    let mut victim = Process::spawn("worker", &s);
+    let started = count_reaches(&s, 1, Duration::from_secs(60)).await;
+    victim.kill9();
+    let at_kill = count(&s, doc! {}).await;
+    assert!(started, "the worker process wrote nothing");
+    assert!(
+        at_kill < total as u64,
+        "the worker finished before it was killed; nothing was tested"
+    );
+
+    let _successor = Worker::start(&s);
+    assert_eq!(
+        wait_for_count(&s, doc! {}, total as u64, Duration::from_secs(120)).await,
+        total as u64
+    );
+    let raw = format!("{}.raw", s.broker.prefix);
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            depth(s.broker.url.expose(), &raw).await == 0
+        })
+        .await
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        count(&s, doc! {}).await,
+        total as u64,
+        "an event was stored twice"
+    );
+    assert_eq!(count(&s, doc! {"messageId": "k-0-0"}).await, 1);
+    assert_eq!(count(&s, doc! {"messageId": "k-599-4"}).await, 1);
+}
+
+async fn count_reaches(s: &Settings, n: u64, within: Duration) -> bool {
+    eventually(within, || async { count(s, doc! {}).await >= n }).await
+}
+
+#[tokio::test]
+async fn graceful_worker_shutdown_acks_only_what_is_stored_and_leaves_the_rest_for_the_next() {
+    let mut s = settings("graceful");
+    s.worker.batch_max_events = 20;
+    s.worker.prefetch = 32;
+    let collector = Collector::start(&s).await;
+    let deliveries = 400;
+    assert_eq!(
+        post_batches(&collector, "g", deliveries, 1).await,
+        deliveries
+    );
+
+    let first = Worker::start(&s);
+    assert!(count_reaches(&s, 1, Duration::from_secs(60)).await);
+    first.stop().await;
+    let stored = count(&s, doc! {}).await;
+    let raw = format!("{}.raw", s.broker.prefix);
+    let waiting = u64::from(depth(s.broker.url.expose(), &raw).await);
+    // every delivery is either stored (acked or not) or back in the queue
+    assert!(
+        stored + waiting >= deliveries as u64,
+        "lost: stored {stored} + waiting {waiting} < {deliveries}"
+    );
+    assert!(
+        waiting > 0,
+        "the first worker drained everything; stop it sooner to test redelivery"
+    );
+
+    let _second = Worker::start(&s);
+    assert_eq!(
+        wait_for_count(&s, doc! {}, deliveries as u64, Duration::from_secs(60)).await,
+        deliveries as u64
+    );
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            depth(s.broker.url.expose(), &raw).await == 0
+        })
+        .await
+    );
+    assert_eq!(count(&s, doc! {}).await, deliveries as u64);
+}
+
+#[tokio::test]
+async fn with_the_broker_down_the_collector_answers_503_never_2xx_and_recovers_by_itself() {
+    let mut node = RabbitNode::start();
+    let mut s = settings("outage");
+    s.broker.url = ingest_pipeline::Secret::new(node.url());
+    let collector = Collector::start(&s).await;
+    let client = http();
+    let post = |id: String| {
+        client
+            .post(format!("{}/v1/batch", collector.url))
+            .basic_auth(IOS_KEY, Some(""))
+            .json(&batch(vec![product_viewed(&id)]))
+            .send()
+    };
+    assert_eq!(post("before".into()).await.unwrap().status(), 200);
+
+    node.stop();
+    for i in 0..5 {
+        let r = post(format!("during-{i}")).await.unwrap();
+        assert_eq!(
+            r.status(),
+            503,
+            "answered {} with the broker down",
+            r.status()
+        );
+        assert!(r.headers().contains_key("retry-after"));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    node.resume();
+    let mut statuses = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let mut recovered = false;
+    while std::time::Instant::now() < deadline {
+        let status = post(format!("after-{}", statuses.len()))
+            .await
+            .map(|r| r.status().as_u16())
+            .unwrap_or(0);
+        statuses.push(status);
+        if status == 200 {
+            recovered = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(recovered, "no 200 after the broker returned: {statuses:?}");
+    assert!(
+        statuses.iter().all(|s| *s == 200 || *s == 503),
+        "{statuses:?}"
+    );
+    // what was confirmed before the outage survived the restart, plus the first post after it
+    let raw = format!("{}.raw", s.broker.prefix);
+    assert_eq!(depth(&node.url(), &raw).await, 2);
+}
