@@ -292,6 +292,44 @@ mod tests {
     }
 
     #[test]
+    fn environment_overrides_files_including_maps_lists_and_numbers() {
+        // nextest runs each test in its own process, so setting the environment is contained.
+        let vars = [
+            ("APP_ENV", "local"),
+            (
+                "INGEST_CONFIG_DIR",
+                concat!(env!("CARGO_MANIFEST_DIR"), "/../../config"),
+            ),
+            ("INGEST__BROKER__PREFIX", "tenant7"),
+            ("INGEST__BROKER__CONFIRM_TIMEOUT_MS", "1234"),
+            (
+                "INGEST__COLLECTOR__WRITE_KEYS__SHOP_ANDROID",
+                "android-key-1",
+            ),
+            ("INGEST__COLLECTOR__TRUSTED_PROXIES", "10.0.0.1,10.0.0.2"),
+            ("INGEST__WORKER__UNKNOWN_EVENTS", "reject"),
+        ];
+        for (k, v) in vars {
+            std::env::set_var(k, v);
+        }
+        let s = Settings::load().expect("load");
+        assert_eq!(s.broker.prefix, "tenant7");
+        assert_eq!(s.broker.confirm_timeout_ms, 1234);
+        // from config/local.toml, plus the one from the environment
+        assert_eq!(
+            s.collector.write_keys["shop-ios"].expose(),
+            "dev-ios-write-key"
+        );
+        assert_eq!(
+            s.collector.write_keys["shop_android"].expose(),
+            "android-key-1"
+        );
+        assert_eq!(s.collector.trusted_proxies.len(), 2);
+        assert_eq!(s.worker.unknown_events, UnknownEventPolicy::Reject);
+        s.validate_collector().expect("valid");
+    }
+
+    #[test]
     fn secrets_are_redacted_in_debug_output() {
         let mut s = Settings::defaults().expect("defaults");
         s.collector

@@ -1,0 +1,18 @@
+# One image with both services; docker-compose picks the binary with `command`.
+FROM rust:1-bookworm AS build
+WORKDIR /src
+COPY . .
+RUN cargo build --release --bins --locked
+
+FROM debian:bookworm-slim
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends ca-certificates curl \
+ && rm -rf /var/lib/apt/lists/* \
+ && useradd --system --home /app ingest
+WORKDIR /app
+COPY --from=build /src/target/release/collector /src/target/release/worker /usr/local/bin/
+COPY schemas ./schemas
+COPY config ./config
+USER ingest
+ENV APP_ENV=production
+CMD ["collector"]
