@@ -375,3 +375,87 @@ async fn a_client_that_vanishes_mid_body_causes_nothing_to_be_published() {
         1
     );
 }
+
+#[tokio::test]
+async fn an_event_with_a_reserved_key_is_kept_as_invalid_not_lost_or_mistaken_for_a_duplicate() {
+    let s = settings("reserved");
+    let collector = Collector::start(&s).await;
+    let _worker = Worker::start(&s);
+    // Two events sharing a client `_id`: were `_id` stored as sent, the second would look like a
+    // duplicate of the first and vanish.
+    let mut first = product_viewed("res-1");
+    first["_id"] = json!("same");
+    let mut second = product_viewed("res-2");
+    second["_id"] = json!("same");
+    let r = http()
+        .post(format!("{}/v1/batch", collector.url))
+        .basic_auth(IOS_KEY, Some(""))
+        .json(&batch(vec![first, second, product_viewed("res-ok")]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(wait_for_count(&s, doc! {}, 1, LAND).await, 1);
+    let invalid_queue = format!("{}.invalid", s.broker.prefix);
+    assert!(
+        eventually(LAND, || async {
+            depth(s.broker.url.expose(), &invalid_queue).await == 2
+        })
+        .await
+    );
+    let records = drain_json(s.broker.url.expose(), &invalid_queue).await;
+    for id in ["res-1", "res-2"] {
+        let record = records
+            .iter()
+            .find(|r| r["event"]["messageId"] == json!(id))
+            .expect("kept");
+        assert_eq!(record["reason"], json!("storage"));
+        assert!(record["errors"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("reserved"));
+    }
+    assert_eq!(count(&s, doc! {"messageId": "res-ok"}).await, 1);
+}
+
+#[tokio::test]
+async fn past_the_in_flight_bound_the_collector_answers_503_with_retry_after_at_once() {
+    let mut s = settings("inflight");
+    s.collector.max_in_flight = 1;
+    let collector = Collector::start(&s).await;
+    let addr = collector.url.trim_start_matches("http://").to_owned();
+    // A slow client holds the only slot: headers sent, body still coming.
+    let mut slow = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let head = format!(
+        "POST /v1/batch HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Basic dGVzdC1pb3Mtd3JpdGUta2V5Og==\r\nContent-Length: 500\r\n\r\n{{"
+    );
+    slow.write_all(head.as_bytes()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let r = http()
+        .post(format!("{}/v1/batch", collector.url))
+        .basic_auth(IOS_KEY, Some(""))
+        .json(&batch(vec![product_viewed("busy-1")]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    assert_eq!(r.headers().get("retry-after").unwrap(), "2");
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["code"], json!("overloaded"));
+
+    drop(slow);
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            http()
+                .post(format!("{}/v1/batch", collector.url))
+                .basic_auth(IOS_KEY, Some(""))
+                .json(&batch(vec![product_viewed("busy-2")]))
+                .send()
+                .await
+                .is_ok_and(|r| r.status() == 200)
+        })
+        .await,
+        "the slot was not released when the slow client went away"
+    );
+}

@@ -25,6 +25,8 @@ use crate::publisher::Publisher;
 
 pub struct AppState {
     pub publisher: Publisher,
+    /// Requests being read or published; when none is free the answer is 503 at once.
+    pub in_flight: tokio::sync::Semaphore,
     pub keys: WriteKeys,
     pub limits: Limits,
     pub body_timeout: Duration,
@@ -88,15 +90,22 @@ async fn capture(
             .into_response();
     };
     let request_id = uuid::Uuid::new_v4().to_string();
-    let result = accept(
-        &state,
-        peer.ip(),
-        endpoint,
-        &request_headers,
-        body,
-        &request_id,
-    )
-    .await;
+    let result = match state.in_flight.try_acquire() {
+        Ok(_permit) => {
+            accept(
+                &state,
+                peer.ip(),
+                endpoint,
+                &request_headers,
+                body,
+                &request_id,
+            )
+            .await
+        }
+        Err(_) => Err(CaptureError::Overloaded {
+            retry_after_secs: state.retry_after_secs,
+        }),
+    };
     let mut response = match result {
         Ok(()) => Json(json!({"success": true})).into_response(),
         Err(error) => {

@@ -53,6 +53,7 @@ impl Endpoint {
 pub struct Limits {
     pub max_event_bytes: usize,
     pub max_batch_bytes: usize,
+    pub max_batch_events: usize,
 }
 
 impl Limits {
@@ -144,6 +145,11 @@ pub fn inspect(
             let batch = body
                 .batch
                 .ok_or_else(|| CaptureError::BadRequest("missing `batch` array".into()))?;
+            if batch.len() > limits.max_batch_events {
+                return Err(CaptureError::TooManyEvents {
+                    limit: limits.max_batch_events,
+                });
+            }
             for (index, event) in batch.iter().enumerate() {
                 let raw = event.get();
                 if !starts_with_object(raw.as_bytes()) {
@@ -217,6 +223,7 @@ mod tests {
     const LIMITS: Limits = Limits {
         max_event_bytes: 100,
         max_batch_bytes: 300,
+        max_batch_events: 3,
     };
 
     #[test]
@@ -244,6 +251,10 @@ mod tests {
         assert_eq!(status(Endpoint::Batch, b"[1,2]"), Err(400));
         assert_eq!(status(Endpoint::Batch, br#"{"batch":[1]}"#), Err(400));
         assert_eq!(status(Endpoint::Batch, br#"{"nobatch":[]}"#), Err(400));
+        assert_eq!(
+            status(Endpoint::Batch, br#"{"batch":[{},{},{},{}]}"#),
+            Err(413)
+        );
         assert_eq!(status(Endpoint::Track, br#"{"event":"x""#), Err(400));
         assert_eq!(status(Endpoint::Track, b"{\"event\":\"\xff\"}"), Err(400));
         assert_eq!(
@@ -262,6 +273,7 @@ mod tests {
         let limits = Limits {
             max_event_bytes: 1 << 20,
             max_batch_bytes: 1 << 20,
+            max_batch_events: 10,
         };
         let err = inspect(Endpoint::Track, deep.as_bytes(), &limits).expect_err("too deep");
         assert_eq!(err.status().as_u16(), 400);
@@ -272,6 +284,7 @@ mod tests {
         let limits = Limits {
             max_event_bytes: 1 << 20,
             max_batch_bytes: 1 << 20,
+            max_batch_events: 10,
         };
         let body = format!(r#"{{"a":"{}\"{}"}}"#, "[".repeat(500), "{".repeat(500));
         assert!(inspect(Endpoint::Track, body.as_bytes(), &limits).is_ok());

@@ -33,6 +33,10 @@ pub enum CaptureError {
     BodyTimeout,
     #[error("could not read the request body: {0}")]
     BodyRead(String),
+    #[error("too many requests in flight; retry later")]
+    Overloaded { retry_after_secs: u64 },
+    #[error("request has more than {limit} events")]
+    TooManyEvents { limit: usize },
     #[error("service unavailable: {source}")]
     Unavailable {
         source: PublishError,
@@ -46,9 +50,9 @@ impl CaptureError {
             Self::MissingWriteKey | Self::UnknownWriteKey | Self::BadAuthorization => {
                 StatusCode::UNAUTHORIZED
             }
-            Self::BatchTooLarge { .. } | Self::EventTooLarge { .. } => {
-                StatusCode::PAYLOAD_TOO_LARGE
-            }
+            Self::BatchTooLarge { .. }
+            | Self::EventTooLarge { .. }
+            | Self::TooManyEvents { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::MalformedJson(_) | Self::BadRequest(_) | Self::BadGzip(_) | Self::BodyRead(_) => {
                 StatusCode::BAD_REQUEST
             }
@@ -56,7 +60,7 @@ impl CaptureError {
                 StatusCode::UNSUPPORTED_MEDIA_TYPE
             }
             Self::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
-            Self::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Unavailable { .. } | Self::Overloaded { .. } => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -75,6 +79,8 @@ impl CaptureError {
             Self::BodyTimeout => "body_timeout",
             Self::BodyRead(_) => "body_read",
             Self::Unavailable { .. } => "unavailable",
+            Self::Overloaded { .. } => "overloaded",
+            Self::TooManyEvents { .. } => "too_many_events",
         }
     }
 }
@@ -90,7 +96,8 @@ impl IntoResponse for CaptureError {
         let mut response = (status, body).into_response();
         if let Self::Unavailable {
             retry_after_secs, ..
-        } = self
+        }
+        | Self::Overloaded { retry_after_secs } = self
         {
             response
                 .headers_mut()

@@ -32,10 +32,12 @@ pub async fn serve(
     let publisher = Publisher::start(settings.broker.clone());
     let state = Arc::new(AppState {
         publisher: publisher.clone(),
+        in_flight: tokio::sync::Semaphore::new(c.max_in_flight),
         keys: WriteKeys::new(&c.write_keys),
         limits: Limits {
             max_event_bytes: c.max_event_bytes,
             max_batch_bytes: c.max_batch_bytes,
+            max_batch_events: c.max_batch_events,
         },
         body_timeout: Duration::from_millis(c.body_timeout_ms),
         retry_after_secs: c.retry_after_secs,

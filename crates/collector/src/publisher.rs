@@ -13,6 +13,9 @@ use lapin::options::BasicPublishOptions;
 use lapin::{BasicProperties, Channel, Confirmation, Connection, Event};
 use tokio::sync::Notify;
 
+/// A broker that stopped answering must not hold up shutdown or reconnection.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+
 #[derive(Debug, thiserror::Error)]
 pub enum PublishError {
     #[error("no connection to the broker")]
@@ -33,12 +36,13 @@ struct Live {
     connection: Connection,
     channels: Vec<Channel>,
     next: AtomicUsize,
+    /// Raised by a publish that failed on this connection; a later connection has its own.
+    broken: Notify,
 }
 
 struct Shared {
     live: RwLock<Option<Arc<Live>>>,
     blocked: AtomicBool,
-    broken: Notify,
     closing: AtomicBool,
     closed: Notify,
 }
@@ -57,7 +61,6 @@ impl Publisher {
         let shared = Arc::new(Shared {
             live: RwLock::new(None),
             blocked: AtomicBool::new(false),
-            broken: Notify::new(),
             closing: AtomicBool::new(false),
             closed: Notify::new(),
         });
@@ -109,8 +112,8 @@ impl Publisher {
         match result {
             Err(_) => Err(PublishError::ConfirmTimeout(self.confirm_timeout)),
             Ok(Err(error)) => {
-                // A channel or connection error: let the supervisor rebuild everything.
-                self.shared.broken.notify_one();
+                // A channel or connection error: let the supervisor rebuild this connection.
+                live.broken.notify_one();
                 Err(PublishError::Amqp(error))
             }
             Ok(Ok(Confirmation::Ack(None))) => Ok(()),
@@ -125,13 +128,11 @@ impl Publisher {
         self.shared.closing.store(true, Ordering::SeqCst);
         let live = self.shared.live.write().ok().and_then(|mut l| l.take());
         if let Some(live) = live {
-            let _ = live
-                .connection
-                .close(200, "collector shutting down".into())
-                .await;
+            live.broken.notify_one();
+            let closing = live.connection.close(200, "collector shutting down".into());
+            let _ = tokio::time::timeout(CLOSE_TIMEOUT, closing).await;
         }
         self.shared.closed.notify_waiters();
-        self.shared.broken.notify_one();
     }
 }
 
@@ -171,7 +172,8 @@ async fn supervise(shared: Arc<Shared>, settings: BrokerSettings, topology: Topo
                             Some(_) => {}
                             None => break,
                         },
-                        () = shared.broken.notified() => break,
+                        () = live.broken.notified() => break,
+                        () = shared.closed.notified() => break,
                         () = tokio::time::sleep(Duration::from_secs(1)) => {
                             if !live.connection.status().connected()
                                 || live.channels.iter().any(|c| !c.status().connected())
@@ -186,7 +188,8 @@ async fn supervise(shared: Arc<Shared>, settings: BrokerSettings, topology: Topo
                     *slot = None;
                 }
                 shared.blocked.store(false, Ordering::SeqCst);
-                let _ = live.connection.close(320, "reconnecting".into()).await;
+                let closing = live.connection.close(320, "reconnecting".into());
+                let _ = tokio::time::timeout(CLOSE_TIMEOUT, closing).await;
             }
             Err(error) => {
                 tracing::warn!(%error, "cannot connect to the broker");
@@ -216,5 +219,6 @@ async fn open(settings: &BrokerSettings, topology: &Topology) -> lapin::Result<L
         connection,
         channels,
         next: AtomicUsize::new(0),
+        broken: Notify::new(),
     })
 }

@@ -72,6 +72,8 @@ pub struct CollectorSettings {
     pub listen: SocketAddr,
     pub max_event_bytes: usize,
     pub max_batch_bytes: usize,
+    pub max_batch_events: usize,
+    pub max_in_flight: usize,
     pub body_timeout_ms: u64,
     pub retry_after_secs: u64,
     pub shutdown_timeout_ms: u64,
@@ -89,6 +91,7 @@ pub struct WorkerSettings {
     pub batch_max_events: usize,
     pub batch_linger_ms: u64,
     pub max_payload_bytes: usize,
+    pub max_payload_events: usize,
     pub mongo_max_attempts: u32,
     pub shutdown_timeout_ms: u64,
 }
@@ -198,6 +201,16 @@ impl Settings {
             "must be > 0",
         )?;
         check(
+            c.max_batch_events > 0,
+            "collector.max_batch_events",
+            "must be > 0",
+        )?;
+        check(
+            c.max_in_flight > 0,
+            "collector.max_in_flight",
+            "must be > 0",
+        )?;
+        check(
             !c.write_keys.is_empty(),
             "collector.write_keys",
             "needs at least one source = \"key\" (or INGEST__COLLECTOR__WRITE_KEYS__<SOURCE>)",
@@ -223,7 +236,7 @@ impl Settings {
             "must be between 1 and 100000",
         )?;
         check(
-            w.max_payload_bytes > 0,
+            w.max_payload_events > 0 && w.max_payload_bytes > 0,
             "worker.max_payload_bytes",
             "must be > 0",
         )?;

@@ -1,8 +1,12 @@
 //! Gathers valid documents from many deliveries into one `insert_many`, bounded by count and by
-//! a linger time, and tells each delivery's task how its documents fared. A failed write is
-//! retried with backoff (the CPU sleeps) a bounded number of times, then reported as failed so
-//! the deliveries go back to the queue.
+//! a linger time, and tells each delivery's task how its documents fared.
+//!
+//! A retryable failure is retried with backoff (the CPU sleeps) a bounded number of times, then
+//! reported, so the deliveries go back to the queue. A permanent failure (the server refused
+//! some documents) is narrowed down document by document, so one bad event does not hold back
+//! the others: the refused ones are handed back to their delivery to be kept as invalid.
 
+use std::ops::Range;
 use std::time::Duration;
 
 use bson::Document;
@@ -14,9 +18,12 @@ use tokio_util::sync::CancellationToken;
 use crate::sinks::mongo::MongoSink;
 use crate::sinks::SinkError;
 
+/// A document the database refused for good, with its reason.
+pub type Refused = (Document, String);
+
 struct Job {
     documents: Vec<Document>,
-    done: oneshot::Sender<Result<(), SinkError>>,
+    done: oneshot::Sender<Result<Vec<Refused>, SinkError>>,
 }
 
 #[derive(Clone)]
@@ -34,10 +41,10 @@ pub struct BatchConfig {
 }
 
 impl BatcherHandle {
-    /// Resolves once the documents are written (or known not to be).
-    pub async fn write(&self, documents: Vec<Document>) -> Result<(), SinkError> {
+    /// Resolves once the documents are written, except the refused ones it returns.
+    pub async fn write(&self, documents: Vec<Document>) -> Result<Vec<Refused>, SinkError> {
         if documents.is_empty() {
-            return Ok(());
+            return Ok(Vec::new());
         }
         let (done, result) = oneshot::channel();
         self.jobs
@@ -67,48 +74,72 @@ async fn run(
     mut rx: mpsc::Receiver<Job>,
 ) {
     while let Some(first) = rx.recv().await {
-        let mut count = first.documents.len();
-        let mut jobs = vec![first];
+        let mut documents = Vec::with_capacity(config.max_events);
+        let mut waiting = Vec::new();
+        let mut take = |job: Job, documents: &mut Vec<Document>| {
+            let start = documents.len();
+            documents.extend(job.documents);
+            waiting.push((start..documents.len(), job.done));
+        };
+        take(first, &mut documents);
         let deadline = Instant::now() + config.linger;
-        while count < config.max_events {
+        while documents.len() < config.max_events {
             tokio::select! {
                 job = rx.recv() => match job {
-                    Some(job) => {
-                        count += job.documents.len();
-                        jobs.push(job);
-                    }
+                    Some(job) => take(job, &mut documents),
                     None => break,
                 },
                 () = tokio::time::sleep_until(deadline) => break,
             }
         }
-        let documents: Vec<Document> = jobs
-            .iter()
-            .flat_map(|j| j.documents.iter().cloned())
-            .collect();
         let result = write_with_retry(&sink, &documents, &config, &abandon).await;
         tracing::debug!(
             events = documents.len(),
-            deliveries = jobs.len(),
+            deliveries = waiting.len(),
             ok = result.is_ok(),
             "batch written"
         );
-        for job in jobs {
-            let _ = job.done.send(result.clone());
+        for (range, done) in waiting {
+            let answer = result
+                .as_ref()
+                .map(|refused| refused_in(&documents, refused, &range))
+                .map_err(Clone::clone);
+            let _ = done.send(answer);
         }
     }
 }
 
+fn refused_in(
+    documents: &[Document],
+    refused: &[(usize, String)],
+    range: &Range<usize>,
+) -> Vec<Refused> {
+    refused
+        .iter()
+        .filter(|(index, _)| range.contains(index))
+        .filter_map(|(index, reason)| Some((documents.get(*index)?.clone(), reason.clone())))
+        .collect()
+}
+
+/// Writes the batch; returns the indices of documents refused for good.
 async fn write_with_retry(
     sink: &MongoSink,
     documents: &[Document],
     config: &BatchConfig,
     abandon: &CancellationToken,
-) -> Result<(), SinkError> {
+) -> Result<Vec<(usize, String)>, SinkError> {
     let mut backoff = Backoff::new(config.retry_min, config.retry_max);
     loop {
-        match sink.write(documents).await {
-            Ok(()) => return Ok(()),
+        let attempt = match sink.write(documents).await {
+            Ok(()) => return Ok(Vec::new()),
+            Err(SinkError::Permanent(error)) => {
+                tracing::warn!(%error, "MongoDB refused documents; finding which");
+                one_by_one(sink, documents).await
+            }
+            Err(other) => Err(other),
+        };
+        match attempt {
+            Ok(refused) => return Ok(refused),
             Err(SinkError::Retryable(error)) if backoff.attempts() + 1 < config.max_attempts => {
                 let delay = backoff.next_delay();
                 tracing::warn!(%error, ?delay, attempt = backoff.attempts(), "MongoDB write failed; retrying");
@@ -123,4 +154,19 @@ async fn write_with_retry(
             }
         }
     }
+}
+
+async fn one_by_one(
+    sink: &MongoSink,
+    documents: &[Document],
+) -> Result<Vec<(usize, String)>, SinkError> {
+    let mut refused = Vec::new();
+    for (index, document) in documents.iter().enumerate() {
+        match sink.write(std::slice::from_ref(document)).await {
+            Ok(()) => {}
+            Err(SinkError::Permanent(reason)) => refused.push((index, reason)),
+            Err(other) => return Err(other),
+        }
+    }
+    Ok(refused)
 }

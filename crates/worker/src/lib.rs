@@ -28,6 +28,8 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::batcher::{BatchConfig, BatcherHandle};
+use crate::invalid::InvalidRecord;
+use crate::process::PayloadLimits;
 use crate::sinks::mongo::MongoSink;
 use crate::sinks::SinkError;
 
@@ -35,7 +37,8 @@ struct Context {
     registry: Registry,
     batcher: BatcherHandle,
     invalid_queue: String,
-    max_payload_bytes: usize,
+    limits: PayloadLimits,
+    confirm_timeout: Duration,
 }
 
 /// Runs until `shutdown` completes; then stops consuming, finishes (writes and acks) the
@@ -84,7 +87,11 @@ pub async fn run(
         registry,
         batcher,
         invalid_queue: topology.invalid(),
-        max_payload_bytes: w.max_payload_bytes,
+        limits: PayloadLimits {
+            max_bytes: w.max_payload_bytes,
+            max_events: w.max_payload_events,
+        },
+        confirm_timeout: settings.broker.confirm_timeout(),
     });
 
     let mut backoff = reconnect;
@@ -124,7 +131,9 @@ async fn ensure_indexes(sink: &MongoSink, mut backoff: Backoff, stop: &Cancellat
     }
 }
 
-/// One connection's life: consume until shutdown or until the connection is lost.
+/// One connection's life: consume until shutdown or until the connection is lost. Invalid
+/// records are published on a second connection: a broker that blocks publishers (resource
+/// alarm) must not also stall this connection's acks.
 async fn session(
     settings: &Settings,
     topology: &Topology,
@@ -133,12 +142,13 @@ async fn session(
     abandon: &CancellationToken,
 ) -> anyhow::Result<()> {
     let connection = broker::connect(&settings.broker, "worker").await?;
+    let publishing = broker::connect(&settings.broker, "worker-publish").await?;
     let channel = connection.create_channel().await?;
     topology.declare(&channel).await?;
     channel
         .basic_qos(settings.worker.prefetch, BasicQosOptions::default())
         .await?;
-    let invalid_channel = broker::confirm_channel(&connection).await?;
+    let invalid_channel = broker::confirm_channel(&publishing).await?;
     let tag = format!("worker-{}", uuid::Uuid::new_v4());
     let mut consumer = channel
         .basic_consume(
@@ -168,9 +178,8 @@ async fn session(
         }
     };
     if !lost {
-        let _ = channel
-            .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
-            .await;
+        let cancel = channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default());
+        let _ = tokio::time::timeout(BROKER_CALL_TIMEOUT, cancel).await;
     }
     let in_hand = tasks.len();
     let grace = Duration::from_millis(settings.worker.shutdown_timeout_ms);
@@ -186,16 +195,27 @@ async fn session(
             left = tasks.len(),
             "deliveries not finished in time; they return to the queue"
         );
-        abandon.cancel();
+        if stop.is_cancelled() {
+            // Shutting down: stop retrying writes whose deliveries are going back anyway.
+            abandon.cancel();
+        }
         tasks.abort_all();
     }
-    tracing::info!(in_hand, lost, "closing the broker connection");
-    let _ = connection.close(200, "worker stopping".into()).await;
+    tracing::info!(in_hand, lost, "closing the broker connections");
+    for c in [&connection, &publishing] {
+        let _ =
+            tokio::time::timeout(BROKER_CALL_TIMEOUT, c.close(200, "worker stopping".into())).await;
+    }
     if lost {
         anyhow::bail!("connection to the broker lost");
     }
     Ok(())
 }
+
+/// A broker that stopped answering must not hold up shutdown or reconnection.
+const BROKER_CALL_TIMEOUT: Duration = Duration::from_secs(5);
+/// Invalid records published at once per delivery.
+const INVALID_PUBLISH_CONCURRENCY: usize = 64;
 
 fn log_join(joined: Result<(), tokio::task::JoinError>) {
     if let Err(error) = joined {
@@ -205,24 +225,53 @@ fn log_join(joined: Result<(), tokio::task::JoinError>) {
     }
 }
 
+async fn publish_invalid(
+    context: &Context,
+    channel: &Channel,
+    records: &[InvalidRecord],
+) -> Result<(), SinkError> {
+    for chunk in records.chunks(INVALID_PUBLISH_CONCURRENCY) {
+        let confirms = futures_util::future::try_join_all(
+            chunk
+                .iter()
+                .map(|record| invalid::publish(channel, &context.invalid_queue, record)),
+        );
+        match tokio::time::timeout(context.confirm_timeout, confirms).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(error)) => return Err(SinkError::Retryable(format!("invalid queue: {error}"))),
+            Err(_) => {
+                return Err(SinkError::Retryable(
+                    "invalid queue: no confirm in time".into(),
+                ))
+            }
+        }
+    }
+    Ok(())
+}
+
 async fn handle(delivery: Delivery, context: Arc<Context>, invalid_channel: Channel) {
     let outcome = process::process(
         &context.registry,
         &delivery.properties,
         &delivery.data,
-        context.max_payload_bytes,
+        context.limits,
     );
     let (valid, invalid) = (outcome.documents.len(), outcome.invalid.len());
+    let meta = outcome.meta;
     let stored = async {
-        futures_util::future::try_join_all(
-            outcome
-                .invalid
-                .iter()
-                .map(|record| invalid::publish(&invalid_channel, &context.invalid_queue, record)),
-        )
-        .await
-        .map_err(|e| SinkError::Retryable(format!("invalid queue: {e}")))?;
-        context.batcher.write(outcome.documents).await
+        publish_invalid(&context, &invalid_channel, &outcome.invalid).await?;
+        let refused = context.batcher.write(outcome.documents).await?;
+        if !refused.is_empty() {
+            let records: Vec<_> = refused
+                .into_iter()
+                .map(|(document, reason)| {
+                    let event = bson::Bson::Document(document).into_relaxed_extjson();
+                    process::storage_error(reason, Some(event), &meta)
+                })
+                .collect();
+            publish_invalid(&context, &invalid_channel, &records).await?;
+        }
+        Ok::<(), SinkError>(())
     }
     .await;
     match stored {

@@ -1,6 +1,6 @@
-//! The MongoDB sink: unordered `insert_many` of batches gathered across deliveries, with a
-//! unique index on `messageId`, so a redelivered event is stored once (duplicate-key errors on
-//! that index count as success).
+//! The MongoDB sink: unordered `insert_many` of batches gathered across deliveries. A document's
+//! `_id` is its event's `messageId` (and `messageId` has a unique index too), so a redelivered
+//! event is stored once and a duplicate-key error can only mean "already stored": success.
 
 use std::time::Duration;
 
@@ -77,15 +77,32 @@ impl MongoSink {
                     write_concern_error: None,
                     ..
                 }) if write_errors.iter().all(|e| e.code == DUPLICATE_KEY) => Ok(()),
+                // The server refused documents: retrying the same documents cannot help.
+                ErrorKind::InsertMany(InsertManyError {
+                    write_errors: Some(_),
+                    write_concern_error: None,
+                    ..
+                }) => Err(SinkError::Permanent(error.to_string())),
                 _ => Err(SinkError::Retryable(error.to_string())),
             },
         }
     }
 }
 
-/// The document stored for an event: the event itself, with its times as BSON dates.
-pub fn to_document(event: Map<String, Value>) -> Result<Document, String> {
-    let mut document = bson::to_document(&event).map_err(|e| e.to_string())?;
+/// The document stored for an event: `_id` = `messageId`, then the event itself, with its times
+/// as BSON dates. Keys MongoDB reserves (`_id`, a leading `$`) are refused, not rewritten.
+pub fn to_document(event: &Map<String, Value>) -> Result<Document, String> {
+    if let Some(key) = event.keys().find(|k| *k == "_id" || k.starts_with('$')) {
+        return Err(format!(
+            "the top-level key `{key}` is reserved by the database"
+        ));
+    }
+    let message_id = match event.get("messageId") {
+        Some(Value::String(id)) => id.clone(),
+        _ => return Err("no string messageId".into()),
+    };
+    let mut document = doc! {"_id": message_id};
+    document.extend(bson::to_document(event).map_err(|e| e.to_string())?);
     for field in DATE_FIELDS {
         let parsed = crate::enrich::parse_time(event.get(field));
         if let Some(time) = parsed {
@@ -104,8 +121,9 @@ mod tests {
     fn times_become_dates_and_other_fields_stay() {
         let event =
             json!({"messageId":"m","timestamp":"2026-11-21T12:00:00.000Z","properties":{"n":1}});
-        let document = to_document(event.as_object().cloned().expect("object")).expect("doc");
+        let document = to_document(event.as_object().expect("object")).expect("doc");
         assert_eq!(document.get_str("messageId"), Ok("m"));
+        assert_eq!(document.get_str("_id"), Ok("m"));
         assert!(matches!(
             document.get("timestamp"),
             Some(bson::Bson::DateTime(_))
@@ -121,6 +139,17 @@ mod tests {
     #[test]
     fn numbers_bson_cannot_hold_are_an_error_not_a_panic() {
         let event = json!({"messageId":"m","properties":{"big": u64::MAX}});
-        assert!(to_document(event.as_object().cloned().expect("object")).is_err());
+        assert!(to_document(event.as_object().expect("object")).is_err());
+    }
+
+    #[test]
+    fn reserved_keys_are_refused() {
+        for event in [
+            json!({"messageId":"m","_id":"x"}),
+            json!({"messageId":"m","$where":"1"}),
+        ] {
+            let error = to_document(event.as_object().expect("object")).expect_err("reserved");
+            assert!(error.contains("reserved"), "{error}");
+        }
     }
 }
