@@ -6,4 +6,5 @@ mod e2e {
     pub mod fixtures;
     pub mod ingest;
     pub mod resilience;
+    pub mod sinks;
 }

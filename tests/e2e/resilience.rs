@@ -67,6 +67,13 @@ async fn a_worker_killed_with_sigkill_mid_batch_loses_nothing_and_duplicates_not
         total as u64
     );
     let raw = format!("{}.raw", s.broker.prefix);
+    let sink_queue = format!("{}.sink.mongo", s.broker.prefix);
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            depth(s.broker.url.expose(), &sink_queue).await == 0
+        })
+        .await
+    );
     assert!(
         eventually(Duration::from_secs(30), || async {
             depth(s.broker.url.expose(), &raw).await == 0
@@ -104,8 +111,10 @@ async fn graceful_worker_shutdown_acks_only_what_is_stored_and_leaves_the_rest_f
     first.stop().await;
     let stored = count(&s, doc! {}).await;
     let raw = format!("{}.raw", s.broker.prefix);
-    let waiting = u64::from(depth(s.broker.url.expose(), &raw).await);
-    // every delivery is either stored (acked or not) or back in the queue
+    let sink_queue = format!("{}.sink.mongo", s.broker.prefix);
+    let waiting = u64::from(depth(s.broker.url.expose(), &raw).await)
+        + u64::from(depth(s.broker.url.expose(), &sink_queue).await);
+    // every delivery (one event each) is stored, or back in the raw queue, or in the sink's queue
     assert!(
         stored + waiting >= deliveries as u64,
         "lost: stored {stored} + waiting {waiting} < {deliveries}"

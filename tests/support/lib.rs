@@ -254,6 +254,33 @@ impl Process {
         Self { child }
     }
 
+    /// As `spawn`, with the sink settings written to a config file (lists of tables do not
+    /// fit in environment variables).
+    pub fn spawn_with_sinks(name: &str, settings: &Settings) -> Self {
+        let base = std::env::var("TEST_WORK_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|_| std::env::temp_dir());
+        let dir = base.join(format!("config-{}", settings.broker.prefix));
+        std::fs::create_dir_all(&dir).unwrap();
+        let sinks = serde_json::json!({
+            "sinks": {
+                "retry_delays_ms": settings.sinks.retry_delays_ms,
+                "max_attempts": settings.sinks.max_attempts,
+                "mongo": settings.sinks.mongo,
+                "http": settings.sinks.http,
+            }
+        });
+        std::fs::write(dir.join("test.json"), sinks.to_string()).unwrap();
+        let child = Command::new(binary(name))
+            .envs(settings_env(settings))
+            .env("INGEST_CONFIG_DIR", &dir)
+            .current_dir(root())
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap();
+        Self { child }
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
@@ -486,4 +513,159 @@ where
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// How the test HTTP receiver answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Ok,
+    Status(u16),
+    /// Accept the request and never answer.
+    Hang,
+}
+
+/// A batch the receiver accepted (answered 200).
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub key: String,
+    pub authorization: Option<String>,
+    pub content_type: Option<String>,
+    pub events: Vec<serde_json::Value>,
+}
+
+#[derive(Default)]
+pub struct ReceiverState {
+    pub mode: std::sync::Mutex<Option<Mode>>,
+    pub received: std::sync::Mutex<Vec<Received>>,
+    pub hits: std::sync::atomic::AtomicUsize,
+}
+
+/// A real HTTP server on 127.0.0.1 standing in for a vendor's webhook.
+pub struct Receiver {
+    pub url: String,
+    pub state: std::sync::Arc<ReceiverState>,
+    task: JoinHandle<()>,
+}
+
+impl Receiver {
+    pub async fn start(mode: Mode) -> Self {
+        use axum::extract::State;
+        use axum::http::{HeaderMap, StatusCode};
+        let state = std::sync::Arc::new(ReceiverState::default());
+        *state.mode.lock().unwrap() = Some(mode);
+        async fn receive(
+            State(state): State<std::sync::Arc<ReceiverState>>,
+            headers: HeaderMap,
+            body: axum::body::Bytes,
+        ) -> StatusCode {
+            state.hits.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let mode = state.mode.lock().unwrap().unwrap_or(Mode::Ok);
+            match mode {
+                Mode::Hang => {
+                    std::future::pending::<()>().await;
+                    StatusCode::OK
+                }
+                Mode::Status(code) => StatusCode::from_u16(code).unwrap(),
+                Mode::Ok => {
+                    let header = |name: &str| {
+                        headers
+                            .get(name)
+                            .and_then(|v| v.to_str().ok())
+                            .map(str::to_owned)
+                    };
+                    let events: Vec<serde_json::Value> = serde_json::from_slice(&body).unwrap();
+                    state.received.lock().unwrap().push(Received {
+                        key: header("idempotency-key").unwrap_or_default(),
+                        authorization: header("authorization"),
+                        content_type: header("content-type"),
+                        events,
+                    });
+                    StatusCode::OK
+                }
+            }
+        }
+        let app = axum::Router::new()
+            .route("/hook", axum::routing::post(receive))
+            .with_state(state.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/hook", listener.local_addr().unwrap());
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Self { url, state, task }
+    }
+
+    pub fn set_mode(&self, mode: Mode) {
+        *self.state.mode.lock().unwrap() = Some(mode);
+    }
+
+    pub fn received(&self) -> Vec<Received> {
+        self.state.received.lock().unwrap().clone()
+    }
+
+    /// messageId → the idempotency keys it arrived under (one entry per receipt).
+    pub fn receipts(&self) -> std::collections::BTreeMap<String, Vec<String>> {
+        let mut out: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+        for batch in self.received() {
+            for event in &batch.events {
+                let id = event["messageId"].as_str().unwrap_or_default().to_owned();
+                out.entry(id).or_default().push(batch.key.clone());
+            }
+        }
+        out
+    }
+
+    pub fn hits(&self) -> usize {
+        self.state.hits.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Messages in every retry queue of a sink.
+pub async fn retry_depth(s: &Settings, sink: &str) -> u32 {
+    let topology = ingest_pipeline::Topology::new(s.broker.prefix.clone());
+    let mut total = 0;
+    for delay in s.sinks.retry_delays() {
+        total += depth(s.broker.url.expose(), &topology.sink_retry(sink, delay)).await;
+    }
+    total
+}
+
+/// Takes every message of a queue with its headers (string values only).
+pub async fn drain_with_headers(
+    url: &str,
+    queue: &str,
+) -> Vec<(
+    std::collections::BTreeMap<String, String>,
+    serde_json::Value,
+)> {
+    let (conn, ch) = channel(url).await;
+    let mut out = Vec::new();
+    while let Some(m) = ch
+        .basic_get(queue.into(), BasicGetOptions::default())
+        .await
+        .unwrap()
+    {
+        let mut headers = std::collections::BTreeMap::new();
+        if let Some(table) = m.delivery.properties.headers() {
+            for (k, v) in table.inner() {
+                let text = match v {
+                    lapin::types::AMQPValue::LongString(s) => {
+                        String::from_utf8_lossy(s.as_bytes()).into_owned()
+                    }
+                    other => format!("{other:?}"),
+                };
+                headers.insert(k.to_string(), text);
+            }
+        }
+        out.push((headers, serde_json::from_slice(&m.delivery.data).unwrap()));
+        m.delivery.ack(BasicAckOptions::default()).await.unwrap();
+    }
+    let _ = conn.close(200, "".into()).await;
+    out
 }

@@ -1,9 +1,13 @@
 //! Broker topology and connection: every queue the pipeline uses is declared here, by both
 //! services, with the same arguments (a mismatch would make RabbitMQ refuse the declare).
 
-use lapin::options::{ConfirmSelectOptions, QueueDeclareOptions};
+use std::time::Duration;
+
+use lapin::options::{
+    ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+};
 use lapin::types::{AMQPValue, FieldTable, LongString};
-use lapin::{Channel, Connection, ConnectionProperties};
+use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
 
 use crate::settings::BrokerSettings;
 
@@ -38,22 +42,106 @@ impl Topology {
         vec![self.raw(), self.invalid()]
     }
 
-    /// Declares every queue (idempotent): durable quorum queues, replicated on a cluster.
+    /// Valid events, one message per raw delivery, fanned out to every sink's queue.
+    pub fn valid_exchange(&self) -> String {
+        format!("{}.valid", self.prefix)
+    }
+
+    /// A sink's own queue: fresh events, and retried batches coming back from its delay queues.
+    pub fn sink_queue(&self, sink: &str) -> String {
+        format!("{}.sink.{sink}", self.prefix)
+    }
+
+    /// A delay queue: messages wait `delay` there, then dead-letter back to the sink's queue.
+    pub fn sink_retry(&self, sink: &str, delay: Duration) -> String {
+        format!("{}.sink.{sink}.retry.{}ms", self.prefix, delay.as_millis())
+    }
+
+    /// Batches a sink refused for good, or failed `max_attempts` times, with the last error.
+    pub fn sink_dlq(&self, sink: &str) -> String {
+        format!("{}.sink.{sink}.dlq", self.prefix)
+    }
+
+    /// Every queue of one sink, in the order ops read them.
+    pub fn sink_queues(&self, sink: &str, retry_delays: &[Duration]) -> Vec<String> {
+        let mut queues = vec![self.sink_queue(sink)];
+        queues.extend(retry_delays.iter().map(|d| self.sink_retry(sink, *d)));
+        queues.push(self.sink_dlq(sink));
+        queues
+    }
+
+    /// Declares the raw and invalid queues (idempotent): durable quorum queues.
     pub async fn declare(&self, channel: &Channel) -> lapin::Result<()> {
         for queue in self.all_queues() {
-            channel
-                .queue_declare(
-                    queue.into(),
-                    QueueDeclareOptions {
-                        durable: true,
-                        ..QueueDeclareOptions::default()
-                    },
-                    quorum_arguments(),
-                )
-                .await?;
+            declare_queue(channel, &queue, quorum_arguments()).await?;
         }
         Ok(())
     }
+
+    /// Declares the fan-out exchange and, for each sink, its queue (bound to the exchange),
+    /// its delay queues and its dead-letter queue.
+    pub async fn declare_sinks(
+        &self,
+        channel: &Channel,
+        sinks: &[String],
+        retry_delays: &[Duration],
+    ) -> lapin::Result<()> {
+        self.declare(channel).await?;
+        channel
+            .exchange_declare(
+                self.valid_exchange().into(),
+                ExchangeKind::Fanout,
+                ExchangeDeclareOptions {
+                    durable: true,
+                    ..ExchangeDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+        for sink in sinks {
+            let queue = self.sink_queue(sink);
+            declare_queue(channel, &queue, quorum_arguments()).await?;
+            channel
+                .queue_bind(
+                    queue.as_str().into(),
+                    self.valid_exchange().into(),
+                    "".into(),
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await?;
+            for delay in retry_delays {
+                let mut args = quorum_arguments();
+                let ttl = i64::try_from(delay.as_millis()).unwrap_or(i64::MAX);
+                args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(ttl));
+                args.insert("x-dead-letter-exchange".into(), long_string(""));
+                args.insert("x-dead-letter-routing-key".into(), long_string(&queue));
+                // Quorum queues dead-letter at least once only with reject-publish overflow.
+                args.insert(
+                    "x-dead-letter-strategy".into(),
+                    long_string("at-least-once"),
+                );
+                args.insert("x-overflow".into(), long_string("reject-publish"));
+                declare_queue(channel, &self.sink_retry(sink, *delay), args).await?;
+            }
+            declare_queue(channel, &self.sink_dlq(sink), quorum_arguments()).await?;
+        }
+        Ok(())
+    }
+}
+
+async fn declare_queue(channel: &Channel, queue: &str, arguments: FieldTable) -> lapin::Result<()> {
+    channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..QueueDeclareOptions::default()
+            },
+            arguments,
+        )
+        .await?;
+    Ok(())
 }
 
 fn quorum_arguments() -> FieldTable {
@@ -102,6 +190,19 @@ mod tests {
         assert_eq!(t.raw(), "t1.raw");
         assert_eq!(t.invalid(), "t1.invalid");
         assert_eq!(t.all_queues(), vec!["t1.raw", "t1.invalid"]);
+        assert_eq!(t.valid_exchange(), "t1.valid");
+        assert_eq!(
+            t.sink_queues(
+                "vendor",
+                &[Duration::from_secs(1), Duration::from_millis(30_000)]
+            ),
+            vec![
+                "t1.sink.vendor",
+                "t1.sink.vendor.retry.1000ms",
+                "t1.sink.vendor.retry.30000ms",
+                "t1.sink.vendor.dlq"
+            ]
+        );
     }
 
     #[test]

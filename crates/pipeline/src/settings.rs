@@ -1,7 +1,7 @@
 //! Layered, typed configuration shared by every binary.
 //!
 //! Order (later wins): the compiled-in `config/default.toml` → `config/$APP_ENV.toml` (APP_ENV
-//! defaults to `local`; the directory is `$INGEST_CONFIG_DIR`, default `config`) → environment
+//! defaults to `local`; the directory is `$INGEST_CONFIG_DIR`, default `config`; `.toml` or `.json`) → environment
 //! variables `INGEST__SECTION__KEY`. Lists from the environment are comma separated. `validate`
 //! names the bad setting; secrets never appear in `Debug` output.
 
@@ -54,7 +54,45 @@ pub struct Settings {
     pub collector: CollectorSettings,
     pub worker: WorkerSettings,
     pub mongo: MongoSettings,
+    pub sinks: SinksSettings,
     pub log: LogSettings,
+}
+
+/// Which sinks the worker feeds, and their shared retry policy. Each sink's own settings stay
+/// raw here and are parsed by the worker, which owns the sink types.
+#[derive(Clone, Deserialize)]
+pub struct SinksSettings {
+    /// One delay queue per entry; a batch's n-th failure waits in the n-th (the last repeats).
+    pub retry_delays_ms: Vec<u64>,
+    /// Failed deliveries of a batch before it goes to the sink's dead-letter queue.
+    pub max_attempts: u32,
+    pub mongo: serde_json::Value,
+    #[serde(default)]
+    pub statsd: Option<serde_json::Value>,
+    #[serde(default)]
+    pub http: Vec<serde_json::Value>,
+}
+
+impl fmt::Debug for SinksSettings {
+    /// Names only: sink settings hold secrets (HTTP headers).
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let http: Vec<_> = self.http.iter().map(|h| h.get("name")).collect();
+        f.debug_struct("SinksSettings")
+            .field("retry_delays_ms", &self.retry_delays_ms)
+            .field("max_attempts", &self.max_attempts)
+            .field("statsd", &self.statsd.is_some())
+            .field("http", &http)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SinksSettings {
+    pub fn retry_delays(&self) -> Vec<Duration> {
+        self.retry_delays_ms
+            .iter()
+            .map(|ms| Duration::from_millis(*ms))
+            .collect()
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -130,10 +168,11 @@ impl Settings {
     pub fn load() -> Result<Self, SettingsError> {
         let app_env = std::env::var("APP_ENV").unwrap_or_else(|_| "local".to_owned());
         let dir = std::env::var("INGEST_CONFIG_DIR").unwrap_or_else(|_| "config".to_owned());
-        let env_file = PathBuf::from(dir).join(format!("{app_env}.toml"));
+        // `<dir>/<APP_ENV>` with any supported extension (.toml, .json).
+        let env_file = PathBuf::from(dir).join(&app_env);
         let settings: Settings = Config::builder()
             .add_source(File::from_str(DEFAULTS, FileFormat::Toml))
-            .add_source(File::from(env_file).required(false))
+            .add_source(File::with_name(&env_file.to_string_lossy()).required(false))
             .add_source(
                 Environment::with_prefix("INGEST")
                     .prefix_separator("__")
@@ -249,6 +288,17 @@ impl Settings {
             !self.mongo.database.is_empty(),
             "mongo.database",
             "must not be empty",
+        )?;
+        check(
+            !self.sinks.retry_delays_ms.is_empty()
+                && self.sinks.retry_delays_ms.iter().all(|d| *d > 0),
+            "sinks.retry_delays_ms",
+            "needs at least one delay, each > 0",
+        )?;
+        check(
+            self.sinks.max_attempts > 0,
+            "sinks.max_attempts",
+            "must be > 0",
         )?;
         check(
             !self.mongo.collection.is_empty(),

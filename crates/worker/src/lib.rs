@@ -1,13 +1,14 @@
 //! The worker: drains the raw queue with a bounded prefetch, processes deliveries concurrently,
-//! sends invalid events to the invalid queue and valid ones to MongoDB in batches, and acks a
-//! delivery only once all of its events are durably somewhere. `main` loads the configuration
-//! and calls [`run`]; tests call it in-process.
+//! sends invalid events to the invalid queue and valid ones, one message per delivery, to the
+//! `<prefix>.valid` fan-out exchange, and acks a delivery only once the broker has confirmed
+//! both. Each enabled sink then runs on its own queue (`runner`), so sinks never wait for each
+//! other. `main` loads the configuration and calls [`run`]; tests call it in-process.
 
-pub mod batcher;
 pub mod decode;
 pub mod enrich;
 pub mod invalid;
 pub mod process;
+pub mod runner;
 pub mod sinks;
 
 use std::future::Future;
@@ -16,34 +17,116 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use futures_util::StreamExt;
+use ingest_pipeline::broker::long_string;
 use ingest_pipeline::{broker, Backoff, Settings, Topology};
 use ingest_schema::Registry;
 use lapin::message::Delivery;
 use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions,
+    BasicPublishOptions, BasicQosOptions,
 };
 use lapin::types::FieldTable;
-use lapin::Channel;
+use lapin::{BasicProperties, Channel, Confirmation};
+use serde::Deserialize;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::batcher::{BatchConfig, BatcherHandle};
 use crate::invalid::InvalidRecord;
 use crate::process::PayloadLimits;
+use crate::runner::{DeliverySettings, SinkRunner, SinkStats};
+use crate::sinks::http::{HttpSink, HttpSinkSettings};
 use crate::sinks::mongo::MongoSink;
-use crate::sinks::SinkError;
+use crate::sinks::statsd::{StatsdSettings, StatsdSink};
+use crate::sinks::{Event, Sink, SinkError};
+
+/// A broker that stopped answering must not hold up shutdown or reconnection.
+const BROKER_CALL_TIMEOUT: Duration = Duration::from_secs(5);
+/// Invalid records published at once per delivery.
+const INVALID_PUBLISH_CONCURRENCY: usize = 64;
+const STATS_EVERY: Duration = Duration::from_secs(10);
 
 struct Context {
     registry: Registry,
-    batcher: BatcherHandle,
-    invalid_queue: String,
+    topology: Topology,
     limits: PayloadLimits,
     confirm_timeout: Duration,
 }
 
-/// Runs until `shutdown` completes; then stops consuming, finishes (writes and acks) the
-/// deliveries in hand within `worker.shutdown_timeout_ms`, and closes the connection, which
-/// returns anything still unacked to the queue for the next worker.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MongoSinkEntry {
+    enabled: bool,
+    #[serde(default)]
+    delivery: DeliverySettings,
+}
+
+/// A sink's settings with its `delivery` table taken out.
+fn split_delivery(
+    mut value: serde_json::Value,
+) -> anyhow::Result<(serde_json::Value, DeliverySettings)> {
+    let delivery = match value.as_object_mut().and_then(|o| o.remove("delivery")) {
+        Some(d) => serde_json::from_value(d).context("delivery")?,
+        None => DeliverySettings::default(),
+    };
+    Ok((value, delivery))
+}
+
+/// Builds every enabled sink from the settings, checking each.
+pub async fn build_sinks(
+    settings: &Settings,
+) -> anyhow::Result<Vec<(Arc<dyn Sink>, DeliverySettings)>> {
+    let mut sinks: Vec<(Arc<dyn Sink>, DeliverySettings)> = Vec::new();
+    let mongo: MongoSinkEntry = serde_json::from_value(settings.sinks.mongo.clone())
+        .context("invalid setting `sinks.mongo`")?;
+    if mongo.enabled {
+        let sink = MongoSink::connect(&settings.mongo)
+            .await
+            .context("MongoDB settings")?;
+        sinks.push((Arc::new(sink), mongo.delivery));
+    }
+    if let Some(statsd) = &settings.sinks.statsd {
+        let (value, delivery) =
+            split_delivery(statsd.clone()).context("invalid setting `sinks.statsd`")?;
+        let statsd: StatsdSettings =
+            serde_json::from_value(value).context("invalid setting `sinks.statsd`")?;
+        statsd
+            .validate()
+            .map_err(|e| anyhow::anyhow!("invalid setting `sinks.statsd`: {e}"))?;
+        let sink = StatsdSink::connect("statsd", statsd)
+            .await
+            .context("sinks.statsd")?;
+        sinks.push((Arc::new(sink), delivery));
+    }
+    for (i, http) in settings.sinks.http.iter().enumerate() {
+        let (value, delivery) = split_delivery(http.clone())
+            .with_context(|| format!("invalid setting `sinks.http[{i}]`"))?;
+        let http: HttpSinkSettings = serde_json::from_value(value)
+            .with_context(|| format!("invalid setting `sinks.http[{i}]`"))?;
+        http.validate()
+            .map_err(|e| anyhow::anyhow!("invalid setting `sinks.http[{i}]`: {e}"))?;
+        let sink = HttpSink::new(http).map_err(|e| anyhow::anyhow!("sinks.http[{i}]: {e}"))?;
+        sinks.push((Arc::new(sink), delivery));
+    }
+    anyhow::ensure!(
+        !sinks.is_empty(),
+        "no sink is enabled: enable sinks.mongo or configure another"
+    );
+    let mut names: Vec<&str> = sinks.iter().map(|(s, _)| s.name()).collect();
+    names.sort_unstable();
+    if let Some(pair) = names.windows(2).find(|w| w[0] == w[1]) {
+        anyhow::bail!("two sinks are named `{}`", pair[0]);
+    }
+    for (sink, delivery) in &sinks {
+        delivery.validate().map_err(|e| {
+            anyhow::anyhow!("invalid delivery settings of sink `{}`: {e}", sink.name())
+        })?;
+    }
+    Ok(sinks)
+}
+
+/// Runs until `shutdown` completes; then stops consuming, finishes the deliveries in hand within
+/// `worker.shutdown_timeout_ms`, and closes the connections, which returns anything still
+/// unacked to its queue for the next worker.
 pub async fn run(
     settings: Settings,
     shutdown: impl Future<Output = ()> + Send + 'static,
@@ -52,9 +135,7 @@ pub async fn run(
     let registry = Registry::load(&w.schemas_dir, w.unknown_events)
         .with_context(|| format!("loading schemas from {}", w.schemas_dir.display()))?;
     tracing::info!(schemas = registry.len(), "tracking plan loaded");
-    let sink = MongoSink::connect(&settings.mongo)
-        .await
-        .context("MongoDB settings")?;
+    let sinks = build_sinks(&settings).await?;
 
     let stop = CancellationToken::new();
     let stop_on_signal = stop.clone();
@@ -66,27 +147,30 @@ pub async fn run(
         Duration::from_millis(settings.broker.reconnect_min_ms),
         Duration::from_millis(settings.broker.reconnect_max_ms),
     );
-    if !ensure_indexes(&sink, reconnect.clone(), &stop).await {
-        return Ok(());
+    if sinks.iter().any(|(s, _)| s.name() == "mongo") {
+        let mongo = MongoSink::connect(&settings.mongo).await?;
+        if !ensure_indexes(&mongo, reconnect.clone(), &stop).await {
+            return Ok(());
+        }
     }
 
-    let abandon = CancellationToken::new();
-    let (batcher, batcher_task) = batcher::spawn(
-        sink,
-        BatchConfig {
-            max_events: w.batch_max_events,
-            linger: Duration::from_millis(w.batch_linger_ms),
-            max_attempts: w.mongo_max_attempts,
-            retry_min: Duration::from_millis(200),
-            retry_max: Duration::from_secs(10),
-        },
-        abandon.clone(),
-    );
     let topology = Topology::new(settings.broker.prefix.clone());
+    let runners: Vec<Arc<SinkRunner>> = sinks
+        .into_iter()
+        .map(|(sink, delivery)| {
+            Arc::new(SinkRunner {
+                sink,
+                delivery,
+                retry_delays: settings.sinks.retry_delays(),
+                max_attempts: settings.sinks.max_attempts,
+                stats: Arc::new(SinkStats::default()),
+            })
+        })
+        .collect();
+    tokio::spawn(log_stats(runners.clone(), stop.clone()));
     let context = Arc::new(Context {
         registry,
-        batcher,
-        invalid_queue: topology.invalid(),
+        topology,
         limits: PayloadLimits {
             max_bytes: w.max_payload_bytes,
             max_events: w.max_payload_events,
@@ -96,7 +180,7 @@ pub async fn run(
 
     let mut backoff = reconnect;
     while !stop.is_cancelled() {
-        match session(&settings, &topology, &context, &stop, &abandon).await {
+        match session(&settings, &context, &runners, &stop).await {
             Ok(()) => backoff.reset(),
             Err(error) => tracing::warn!(error = format!("{error:#}"), "broker session failed"),
         }
@@ -109,8 +193,6 @@ pub async fn run(
             () = stop.cancelled() => break,
         }
     }
-    drop(context);
-    let _ = batcher_task.await;
     tracing::info!("worker stopped");
     Ok(())
 }
@@ -131,24 +213,73 @@ async fn ensure_indexes(sink: &MongoSink, mut backoff: Backoff, stop: &Cancellat
     }
 }
 
-/// One connection's life: consume until shutdown or until the connection is lost. Invalid
-/// records are published on a second connection: a broker that blocks publishers (resource
-/// alarm) must not also stall this connection's acks.
+async fn log_stats(runners: Vec<Arc<SinkRunner>>, stop: CancellationToken) {
+    let mut last: Vec<[u64; 4]> = vec![[0; 4]; runners.len()];
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(STATS_EVERY) => {}
+            () = stop.cancelled() => return,
+        }
+        for (runner, last) in runners.iter().zip(last.iter_mut()) {
+            let now = runner.stats.snapshot();
+            if now != *last {
+                let [delivered, retried, dead_lettered, filtered_out] = now;
+                tracing::info!(
+                    sink = runner.sink.name(),
+                    delivered,
+                    retried,
+                    dead_lettered,
+                    filtered_out,
+                    "sink totals"
+                );
+                *last = now;
+            }
+        }
+    }
+}
+
+/// One connection's life: consume the raw queue and run every sink until shutdown or until the
+/// connection is lost. Publishing (invalid records, valid events, retries) uses a second
+/// connection: a broker that blocks publishers (resource alarm) must not also stall the acks.
 async fn session(
     settings: &Settings,
-    topology: &Topology,
     context: &Arc<Context>,
+    runners: &[Arc<SinkRunner>],
     stop: &CancellationToken,
-    abandon: &CancellationToken,
 ) -> anyhow::Result<()> {
-    let connection = broker::connect(&settings.broker, "worker").await?;
+    let topology = &context.topology;
+    let connection = Arc::new(broker::connect(&settings.broker, "worker").await?);
     let publishing = broker::connect(&settings.broker, "worker-publish").await?;
     let channel = connection.create_channel().await?;
-    topology.declare(&channel).await?;
+    let names: Vec<String> = runners.iter().map(|r| r.sink.name().to_owned()).collect();
+    topology
+        .declare_sinks(&channel, &names, &settings.sinks.retry_delays())
+        .await?;
     channel
         .basic_qos(settings.worker.prefetch, BasicQosOptions::default())
         .await?;
-    let invalid_channel = broker::confirm_channel(&publishing).await?;
+    let publish = broker::confirm_channel(&publishing).await?;
+
+    // Sinks run beside the raw consumer; any of them failing ends the session.
+    let session_stop = stop.child_token();
+    let mut sink_tasks = JoinSet::new();
+    for runner in runners {
+        let (runner, topology, connection, publish, session_stop) = (
+            runner.clone(),
+            topology.clone(),
+            connection.clone(),
+            publish.clone(),
+            session_stop.clone(),
+        );
+        sink_tasks.spawn(async move {
+            let result = runner
+                .run(&topology, &connection, &publish, &session_stop)
+                .await;
+            session_stop.cancel();
+            result
+        });
+    }
+
     let tag = format!("worker-{}", uuid::Uuid::new_v4());
     let mut consumer = channel
         .basic_consume(
@@ -158,15 +289,15 @@ async fn session(
             FieldTable::default(),
         )
         .await?;
-    tracing::info!(queue = %topology.raw(), prefetch = settings.worker.prefetch, "consuming");
+    tracing::info!(queue = %topology.raw(), prefetch = settings.worker.prefetch, sinks = ?names, "consuming");
 
     let mut tasks = JoinSet::new();
     let lost = loop {
         tokio::select! {
-            () = stop.cancelled() => break false,
+            () = session_stop.cancelled() => break !stop.is_cancelled(),
             next = consumer.next() => match next {
                 Some(Ok(delivery)) => {
-                    tasks.spawn(handle(delivery, context.clone(), invalid_channel.clone()));
+                    tasks.spawn(handle(delivery, context.clone(), publish.clone()));
                 }
                 Some(Err(error)) => {
                     tracing::warn!(%error, "consumer failed");
@@ -195,14 +326,24 @@ async fn session(
             left = tasks.len(),
             "deliveries not finished in time; they return to the queue"
         );
-        if stop.is_cancelled() {
-            // Shutting down: stop retrying writes whose deliveries are going back anyway.
-            abandon.cancel();
-        }
         tasks.abort_all();
     }
+    // Raw deliveries are settled; now the sinks finish their batches.
+    session_stop.cancel();
+    if tokio::time::timeout(grace, async {
+        while let Some(joined) = sink_tasks.join_next().await {
+            if let Ok(Err(error)) = joined {
+                tracing::warn!(error = format!("{error:#}"), "sink stopped");
+            }
+        }
+    })
+    .await
+    .is_err()
+    {
+        sink_tasks.abort_all();
+    }
     tracing::info!(in_hand, lost, "closing the broker connections");
-    for c in [&connection, &publishing] {
+    for c in [&*connection, &publishing] {
         let _ =
             tokio::time::timeout(BROKER_CALL_TIMEOUT, c.close(200, "worker stopping".into())).await;
     }
@@ -211,11 +352,6 @@ async fn session(
     }
     Ok(())
 }
-
-/// A broker that stopped answering must not hold up shutdown or reconnection.
-const BROKER_CALL_TIMEOUT: Duration = Duration::from_secs(5);
-/// Invalid records published at once per delivery.
-const INVALID_PUBLISH_CONCURRENCY: usize = 64;
 
 fn log_join(joined: Result<(), tokio::task::JoinError>) {
     if let Err(error) = joined {
@@ -230,11 +366,12 @@ async fn publish_invalid(
     channel: &Channel,
     records: &[InvalidRecord],
 ) -> Result<(), SinkError> {
+    let queue = context.topology.invalid();
     for chunk in records.chunks(INVALID_PUBLISH_CONCURRENCY) {
         let confirms = futures_util::future::try_join_all(
             chunk
                 .iter()
-                .map(|record| invalid::publish(channel, &context.invalid_queue, record)),
+                .map(|record| invalid::publish(channel, &queue, record)),
         );
         match tokio::time::timeout(context.confirm_timeout, confirms).await {
             Ok(Ok(_)) => {}
@@ -249,27 +386,60 @@ async fn publish_invalid(
     Ok(())
 }
 
-async fn handle(delivery: Delivery, context: Arc<Context>, invalid_channel: Channel) {
+/// One message with all of a delivery's valid events, to every sink's queue at once.
+async fn publish_valid(
+    context: &Context,
+    channel: &Channel,
+    events: &[Event],
+    request_id: &str,
+) -> Result<(), SinkError> {
+    let body = serde_json::to_vec(events).map_err(|e| SinkError::Permanent(e.to_string()))?;
+    let mut headers = FieldTable::default();
+    headers.insert("request_id".into(), long_string(request_id));
+    let properties = BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_content_type("application/json".into())
+        .with_headers(headers);
+    let exchange = context.topology.valid_exchange();
+    let confirm = async {
+        channel
+            .basic_publish(
+                exchange.as_str().into(),
+                "".into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..BasicPublishOptions::default()
+                },
+                &body,
+                properties,
+            )
+            .await?
+            .await
+    };
+    match tokio::time::timeout(context.confirm_timeout, confirm).await {
+        Ok(Ok(Confirmation::Ack(None))) => Ok(()),
+        Ok(Ok(other)) => Err(SinkError::Retryable(format!(
+            "{exchange} did not take the events: {other:?}"
+        ))),
+        Ok(Err(error)) => Err(SinkError::Retryable(error.to_string())),
+        Err(_) => Err(SinkError::Retryable(format!(
+            "no confirm from {exchange} in time"
+        ))),
+    }
+}
+
+async fn handle(delivery: Delivery, context: Arc<Context>, publish: Channel) {
     let outcome = process::process(
         &context.registry,
         &delivery.properties,
         &delivery.data,
         context.limits,
     );
-    let (valid, invalid) = (outcome.documents.len(), outcome.invalid.len());
-    let meta = outcome.meta;
+    let (valid, invalid) = (outcome.valid.len(), outcome.invalid.len());
     let stored = async {
-        publish_invalid(&context, &invalid_channel, &outcome.invalid).await?;
-        let refused = context.batcher.write(outcome.documents).await?;
-        if !refused.is_empty() {
-            let records: Vec<_> = refused
-                .into_iter()
-                .map(|(document, reason)| {
-                    let event = bson::Bson::Document(document).into_relaxed_extjson();
-                    process::storage_error(reason, Some(event), &meta)
-                })
-                .collect();
-            publish_invalid(&context, &invalid_channel, &records).await?;
+        publish_invalid(&context, &publish, &outcome.invalid).await?;
+        if !outcome.valid.is_empty() {
+            publish_valid(&context, &publish, &outcome.valid, &outcome.meta.request_id).await?;
         }
         Ok::<(), SinkError>(())
     }
@@ -280,18 +450,16 @@ async fn handle(delivery: Delivery, context: Arc<Context>, invalid_channel: Chan
                 valid,
                 invalid,
                 tag = delivery.delivery_tag,
-                "delivery stored"
+                "delivery fanned out"
             );
             if let Err(error) = delivery.ack(BasicAckOptions::default()).await {
                 tracing::warn!(%error, "ack failed; the delivery will be redelivered");
             }
         }
         Err(error) => {
-            tracing::warn!(%error, "delivery not stored; returning it to the queue");
-            if error != SinkError::ShuttingDown {
-                // Do not spin on a persistent failure.
-                tokio::time::sleep(Duration::from_millis(500 + fastrand::u64(0..1000))).await;
-            }
+            tracing::warn!(%error, "delivery not fanned out; returning it to the queue");
+            // Do not spin on a persistent failure.
+            tokio::time::sleep(Duration::from_millis(500 + fastrand::u64(0..1000))).await;
             let _ = delivery
                 .nack(BasicNackOptions {
                     requeue: true,

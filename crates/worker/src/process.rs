@@ -1,7 +1,6 @@
 //! One delivery's CPU work, with no I/O: decode, split, enrich, validate, convert. Every event
 //! ends either as a document for the sinks or as an invalid record; none is dropped.
 
-use bson::Document;
 use ingest_schema::{Issue, Registry};
 use lapin::BasicProperties;
 use serde_json::Value;
@@ -10,11 +9,13 @@ use crate::decode::{self, DecodeError, Element};
 use crate::enrich::{self, RequestMeta};
 use crate::invalid::InvalidRecord;
 use crate::sinks::mongo::to_document;
+use crate::sinks::Event;
 
 #[derive(Debug)]
 pub struct Outcome {
     pub meta: RequestMeta,
-    pub documents: Vec<Document>,
+    /// Valid, enriched events, each checked to be storable.
+    pub valid: Vec<Event>,
     pub invalid: Vec<InvalidRecord>,
 }
 
@@ -41,7 +42,7 @@ pub fn process(
             ))),
             _ => Ok(split),
         });
-    let mut documents = Vec::new();
+    let mut valid_events = Vec::new();
     let mut invalid = Vec::new();
     match split {
         Err(error) => invalid.push(InvalidRecord::undecodable(error.to_string(), body, &meta)),
@@ -52,7 +53,7 @@ pub fn process(
                         enrich::enrich(&mut event, &meta, index, split.sent_at.as_ref());
                         match registry.validate(event) {
                             Ok(valid) => match to_document(valid.as_map()) {
-                                Ok(document) => documents.push(document),
+                                Ok(_) => valid_events.push(valid.into_map()),
                                 Err(error) => {
                                     let event = Value::Object(valid.into_map());
                                     invalid.push(storage_error(error, Some(event), &meta));
@@ -82,7 +83,7 @@ pub fn process(
     }
     Outcome {
         meta,
-        documents,
+        valid: valid_events,
         invalid,
     }
 }
@@ -130,7 +131,7 @@ mod tests {
         payload["batch"][1]["userId"] = json!(null);
         let payload = payload.to_string().into_bytes();
         let outcome = process(&registry(), &BasicProperties::default(), &payload, LIMITS);
-        assert_eq!(outcome.documents.len(), 2);
+        assert_eq!(outcome.valid.len(), 2);
         assert_eq!(outcome.invalid.len(), 1);
         assert_eq!(outcome.invalid[0].reason, "schema");
     }
@@ -139,7 +140,7 @@ mod tests {
     fn a_payload_with_too_many_events_is_kept_whole_as_invalid() {
         let payload = body(4);
         let outcome = process(&registry(), &BasicProperties::default(), &payload, LIMITS);
-        assert!(outcome.documents.is_empty());
+        assert!(outcome.valid.is_empty());
         assert_eq!(outcome.invalid.len(), 1);
         assert_eq!(outcome.invalid[0].reason, "decode");
         assert!(outcome.invalid[0].raw_base64.is_some());
@@ -159,7 +160,7 @@ mod tests {
             .with_headers(headers);
         let a = process(&registry(), &properties, payload, LIMITS);
         let b = process(&registry(), &properties, payload, LIMITS);
-        assert_eq!(a.documents[0].get_str("_id"), b.documents[0].get_str("_id"));
-        assert_eq!(a.documents, b.documents);
+        assert_eq!(a.valid[0].get("messageId"), b.valid[0].get("messageId"));
+        assert_eq!(a.valid, b.valid);
     }
 }

@@ -1,16 +1,66 @@
-//! Sinks: where valid events go. Each says whether a failure is worth retrying.
+//! Sinks: where valid events go. One file per sink; each says whether a failure is worth
+//! retrying. The runner (`crate::fanout`) batches, retries, dead-letters and breaks circuits
+//! the same way for every sink, so a sink only has to deliver one batch and classify failure.
 
+pub mod http;
 pub mod mongo;
+pub mod statsd;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{Map, Value};
+
+/// An enriched event that passed validation.
+pub type Event = Map<String, Value>;
+
+/// What a sink is asked to take at once. `key` is the same every time this exact batch is
+/// retried (HTTP sinks send it as `Idempotency-Key`).
+#[derive(Debug, Clone)]
+pub struct Batch {
+    pub key: String,
+    pub events: Vec<Arc<Event>>,
+}
 
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum SinkError {
     /// Try again later: the sink is unreachable, overloaded or timed out.
     #[error("retryable: {0}")]
     Retryable(String),
+    /// Try again, not before `retry_after` (the sink said so, e.g. 429/503 with Retry-After).
+    #[error("throttled for {retry_after:?}: {reason}")]
+    Throttled {
+        reason: String,
+        retry_after: Duration,
+    },
     /// Retrying cannot help: the sink refused these events.
     #[error("permanent: {0}")]
     Permanent(String),
+    /// The sink took the batch except these events (index in the batch, reason), for good.
+    #[error("{} events refused", .0.len())]
+    Refused(Vec<(usize, String)>),
     /// The worker is shutting down; the events stay unacked for the next worker.
     #[error("shutting down")]
     ShuttingDown,
+}
+
+impl SinkError {
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, Self::Retryable(_) | Self::Throttled { .. })
+    }
+}
+
+/// A destination for valid events.
+#[async_trait::async_trait]
+pub trait Sink: Send + Sync {
+    /// Names the sink in queue names, logs and metrics: `[a-z0-9_-]+`.
+    fn name(&self) -> &str;
+
+    /// Delivers one batch, all or nothing as far as the caller knows.
+    async fn deliver(&self, batch: &Batch) -> Result<(), SinkError>;
+
+    /// Sends anything the sink buffers itself; called on shutdown.
+    async fn flush(&self) -> Result<(), SinkError> {
+        Ok(())
+    }
 }

@@ -11,7 +11,7 @@ use mongodb::options::{ClientOptions, IndexOptions};
 use mongodb::{Client, Collection, IndexModel};
 use serde_json::{Map, Value};
 
-use super::SinkError;
+use super::{Batch, Sink, SinkError};
 
 const DUPLICATE_KEY: i32 = 11000;
 /// Fields stored as BSON dates, so they can be queried and indexed as times.
@@ -65,6 +65,7 @@ impl MongoSink {
             .is_ok()
     }
 
+    /// One `insert_many`; duplicates of stored events count as written.
     pub async fn write(&self, docs: &[Document]) -> Result<(), SinkError> {
         if docs.is_empty() {
             return Ok(());
@@ -85,6 +86,47 @@ impl MongoSink {
                 }) => Err(SinkError::Permanent(error.to_string())),
                 _ => Err(SinkError::Retryable(error.to_string())),
             },
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Sink for MongoSink {
+    fn name(&self) -> &str {
+        "mongo"
+    }
+
+    async fn deliver(&self, batch: &Batch) -> Result<(), SinkError> {
+        let mut refused = Vec::new();
+        let mut documents = Vec::with_capacity(batch.events.len());
+        let mut positions = Vec::with_capacity(batch.events.len());
+        for (index, event) in batch.events.iter().enumerate() {
+            match to_document(event) {
+                Ok(document) => {
+                    documents.push(document);
+                    positions.push(index);
+                }
+                Err(reason) => refused.push((index, reason)),
+            }
+        }
+        match self.write(&documents).await {
+            Ok(()) => {}
+            Err(SinkError::Permanent(_)) => {
+                // Find the documents the server refuses; write the others.
+                for (document, index) in documents.iter().zip(&positions) {
+                    match self.write(std::slice::from_ref(document)).await {
+                        Ok(()) => {}
+                        Err(SinkError::Permanent(reason)) => refused.push((*index, reason)),
+                        Err(other) => return Err(other),
+                    }
+                }
+            }
+            Err(other) => return Err(other),
+        }
+        if refused.is_empty() {
+            Ok(())
+        } else {
+            Err(SinkError::Refused(refused))
         }
     }
 }

@@ -1,0 +1,667 @@
+//! Runs one sink: consumes the sink's own queue, batches events (count, bytes, time), applies
+//! the sink's filter, delivers, and settles every message. Nothing is acked before the sink has
+//! its events or the broker has confirmed them into the sink's retry or dead-letter queue, so a
+//! sink can fail, hang or be killed without losing events or holding up any other sink.
+//!
+//! A failed batch travels as one message with its `Idempotency-Key` and attempt count in the
+//! headers, so a retried batch is the same batch: same events, same key.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use ingest_pipeline::broker::{header_str, long_string};
+use ingest_pipeline::{Backoff, Topology};
+use lapin::message::Delivery;
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions,
+    BasicPublishOptions, BasicQosOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Channel, Confirmation, Connection};
+use serde::Deserialize;
+use serde_json::Value;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::sinks::{Batch, Event, Sink, SinkError};
+
+const KEY_HEADER: &str = "x-batch-key";
+const ATTEMPT_HEADER: &str = "x-attempt";
+const ERROR_HEADER: &str = "x-last-error";
+const SINK_HEADER: &str = "x-sink";
+const KEY_NAMESPACE: uuid::Uuid = uuid::Uuid::from_u128(0x3d0a_91e4_7c25_4b8e_b6f3_5e1d_0a7c_9f42);
+
+/// How a sink is fed: batching, prefetch, quick retries, circuit breaker, filter.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DeliverySettings {
+    pub batch_max_events: usize,
+    pub batch_max_bytes: usize,
+    pub linger_ms: u64,
+    pub prefetch: u16,
+    /// Attempts in place (with backoff and full jitter) before a batch takes the durable path.
+    pub inline_attempts: u32,
+    /// Consecutive failed attempts that open the circuit; 0 disables the breaker.
+    pub breaker_failures: u32,
+    pub breaker_cooldown_ms: u64,
+    /// Only these event types (empty: all).
+    pub types: Vec<String>,
+    /// Only track events with these names (empty: all).
+    pub events: Vec<String>,
+}
+
+impl Default for DeliverySettings {
+    fn default() -> Self {
+        Self {
+            batch_max_events: 500,
+            batch_max_bytes: 1 << 20,
+            linger_ms: 200,
+            prefetch: 128,
+            inline_attempts: 3,
+            breaker_failures: 5,
+            breaker_cooldown_ms: 10_000,
+            types: Vec::new(),
+            events: Vec::new(),
+        }
+    }
+}
+
+impl DeliverySettings {
+    pub fn validate(&self) -> Result<(), String> {
+        if self.batch_max_events == 0 || self.batch_max_bytes == 0 || self.prefetch == 0 {
+            return Err("batch_max_events, batch_max_bytes and prefetch must be > 0".into());
+        }
+        if self.inline_attempts == 0 {
+            return Err("inline_attempts must be > 0".into());
+        }
+        Ok(())
+    }
+
+    /// Whether this sink wants the event.
+    pub fn wants(&self, event: &Event) -> bool {
+        let kind = event.get("type").and_then(Value::as_str).unwrap_or("");
+        if !self.types.is_empty() && !self.types.iter().any(|t| t == kind) {
+            return false;
+        }
+        if !self.events.is_empty() {
+            let name = event.get("event").and_then(Value::as_str);
+            return kind == "track" && name.is_some_and(|n| self.events.iter().any(|e| e == n));
+        }
+        true
+    }
+}
+
+/// Per-sink counters, logged periodically.
+#[derive(Debug, Default)]
+pub struct SinkStats {
+    pub delivered: AtomicU64,
+    pub retried: AtomicU64,
+    pub dead_lettered: AtomicU64,
+    pub filtered_out: AtomicU64,
+}
+
+impl SinkStats {
+    pub fn snapshot(&self) -> [u64; 4] {
+        [
+            self.delivered.load(Ordering::Relaxed),
+            self.retried.load(Ordering::Relaxed),
+            self.dead_lettered.load(Ordering::Relaxed),
+            self.filtered_out.load(Ordering::Relaxed),
+        ]
+    }
+}
+
+/// The same events in the same order always get the same key.
+pub fn batch_key(sink: &str, events: &[Arc<Event>]) -> String {
+    let mut material = String::from(sink);
+    for event in events {
+        material.push('\n');
+        material.push_str(event.get("messageId").and_then(Value::as_str).unwrap_or(""));
+    }
+    uuid::Uuid::new_v5(&KEY_NAMESPACE, material.as_bytes()).to_string()
+}
+
+/// Opens after `threshold` consecutive failures; lets one probe through after the cool-down.
+#[derive(Debug)]
+pub struct Breaker {
+    threshold: u32,
+    cooldown: Duration,
+    failures: u32,
+    open_until: Option<Instant>,
+}
+
+impl Breaker {
+    pub fn new(threshold: u32, cooldown: Duration) -> Self {
+        Self {
+            threshold,
+            cooldown,
+            failures: 0,
+            open_until: None,
+        }
+    }
+
+    /// May we call the sink now? After the cool-down one probe is allowed (half-open).
+    pub fn allows(&mut self, now: Instant) -> bool {
+        match self.open_until {
+            Some(until) if now < until => false,
+            Some(_) => {
+                // half-open: one probe; a failure re-opens at once
+                self.open_until = None;
+                self.failures = self.threshold.saturating_sub(1);
+                true
+            }
+            None => true,
+        }
+    }
+
+    pub fn record(&mut self, ok: bool, now: Instant) {
+        if ok {
+            self.failures = 0;
+            return;
+        }
+        self.failures = self.failures.saturating_add(1);
+        if self.threshold > 0 && self.failures >= self.threshold {
+            self.open_until = Some(now + self.cooldown);
+        }
+    }
+
+    pub fn is_open(&self, now: Instant) -> bool {
+        self.open_until.is_some_and(|until| now < until)
+    }
+}
+
+pub struct SinkRunner {
+    pub sink: Arc<dyn Sink>,
+    pub delivery: DeliverySettings,
+    pub retry_delays: Vec<Duration>,
+    pub max_attempts: u32,
+    pub stats: Arc<SinkStats>,
+}
+
+struct Pending {
+    deliveries: Vec<Delivery>,
+    events: Vec<Arc<Event>>,
+    bytes: usize,
+    deadline: Option<Instant>,
+}
+
+impl SinkRunner {
+    /// Consumes the sink's queue until `stop`, or until the connection fails.
+    pub async fn run(
+        &self,
+        topology: &Topology,
+        connection: &Connection,
+        publish: &Channel,
+        stop: &CancellationToken,
+    ) -> anyhow::Result<()> {
+        let name = self.sink.name().to_owned();
+        let channel = connection.create_channel().await?;
+        channel
+            .basic_qos(self.delivery.prefetch, BasicQosOptions::default())
+            .await?;
+        let tag = format!("worker-{name}-{}", uuid::Uuid::new_v4());
+        let mut consumer = channel
+            .basic_consume(
+                topology.sink_queue(&name).into(),
+                tag.as_str().into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        let mut breaker = Breaker::new(
+            self.delivery.breaker_failures,
+            Duration::from_millis(self.delivery.breaker_cooldown_ms),
+        );
+        let mut pending = Pending {
+            deliveries: Vec::new(),
+            events: Vec::new(),
+            bytes: 0,
+            deadline: None,
+        };
+        let linger = Duration::from_millis(self.delivery.linger_ms);
+        let lost = loop {
+            let deadline = pending.deadline;
+            tokio::select! {
+                () = stop.cancelled() => break false,
+                () = sleep_until_opt(deadline), if deadline.is_some() => {
+                    self.flush(&mut pending, topology, publish, &mut breaker, stop).await;
+                }
+                next = consumer.next() => match next {
+                    Some(Ok(delivery)) => {
+                        if header_str(delivery.properties.headers().as_ref(), KEY_HEADER).is_some() {
+                            // A retried batch comes back whole and is delivered alone.
+                            self.flush(&mut pending, topology, publish, &mut breaker, stop).await;
+                            self.retry(delivery, topology, publish, &mut breaker, stop).await;
+                            continue;
+                        }
+                        self.take(delivery, &mut pending, linger).await;
+                        if pending.events.len() >= self.delivery.batch_max_events
+                            || pending.bytes >= self.delivery.batch_max_bytes
+                        {
+                            self.flush(&mut pending, topology, publish, &mut breaker, stop).await;
+                        }
+                    }
+                    Some(Err(error)) => {
+                        tracing::warn!(sink = %name, %error, "sink consumer failed");
+                        break true;
+                    }
+                    None => break true,
+                },
+            }
+        };
+        if !lost {
+            let cancel = channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default());
+            let _ = tokio::time::timeout(Duration::from_secs(5), cancel).await;
+            self.flush(&mut pending, topology, publish, &mut breaker, stop)
+                .await;
+            if let Err(error) = self.sink.flush().await {
+                tracing::warn!(sink = %name, %error, "sink flush failed");
+            }
+        }
+        let _ = tokio::time::timeout(
+            Duration::from_secs(5),
+            channel.close(200, "stopping".into()),
+        )
+        .await;
+        if lost {
+            anyhow::bail!("connection lost");
+        }
+        Ok(())
+    }
+
+    /// Adds a fresh message's wanted events to the pending batch (acks it at once if none).
+    async fn take(&self, delivery: Delivery, pending: &mut Pending, linger: Duration) {
+        let events: Vec<Event> = match serde_json::from_slice(&delivery.data) {
+            Ok(events) => events,
+            Err(error) => {
+                // Not something this pipeline wrote; keep it where people look.
+                tracing::error!(sink = self.sink.name(), %error, "undecodable sink message; leaving it unacked");
+                let _ = delivery
+                    .nack(BasicNackOptions {
+                        requeue: false,
+                        ..BasicNackOptions::default()
+                    })
+                    .await;
+                return;
+            }
+        };
+        let before = events.len();
+        let wanted: Vec<Arc<Event>> = events
+            .into_iter()
+            .filter(|e| self.delivery.wants(e))
+            .map(Arc::new)
+            .collect();
+        self.stats
+            .filtered_out
+            .fetch_add((before - wanted.len()) as u64, Ordering::Relaxed);
+        if wanted.is_empty() {
+            let _ = delivery.ack(BasicAckOptions::default()).await;
+            return;
+        }
+        pending.bytes += delivery.data.len();
+        pending.events.extend(wanted);
+        pending.deliveries.push(delivery);
+        pending
+            .deadline
+            .get_or_insert_with(|| Instant::now() + linger);
+    }
+
+    async fn flush(
+        &self,
+        pending: &mut Pending,
+        topology: &Topology,
+        publish: &Channel,
+        breaker: &mut Breaker,
+        stop: &CancellationToken,
+    ) {
+        pending.deadline = None;
+        pending.bytes = 0;
+        if pending.deliveries.is_empty() {
+            return;
+        }
+        let deliveries = std::mem::take(&mut pending.deliveries);
+        let events = std::mem::take(&mut pending.events);
+        let batch = Batch {
+            key: batch_key(self.sink.name(), &events),
+            events,
+        };
+        let result = self.attempt(&batch, breaker, stop).await;
+        self.settle(deliveries, batch, 0, result, topology, publish)
+            .await;
+    }
+
+    async fn retry(
+        &self,
+        delivery: Delivery,
+        topology: &Topology,
+        publish: &Channel,
+        breaker: &mut Breaker,
+        stop: &CancellationToken,
+    ) {
+        let headers = delivery.properties.headers().as_ref();
+        let key = header_str(headers, KEY_HEADER)
+            .unwrap_or_default()
+            .to_owned();
+        let attempts = header_u32(headers, ATTEMPT_HEADER);
+        let events: Vec<Event> = serde_json::from_slice(&delivery.data).unwrap_or_default();
+        let batch = Batch {
+            key,
+            events: events.into_iter().map(Arc::new).collect(),
+        };
+        let result = self.attempt(&batch, breaker, stop).await;
+        self.settle(vec![delivery], batch, attempts, result, topology, publish)
+            .await;
+    }
+
+    /// Calls the sink, retrying in place a few times; `None` means the circuit was open.
+    async fn attempt(
+        &self,
+        batch: &Batch,
+        breaker: &mut Breaker,
+        stop: &CancellationToken,
+    ) -> Option<Result<(), SinkError>> {
+        let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
+        let mut last = None;
+        for _ in 0..self.delivery.inline_attempts {
+            if !breaker.allows(Instant::now()) {
+                return last;
+            }
+            let result = self.sink.deliver(batch).await;
+            breaker.record(
+                !matches!(&result, Err(e) if e.is_retryable()),
+                Instant::now(),
+            );
+            let wait = match &result {
+                Err(SinkError::Throttled { retry_after, .. })
+                    if *retry_after <= Duration::from_secs(2) =>
+                {
+                    *retry_after
+                }
+                Err(SinkError::Retryable(_)) => backoff.next_delay(),
+                _ => return Some(result),
+            };
+            last = Some(result);
+            tokio::select! {
+                () = tokio::time::sleep(wait) => {}
+                () = stop.cancelled() => break,
+            }
+        }
+        last
+    }
+
+    /// Acks the messages once their events are delivered or durably elsewhere.
+    async fn settle(
+        &self,
+        deliveries: Vec<Delivery>,
+        batch: Batch,
+        attempts: u32,
+        result: Option<Result<(), SinkError>>,
+        topology: &Topology,
+        publish: &Channel,
+    ) {
+        let name = self.sink.name();
+        let count = batch.events.len() as u64;
+        let moved = match result {
+            Some(Ok(())) => {
+                self.stats.delivered.fetch_add(count, Ordering::Relaxed);
+                Ok(())
+            }
+            Some(Err(SinkError::ShuttingDown)) => Err("shutting down".to_owned()),
+            Some(Err(SinkError::Permanent(error))) => {
+                self.dead_letter(&batch, attempts + 1, &error, topology, publish)
+                    .await
+            }
+            Some(Err(SinkError::Refused(refused))) => {
+                self.stats
+                    .delivered
+                    .fetch_add(count - refused.len() as u64, Ordering::Relaxed);
+                let events: Vec<Arc<Event>> = refused
+                    .iter()
+                    .filter_map(|(i, _)| batch.events.get(*i).cloned())
+                    .collect();
+                let reasons: Vec<_> = refused.iter().map(|(_, r)| r.as_str()).collect();
+                let part = Batch {
+                    key: batch_key(name, &events),
+                    events,
+                };
+                self.dead_letter(&part, attempts + 1, &reasons.join("; "), topology, publish)
+                    .await
+            }
+            Some(Err(error)) => {
+                let failed = attempts + 1;
+                if failed >= self.max_attempts {
+                    self.dead_letter(&batch, failed, &error.to_string(), topology, publish)
+                        .await
+                } else {
+                    let at_least = match &error {
+                        SinkError::Throttled { retry_after, .. } => *retry_after,
+                        _ => Duration::ZERO,
+                    };
+                    self.delay(
+                        &batch,
+                        failed,
+                        &error.to_string(),
+                        at_least,
+                        topology,
+                        publish,
+                    )
+                    .await
+                }
+            }
+            // Circuit open: wait in the first delay queue without spending an attempt.
+            None => {
+                self.delay(
+                    &batch,
+                    attempts,
+                    "circuit open",
+                    Duration::ZERO,
+                    topology,
+                    publish,
+                )
+                .await
+            }
+        };
+        match moved {
+            Ok(()) => {
+                for delivery in deliveries {
+                    let _ = delivery.ack(BasicAckOptions::default()).await;
+                }
+            }
+            Err(error) => {
+                tracing::warn!(sink = name, %error, "batch not settled; its messages go back to the queue");
+                for delivery in deliveries {
+                    let _ = delivery
+                        .nack(BasicNackOptions {
+                            requeue: true,
+                            ..BasicNackOptions::default()
+                        })
+                        .await;
+                }
+            }
+        }
+    }
+
+    async fn delay(
+        &self,
+        batch: &Batch,
+        attempts: u32,
+        error: &str,
+        at_least: Duration,
+        topology: &Topology,
+        publish: &Channel,
+    ) -> Result<(), String> {
+        let tier =
+            (attempts.saturating_sub(1) as usize).min(self.retry_delays.len().saturating_sub(1));
+        let delay = self.retry_delays[tier..]
+            .iter()
+            .copied()
+            .find(|d| *d >= at_least)
+            .or_else(|| self.retry_delays.last().copied())
+            .ok_or("no retry delays configured")?;
+        let queue = topology.sink_retry(self.sink.name(), delay);
+        self.publish(&queue, batch, attempts, error, publish)
+            .await?;
+        self.stats
+            .retried
+            .fetch_add(batch.events.len() as u64, Ordering::Relaxed);
+        tracing::info!(sink = self.sink.name(), attempts, ?delay, events = batch.events.len(), %error, "batch waits to be retried");
+        Ok(())
+    }
+
+    async fn dead_letter(
+        &self,
+        batch: &Batch,
+        attempts: u32,
+        error: &str,
+        topology: &Topology,
+        publish: &Channel,
+    ) -> Result<(), String> {
+        let queue = topology.sink_dlq(self.sink.name());
+        self.publish(&queue, batch, attempts, error, publish)
+            .await?;
+        self.stats
+            .dead_lettered
+            .fetch_add(batch.events.len() as u64, Ordering::Relaxed);
+        tracing::warn!(sink = self.sink.name(), attempts, events = batch.events.len(), %error, "batch dead-lettered");
+        Ok(())
+    }
+
+    async fn publish(
+        &self,
+        queue: &str,
+        batch: &Batch,
+        attempts: u32,
+        error: &str,
+        channel: &Channel,
+    ) -> Result<(), String> {
+        let body = serde_json::to_vec(&batch.events).map_err(|e| e.to_string())?;
+        let mut headers = FieldTable::default();
+        headers.insert(KEY_HEADER.into(), long_string(&batch.key));
+        headers.insert(ATTEMPT_HEADER.into(), AMQPValue::LongUInt(attempts));
+        let error: String = error.chars().take(1000).collect();
+        headers.insert(ERROR_HEADER.into(), long_string(&error));
+        headers.insert(SINK_HEADER.into(), long_string(self.sink.name()));
+        let properties = BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_content_type("application/json".into())
+            .with_headers(headers);
+        let confirm = async {
+            channel
+                .basic_publish(
+                    "".into(),
+                    queue.into(),
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..BasicPublishOptions::default()
+                    },
+                    &body,
+                    properties,
+                )
+                .await?
+                .await
+        };
+        match tokio::time::timeout(Duration::from_secs(10), confirm).await {
+            Ok(Ok(Confirmation::Ack(None))) => Ok(()),
+            Ok(Ok(other)) => Err(format!("{queue} did not take the batch: {other:?}")),
+            Ok(Err(error)) => Err(error.to_string()),
+            Err(_) => Err(format!("no confirm from {queue} in time")),
+        }
+    }
+}
+
+async fn sleep_until_opt(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn header_u32(headers: Option<&FieldTable>, key: &str) -> u32 {
+    match headers.and_then(|h| h.inner().get(key)) {
+        Some(AMQPValue::LongUInt(n)) => *n,
+        Some(AMQPValue::LongInt(n)) => u32::try_from(*n).unwrap_or(0),
+        Some(AMQPValue::LongLongInt(n)) => u32::try_from(*n).unwrap_or(0),
+        Some(AMQPValue::ShortUInt(n)) => u32::from(*n),
+        _ => 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn event(v: Value) -> Event {
+        v.as_object().cloned().unwrap_or_default()
+    }
+
+    #[test]
+    fn filters_by_type_and_event_name() {
+        let only_orders = DeliverySettings {
+            events: vec!["Order Completed".into()],
+            ..DeliverySettings::default()
+        };
+        assert!(only_orders.wants(&event(json!({"type":"track","event":"Order Completed"}))));
+        assert!(!only_orders.wants(&event(json!({"type":"track","event":"Product Viewed"}))));
+        assert!(!only_orders.wants(&event(json!({"type":"screen","name":"Order Completed"}))));
+        let screens = DeliverySettings {
+            types: vec!["screen".into()],
+            ..DeliverySettings::default()
+        };
+        assert!(screens.wants(&event(json!({"type":"screen","name":"Cart"}))));
+        assert!(!screens.wants(&event(json!({"type":"track","event":"X"}))));
+        assert!(DeliverySettings::default().wants(&event(json!({"type":"identify"}))));
+    }
+
+    #[test]
+    fn batch_keys_depend_on_sink_and_events_only() {
+        let a: Vec<Arc<Event>> = ["m1", "m2"]
+            .iter()
+            .map(|m| Arc::new(event(json!({"messageId": m}))))
+            .collect();
+        let b: Vec<Arc<Event>> = ["m1", "m3"]
+            .iter()
+            .map(|m| Arc::new(event(json!({"messageId": m}))))
+            .collect();
+        assert_eq!(batch_key("vendor", &a), batch_key("vendor", &a.clone()));
+        assert_ne!(batch_key("vendor", &a), batch_key("vendor", &b));
+        assert_ne!(batch_key("vendor", &a), batch_key("other", &a));
+    }
+
+    #[test]
+    fn breaker_opens_after_threshold_and_probes_after_cooldown() {
+        let start = Instant::now();
+        let mut breaker = Breaker::new(3, Duration::from_secs(10));
+        for _ in 0..2 {
+            assert!(breaker.allows(start));
+            breaker.record(false, start);
+        }
+        assert!(!breaker.is_open(start));
+        breaker.record(false, start);
+        assert!(breaker.is_open(start));
+        assert!(!breaker.allows(start + Duration::from_secs(5)));
+        // half-open: one probe; its failure re-opens at once
+        assert!(breaker.allows(start + Duration::from_secs(11)));
+        breaker.record(false, start + Duration::from_secs(11));
+        assert!(breaker.is_open(start + Duration::from_secs(12)));
+        // a successful probe closes it
+        assert!(breaker.allows(start + Duration::from_secs(22)));
+        breaker.record(true, start + Duration::from_secs(22));
+        assert!(!breaker.is_open(start + Duration::from_secs(22)));
+        assert!(breaker.allows(start + Duration::from_secs(22)));
+    }
+
+    #[test]
+    fn attempt_counts_are_read_from_any_integer_header() {
+        let mut h = FieldTable::default();
+        h.insert("a".into(), AMQPValue::LongUInt(3));
+        h.insert("b".into(), AMQPValue::LongLongInt(4));
+        h.insert("c".into(), long_string("x"));
+        assert_eq!(header_u32(Some(&h), "a"), 3);
+        assert_eq!(header_u32(Some(&h), "b"), 4);
+        assert_eq!(header_u32(Some(&h), "c"), 0);
+        assert_eq!(header_u32(None, "a"), 0);
+    }
+}

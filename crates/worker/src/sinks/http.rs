@@ -1,0 +1,922 @@
+//! The HTTP sink: POSTs each batch as one request (a JSON array or NDJSON) to a configured URL,
+//! with `Idempotency-Key: <batch key>` so the receiver can drop a retried batch it already took.
+//! It only delivers and classifies the answer; batching, retries and circuit breaking belong to
+//! the runner. Configured header values are secrets: they never reach `Debug`, logs or errors,
+//! and are scrubbed from response bodies quoted in errors.
+
+use std::collections::{BTreeMap, HashSet};
+use std::error::Error as _;
+use std::fmt;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use ingest_pipeline::Secret;
+use reqwest::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE, RETRY_AFTER};
+use reqwest::redirect::Policy;
+use reqwest::{Client, Response, StatusCode, Url};
+use serde::Deserialize;
+
+use super::{Batch, Event, Sink, SinkError};
+
+const IDEMPOTENCY_KEY: &str = "idempotency-key";
+/// Headers the sink sets itself; configuring them would send duplicates or break framing.
+const RESERVED_HEADERS: [&str; 5] = [
+    "content-type",
+    "content-length",
+    "transfer-encoding",
+    "host",
+    "idempotency-key",
+];
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
+const EXCERPT_CHARS: usize = 200;
+/// Enough bytes for `EXCERPT_CHARS` of any UTF-8 with room to spare; the longest secret is added
+/// on top so a secret cut off at the end of what was read lies beyond the excerpt.
+const EXCERPT_READ_BYTES: usize = 4096;
+/// A 2xx body is drained up to this much so the connection can go back to the pool.
+const DRAIN_BYTES: usize = 64 * 1024;
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BodyFormat {
+    /// One JSON array holding every event of the batch.
+    #[default]
+    Json,
+    /// One event per line, each line ending in `\n`.
+    Ndjson,
+}
+
+impl BodyFormat {
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Self::Json => "application/json",
+            Self::Ndjson => "application/x-ndjson",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpSinkSettings {
+    pub name: String,
+    pub url: String,
+    /// Sent with every request, e.g. `Authorization`.
+    #[serde(default)]
+    pub headers: BTreeMap<String, Secret>,
+    #[serde(default)]
+    pub format: BodyFormat,
+    #[serde(default = "default_connect_timeout_ms")]
+    pub connect_timeout_ms: u64,
+    /// Covers the whole exchange: connect, send, response headers and body.
+    #[serde(default = "default_request_timeout_ms")]
+    pub request_timeout_ms: u64,
+}
+
+fn default_connect_timeout_ms() -> u64 {
+    2_000
+}
+
+fn default_request_timeout_ms() -> u64 {
+    10_000
+}
+
+impl HttpSinkSettings {
+    /// Names the first bad setting. Never quotes a header value.
+    pub fn validate(&self) -> Result<(), String> {
+        self.parse_url()?;
+        self.header_map()?;
+        if self.name.is_empty()
+            || !self
+                .name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+        {
+            return Err(format!(
+                "http sink name `{}` must match [a-z0-9_-]+",
+                self.name
+            ));
+        }
+        if self.connect_timeout_ms == 0 {
+            return Err(format!(
+                "http sink `{}`: connect_timeout_ms must be > 0",
+                self.name
+            ));
+        }
+        if self.request_timeout_ms == 0 {
+            return Err(format!(
+                "http sink `{}`: request_timeout_ms must be > 0",
+                self.name
+            ));
+        }
+        Ok(())
+    }
+
+    fn parse_url(&self) -> Result<Url, String> {
+        let url = Url::parse(&self.url)
+            .map_err(|e| format!("http sink `{}`: url is invalid: {e}", self.name))?;
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err(format!(
+                "http sink `{}`: url scheme must be http or https, not `{}`",
+                self.name,
+                url.scheme()
+            ));
+        }
+        if !url.username().is_empty() || url.password().is_some() {
+            return Err(format!(
+                "http sink `{}`: url must not carry credentials (they would be logged); \
+                 put them in `headers`",
+                self.name
+            ));
+        }
+        Ok(url)
+    }
+
+    fn header_map(&self) -> Result<HeaderMap, String> {
+        let mut map = HeaderMap::new();
+        let mut seen = HashSet::new();
+        for (name, value) in &self.headers {
+            let header = HeaderName::from_bytes(name.as_bytes()).map_err(|_| {
+                format!(
+                    "http sink `{}`: `{name}` is not a valid header name",
+                    self.name
+                )
+            })?;
+            if RESERVED_HEADERS.contains(&header.as_str()) {
+                return Err(format!(
+                    "http sink `{}`: header `{name}` is set by the sink and cannot be configured",
+                    self.name
+                ));
+            }
+            if !seen.insert(header.clone()) {
+                return Err(format!(
+                    "http sink `{}`: header `{name}` is configured more than once",
+                    self.name
+                ));
+            }
+            let mut header_value = HeaderValue::from_str(value.expose()).map_err(|_| {
+                format!(
+                    "http sink `{}`: the value of header `{name}` is not a valid header value",
+                    self.name
+                )
+            })?;
+            header_value.set_sensitive(true);
+            map.insert(header, header_value);
+        }
+        Ok(map)
+    }
+}
+
+/// Serializes a batch body. Serializing a JSON object into memory cannot fail in practice; the
+/// `Result` is serde_json's signature, kept rather than hidden behind a panic.
+pub fn encode(events: &[Arc<Event>], format: BodyFormat) -> Result<Vec<u8>, serde_json::Error> {
+    let mut body = Vec::with_capacity(events.len() * 256);
+    match format {
+        BodyFormat::Json => {
+            body.push(b'[');
+            for (i, event) in events.iter().enumerate() {
+                if i > 0 {
+                    body.push(b',');
+                }
+                serde_json::to_writer(&mut body, event.as_ref())?;
+            }
+            body.push(b']');
+        }
+        BodyFormat::Ndjson => {
+            for event in events {
+                serde_json::to_writer(&mut body, event.as_ref())?;
+                body.push(b'\n');
+            }
+        }
+    }
+    Ok(body)
+}
+
+pub struct HttpSink {
+    name: String,
+    url: Url,
+    format: BodyFormat,
+    client: Client,
+    /// Header values to scrub from response bodies quoted in errors.
+    secrets: Vec<Secret>,
+}
+
+impl fmt::Debug for HttpSink {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HttpSink")
+            .field("name", &self.name)
+            .field("url", &self.url.as_str())
+            .field("format", &self.format)
+            .finish_non_exhaustive()
+    }
+}
+
+impl HttpSink {
+    /// Validates the settings and builds one pooled client for all deliveries.
+    pub fn new(settings: HttpSinkSettings) -> Result<Self, String> {
+        settings.validate()?;
+        let url = settings.parse_url()?;
+        let headers = settings.header_map()?;
+        let client = Client::builder()
+            .user_agent(concat!("ingest-worker/", env!("CARGO_PKG_VERSION")))
+            .default_headers(headers)
+            .connect_timeout(Duration::from_millis(settings.connect_timeout_ms))
+            .timeout(Duration::from_millis(settings.request_timeout_ms))
+            .redirect(Policy::none())
+            .build()
+            .map_err(|e| {
+                format!(
+                    "http sink `{}`: building the client failed: {}",
+                    settings.name,
+                    error_chain(&e)
+                )
+            })?;
+        Ok(Self {
+            name: settings.name,
+            url,
+            format: settings.format,
+            client,
+            secrets: settings.headers.into_values().collect(),
+        })
+    }
+
+    async fn quote_body(&self, response: Response) -> String {
+        let longest_secret = self
+            .secrets
+            .iter()
+            .map(|s| s.expose().len())
+            .max()
+            .unwrap_or(0);
+        let Some(bytes) = read_prefix(response, EXCERPT_READ_BYTES + longest_secret).await else {
+            return "(response body unreadable)".to_owned();
+        };
+        let mut text = String::from_utf8_lossy(&bytes).into_owned();
+        for secret in &self.secrets {
+            if !secret.expose().is_empty() {
+                text = text.replace(secret.expose(), "<redacted>");
+            }
+        }
+        let mut excerpt: String = text
+            .chars()
+            .take(EXCERPT_CHARS)
+            .map(|c| if c.is_control() { ' ' } else { c })
+            .collect();
+        if text.chars().nth(EXCERPT_CHARS).is_some() {
+            excerpt.push('…');
+        }
+        excerpt.trim().to_owned()
+    }
+}
+
+#[async_trait::async_trait]
+impl Sink for HttpSink {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    async fn deliver(&self, batch: &Batch) -> Result<(), SinkError> {
+        let body = encode(&batch.events, self.format)
+            .map_err(|e| SinkError::Permanent(format!("encoding the batch failed: {e}")))?;
+        let key = HeaderValue::from_str(&batch.key).map_err(|_| {
+            SinkError::Permanent("batch key is not a valid Idempotency-Key value".to_owned())
+        })?;
+        let response = self
+            .client
+            .post(self.url.clone())
+            .header(CONTENT_TYPE, self.format.content_type())
+            .header(IDEMPOTENCY_KEY, key)
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| classify_request_error(&e))?;
+
+        let status = response.status();
+        match classify_status(status, response.headers(), SystemTime::now()) {
+            Ok(()) => {
+                let _ = read_prefix(response, DRAIN_BYTES).await;
+                Ok(())
+            }
+            Err(SinkError::Permanent(reason)) => {
+                let body = self.quote_body(response).await;
+                if body.is_empty() {
+                    Err(SinkError::Permanent(reason))
+                } else {
+                    Err(SinkError::Permanent(format!("{reason}: {body}")))
+                }
+            }
+            Err(error) => Err(error),
+        }
+    }
+}
+
+/// 2xx is success; 408, 429 and 5xx are worth retrying (throttled when the server says when);
+/// anything else means these events will never be taken.
+fn classify_status(
+    status: StatusCode,
+    headers: &HeaderMap,
+    now: SystemTime,
+) -> Result<(), SinkError> {
+    if status.is_success() {
+        return Ok(());
+    }
+    let reason = format!("HTTP {status}");
+    let retryable = status == StatusCode::REQUEST_TIMEOUT
+        || status == StatusCode::TOO_MANY_REQUESTS
+        || status.is_server_error();
+    if !retryable {
+        return Err(SinkError::Permanent(reason));
+    }
+    match retry_after(headers, now) {
+        Some(retry_after) => Err(SinkError::Throttled {
+            reason,
+            retry_after,
+        }),
+        None => Err(SinkError::Retryable(reason)),
+    }
+}
+
+/// `Retry-After` as delta-seconds or an HTTP-date, capped at an hour; a date already past is
+/// zero. `None` when absent or unparseable.
+fn retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
+    let value = headers.get(RETRY_AFTER)?.to_str().ok()?.trim();
+    let delay = if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()) {
+        value
+            .parse::<u64>()
+            .map_or(MAX_RETRY_AFTER, Duration::from_secs)
+    } else {
+        let at = httpdate::parse_http_date(value).ok()?;
+        at.duration_since(now).unwrap_or(Duration::ZERO)
+    };
+    Some(delay.min(MAX_RETRY_AFTER))
+}
+
+/// The request never got a response: connect failures, resets and timeouts can all pass.
+fn classify_request_error(error: &reqwest::Error) -> SinkError {
+    let what = if error.is_timeout() {
+        "request timed out"
+    } else if error.is_connect() {
+        "connection failed"
+    } else if error.is_builder() {
+        return SinkError::Permanent(format!(
+            "building the request failed: {}",
+            error_chain(error)
+        ));
+    } else {
+        "request failed"
+    };
+    SinkError::Retryable(format!("{what}: {}", error_chain(error)))
+}
+
+/// The error and its sources, without the URL reqwest would otherwise repeat.
+fn error_chain(error: &reqwest::Error) -> String {
+    let mut chain = Vec::new();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        chain.push(cause.to_string());
+        source = cause.source();
+    }
+    if chain.is_empty() {
+        return error.to_string();
+    }
+    chain.join(": ")
+}
+
+/// Reads up to about `limit` bytes of the body; `None` if reading failed before the end.
+async fn read_prefix(mut response: Response, limit: usize) -> Option<Vec<u8>> {
+    let mut bytes = Vec::new();
+    while bytes.len() < limit {
+        match response.chunk().await {
+            Ok(Some(chunk)) => bytes.extend_from_slice(&chunk),
+            Ok(None) => break,
+            Err(_) => return None,
+        }
+    }
+    Some(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+    use std::time::Instant;
+
+    use axum::body::Bytes;
+    use axum::extract::State;
+    use axum::response::{IntoResponse, Response as AxumResponse};
+    use axum::Router;
+    use serde_json::{json, Value};
+    use tokio::net::TcpListener;
+    use tokio::task::JoinHandle;
+
+    use super::*;
+
+    const SECRET: &str = "Bearer s3cr3t-t0ken-do-not-log";
+
+    type Reply = Arc<dyn Fn(&HeaderMap) -> AxumResponse + Send + Sync>;
+
+    #[derive(Debug, Clone)]
+    struct Received {
+        headers: HeaderMap,
+        body: Vec<u8>,
+    }
+
+    #[derive(Clone)]
+    struct ServerState {
+        received: Arc<Mutex<Vec<Received>>>,
+        reply: Reply,
+    }
+
+    /// An axum server on an ephemeral port that records every request; aborted on drop.
+    struct TestServer {
+        url: String,
+        received: Arc<Mutex<Vec<Received>>>,
+        task: JoinHandle<()>,
+    }
+
+    impl TestServer {
+        async fn start(reply: impl Fn(&HeaderMap) -> AxumResponse + Send + Sync + 'static) -> Self {
+            let received = Arc::new(Mutex::new(Vec::new()));
+            let state = ServerState {
+                received: Arc::clone(&received),
+                reply: Arc::new(reply),
+            };
+            let app = Router::new().fallback(record).with_state(state);
+            let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+            let addr = listener.local_addr().expect("local addr");
+            let task = tokio::spawn(async move {
+                let _ = axum::serve(listener, app).await;
+            });
+            Self {
+                url: format!("http://{addr}/ingest"),
+                received,
+                task,
+            }
+        }
+
+        fn received(&self) -> Vec<Received> {
+            self.received.lock().expect("lock").clone()
+        }
+    }
+
+    impl Drop for TestServer {
+        fn drop(&mut self) {
+            self.task.abort();
+        }
+    }
+
+    async fn record(
+        State(state): State<ServerState>,
+        headers: HeaderMap,
+        body: Bytes,
+    ) -> AxumResponse {
+        let reply = (state.reply)(&headers);
+        state.received.lock().expect("lock").push(Received {
+            headers,
+            body: body.to_vec(),
+        });
+        reply
+    }
+
+    fn settings(url: &str) -> HttpSinkSettings {
+        HttpSinkSettings {
+            name: "test-http".to_owned(),
+            url: url.to_owned(),
+            headers: BTreeMap::from([
+                ("Authorization".to_owned(), Secret::new(SECRET)),
+                ("X-Tenant".to_owned(), Secret::new("acme")),
+            ]),
+            format: BodyFormat::Json,
+            connect_timeout_ms: 2_000,
+            request_timeout_ms: 5_000,
+        }
+    }
+
+    fn sink(url: &str) -> HttpSink {
+        HttpSink::new(settings(url)).expect("valid settings")
+    }
+
+    fn event(value: Value) -> Arc<Event> {
+        match value {
+            Value::Object(map) => Arc::new(map),
+            other => panic!("not an object: {other}"),
+        }
+    }
+
+    fn batch() -> Batch {
+        Batch {
+            key: "batch-7f3a".to_owned(),
+            events: vec![
+                event(json!({"type": "track", "event": "Signed Up", "messageId": "m1"})),
+                event(
+                    json!({"type": "identify", "traits": {"name": "Zoë\nLine"}, "messageId": "m2"}),
+                ),
+            ],
+        }
+    }
+
+    fn header<'a>(received: &'a Received, name: &str) -> Option<&'a str> {
+        received.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    /// A port that was just free; connecting to it is refused.
+    async fn closed_port_url() -> String {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("local addr");
+        drop(listener);
+        format!("http://{addr}/ingest")
+    }
+
+    fn events_of(batch: &Batch) -> Vec<Event> {
+        batch.events.iter().map(|e| e.as_ref().clone()).collect()
+    }
+
+    #[test]
+    fn json_body_is_an_array_that_parses_back_to_the_events() {
+        let batch = batch();
+        let body = encode(&batch.events, BodyFormat::Json).expect("encode");
+        let parsed: Vec<Event> = serde_json::from_slice(&body).expect("a JSON array of objects");
+        assert_eq!(parsed, events_of(&batch));
+        assert_eq!(encode(&[], BodyFormat::Json).expect("encode"), b"[]");
+    }
+
+    #[test]
+    fn ndjson_body_is_one_event_per_line_with_trailing_newline() {
+        let batch = batch();
+        let body = encode(&batch.events, BodyFormat::Ndjson).expect("encode");
+        let text = String::from_utf8(body).expect("utf-8");
+        assert!(text.ends_with('\n'));
+        let parsed: Vec<Event> = text
+            .lines()
+            .map(|line| serde_json::from_str(line).expect("one object per line"))
+            .collect();
+        assert_eq!(parsed, events_of(&batch));
+        assert!(encode(&[], BodyFormat::Ndjson).expect("encode").is_empty());
+    }
+
+    #[test]
+    fn settings_defaults_and_unknown_fields() {
+        let parsed: HttpSinkSettings = serde_json::from_value(json!({
+            "name": "warehouse",
+            "url": "https://example.com/events",
+        }))
+        .expect("minimal settings");
+        assert_eq!(parsed.format, BodyFormat::Json);
+        assert_eq!(parsed.connect_timeout_ms, 2_000);
+        assert_eq!(parsed.request_timeout_ms, 10_000);
+        assert!(parsed.headers.is_empty());
+
+        let ndjson: HttpSinkSettings = serde_json::from_value(json!({
+            "name": "warehouse",
+            "url": "https://example.com/events",
+            "format": "ndjson",
+            "headers": {"Authorization": SECRET},
+        }))
+        .expect("settings with format and headers");
+        assert_eq!(ndjson.format, BodyFormat::Ndjson);
+
+        let retries = serde_json::from_value::<HttpSinkSettings>(json!({
+            "name": "warehouse",
+            "url": "https://example.com/events",
+            "max_retries": 3,
+        }));
+        assert!(
+            retries.is_err(),
+            "retries belong to the runner, not the sink"
+        );
+    }
+
+    #[test]
+    fn validate_names_each_bad_setting() {
+        let good = settings("https://example.com/events");
+        assert_eq!(good.validate(), Ok(()));
+
+        type Mutation = fn(&mut HttpSinkSettings);
+        let cases: [(&str, Mutation); 10] = [
+            ("name", |s| s.name = "Warehouse".to_owned()),
+            ("name", |s| s.name = String::new()),
+            ("url", |s| s.url = "not a url".to_owned()),
+            ("scheme", |s| s.url = "ftp://example.com/x".to_owned()),
+            ("credentials", |s| {
+                s.url = "https://u:p@example.com/".to_owned()
+            }),
+            ("header name", |s| {
+                s.headers.insert("Bad Header".to_owned(), Secret::new("x"));
+            }),
+            ("set by the sink", |s| {
+                s.headers
+                    .insert("Idempotency-Key".to_owned(), Secret::new("x"));
+            }),
+            ("more than once", |s| {
+                s.headers
+                    .insert("authorization".to_owned(), Secret::new("x"));
+            }),
+            ("connect_timeout_ms", |s| s.connect_timeout_ms = 0),
+            ("request_timeout_ms", |s| s.request_timeout_ms = 0),
+        ];
+        for (expected, mutate) in cases {
+            let mut bad = good.clone();
+            mutate(&mut bad);
+            let error = bad.validate().expect_err(expected);
+            assert!(
+                error.contains(expected),
+                "{error:?} should mention {expected}"
+            );
+            assert!(
+                HttpSink::new(bad).is_err(),
+                "new must refuse what validate refuses"
+            );
+        }
+    }
+
+    #[test]
+    fn invalid_header_value_error_does_not_quote_the_value() {
+        let mut bad = settings("https://example.com/events");
+        let value = format!("{SECRET}\r\nX-Injected: 1");
+        bad.headers
+            .insert("Authorization".to_owned(), Secret::new(value));
+        let error = bad
+            .validate()
+            .expect_err("CR/LF is not a valid header value");
+        assert!(error.contains("Authorization"), "{error}");
+        assert!(!error.contains(SECRET), "{error}");
+    }
+
+    #[test]
+    fn settings_debug_redacts_header_values() {
+        let settings = settings("https://example.com/events");
+        let debug = format!("{settings:?}");
+        assert!(debug.contains("Authorization"), "{debug}");
+        assert!(!debug.contains(SECRET), "{debug}");
+        assert!(!debug.contains("acme"), "{debug}");
+        let sink = HttpSink::new(settings).expect("valid");
+        assert!(!format!("{sink:?}").contains(SECRET));
+    }
+
+    #[test]
+    fn retry_after_parses_seconds_and_dates_and_caps_at_an_hour() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let with = |value: &str| {
+            let mut headers = HeaderMap::new();
+            headers.insert(RETRY_AFTER, HeaderValue::from_str(value).expect("value"));
+            retry_after(&headers, now)
+        };
+        assert_eq!(with("7"), Some(Duration::from_secs(7)));
+        assert_eq!(with(" 0 "), Some(Duration::ZERO));
+        assert_eq!(with("86400"), Some(MAX_RETRY_AFTER));
+        assert_eq!(with("99999999999999999999999"), Some(MAX_RETRY_AFTER));
+        let in_90s = httpdate::fmt_http_date(now + Duration::from_secs(90));
+        assert_eq!(with(&in_90s), Some(Duration::from_secs(90)));
+        let past = httpdate::fmt_http_date(now - Duration::from_secs(90));
+        assert_eq!(with(&past), Some(Duration::ZERO));
+        assert_eq!(with("-5"), None);
+        assert_eq!(with("soon"), None);
+        assert_eq!(retry_after(&HeaderMap::new(), now), None);
+    }
+
+    #[tokio::test]
+    async fn posts_json_with_idempotency_key_and_configured_headers() {
+        let server = TestServer::start(|_| StatusCode::OK.into_response()).await;
+        let batch = batch();
+        assert_eq!(sink(&server.url).deliver(&batch).await, Ok(()));
+
+        let received = server.received();
+        assert_eq!(received.len(), 1);
+        let request = &received[0];
+        assert_eq!(header(request, "content-type"), Some("application/json"));
+        assert_eq!(header(request, "idempotency-key"), Some("batch-7f3a"));
+        assert_eq!(header(request, "authorization"), Some(SECRET));
+        assert_eq!(header(request, "x-tenant"), Some("acme"));
+        let parsed: Vec<Event> = serde_json::from_slice(&request.body).expect("JSON array");
+        assert_eq!(parsed, events_of(&batch));
+    }
+
+    #[tokio::test]
+    async fn posts_ndjson_when_configured() {
+        let server = TestServer::start(|_| StatusCode::ACCEPTED.into_response()).await;
+        let mut settings = settings(&server.url);
+        settings.format = BodyFormat::Ndjson;
+        let batch = batch();
+        let sink = HttpSink::new(settings).expect("valid");
+        assert_eq!(sink.deliver(&batch).await, Ok(()));
+
+        let received = server.received();
+        assert_eq!(received.len(), 1);
+        assert_eq!(
+            header(&received[0], "content-type"),
+            Some("application/x-ndjson")
+        );
+        let text = std::str::from_utf8(&received[0].body).expect("utf-8");
+        assert!(text.ends_with('\n'));
+        let parsed: Vec<Event> = text
+            .lines()
+            .map(|line| serde_json::from_str(line).expect("one object per line"))
+            .collect();
+        assert_eq!(parsed, events_of(&batch));
+    }
+
+    #[tokio::test]
+    async fn a_retried_batch_carries_the_same_idempotency_key() {
+        let server = TestServer::start(|_| StatusCode::NO_CONTENT.into_response()).await;
+        let sink = sink(&server.url);
+        let batch = batch();
+        let other = Batch {
+            key: "batch-other".to_owned(),
+            events: batch.events.clone(),
+        };
+        assert_eq!(sink.deliver(&batch).await, Ok(()));
+        assert_eq!(sink.deliver(&batch).await, Ok(()));
+        assert_eq!(sink.deliver(&other).await, Ok(()));
+
+        let keys: Vec<Option<String>> = server
+            .received()
+            .iter()
+            .map(|r| header(r, "idempotency-key").map(str::to_owned))
+            .collect();
+        assert_eq!(
+            keys,
+            vec![
+                Some("batch-7f3a".to_owned()),
+                Some("batch-7f3a".to_owned()),
+                Some("batch-other".to_owned()),
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn service_unavailable_with_retry_after_seconds_is_throttled() {
+        let server = TestServer::start(|_| {
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                [(RETRY_AFTER, "7")],
+                "busy",
+            )
+                .into_response()
+        })
+        .await;
+        match sink(&server.url).deliver(&batch()).await {
+            Err(SinkError::Throttled {
+                reason,
+                retry_after,
+            }) => {
+                assert_eq!(retry_after, Duration::from_secs(7));
+                assert!(reason.contains("503"), "{reason}");
+            }
+            other => panic!("expected Throttled, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn too_many_requests_with_retry_after_date_is_throttled() {
+        let date = httpdate::fmt_http_date(SystemTime::now() + Duration::from_secs(30));
+        let server = TestServer::start(move |_| {
+            (StatusCode::TOO_MANY_REQUESTS, [(RETRY_AFTER, date.clone())]).into_response()
+        })
+        .await;
+        match sink(&server.url).deliver(&batch()).await {
+            Err(SinkError::Throttled {
+                reason,
+                retry_after,
+            }) => {
+                assert!(
+                    (Duration::from_secs(27)..=Duration::from_secs(30)).contains(&retry_after),
+                    "{retry_after:?}"
+                );
+                assert!(reason.contains("429"), "{reason}");
+            }
+            other => panic!("expected Throttled, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn server_error_without_retry_after_is_retryable() {
+        let server = TestServer::start(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response()).await;
+        match sink(&server.url).deliver(&batch()).await {
+            Err(SinkError::Retryable(reason)) => assert!(reason.contains("500"), "{reason}"),
+            other => panic!("expected Retryable, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn request_timeout_status_is_retryable() {
+        let server = TestServer::start(|_| StatusCode::REQUEST_TIMEOUT.into_response()).await;
+        let result = sink(&server.url).deliver(&batch()).await;
+        assert!(
+            matches!(result, Err(SinkError::Retryable(ref r)) if r.contains("408")),
+            "{result:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn bad_request_is_permanent_with_status_and_short_body() {
+        let long_reason = format!("field `event` is required {}", "x".repeat(1_000));
+        let server = TestServer::start(move |_| {
+            (StatusCode::BAD_REQUEST, long_reason.clone()).into_response()
+        })
+        .await;
+        match sink(&server.url).deliver(&batch()).await {
+            Err(SinkError::Permanent(reason)) => {
+                assert!(reason.contains("400"), "{reason}");
+                assert!(reason.contains("field `event` is required"), "{reason}");
+                assert!(reason.chars().count() < 260, "body not truncated: {reason}");
+            }
+            other => panic!("expected Permanent, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn not_found_is_permanent() {
+        let server = TestServer::start(|_| StatusCode::NOT_FOUND.into_response()).await;
+        let result = sink(&server.url).deliver(&batch()).await;
+        assert!(
+            matches!(result, Err(SinkError::Permanent(ref r)) if r == "HTTP 404 Not Found"),
+            "{result:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn redirect_is_permanent_and_not_followed() {
+        let server = TestServer::start(|_| {
+            (StatusCode::TEMPORARY_REDIRECT, [("location", "/elsewhere")]).into_response()
+        })
+        .await;
+        let result = sink(&server.url).deliver(&batch()).await;
+        assert!(
+            matches!(result, Err(SinkError::Permanent(ref r)) if r.contains("307")),
+            "{result:?}"
+        );
+        assert_eq!(
+            server.received().len(),
+            1,
+            "the redirect must not be followed"
+        );
+    }
+
+    #[tokio::test]
+    async fn connection_refused_is_retryable() {
+        let url = closed_port_url().await;
+        match sink(&url).deliver(&batch()).await {
+            Err(SinkError::Retryable(reason)) => {
+                assert!(reason.starts_with("connection failed"), "{reason}");
+                assert!(!reason.contains(SECRET), "{reason}");
+            }
+            other => panic!("expected Retryable, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_server_that_never_answers_is_retryable_after_the_request_timeout() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("local addr");
+        let silent = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((socket, _)) = listener.accept().await {
+                held.push(socket);
+            }
+        });
+        let mut settings = settings(&format!("http://{addr}/ingest"));
+        settings.request_timeout_ms = 300;
+        let sink = HttpSink::new(settings).expect("valid");
+
+        let started = Instant::now();
+        let result = sink.deliver(&batch()).await;
+        let elapsed = started.elapsed();
+        silent.abort();
+
+        assert!(
+            matches!(result, Err(SinkError::Retryable(ref r)) if r.starts_with("request timed out")),
+            "{result:?}"
+        );
+        assert!(
+            elapsed >= Duration::from_millis(250),
+            "returned before the timeout: {elapsed:?}"
+        );
+        assert!(elapsed < Duration::from_secs(5), "took {elapsed:?}");
+    }
+
+    #[tokio::test]
+    async fn an_error_body_echoing_the_secret_header_is_redacted() {
+        let server = TestServer::start(|headers| {
+            let echoed = headers
+                .get("authorization")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("missing")
+                .to_owned();
+            (
+                StatusCode::UNAUTHORIZED,
+                format!("invalid credentials: {echoed}"),
+            )
+                .into_response()
+        })
+        .await;
+        match sink(&server.url).deliver(&batch()).await {
+            Err(error @ SinkError::Permanent(_)) => {
+                let message = error.to_string();
+                assert!(message.contains("401"), "{message}");
+                assert!(
+                    message.contains("invalid credentials: <redacted>"),
+                    "{message}"
+                );
+                assert!(!message.contains(SECRET), "{message}");
+                assert!(!format!("{error:?}").contains(SECRET));
+            }
+            other => panic!("expected Permanent, got {other:?}"),
+        }
+    }
+}

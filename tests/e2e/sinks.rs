@@ -1,0 +1,304 @@
+//! Fan-out to MongoDB, statsd and HTTP, and the isolation between sinks: a failing, hanging or
+//! refusing sink never holds up, slows or duplicates delivery to the others, and what it could
+//! not take waits in its own retry path or dead-letter queue.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use ingest_e2e::*;
+use ingest_pipeline::Settings;
+use mongodb::bson::doc;
+use serde_json::{json, Value};
+
+use super::fixtures::*;
+
+const LAND: Duration = Duration::from_secs(30);
+
+/// Settings with an HTTP sink named `vendor` pointing at `url`, quick retries.
+fn with_vendor(name: &str, url: &str, delivery: Value) -> Settings {
+    let mut s = settings(name);
+    s.sinks.retry_delays_ms = vec![300, 600];
+    s.sinks.max_attempts = 50;
+    s.sinks.http = vec![json!({
+        "name": "vendor",
+        "url": url,
+        "headers": {"Authorization": "Bearer test-token"},
+        "request_timeout_ms": 500,
+        "delivery": delivery,
+    })];
+    s
+}
+
+fn quick() -> Value {
+    json!({"linger_ms": 20, "inline_attempts": 1, "breaker_failures": 0})
+}
+
+/// Posts `requests` batches: each a Product Viewed and an Order Completed.
+async fn post_mixed(collector: &Collector, tag: &str, requests: usize) -> Vec<String> {
+    let client = http();
+    let ids: Vec<String> = (0..requests)
+        .flat_map(|r| [format!("{tag}-{r}-pv"), format!("{tag}-{r}-oc")])
+        .collect();
+    let statuses: Vec<u16> = futures_util::stream::iter(0..requests)
+        .map(|r| {
+            let client = client.clone();
+            let url = format!("{}/v1/batch", collector.url);
+            let body = batch(vec![
+                product_viewed(&format!("{tag}-{r}-pv")),
+                order_completed(&format!("{tag}-{r}-oc"), 89.9),
+            ]);
+            async move {
+                client
+                    .post(url)
+                    .basic_auth(IOS_KEY, Some(""))
+                    .json(&body)
+                    .send()
+                    .await
+                    .map(|r| r.status().as_u16())
+                    .unwrap_or(0)
+            }
+        })
+        .buffer_unordered(8)
+        .collect()
+        .await;
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    ids
+}
+
+#[tokio::test]
+async fn events_land_in_mongo_statsd_and_http() {
+    let receiver = Receiver::start(Mode::Ok).await;
+    let statsd = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let mut s = with_vendor("all3", &receiver.url, quick());
+    s.sinks.statsd = Some(json!({
+        "address": statsd.local_addr().unwrap().to_string(),
+        "timers": ["total"],
+        "delivery": {"linger_ms": 20},
+    }));
+    let collector = Collector::start(&s).await;
+    let _worker = Worker::start(&s);
+    let ids = post_mixed(&collector, "a", 5).await;
+
+    assert_eq!(wait_for_count(&s, doc! {}, 10, LAND).await, 10);
+    assert!(eventually(LAND, || async { receiver.receipts().len() == 10 }).await);
+    let receipts = receiver.receipts();
+    for id in &ids {
+        assert_eq!(
+            receipts.get(id).map(Vec::len),
+            Some(1),
+            "{id} not delivered exactly once"
+        );
+    }
+    for batch in receiver.received() {
+        assert_eq!(batch.authorization.as_deref(), Some("Bearer test-token"));
+        assert_eq!(batch.content_type.as_deref(), Some("application/json"));
+        assert_eq!(batch.key.len(), 36, "Idempotency-Key is a UUID");
+        assert!(batch
+            .events
+            .iter()
+            .all(|e| e["source"] == json!("shop-ios")));
+    }
+
+    // statsd: read datagrams until every counter arrived, parse each line as statsd does
+    let mut counters: BTreeMap<String, f64> = BTreeMap::new();
+    let mut timers = Vec::new();
+    let mut buf = vec![0u8; 65536];
+    let deadline = tokio::time::Instant::now() + LAND;
+    while counters.values().sum::<f64>() < 10.0 {
+        let n = tokio::time::timeout_at(deadline, statsd.recv(&mut buf))
+            .await
+            .expect("statsd datagrams")
+            .unwrap();
+        assert!(n <= 1432, "datagram of {n} bytes is over the MTU");
+        for line in std::str::from_utf8(&buf[..n]).unwrap().split('\n') {
+            let (name, rest) = line.split_once(':').expect("name:value");
+            let mut fields = rest.split('|');
+            let value: f64 = fields.next().unwrap().parse().expect("numeric value");
+            match fields.next() {
+                Some("c") => *counters.entry(name.to_owned()).or_default() += value,
+                Some("ms") => timers.push((name.to_owned(), value)),
+                other => panic!("unexpected metric type {other:?} in {line}"),
+            }
+            assert!(
+                name.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c)),
+                "{name}"
+            );
+        }
+    }
+    assert_eq!(
+        counters.get("analytics.shop-ios.track.product_viewed"),
+        Some(&5.0),
+        "{counters:?}"
+    );
+    assert_eq!(
+        counters.get("analytics.shop-ios.track.order_completed"),
+        Some(&5.0),
+        "{counters:?}"
+    );
+    assert!(
+        timers.iter().any(
+            |(n, v)| n == "analytics.shop-ios.track.order_completed.total"
+                && (*v - 89.9).abs() < 1e-9
+        ),
+        "{timers:?}"
+    );
+}
+
+#[tokio::test]
+async fn an_http_outage_does_not_slow_mongo_and_the_backlog_drains_once_per_key() {
+    let receiver = Receiver::start(Mode::Status(503)).await;
+    let s = with_vendor(
+        "outage503",
+        &receiver.url,
+        json!({"linger_ms": 20, "inline_attempts": 2, "breaker_failures": 3, "breaker_cooldown_ms": 500}),
+    );
+    let collector = Collector::start(&s).await;
+    let _worker = Worker::start(&s);
+    let ids = post_mixed(&collector, "o", 40).await;
+
+    // MongoDB takes everything while the vendor is down
+    assert_eq!(wait_for_count(&s, doc! {}, 80, LAND).await, 80);
+    assert!(receiver.received().is_empty());
+    assert!(receiver.hits() > 0, "the sink never tried the vendor");
+    assert!(
+        eventually(LAND, || async { retry_depth(&s, "vendor").await > 0 }).await,
+        "nothing waits in the retry path"
+    );
+
+    receiver.set_mode(Mode::Ok);
+    assert!(
+        eventually(Duration::from_secs(60), || async {
+            receiver.receipts().len() == 80
+        })
+        .await,
+        "the backlog did not drain"
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let receipts = receiver.receipts();
+    for id in &ids {
+        let keys = receipts.get(id).expect("delivered");
+        assert!(
+            keys.iter().all(|k| k == &keys[0]),
+            "{id} arrived under different keys: {keys:?}"
+        );
+    }
+    assert_eq!(count(&s, doc! {}).await, 80);
+    let dlq = format!("{}.sink.vendor.dlq", s.broker.prefix);
+    assert_eq!(depth(s.broker.url.expose(), &dlq).await, 0);
+}
+
+#[tokio::test]
+async fn a_hanging_http_sink_times_out_and_other_sinks_are_unaffected() {
+    let receiver = Receiver::start(Mode::Hang).await;
+    let s = with_vendor("hang", &receiver.url, quick());
+    let collector = Collector::start(&s).await;
+    let _worker = Worker::start(&s);
+    post_mixed(&collector, "h", 20).await;
+    assert_eq!(wait_for_count(&s, doc! {}, 40, LAND).await, 40);
+    // the sink's calls timed out (500 ms) and its batches went to the retry path
+    assert!(eventually(LAND, || async { retry_depth(&s, "vendor").await > 0 }).await);
+    assert!(receiver.hits() > 0);
+    assert!(receiver.received().is_empty());
+}
+
+#[tokio::test]
+async fn a_refusing_http_sink_dead_letters_with_the_error_and_nothing_else_is_affected() {
+    let receiver = Receiver::start(Mode::Status(400)).await;
+    let s = with_vendor("refuse400", &receiver.url, quick());
+    let collector = Collector::start(&s).await;
+    let _worker = Worker::start(&s);
+    let ids = post_mixed(&collector, "r", 10).await;
+    assert_eq!(wait_for_count(&s, doc! {}, 20, LAND).await, 20);
+    let dlq = format!("{}.sink.vendor.dlq", s.broker.prefix);
+    let url = s.broker.url.expose().to_owned();
+    assert!(eventually(LAND, || async { depth(&url, &dlq).await > 0 }).await);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let dead = drain_with_headers(&url, &dlq).await;
+    let mut dead_ids: Vec<String> = dead
+        .iter()
+        .flat_map(|(_, events)| {
+            events
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|e| e["messageId"].as_str().unwrap().to_owned())
+        })
+        .collect();
+    dead_ids.sort();
+    let mut expected = ids.clone();
+    expected.sort();
+    assert_eq!(
+        dead_ids, expected,
+        "every event refused by the vendor is in its DLQ, once"
+    );
+    for (headers, _) in &dead {
+        assert!(headers["x-last-error"].contains("400"), "{headers:?}");
+        assert_eq!(headers["x-sink"], "vendor");
+    }
+    assert_eq!(
+        retry_depth(&s, "vendor").await,
+        0,
+        "a permanent error is not retried"
+    );
+    assert_eq!(
+        depth(&url, &format!("{}.invalid", s.broker.prefix)).await,
+        0
+    );
+    assert_eq!(
+        depth(&url, &format!("{}.sink.mongo.dlq", s.broker.prefix)).await,
+        0
+    );
+}
+
+#[tokio::test]
+async fn filters_route_only_the_configured_events_to_a_sink() {
+    let receiver = Receiver::start(Mode::Ok).await;
+    let s = with_vendor(
+        "filter",
+        &receiver.url,
+        json!({"linger_ms": 20, "events": ["Order Completed"]}),
+    );
+    let collector = Collector::start(&s).await;
+    let _worker = Worker::start(&s);
+    post_mixed(&collector, "f", 10).await;
+    assert_eq!(wait_for_count(&s, doc! {}, 20, LAND).await, 20);
+    assert!(eventually(LAND, || async { receiver.receipts().len() == 10 }).await);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let receipts = receiver.receipts();
+    assert_eq!(receipts.len(), 10);
+    assert!(
+        receipts.keys().all(|id| id.ends_with("-oc")),
+        "{receipts:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_worker_killed_while_events_sit_in_a_retry_path_loses_nothing() {
+    let receiver = Receiver::start(Mode::Status(503)).await;
+    let s = with_vendor("killretry", &receiver.url, quick());
+    let collector = Collector::start(&s).await;
+    let mut victim = Process::spawn_with_sinks("worker", &s);
+    let ids = post_mixed(&collector, "k", 20).await;
+    assert!(
+        eventually(LAND, || async { retry_depth(&s, "vendor").await > 0 }).await,
+        "nothing reached the retry path"
+    );
+    victim.kill9();
+
+    receiver.set_mode(Mode::Ok);
+    let _successor = Worker::start(&s);
+    assert!(
+        eventually(Duration::from_secs(60), || async {
+            receiver.receipts().len() == 40
+        })
+        .await,
+        "events lost from the retry path"
+    );
+    let receipts = receiver.receipts();
+    for id in &ids {
+        assert!(receipts.contains_key(id), "{id} missing");
+    }
+    assert_eq!(wait_for_count(&s, doc! {}, 40, LAND).await, 40);
+}
