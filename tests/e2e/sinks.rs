@@ -279,7 +279,7 @@ async fn a_worker_killed_while_events_sit_in_a_retry_path_loses_nothing() {
     let receiver = Receiver::start(Mode::Status(503)).await;
     let s = with_vendor("killretry", &receiver.url, quick());
     let collector = Collector::start(&s).await;
-    let mut victim = Process::spawn_with_sinks("worker", &s);
+    let mut victim = Process::spawn("worker", &s);
     let ids = post_mixed(&collector, "k", 20).await;
     assert!(
         eventually(LAND, || async { retry_depth(&s, "vendor").await > 0 }).await,
@@ -301,4 +301,26 @@ async fn a_worker_killed_while_events_sit_in_a_retry_path_loses_nothing() {
         assert!(receipts.contains_key(id), "{id} missing");
     }
     assert_eq!(wait_for_count(&s, doc! {}, 40, LAND).await, 40);
+}
+
+#[tokio::test]
+async fn a_sink_message_that_cannot_be_read_is_dead_lettered_with_its_bytes_not_dropped() {
+    let s = settings("sinkgarbage");
+    let _worker = Worker::start(&s);
+    let url = s.broker.url.expose().to_owned();
+    let queue = format!("{}.sink.mongo", s.broker.prefix);
+    let dlq = format!("{}.sink.mongo.dlq", s.broker.prefix);
+    // the worker declares the sink's queues when it connects
+    assert!(eventually(LAND, || async { lapin_queue_exists(&url, &dlq).await }).await);
+    publish_raw(&url, &queue, b"{not an array").await;
+    assert!(eventually(LAND, || async { depth(&url, &dlq).await == 1 }).await);
+    let dead = drain_raw_with_headers(&url, &dlq).await;
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].1, b"{not an array".to_vec());
+    assert!(
+        dead[0].0["x-last-error"].contains("undecodable"),
+        "{:?}",
+        dead[0].0
+    );
+    assert_eq!(depth(&url, &queue).await, 0);
 }

@@ -78,7 +78,7 @@ pub fn settings(name: &str) -> Settings {
     .into_iter()
     .collect();
     s.worker.schemas_dir = root().join("schemas");
-    s.worker.batch_linger_ms = 20;
+    s.sinks.mongo = serde_json::json!({"enabled": true, "delivery": {"batch_max_events": 1000, "linger_ms": 20}});
     s.worker.shutdown_timeout_ms = 10_000;
     s.validate_collector().unwrap();
     s.validate_worker().unwrap();
@@ -115,14 +115,6 @@ pub fn settings_env(s: &Settings) -> Vec<(String, String)> {
         (
             "INGEST__WORKER__PREFETCH".into(),
             s.worker.prefetch.to_string(),
-        ),
-        (
-            "INGEST__WORKER__BATCH_MAX_EVENTS".into(),
-            s.worker.batch_max_events.to_string(),
-        ),
-        (
-            "INGEST__WORKER__BATCH_LINGER_MS".into(),
-            s.worker.batch_linger_ms.to_string(),
         ),
         (
             "RUST_LOG".into(),
@@ -244,19 +236,9 @@ pub struct Process {
 }
 
 impl Process {
+    /// Starts a binary with the test's settings: the environment, plus the sink settings in a
+    /// config file (lists of tables do not fit in environment variables).
     pub fn spawn(name: &str, settings: &Settings) -> Self {
-        let child = Command::new(binary(name))
-            .envs(settings_env(settings))
-            .current_dir(root())
-            .stdin(Stdio::null())
-            .spawn()
-            .unwrap();
-        Self { child }
-    }
-
-    /// As `spawn`, with the sink settings written to a config file (lists of tables do not
-    /// fit in environment variables).
-    pub fn spawn_with_sinks(name: &str, settings: &Settings) -> Self {
         let base = std::env::var("TEST_WORK_DIR")
             .map(PathBuf::from)
             .unwrap_or_else(|_| std::env::temp_dir());
@@ -636,7 +618,7 @@ pub async fn retry_depth(s: &Settings, sink: &str) -> u32 {
     total
 }
 
-/// Takes every message of a queue with its headers (string values only).
+/// Takes every message of a queue as JSON with its string headers.
 pub async fn drain_with_headers(
     url: &str,
     queue: &str,
@@ -644,6 +626,36 @@ pub async fn drain_with_headers(
     std::collections::BTreeMap<String, String>,
     serde_json::Value,
 )> {
+    drain_raw_with_headers(url, queue)
+        .await
+        .into_iter()
+        .map(|(headers, body)| (headers, serde_json::from_slice(&body).unwrap()))
+        .collect()
+}
+
+/// Whether a queue exists (passive declare).
+pub async fn lapin_queue_exists(url: &str, queue: &str) -> bool {
+    let (conn, ch) = channel(url).await;
+    let exists = ch
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .is_ok();
+    let _ = conn.close(200, "".into()).await;
+    exists
+}
+
+/// Takes every message of a queue as raw bytes with its string headers.
+pub async fn drain_raw_with_headers(
+    url: &str,
+    queue: &str,
+) -> Vec<(std::collections::BTreeMap<String, String>, Vec<u8>)> {
     let (conn, ch) = channel(url).await;
     let mut out = Vec::new();
     while let Some(m) = ch
@@ -654,16 +666,15 @@ pub async fn drain_with_headers(
         let mut headers = std::collections::BTreeMap::new();
         if let Some(table) = m.delivery.properties.headers() {
             for (k, v) in table.inner() {
-                let text = match v {
-                    lapin::types::AMQPValue::LongString(s) => {
-                        String::from_utf8_lossy(s.as_bytes()).into_owned()
-                    }
-                    other => format!("{other:?}"),
-                };
-                headers.insert(k.to_string(), text);
+                if let lapin::types::AMQPValue::LongString(s) = v {
+                    headers.insert(
+                        k.to_string(),
+                        String::from_utf8_lossy(s.as_bytes()).into_owned(),
+                    );
+                }
             }
         }
-        out.push((headers, serde_json::from_slice(&m.delivery.data).unwrap()));
+        out.push((headers, m.delivery.data.clone()));
         m.delivery.ack(BasicAckOptions::default()).await.unwrap();
     }
     let _ = conn.close(200, "".into()).await;

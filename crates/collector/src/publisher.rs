@@ -10,7 +10,7 @@ use futures_util::StreamExt;
 use ingest_pipeline::settings::BrokerSettings;
 use ingest_pipeline::{broker, Backoff, Topology};
 use lapin::options::BasicPublishOptions;
-use lapin::{BasicProperties, Channel, Confirmation, Connection, Event};
+use lapin::{BasicProperties, Confirmation, Connection, Event};
 use tokio::sync::Notify;
 
 /// A broker that stopped answering must not hold up shutdown or reconnection.
@@ -34,7 +34,7 @@ pub enum PublishError {
 
 struct Live {
     connection: Connection,
-    channels: Vec<Channel>,
+    channels: Vec<broker::Publisher>,
     next: AtomicUsize,
     /// Raised by a publish that failed on this connection; a later connection has its own.
     broken: Notify,
@@ -93,10 +93,10 @@ impl Publisher {
         let index = live.next.fetch_add(1, Ordering::Relaxed) % live.channels.len();
         let channel = &live.channels[index];
         let result = tokio::time::timeout(self.confirm_timeout, async {
-            let confirm = channel
-                .basic_publish(
-                    "".into(),
-                    self.queue.as_str().into(),
+            channel
+                .publish(
+                    "",
+                    &self.queue,
                     BasicPublishOptions {
                         mandatory: true,
                         ..BasicPublishOptions::default()
@@ -104,9 +104,7 @@ impl Publisher {
                     body,
                     properties,
                 )
-                .await?
-                .await?;
-            Ok::<_, lapin::Error>(confirm)
+                .await
         })
         .await;
         match result {
@@ -176,7 +174,7 @@ async fn supervise(shared: Arc<Shared>, settings: BrokerSettings, topology: Topo
                         () = shared.closed.notified() => break,
                         () = tokio::time::sleep(Duration::from_secs(1)) => {
                             if !live.connection.status().connected()
-                                || live.channels.iter().any(|c| !c.status().connected())
+                                || live.channels.iter().any(|c| !c.channel().status().connected())
                             {
                                 tracing::warn!("broker connection or channel lost");
                                 break;
@@ -210,10 +208,10 @@ async fn open(settings: &BrokerSettings, topology: &Topology) -> lapin::Result<L
     let connection = broker::connect(settings, "collector").await?;
     let mut channels = Vec::with_capacity(settings.publish_channels);
     for _ in 0..settings.publish_channels {
-        channels.push(broker::confirm_channel(&connection).await?);
+        channels.push(broker::Publisher::open(&connection).await?);
     }
     if let Some(first) = channels.first() {
-        topology.declare(first).await?;
+        topology.declare(first.channel()).await?;
     }
     Ok(Live {
         connection,

@@ -3,11 +3,16 @@
 
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use lapin::options::{
-    ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+    BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
+    QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString};
-use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
+use lapin::{
+    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
+};
 
 use crate::settings::BrokerSettings;
 
@@ -165,6 +170,54 @@ pub async fn confirm_channel(connection: &Connection) -> lapin::Result<Channel> 
         .confirm_select(ConfirmSelectOptions::default())
         .await?;
     Ok(channel)
+}
+
+/// A confirm channel that many tasks publish on. lapin numbers a publish and queues its frames
+/// under two different locks, so two concurrent publishes can reach the broker in the other
+/// order and each get the other's confirm; harmless while all are acks, wrong when one is a
+/// nack or a return. The send is therefore serialised (the confirms are still awaited
+/// concurrently, so throughput is unchanged).
+#[derive(Clone)]
+pub struct Publisher {
+    channel: Channel,
+    send: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl Publisher {
+    pub async fn open(connection: &Connection) -> lapin::Result<Self> {
+        Ok(Self {
+            channel: confirm_channel(connection).await?,
+            send: Arc::new(tokio::sync::Mutex::new(())),
+        })
+    }
+
+    pub fn channel(&self) -> &Channel {
+        &self.channel
+    }
+
+    /// Publishes and waits for the broker's answer.
+    pub async fn publish(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        options: BasicPublishOptions,
+        body: &[u8],
+        properties: BasicProperties,
+    ) -> lapin::Result<Confirmation> {
+        let confirm = {
+            let _in_order = self.send.lock().await;
+            self.channel
+                .basic_publish(
+                    exchange.into(),
+                    routing_key.into(),
+                    options,
+                    body,
+                    properties,
+                )
+                .await?
+        };
+        confirm.await
+    }
 }
 
 /// A string header value, if present.

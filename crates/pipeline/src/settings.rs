@@ -126,11 +126,8 @@ pub struct WorkerSettings {
     pub schemas_dir: PathBuf,
     pub unknown_events: UnknownEventPolicy,
     pub prefetch: u16,
-    pub batch_max_events: usize,
-    pub batch_linger_ms: u64,
     pub max_payload_bytes: usize,
     pub max_payload_events: usize,
-    pub mongo_max_attempts: u32,
     pub shutdown_timeout_ms: u64,
 }
 
@@ -270,18 +267,8 @@ impl Settings {
         let w = &self.worker;
         check(w.prefetch > 0, "worker.prefetch", "must be > 0")?;
         check(
-            (1..=100_000).contains(&w.batch_max_events),
-            "worker.batch_max_events",
-            "must be between 1 and 100000",
-        )?;
-        check(
             w.max_payload_events > 0 && w.max_payload_bytes > 0,
             "worker.max_payload_bytes",
-            "must be > 0",
-        )?;
-        check(
-            w.mongo_max_attempts > 0,
-            "worker.mongo_max_attempts",
             "must be > 0",
         )?;
         check(

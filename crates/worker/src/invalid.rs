@@ -3,10 +3,11 @@
 
 use base64::Engine;
 use ingest_pipeline::broker::long_string;
+use ingest_pipeline::broker::Publisher;
 use ingest_schema::Issue;
 use lapin::options::BasicPublishOptions;
 use lapin::types::FieldTable;
-use lapin::{BasicProperties, Channel, Confirmation};
+use lapin::{BasicProperties, Confirmation};
 use serde::Serialize;
 use serde_json::Value;
 
@@ -74,7 +75,7 @@ pub enum InvalidPublishError {
 
 /// Publishes one record persistently and waits for the broker's confirm.
 pub async fn publish(
-    channel: &Channel,
+    channel: &Publisher,
     queue: &str,
     record: &InvalidRecord,
 ) -> Result<(), InvalidPublishError> {
@@ -88,9 +89,9 @@ pub async fn publish(
         .with_content_type("application/json".into())
         .with_headers(headers);
     let confirmation = channel
-        .basic_publish(
-            "".into(),
-            queue.into(),
+        .publish(
+            "",
+            queue,
             BasicPublishOptions {
                 mandatory: true,
                 ..BasicPublishOptions::default()
@@ -98,7 +99,6 @@ pub async fn publish(
             &body,
             properties,
         )
-        .await?
         .await?;
     match confirmation {
         Confirmation::Ack(None) => Ok(()),

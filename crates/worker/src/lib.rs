@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use futures_util::StreamExt;
-use ingest_pipeline::broker::long_string;
+use ingest_pipeline::broker::{long_string, Publisher};
 use ingest_pipeline::{broker, Backoff, Settings, Topology};
 use ingest_schema::Registry;
 use lapin::message::Delivery;
@@ -26,7 +26,7 @@ use lapin::options::{
     BasicPublishOptions, BasicQosOptions,
 };
 use lapin::types::FieldTable;
-use lapin::{BasicProperties, Channel, Confirmation};
+use lapin::{BasicProperties, Confirmation};
 use serde::Deserialize;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -258,7 +258,7 @@ async fn session(
     channel
         .basic_qos(settings.worker.prefetch, BasicQosOptions::default())
         .await?;
-    let publish = broker::confirm_channel(&publishing).await?;
+    let publish = broker::Publisher::open(&publishing).await?;
 
     // Sinks run beside the raw consumer; any of them failing ends the session.
     let session_stop = stop.child_token();
@@ -292,9 +292,25 @@ async fn session(
     tracing::info!(queue = %topology.raw(), prefetch = settings.worker.prefetch, sinks = ?names, "consuming");
 
     let mut tasks = JoinSet::new();
+    let mut health = tokio::time::interval(Duration::from_secs(1));
     let lost = loop {
         tokio::select! {
             () = session_stop.cancelled() => break !stop.is_cancelled(),
+            // A sink task that ended (error or panic) ends the session: it reconnects whole.
+            Some(ended) = sink_tasks.join_next(), if !sink_tasks.is_empty() => {
+                match ended {
+                    Ok(Ok(())) => {}
+                    Ok(Err(error)) => tracing::warn!(error = format!("{error:#}"), "a sink stopped"),
+                    Err(error) => tracing::error!(%error, "a sink task panicked"),
+                }
+                break !stop.is_cancelled();
+            }
+            _ = health.tick() => {
+                if !publishing.status().connected() || !publish.channel().status().connected() {
+                    tracing::warn!("the publishing connection is gone");
+                    break true;
+                }
+            }
             next = consumer.next() => match next {
                 Some(Ok(delivery)) => {
                     tasks.spawn(handle(delivery, context.clone(), publish.clone()));
@@ -363,7 +379,7 @@ fn log_join(joined: Result<(), tokio::task::JoinError>) {
 
 async fn publish_invalid(
     context: &Context,
-    channel: &Channel,
+    channel: &Publisher,
     records: &[InvalidRecord],
 ) -> Result<(), SinkError> {
     let queue = context.topology.invalid();
@@ -389,7 +405,7 @@ async fn publish_invalid(
 /// One message with all of a delivery's valid events, to every sink's queue at once.
 async fn publish_valid(
     context: &Context,
-    channel: &Channel,
+    channel: &Publisher,
     events: &[Event],
     request_id: &str,
 ) -> Result<(), SinkError> {
@@ -401,21 +417,16 @@ async fn publish_valid(
         .with_content_type("application/json".into())
         .with_headers(headers);
     let exchange = context.topology.valid_exchange();
-    let confirm = async {
-        channel
-            .basic_publish(
-                exchange.as_str().into(),
-                "".into(),
-                BasicPublishOptions {
-                    mandatory: true,
-                    ..BasicPublishOptions::default()
-                },
-                &body,
-                properties,
-            )
-            .await?
-            .await
-    };
+    let confirm = channel.publish(
+        &exchange,
+        "",
+        BasicPublishOptions {
+            mandatory: true,
+            ..BasicPublishOptions::default()
+        },
+        &body,
+        properties,
+    );
     match tokio::time::timeout(context.confirm_timeout, confirm).await {
         Ok(Ok(Confirmation::Ack(None))) => Ok(()),
         Ok(Ok(other)) => Err(SinkError::Retryable(format!(
@@ -428,7 +439,7 @@ async fn publish_valid(
     }
 }
 
-async fn handle(delivery: Delivery, context: Arc<Context>, publish: Channel) {
+async fn handle(delivery: Delivery, context: Arc<Context>, publish: Publisher) {
     let outcome = process::process(
         &context.registry,
         &delivery.properties,

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use ingest_pipeline::broker::{header_str, long_string};
+use ingest_pipeline::broker::{header_str, long_string, Publisher};
 use ingest_pipeline::{Backoff, Topology};
 use lapin::message::Delivery;
 use lapin::options::{
@@ -19,7 +19,7 @@ use lapin::options::{
     BasicPublishOptions, BasicQosOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::{BasicProperties, Channel, Confirmation, Connection};
+use lapin::{BasicProperties, Confirmation, Connection};
 use serde::Deserialize;
 use serde_json::Value;
 use tokio::time::Instant;
@@ -167,6 +167,13 @@ impl Breaker {
         }
     }
 
+    /// How long the circuit stays open from `now`, if it is open.
+    pub fn open_for(&self, now: Instant) -> Option<Duration> {
+        self.open_until
+            .filter(|until| now < *until)
+            .map(|until| until - now)
+    }
+
     pub fn is_open(&self, now: Instant) -> bool {
         self.open_until.is_some_and(|until| now < until)
     }
@@ -193,7 +200,7 @@ impl SinkRunner {
         &self,
         topology: &Topology,
         connection: &Connection,
-        publish: &Channel,
+        publish: &Publisher,
         stop: &CancellationToken,
     ) -> anyhow::Result<()> {
         let name = self.sink.name().to_owned();
@@ -236,7 +243,7 @@ impl SinkRunner {
                             self.retry(delivery, topology, publish, &mut breaker, stop).await;
                             continue;
                         }
-                        self.take(delivery, &mut pending, linger).await;
+                        self.take(delivery, &mut pending, linger, topology, publish).await;
                         if pending.events.len() >= self.delivery.batch_max_events
                             || pending.bytes >= self.delivery.batch_max_bytes
                         {
@@ -272,20 +279,17 @@ impl SinkRunner {
     }
 
     /// Adds a fresh message's wanted events to the pending batch (acks it at once if none).
-    async fn take(&self, delivery: Delivery, pending: &mut Pending, linger: Duration) {
+    async fn take(
+        &self,
+        delivery: Delivery,
+        pending: &mut Pending,
+        linger: Duration,
+        topology: &Topology,
+        publish: &Publisher,
+    ) {
         let events: Vec<Event> = match serde_json::from_slice(&delivery.data) {
             Ok(events) => events,
-            Err(error) => {
-                // Not something this pipeline wrote; keep it where people look.
-                tracing::error!(sink = self.sink.name(), %error, "undecodable sink message; leaving it unacked");
-                let _ = delivery
-                    .nack(BasicNackOptions {
-                        requeue: false,
-                        ..BasicNackOptions::default()
-                    })
-                    .await;
-                return;
-            }
+            Err(error) => return self.undecodable(delivery, &error, topology, publish).await,
         };
         let before = events.len();
         let wanted: Vec<Arc<Event>> = events
@@ -312,7 +316,7 @@ impl SinkRunner {
         &self,
         pending: &mut Pending,
         topology: &Topology,
-        publish: &Channel,
+        publish: &Publisher,
         breaker: &mut Breaker,
         stop: &CancellationToken,
     ) {
@@ -336,7 +340,7 @@ impl SinkRunner {
         &self,
         delivery: Delivery,
         topology: &Topology,
-        publish: &Channel,
+        publish: &Publisher,
         breaker: &mut Breaker,
         stop: &CancellationToken,
     ) {
@@ -345,7 +349,10 @@ impl SinkRunner {
             .unwrap_or_default()
             .to_owned();
         let attempts = header_u32(headers, ATTEMPT_HEADER);
-        let events: Vec<Event> = serde_json::from_slice(&delivery.data).unwrap_or_default();
+        let events: Vec<Event> = match serde_json::from_slice(&delivery.data) {
+            Ok(events) => events,
+            Err(error) => return self.undecodable(delivery, &error, topology, publish).await,
+        };
         let batch = Batch {
             key,
             events: events.into_iter().map(Arc::new).collect(),
@@ -355,7 +362,27 @@ impl SinkRunner {
             .await;
     }
 
-    /// Calls the sink, retrying in place a few times; `None` means the circuit was open.
+    /// A message this pipeline did not write: kept, bytes and all, in the sink's dead-letter
+    /// queue; acked only once the broker has it there.
+    async fn undecodable(
+        &self,
+        delivery: Delivery,
+        error: &serde_json::Error,
+        topology: &Topology,
+        publish: &Publisher,
+    ) {
+        let reason = format!("undecodable sink message: {error}");
+        tracing::error!(sink = self.sink.name(), %reason, "dead-lettering a message");
+        let queue = topology.sink_dlq(self.sink.name());
+        let moved = self
+            .publish_body(&queue, &delivery.data, "", 0, &reason, publish)
+            .await;
+        settle_messages(vec![delivery], moved, self.sink.name()).await;
+    }
+
+    /// Calls the sink, retrying in place a few times; `None` means the worker stopped before
+    /// the sink could be called. While the circuit is open this sink waits (its messages stay
+    /// in its queue); no other sink is affected.
     async fn attempt(
         &self,
         batch: &Batch,
@@ -365,6 +392,12 @@ impl SinkRunner {
         let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
         let mut last = None;
         for _ in 0..self.delivery.inline_attempts {
+            while let Some(wait) = breaker.open_for(Instant::now()) {
+                tokio::select! {
+                    () = tokio::time::sleep(wait) => {}
+                    () = stop.cancelled() => return last,
+                }
+            }
             if !breaker.allows(Instant::now()) {
                 return last;
             }
@@ -399,7 +432,7 @@ impl SinkRunner {
         attempts: u32,
         result: Option<Result<(), SinkError>>,
         topology: &Topology,
-        publish: &Channel,
+        publish: &Publisher,
     ) {
         let name = self.sink.name();
         let count = batch.events.len() as u64;
@@ -463,24 +496,7 @@ impl SinkRunner {
                 .await
             }
         };
-        match moved {
-            Ok(()) => {
-                for delivery in deliveries {
-                    let _ = delivery.ack(BasicAckOptions::default()).await;
-                }
-            }
-            Err(error) => {
-                tracing::warn!(sink = name, %error, "batch not settled; its messages go back to the queue");
-                for delivery in deliveries {
-                    let _ = delivery
-                        .nack(BasicNackOptions {
-                            requeue: true,
-                            ..BasicNackOptions::default()
-                        })
-                        .await;
-                }
-            }
-        }
+        settle_messages(deliveries, moved, name).await;
     }
 
     async fn delay(
@@ -490,7 +506,7 @@ impl SinkRunner {
         error: &str,
         at_least: Duration,
         topology: &Topology,
-        publish: &Channel,
+        publish: &Publisher,
     ) -> Result<(), String> {
         let tier =
             (attempts.saturating_sub(1) as usize).min(self.retry_delays.len().saturating_sub(1));
@@ -516,7 +532,7 @@ impl SinkRunner {
         attempts: u32,
         error: &str,
         topology: &Topology,
-        publish: &Channel,
+        publish: &Publisher,
     ) -> Result<(), String> {
         let queue = topology.sink_dlq(self.sink.name());
         self.publish(&queue, batch, attempts, error, publish)
@@ -534,11 +550,24 @@ impl SinkRunner {
         batch: &Batch,
         attempts: u32,
         error: &str,
-        channel: &Channel,
+        channel: &Publisher,
     ) -> Result<(), String> {
         let body = serde_json::to_vec(&batch.events).map_err(|e| e.to_string())?;
+        self.publish_body(queue, &body, &batch.key, attempts, error, channel)
+            .await
+    }
+
+    async fn publish_body(
+        &self,
+        queue: &str,
+        body: &[u8],
+        key: &str,
+        attempts: u32,
+        error: &str,
+        channel: &Publisher,
+    ) -> Result<(), String> {
         let mut headers = FieldTable::default();
-        headers.insert(KEY_HEADER.into(), long_string(&batch.key));
+        headers.insert(KEY_HEADER.into(), long_string(key));
         headers.insert(ATTEMPT_HEADER.into(), AMQPValue::LongUInt(attempts));
         let error: String = error.chars().take(1000).collect();
         headers.insert(ERROR_HEADER.into(), long_string(&error));
@@ -547,26 +576,45 @@ impl SinkRunner {
             .with_delivery_mode(2)
             .with_content_type("application/json".into())
             .with_headers(headers);
-        let confirm = async {
-            channel
-                .basic_publish(
-                    "".into(),
-                    queue.into(),
-                    BasicPublishOptions {
-                        mandatory: true,
-                        ..BasicPublishOptions::default()
-                    },
-                    &body,
-                    properties,
-                )
-                .await?
-                .await
-        };
+        let confirm = channel.publish(
+            "",
+            queue,
+            BasicPublishOptions {
+                mandatory: true,
+                ..BasicPublishOptions::default()
+            },
+            body,
+            properties,
+        );
         match tokio::time::timeout(Duration::from_secs(10), confirm).await {
             Ok(Ok(Confirmation::Ack(None))) => Ok(()),
             Ok(Ok(other)) => Err(format!("{queue} did not take the batch: {other:?}")),
             Ok(Err(error)) => Err(error.to_string()),
             Err(_) => Err(format!("no confirm from {queue} in time")),
+        }
+    }
+}
+
+/// Acks the messages once their events are somewhere durable; otherwise returns them to the
+/// queue (after a pause, so a broker refusing publishes is not hammered).
+async fn settle_messages(deliveries: Vec<Delivery>, moved: Result<(), String>, sink: &str) {
+    match moved {
+        Ok(()) => {
+            for delivery in deliveries {
+                let _ = delivery.ack(BasicAckOptions::default()).await;
+            }
+        }
+        Err(error) => {
+            tracing::warn!(sink, %error, "batch not settled; its messages go back to the queue");
+            tokio::time::sleep(Duration::from_millis(500 + fastrand::u64(0..1000))).await;
+            for delivery in deliveries {
+                let _ = delivery
+                    .nack(BasicNackOptions {
+                        requeue: true,
+                        ..BasicNackOptions::default()
+                    })
+                    .await;
+            }
         }
     }
 }
@@ -641,6 +689,10 @@ mod tests {
         assert!(!breaker.is_open(start));
         breaker.record(false, start);
         assert!(breaker.is_open(start));
+        assert_eq!(
+            breaker.open_for(start + Duration::from_secs(4)),
+            Some(Duration::from_secs(6))
+        );
         assert!(!breaker.allows(start + Duration::from_secs(5)));
         // half-open: one probe; its failure re-opens at once
         assert!(breaker.allows(start + Duration::from_secs(11)));
