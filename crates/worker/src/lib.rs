@@ -18,12 +18,13 @@ use std::time::Duration;
 use anyhow::Context as _;
 use futures_util::StreamExt;
 use ingest_pipeline::broker::{long_string, Publisher};
+use ingest_pipeline::settings::BrokerSettings;
 use ingest_pipeline::{broker, Backoff, Settings, Topology};
 use ingest_schema::Registry;
 use lapin::message::Delivery;
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions,
-    BasicPublishOptions, BasicQosOptions,
+    BasicPublishOptions, BasicQosOptions, QueueDeclareOptions,
 };
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Confirmation};
@@ -167,7 +168,12 @@ pub async fn run(
             })
         })
         .collect();
-    tokio::spawn(log_stats(runners.clone(), stop.clone()));
+    tokio::spawn(log_stats(
+        runners.clone(),
+        settings.broker.clone(),
+        Topology::new(settings.broker.prefix.clone()),
+        stop.clone(),
+    ));
     let context = Arc::new(Context {
         registry,
         topology,
@@ -213,29 +219,75 @@ async fn ensure_indexes(sink: &MongoSink, mut backoff: Backoff, stop: &Cancellat
     }
 }
 
-async fn log_stats(runners: Vec<Arc<SinkRunner>>, stop: CancellationToken) {
-    let mut last: Vec<[u64; 4]> = vec![[0; 4]; runners.len()];
+/// Logs each sink's totals every few seconds while they change or batches wait for a retry.
+/// "In the retry path" is read from the broker (messages in the sink's delay queues), so it is
+/// the same whichever worker logs it.
+async fn log_stats(
+    runners: Vec<Arc<SinkRunner>>,
+    broker_settings: BrokerSettings,
+    topology: Topology,
+    stop: CancellationToken,
+) {
+    let mut last: Vec<([u64; 4], u32)> = vec![([0; 4], 0); runners.len()];
     loop {
         tokio::select! {
             () = tokio::time::sleep(STATS_EVERY) => {}
             () = stop.cancelled() => return,
         }
-        for (runner, last) in runners.iter().zip(last.iter_mut()) {
-            let now = runner.stats.snapshot();
-            if now != *last {
-                let [delivered, retried, dead_lettered, filtered_out] = now;
+        let waiting = retry_depths(&runners, &broker_settings, &topology).await;
+        for ((runner, last), in_retry_path) in runners.iter().zip(last.iter_mut()).zip(waiting) {
+            let now = (runner.stats.snapshot(), in_retry_path);
+            if now != *last || in_retry_path > 0 {
+                let ([delivered, retried, dead_lettered, filtered_out], _) = now;
                 tracing::info!(
                     sink = runner.sink.name(),
                     delivered,
                     retried,
                     dead_lettered,
                     filtered_out,
+                    batches_in_retry_path = in_retry_path,
                     "sink totals"
                 );
                 *last = now;
             }
         }
     }
+}
+
+/// Messages waiting in each sink's delay queues (0 where the broker cannot be asked).
+async fn retry_depths(
+    runners: &[Arc<SinkRunner>],
+    settings: &BrokerSettings,
+    topology: &Topology,
+) -> Vec<u32> {
+    let mut depths = vec![0; runners.len()];
+    let Ok(Ok(connection)) = tokio::time::timeout(
+        BROKER_CALL_TIMEOUT,
+        broker::connect(settings, "worker-stats"),
+    )
+    .await
+    else {
+        return depths;
+    };
+    if let Ok(channel) = connection.create_channel().await {
+        for (runner, depth) in runners.iter().zip(depths.iter_mut()) {
+            for delay in &runner.retry_delays {
+                let queue = topology.sink_retry(runner.sink.name(), *delay);
+                let passive = QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                };
+                if let Ok(q) = channel
+                    .queue_declare(queue.into(), passive, FieldTable::default())
+                    .await
+                {
+                    *depth += q.message_count();
+                }
+            }
+        }
+    }
+    let _ = tokio::time::timeout(BROKER_CALL_TIMEOUT, connection.close(200, "".into())).await;
+    depths
 }
 
 /// One connection's life: consume the raw queue and run every sink until shutdown or until the
