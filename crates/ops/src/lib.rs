@@ -1,0 +1,190 @@
+//! `ingestctl`: what operators run against a live pipeline, with the services' configuration.
+//! Queue depths for scaling, Nagios checks for paging, local schema checks for app teams.
+
+pub mod range;
+
+use std::time::Duration;
+
+use ingest_pipeline::settings::BrokerSettings;
+use ingest_pipeline::{broker, Topology};
+use lapin::options::QueueDeclareOptions;
+use lapin::types::FieldTable;
+use serde::Serialize;
+
+pub use range::Range;
+
+/// One queue as ops see it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct QueueState {
+    pub name: String,
+    pub depth: u32,
+    pub consumers: u32,
+}
+
+/// Every queue of the pipeline: raw, invalid, and each sink's queue, delay queues and DLQ.
+pub fn pipeline_queues(
+    topology: &Topology,
+    sinks: &[String],
+    retry_delays: &[Duration],
+) -> Vec<String> {
+    let mut queues = topology.all_queues();
+    for sink in sinks {
+        queues.extend(topology.sink_queues(sink, retry_delays));
+    }
+    queues
+}
+
+/// Reads depth and consumer count of each queue over AMQP (passive declares); a queue that
+/// does not exist is left out.
+pub async fn queue_states(
+    settings: &BrokerSettings,
+    names: &[String],
+) -> anyhow::Result<Vec<QueueState>> {
+    let connection = tokio::time::timeout(
+        Duration::from_secs(10),
+        broker::connect(settings, "ingestctl"),
+    )
+    .await
+    .map_err(|_| anyhow::anyhow!("no answer from the broker within 10 s"))??;
+    let mut states = Vec::with_capacity(names.len());
+    for name in names {
+        // A failed passive declare closes the channel, so each queue gets its own.
+        let channel = connection.create_channel().await?;
+        let passive = QueueDeclareOptions {
+            passive: true,
+            ..QueueDeclareOptions::default()
+        };
+        if let Ok(queue) = channel
+            .queue_declare(name.as_str().into(), passive, FieldTable::default())
+            .await
+        {
+            states.push(QueueState {
+                name: name.clone(),
+                depth: queue.message_count(),
+                consumers: queue.consumer_count(),
+            });
+            let _ = channel.close(200, "".into()).await;
+        }
+    }
+    let _ = connection.close(200, "".into()).await;
+    Ok(states)
+}
+
+/// Nagios / monitoring-plugins service states and their exit codes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Status {
+    Ok = 0,
+    Warning = 1,
+    Critical = 2,
+    Unknown = 3,
+}
+
+impl Status {
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Ok => "OK",
+            Self::Warning => "WARNING",
+            Self::Critical => "CRITICAL",
+            Self::Unknown => "UNKNOWN",
+        }
+    }
+}
+
+/// A depth check: critical wins over warning; no consumer on a non-empty queue is critical
+/// when `require_consumers` is set.
+pub fn check_queue(
+    state: &QueueState,
+    warning: Option<&Range>,
+    critical: Option<&Range>,
+    require_consumers: bool,
+) -> (Status, String) {
+    let depth = f64::from(state.depth);
+    let mut status = Status::Ok;
+    let mut why = Vec::new();
+    if critical.is_some_and(|c| c.alerts(depth)) {
+        status = Status::Critical;
+    } else if warning.is_some_and(|w| w.alerts(depth)) {
+        status = Status::Warning;
+    }
+    if require_consumers && state.consumers == 0 && state.depth > 0 {
+        status = Status::Critical;
+        why.push("no consumers".to_owned());
+    }
+    let range = |r: Option<&Range>| r.map(ToString::to_string).unwrap_or_default();
+    let mut line = format!(
+        "QUEUE {} - {} depth={} consumers={}",
+        status.label(),
+        state.name,
+        state.depth,
+        state.consumers
+    );
+    if !why.is_empty() {
+        line.push_str(&format!(" ({})", why.join(", ")));
+    }
+    line.push_str(&format!(
+        " | depth={};{};{};0; consumers={};;;0;",
+        state.depth,
+        range(warning),
+        range(critical),
+        state.consumers
+    ));
+    (status, line)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(depth: u32, consumers: u32) -> QueueState {
+        QueueState {
+            name: "analytics.raw".into(),
+            depth,
+            consumers,
+        }
+    }
+
+    #[test]
+    fn status_line_and_perfdata_follow_the_plugin_guidelines() {
+        let w: Range = "1000".parse().expect("w");
+        let c: Range = "10000".parse().expect("c");
+        let (status, line) = check_queue(&state(15230, 4), Some(&w), Some(&c), false);
+        assert_eq!(status, Status::Critical);
+        assert_eq!(
+            line,
+            "QUEUE CRITICAL - analytics.raw depth=15230 consumers=4 | depth=15230;1000;10000;0; consumers=4;;;0;"
+        );
+        assert_eq!(
+            check_queue(&state(5000, 4), Some(&w), Some(&c), false).0,
+            Status::Warning
+        );
+        assert_eq!(
+            check_queue(&state(10, 4), Some(&w), Some(&c), false).0,
+            Status::Ok
+        );
+    }
+
+    #[test]
+    fn a_non_empty_queue_without_consumers_is_critical_when_asked() {
+        let (status, line) = check_queue(&state(3, 0), None, None, true);
+        assert_eq!(status, Status::Critical);
+        assert!(line.contains("no consumers"), "{line}");
+        assert_eq!(check_queue(&state(0, 0), None, None, true).0, Status::Ok);
+        assert_eq!(check_queue(&state(3, 0), None, None, false).0, Status::Ok);
+    }
+
+    #[test]
+    fn queue_list_covers_every_sink() {
+        let t = Topology::new("a");
+        let q = pipeline_queues(&t, &["mongo".into()], &[Duration::from_secs(1)]);
+        assert_eq!(
+            q,
+            vec![
+                "a.raw",
+                "a.invalid",
+                "a.sink.mongo",
+                "a.sink.mongo.retry.1000ms",
+                "a.sink.mongo.dlq"
+            ]
+        );
+    }
+}
