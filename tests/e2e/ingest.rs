@@ -459,3 +459,39 @@ async fn past_the_in_flight_bound_the_collector_answers_503_with_retry_after_at_
         "the slot was not released when the slow client went away"
     );
 }
+
+#[tokio::test]
+async fn a_source_over_its_rate_gets_429_with_retry_after_and_other_sources_do_not() {
+    let mut s = settings("ratelimit");
+    s.collector.rate_limit_per_second = 0.5;
+    s.collector.rate_limit_burst = 2.0;
+    let collector = Collector::start(&s).await;
+    let post = |key: &'static str, id: &'static str| {
+        http()
+            .post(format!("{}/v1/batch", collector.url))
+            .basic_auth(key, Some(""))
+            .json(&batch(vec![product_viewed(id)]))
+            .send()
+    };
+    assert_eq!(post(IOS_KEY, "rl-1").await.unwrap().status(), 200);
+    assert_eq!(post(IOS_KEY, "rl-2").await.unwrap().status(), 200);
+    let limited = post(IOS_KEY, "rl-3").await.unwrap();
+    assert_eq!(limited.status(), 429);
+    let wait: u64 = limited.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=3).contains(&wait), "Retry-After {wait}");
+    let body: serde_json::Value = limited.json().await.unwrap();
+    assert_eq!(body["code"], json!("rate_limited"));
+    // another app is not affected
+    assert_eq!(post(WEB_KEY, "rl-web").await.unwrap().status(), 200);
+    // nothing refused was published
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            depth(s.broker.url.expose(), &format!("{}.raw", s.broker.prefix)).await == 3
+        })
+        .await
+    );
+}

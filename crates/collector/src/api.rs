@@ -27,6 +27,7 @@ pub struct AppState {
     pub publisher: Publisher,
     /// Requests being read or published; when none is free the answer is 503 at once.
     pub in_flight: tokio::sync::Semaphore,
+    pub limiter: crate::ratelimit::RateLimiter,
     pub keys: WriteKeys,
     pub limits: Limits,
     pub body_timeout: Duration,
@@ -139,7 +140,11 @@ async fn accept(
     };
     // A header key is checked before the body is read, so unknown keys cost nothing.
     let header_source = match &header_key {
-        Some(key) => Some(state.keys.source_for(key)?.to_owned()),
+        Some(key) => {
+            let source = state.keys.source_for(key)?.to_owned();
+            rate_limit(state, &source)?;
+            Some(source)
+        }
         None => None,
     };
     let content_type = content_type(request_headers)?;
@@ -166,7 +171,9 @@ async fn accept(
         Some(source) => source,
         None => {
             let key = inspected.write_key.ok_or(CaptureError::MissingWriteKey)?;
-            state.keys.source_for(&key)?.to_owned()
+            let source = state.keys.source_for(&key)?.to_owned();
+            rate_limit(state, &source)?;
+            source
         }
     };
 
@@ -189,6 +196,15 @@ async fn accept(
         .map_err(|source| CaptureError::Unavailable {
             source,
             retry_after_secs: state.retry_after_secs,
+        })
+}
+
+fn rate_limit(state: &AppState, source: &str) -> Result<(), CaptureError> {
+    state
+        .limiter
+        .check(source, std::time::Instant::now())
+        .map_err(|wait| CaptureError::RateLimited {
+            retry_after_secs: wait.as_secs().saturating_add(1),
         })
 }
 

@@ -35,6 +35,8 @@ pub enum CaptureError {
     BodyRead(String),
     #[error("too many requests in flight; retry later")]
     Overloaded { retry_after_secs: u64 },
+    #[error("this source is over its request rate; retry later")]
+    RateLimited { retry_after_secs: u64 },
     #[error("request has more than {limit} events")]
     TooManyEvents { limit: usize },
     #[error("service unavailable: {source}")]
@@ -61,6 +63,7 @@ impl CaptureError {
             }
             Self::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             Self::Unavailable { .. } | Self::Overloaded { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 
@@ -80,6 +83,7 @@ impl CaptureError {
             Self::BodyRead(_) => "body_read",
             Self::Unavailable { .. } => "unavailable",
             Self::Overloaded { .. } => "overloaded",
+            Self::RateLimited { .. } => "rate_limited",
             Self::TooManyEvents { .. } => "too_many_events",
         }
     }
@@ -97,7 +101,8 @@ impl IntoResponse for CaptureError {
         if let Self::Unavailable {
             retry_after_secs, ..
         }
-        | Self::Overloaded { retry_after_secs } = self
+        | Self::Overloaded { retry_after_secs }
+        | Self::RateLimited { retry_after_secs } = self
         {
             response
                 .headers_mut()

@@ -6,6 +6,7 @@ pub mod auth;
 pub mod body;
 pub mod error;
 pub mod publisher;
+pub mod ratelimit;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -33,6 +34,11 @@ pub async fn serve(
     let state = Arc::new(AppState {
         publisher: publisher.clone(),
         in_flight: tokio::sync::Semaphore::new(c.max_in_flight),
+        limiter: ratelimit::RateLimiter::new(
+            c.write_keys.keys(),
+            c.rate_limit_per_second,
+            c.rate_limit_burst,
+        ),
         keys: WriteKeys::new(&c.write_keys),
         limits: Limits {
             max_event_bytes: c.max_event_bytes,

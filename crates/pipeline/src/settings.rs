@@ -114,6 +114,9 @@ pub struct CollectorSettings {
     pub max_in_flight: usize,
     pub body_timeout_ms: u64,
     pub retry_after_secs: u64,
+    /// Requests per second per source (write key); 0 = no limit.
+    pub rate_limit_per_second: f64,
+    pub rate_limit_burst: f64,
     pub shutdown_timeout_ms: u64,
     pub trusted_proxies: Vec<IpAddr>,
     pub cors_allowed_origins: Vec<String>,
