@@ -123,26 +123,61 @@ pub fn settings_env(s: &Settings) -> Vec<(String, String)> {
     ]
 }
 
+/// A service task started in this process; told to stop when dropped.
+pub struct Running {
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+impl Running {
+    /// Spawns `serve(stopped)`, where `stopped` completes when the handle stops or drops.
+    fn spawn<F, Fut>(serve: F) -> Self
+    where
+        F: FnOnce(std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>) -> Fut,
+        Fut: std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
+    {
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(serve(Box::pin(async move {
+            let _ = stopped.await;
+        })));
+        Self {
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    /// Graceful shutdown; returns when the service has finished, failing the test on an error.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await.unwrap().unwrap();
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
 /// A collector running in this process on an ephemeral port.
 pub struct Collector {
     pub url: String,
-    stop: Option<oneshot::Sender<()>>,
-    task: Option<JoinHandle<anyhow::Result<()>>>,
+    running: Running,
 }
 
 impl Collector {
     pub async fn start(settings: &Settings) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(collector::serve(settings.clone(), listener, async move {
-            let _ = stopped.await;
-        }));
-        let c = Self {
-            url,
-            stop: Some(stop),
-            task: Some(task),
-        };
+        let settings = settings.clone();
+        let running = Running::spawn(|stopped| collector::serve(settings, listener, stopped));
+        let c = Self { url, running };
         c.wait_ready().await;
         c
     }
@@ -161,58 +196,23 @@ impl Collector {
         }
     }
 
-    pub async fn stop(mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(task) = self.task.take() {
-            task.await.unwrap().unwrap();
-        }
-    }
-}
-
-impl Drop for Collector {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
+    pub async fn stop(self) {
+        self.running.stop().await;
     }
 }
 
 /// A worker running in this process.
-pub struct Worker {
-    stop: Option<oneshot::Sender<()>>,
-    task: Option<JoinHandle<anyhow::Result<()>>>,
-}
+pub struct Worker(Running);
 
 impl Worker {
     pub fn start(settings: &Settings) -> Self {
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(worker::run(settings.clone(), async move {
-            let _ = stopped.await;
-        }));
-        Self {
-            stop: Some(stop),
-            task: Some(task),
-        }
+        let settings = settings.clone();
+        Self(Running::spawn(|stopped| worker::run(settings, stopped)))
     }
 
     /// Graceful shutdown; returns when the worker has finished.
-    pub async fn stop(mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(task) = self.task.take() {
-            task.await.unwrap().unwrap();
-        }
-    }
-}
-
-impl Drop for Worker {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
+    pub async fn stop(self) {
+        self.0.stop().await;
     }
 }
 
