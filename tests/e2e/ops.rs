@@ -89,17 +89,24 @@ async fn check_is_unknown_not_ok_when_the_broker_is_unreachable() {
 async fn queues_lists_every_pipeline_queue_with_depth_and_consumers() {
     let s = settings("queues");
     let _worker = Worker::start(&s); // declares raw, invalid and the mongo sink's queues
-    let url = s.broker.url.expose().to_owned();
-    let dlq = format!("{}.sink.mongo.dlq", s.broker.prefix);
-    assert!(
-        eventually(std::time::Duration::from_secs(30), || async {
-            lapin_queue_exists(&url, &dlq).await
-        })
-        .await
-    );
-    let (status, out) = ingestctl(&s, &["queues", "--json"]);
-    assert_eq!(status, 0, "{out}");
-    let queues: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
+    let raw_name = format!("{}.raw", s.broker.prefix);
+    let read = || {
+        let (status, out) = ingestctl(&s, &["queues", "--json"]);
+        assert_eq!(status, 0, "{out}");
+        serde_json::from_str::<Vec<serde_json::Value>>(&out).unwrap()
+    };
+    // the worker declares every queue, then starts consuming raw
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let queues = loop {
+        let queues = read();
+        let consumed = queues
+            .iter()
+            .any(|q| q["name"] == raw_name && q["consumers"] == 1);
+        if consumed || std::time::Instant::now() > deadline {
+            break queues;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    };
     let names: Vec<&str> = queues.iter().map(|q| q["name"].as_str().unwrap()).collect();
     for role in [
         "raw",
@@ -113,11 +120,9 @@ async fn queues_lists_every_pipeline_queue_with_depth_and_consumers() {
             "{role} missing: {names:?}"
         );
     }
-    let raw = queues
-        .iter()
-        .find(|q| q["name"] == format!("{}.raw", s.broker.prefix))
-        .unwrap();
-    assert_eq!(raw["consumers"], 1);
+    let raw = queues.iter().find(|q| q["name"] == raw_name).unwrap();
+    assert_eq!(raw["consumers"], 1, "the worker's consumer is not reported");
+    assert_eq!(raw["depth"], 0);
 }
 
 #[tokio::test]
