@@ -422,23 +422,26 @@ async fn channel(url: &str) -> (lapin::Connection, lapin::Channel) {
     (conn, ch)
 }
 
+/// The queue as a passive declare sees it; `None` if it does not exist.
+async fn inspect_queue(url: &str, queue: &str) -> Option<lapin::Queue> {
+    let (conn, ch) = channel(url).await;
+    let passive = QueueDeclareOptions {
+        passive: true,
+        ..QueueDeclareOptions::default()
+    };
+    let found = ch
+        .queue_declare(queue.into(), passive, FieldTable::default())
+        .await
+        .ok();
+    let _ = conn.close(200, "".into()).await;
+    found
+}
+
 /// Messages ready in a queue (0 if it does not exist yet).
 pub async fn depth(url: &str, queue: &str) -> u32 {
-    let (conn, ch) = channel(url).await;
-    let n = ch
-        .queue_declare(
-            queue.into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
+    inspect_queue(url, queue)
         .await
-        .map(|q| q.message_count())
-        .unwrap_or(0);
-    let _ = conn.close(200, "".into()).await;
-    n
+        .map_or(0, |q| q.message_count())
 }
 
 /// Publishes bytes straight to a queue (persistent, confirmed), bypassing the collector.
@@ -633,22 +636,9 @@ pub async fn drain_with_headers(
         .collect()
 }
 
-/// Whether a queue exists (passive declare).
+/// Whether a queue exists.
 pub async fn lapin_queue_exists(url: &str, queue: &str) -> bool {
-    let (conn, ch) = channel(url).await;
-    let exists = ch
-        .queue_declare(
-            queue.into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .is_ok();
-    let _ = conn.close(200, "".into()).await;
-    exists
+    inspect_queue(url, queue).await.is_some()
 }
 
 /// Takes every message of a queue as raw bytes with its string headers.
