@@ -1,10 +1,9 @@
 //! Reading and cheaply checking a request body: bounded read, bounded gunzip, JSON well-formed,
 //! the right top-level shape, per-event size. No schema validation here: that is the worker's.
 
-use std::io::Read;
-
 use axum::body::Body;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
+use ingest_pipeline::gzip::{inflate_capped, InflateError};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
@@ -78,16 +77,10 @@ pub async fn read_limited(body: Body, limit: usize) -> Result<bytes::Bytes, Capt
 
 /// Inflates a gzip body, refusing to produce more than `limit` bytes (gzip bombs).
 pub fn gunzip_limited(compressed: &[u8], limit: usize) -> Result<Vec<u8>, CaptureError> {
-    let mut out = Vec::with_capacity(compressed.len().saturating_mul(4).min(limit));
-    let cap = u64::try_from(limit).unwrap_or(u64::MAX).saturating_add(1);
-    flate2::read::MultiGzDecoder::new(compressed)
-        .take(cap)
-        .read_to_end(&mut out)
-        .map_err(|e| CaptureError::BadGzip(e.to_string()))?;
-    if out.len() > limit {
-        return Err(CaptureError::BatchTooLarge { limit });
-    }
-    Ok(out)
+    inflate_capped(compressed, limit).map_err(|error| match error {
+        InflateError::Invalid(reason) => CaptureError::BadGzip(reason),
+        InflateError::TooLarge(limit) => CaptureError::BatchTooLarge { limit },
+    })
 }
 
 #[derive(Deserialize)]

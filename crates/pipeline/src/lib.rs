@@ -3,6 +3,7 @@
 
 pub mod backoff;
 pub mod broker;
+pub mod gzip;
 pub mod settings;
 pub mod shutdown;
 pub mod telemetry;

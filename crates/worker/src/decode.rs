@@ -2,10 +2,9 @@
 //! JSON parsing, and the split of a batch into events (batch-level `context`, `integrations`
 //! and `sentAt` apply to every event; `writeKey` is dropped so no secret is ever stored).
 
-use std::io::Read;
-
 use chrono::{DateTime, Utc};
 use ingest_pipeline::broker::header_str;
+use ingest_pipeline::gzip::{inflate_capped, InflateError};
 use ingest_pipeline::headers;
 use lapin::BasicProperties;
 use serde_json::{Map, Value};
@@ -78,16 +77,11 @@ pub fn payload(
         }
         return Ok(std::borrow::Cow::Borrowed(body));
     }
-    let mut out = Vec::new();
-    let cap = u64::try_from(limit).unwrap_or(u64::MAX).saturating_add(1);
-    flate2::read::MultiGzDecoder::new(body)
-        .take(cap)
-        .read_to_end(&mut out)
-        .map_err(|e| DecodeError::Gzip(e.to_string()))?;
-    if out.len() > limit {
-        return Err(DecodeError::TooLarge(limit));
+    match inflate_capped(body, limit) {
+        Ok(out) => Ok(std::borrow::Cow::Owned(out)),
+        Err(InflateError::Invalid(reason)) => Err(DecodeError::Gzip(reason)),
+        Err(InflateError::TooLarge(limit)) => Err(DecodeError::TooLarge(limit)),
     }
-    Ok(std::borrow::Cow::Owned(out))
 }
 
 /// One element of a request: an event object, or what stood in its place.
