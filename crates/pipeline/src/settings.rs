@@ -103,6 +103,9 @@ pub struct BrokerSettings {
     pub confirm_timeout_ms: u64,
     pub reconnect_min_ms: u64,
     pub reconnect_max_ms: u64,
+    /// Cap on the raw queue's size (`x-max-length-bytes`, overflow `reject-publish`); 0 = none.
+    /// Fixed when the queue is first declared: change it on a live queue with a policy.
+    pub raw_max_length_bytes: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -113,6 +116,14 @@ pub struct CollectorSettings {
     pub max_batch_events: usize,
     pub max_in_flight: usize,
     pub body_timeout_ms: u64,
+    /// A connection must send its request head within this time (slow-header clients).
+    pub header_timeout_ms: u64,
+    /// Idle keep-alive connections are closed after this time.
+    pub idle_timeout_ms: u64,
+    /// Open connections at once; past it new ones are closed at accept.
+    pub max_connections: usize,
+    /// Shed load (503) while the runtime's measured scheduling delay is above this; 0 = never.
+    pub max_scheduling_delay_ms: u64,
     pub retry_after_secs: u64,
     /// Requests per second per source (write key); 0 = no limit.
     pub rate_limit_per_second: f64,
@@ -247,6 +258,16 @@ impl Settings {
         check(
             c.max_in_flight > 0,
             "collector.max_in_flight",
+            "must be > 0",
+        )?;
+        check(
+            c.header_timeout_ms > 0 && c.idle_timeout_ms > 0,
+            "collector.header_timeout_ms",
+            "header_timeout_ms and idle_timeout_ms must be > 0",
+        )?;
+        check(
+            c.max_connections > 0,
+            "collector.max_connections",
             "must be > 0",
         )?;
         check(
