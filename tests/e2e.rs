@@ -5,6 +5,7 @@
 mod e2e {
     pub mod fixtures;
     pub mod ingest;
+    pub mod operate;
     pub mod ops;
     pub mod resilience;
     pub mod sinks;

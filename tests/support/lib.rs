@@ -80,6 +80,10 @@ pub fn settings(name: &str) -> Settings {
     s.worker.schemas_dir = root().join("schemas");
     s.sinks.mongo = serde_json::json!({"enabled": true, "delivery": {"batch_max_events": 1000, "linger_ms": 20}});
     s.worker.shutdown_timeout_ms = 10_000;
+    s.worker.listen = "127.0.0.1:0".parse().unwrap();
+    // Off in tests: on a loaded 2-core CI machine the runtime can run late for reasons that
+    // have nothing to do with the test. The test of this shedding turns it on.
+    s.collector.max_scheduling_delay_ms = 0;
     s.validate_collector().unwrap();
     s.validate_worker().unwrap();
     s
@@ -105,6 +109,11 @@ pub fn settings_env(s: &Settings) -> Vec<(String, String)> {
         (
             "INGEST__BROKER__RECONNECT_MAX_MS".into(),
             s.broker.reconnect_max_ms.to_string(),
+        ),
+        ("INGEST__WORKER__LISTEN".into(), s.worker.listen.to_string()),
+        (
+            "INGEST__COLLECTOR__MAX_SCHEDULING_DELAY_MS".into(),
+            s.collector.max_scheduling_delay_ms.to_string(),
         ),
         ("INGEST__MONGO__URI".into(), s.mongo.uri.expose().to_owned()),
         ("INGEST__MONGO__DATABASE".into(), s.mongo.database.clone()),
@@ -202,17 +211,26 @@ impl Collector {
 }
 
 /// A worker running in this process.
-pub struct Worker(Running);
+pub struct Worker {
+    /// Base URL of its `/healthz`, `/readyz` and `/metrics`.
+    pub url: String,
+    running: Running,
+}
 
 impl Worker {
     pub fn start(settings: &Settings) -> Self {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let listener = tokio::net::TcpListener::from_std(listener).unwrap();
         let settings = settings.clone();
-        Self(Running::spawn(|stopped| worker::run(settings, stopped)))
+        let running = Running::spawn(|stopped| worker::serve(settings, listener, stopped));
+        Self { url, running }
     }
 
     /// Graceful shutdown; returns when the worker has finished.
     pub async fn stop(self) {
-        self.0.stop().await;
+        self.running.stop().await;
     }
 }
 
@@ -244,7 +262,22 @@ impl Process {
             .unwrap_or_else(|_| std::env::temp_dir());
         let dir = base.join(format!("config-{}", settings.broker.prefix));
         std::fs::create_dir_all(&dir).unwrap();
+        let c = &settings.collector;
+        let keys: serde_json::Map<String, serde_json::Value> = c
+            .write_keys
+            .iter()
+            .map(|(source, key)| (source.clone(), key.expose().into()))
+            .collect();
         let sinks = serde_json::json!({
+            "collector": {
+                "listen": c.listen.to_string(),
+                "write_keys": keys,
+                "retry_after_secs": c.retry_after_secs,
+                "max_in_flight": c.max_in_flight,
+                "body_timeout_ms": c.body_timeout_ms,
+                "header_timeout_ms": c.header_timeout_ms,
+                "max_connections": c.max_connections,
+            },
             "sinks": {
                 "retry_delays_ms": settings.sinks.retry_delays_ms,
                 "max_attempts": settings.sinks.max_attempts,
@@ -265,6 +298,20 @@ impl Process {
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// Resident memory now and at its peak, in KiB, from /proc.
+    pub fn memory_kib(&self) -> (u64, u64) {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.split_whitespace().next())
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("{name} missing in /proc status"))
+        };
+        (field("VmRSS:"), field("VmHWM:"))
     }
 
     pub fn kill9(&mut self) {
@@ -333,6 +380,13 @@ impl RabbitNode {
         self.script(&["stop", &self.name, &dir]);
         self.running = false;
     }
+
+    /// Runs `rabbitmqctl` against this node (e.g. to set its memory watermark).
+    pub fn ctl(&self, args: &[&str]) {
+        let mut all = vec!["ctl", self.name.as_str()];
+        all.extend_from_slice(args);
+        self.script(&all);
+    }
 }
 
 impl Drop for RabbitNode {
@@ -341,6 +395,43 @@ impl Drop for RabbitNode {
             self.stop();
         }
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A throwaway in-memory SecantusDB owned by one test (for taking MongoDB away), killed on drop.
+pub struct Secantus {
+    port: u16,
+    child: Child,
+}
+
+impl Secantus {
+    pub fn start() -> Self {
+        let port = free_port();
+        let child = Command::new(root().join(".venv/bin/python"))
+            .args(["-m", "secantus", "--host", "127.0.0.1", "--port"])
+            .arg(port.to_string())
+            .args(["--storage-path", ":memory:"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "SecantusDB did not start");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Self { port, child }
+    }
+
+    pub fn uri(&self) -> String {
+        format!("mongodb://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Secantus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 

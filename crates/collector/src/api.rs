@@ -5,13 +5,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::extract::{ConnectInfo, Path, State};
+use axum::extract::{ConnectInfo, Path, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use ingest_pipeline::broker::long_string;
 use ingest_pipeline::headers;
+use ingest_pipeline::metrics::SchedulingDelay;
 use ingest_pipeline::settings::CollectorSettings;
 use lapin::types::FieldTable;
 use lapin::BasicProperties;
@@ -33,6 +35,9 @@ pub struct AppState {
     pub body_timeout: Duration,
     pub retry_after_secs: u64,
     pub trusted_proxies: Vec<IpAddr>,
+    pub scheduling_delay: SchedulingDelay,
+    /// Shed load while the runtime is later than this; `None`: never.
+    pub max_scheduling_delay: Option<Duration>,
 }
 
 pub fn router(state: Arc<AppState>, settings: &CollectorSettings) -> Router {
@@ -43,7 +48,44 @@ pub fn router(state: Arc<AppState>, settings: &CollectorSettings) -> Router {
         .merge(tracking)
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(ready))
+        .route(
+            "/metrics",
+            get(|| async { ingest_pipeline::metrics::render() }),
+        )
+        .layer(middleware::from_fn(count_requests))
         .with_state(state)
+}
+
+/// `http_requests_total` and `http_request_duration_seconds` by route and status. Routes are
+/// the fixed set this service serves (anything else is "other"), so labels stay bounded.
+async fn count_requests(request: Request, next: Next) -> Response {
+    let route = route_label(request.uri().path());
+    let started = std::time::Instant::now();
+    let response = next.run(request).await;
+    let status = response.status().as_u16().to_string();
+    metrics::counter!("http_requests_total", "route" => route, "status" => status.clone())
+        .increment(1);
+    metrics::histogram!("http_request_duration_seconds", "route" => route, "status" => status)
+        .record(started.elapsed().as_secs_f64());
+    response
+}
+
+fn route_label(path: &str) -> &'static str {
+    match path {
+        "/healthz" => "/healthz",
+        "/readyz" => "/readyz",
+        "/metrics" => "/metrics",
+        _ => match path.strip_prefix("/v1/").and_then(Endpoint::parse) {
+            Some(Endpoint::Batch) => "/v1/batch",
+            Some(Endpoint::Track) => "/v1/track",
+            Some(Endpoint::Identify) => "/v1/identify",
+            Some(Endpoint::Page) => "/v1/page",
+            Some(Endpoint::Screen) => "/v1/screen",
+            Some(Endpoint::Group) => "/v1/group",
+            Some(Endpoint::Alias) => "/v1/alias",
+            None => "other",
+        },
+    }
 }
 
 fn cors(origins: &[String]) -> CorsLayer {
@@ -91,25 +133,43 @@ async fn capture(
             .into_response();
     };
     let request_id = uuid::Uuid::new_v4().to_string();
-    let result = match state.in_flight.try_acquire() {
-        Ok(_permit) => {
-            accept(
-                &state,
-                peer.ip(),
-                endpoint,
-                &request_headers,
-                body,
-                &request_id,
-            )
-            .await
-        }
-        Err(_) => Err(CaptureError::Overloaded {
+    let late = state.scheduling_delay.current();
+    let result = if state.max_scheduling_delay.is_some_and(|max| late > max) {
+        Err(CaptureError::Lagging {
+            delay_ms: late.as_millis(),
             retry_after_secs: state.retry_after_secs,
-        }),
+        })
+    } else {
+        match state.in_flight.try_acquire() {
+            Ok(_permit) => {
+                let in_flight = metrics::gauge!("collector_in_flight_requests");
+                in_flight.increment(1.0);
+                let result = accept(
+                    &state,
+                    peer.ip(),
+                    endpoint,
+                    &request_headers,
+                    body,
+                    &request_id,
+                )
+                .await;
+                in_flight.decrement(1.0);
+                result
+            }
+            Err(_) => Err(CaptureError::Overloaded {
+                retry_after_secs: state.retry_after_secs,
+            }),
+        }
     };
     let mut response = match result {
-        Ok(()) => Json(json!({"success": true})).into_response(),
+        Ok(events) => {
+            metrics::counter!("collector_events_accepted_total").increment(events as u64);
+            Json(json!({"success": true})).into_response()
+        }
         Err(error) => {
+            if let Some(reason) = error.shed_reason() {
+                metrics::counter!("collector_load_shed_total", "reason" => reason).increment(1);
+            }
             if error.status().is_server_error() {
                 tracing::warn!(%request_id, endpoint = endpoint.as_str(), %error, "request refused");
             } else {
@@ -131,7 +191,7 @@ async fn accept(
     request_headers: &HeaderMap,
     body: Body,
     request_id: &str,
-) -> Result<(), CaptureError> {
+) -> Result<usize, CaptureError> {
     let header_key = match request_headers.get(header::AUTHORIZATION) {
         Some(value) => Some(basic_username(
             value.to_str().map_err(|_| CaptureError::BadAuthorization)?,
@@ -196,7 +256,8 @@ async fn accept(
         .map_err(|source| CaptureError::Unavailable {
             source,
             retry_after_secs: state.retry_after_secs,
-        })
+        })?;
+    Ok(inspected.events)
 }
 
 fn rate_limit(state: &AppState, source: &str) -> Result<(), CaptureError> {

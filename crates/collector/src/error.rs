@@ -35,6 +35,11 @@ pub enum CaptureError {
     BodyRead(String),
     #[error("too many requests in flight; retry later")]
     Overloaded { retry_after_secs: u64 },
+    #[error("the collector is overloaded (scheduling delay {delay_ms} ms); retry later")]
+    Lagging {
+        delay_ms: u128,
+        retry_after_secs: u64,
+    },
     #[error("this source is over its request rate; retry later")]
     RateLimited { retry_after_secs: u64 },
     #[error("request has more than {limit} events")]
@@ -62,7 +67,9 @@ impl CaptureError {
                 StatusCode::UNSUPPORTED_MEDIA_TYPE
             }
             Self::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
-            Self::Unavailable { .. } | Self::Overloaded { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Unavailable { .. } | Self::Overloaded { .. } | Self::Lagging { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
         }
     }
@@ -82,10 +89,31 @@ impl CaptureError {
             Self::BodyTimeout => "body_timeout",
             Self::BodyRead(_) => "body_read",
             Self::Unavailable { .. } => "unavailable",
-            Self::Overloaded { .. } => "overloaded",
+            Self::Overloaded { .. } | Self::Lagging { .. } => "overloaded",
             Self::RateLimited { .. } => "rate_limited",
             Self::TooManyEvents { .. } => "too_many_events",
         }
+    }
+}
+
+impl CaptureError {
+    /// Why the request was shed, for `collector_load_shed_total{reason}`; `None` when the request
+    /// itself was at fault.
+    pub fn shed_reason(&self) -> Option<&'static str> {
+        Some(match self {
+            Self::Overloaded { .. } => "in_flight",
+            Self::Lagging { .. } => "scheduling_delay",
+            Self::RateLimited { .. } => "rate_limit",
+            Self::Unavailable { source, .. } => match source {
+                PublishError::Unavailable => "broker_unavailable",
+                PublishError::Blocked => "broker_blocked",
+                PublishError::Nacked => "broker_nack",
+                PublishError::Unroutable => "unroutable",
+                PublishError::ConfirmTimeout(_) => "confirm_timeout",
+                PublishError::Amqp(_) => "broker_error",
+            },
+            _ => return None,
+        })
     }
 }
 
@@ -102,6 +130,9 @@ impl IntoResponse for CaptureError {
             retry_after_secs, ..
         }
         | Self::Overloaded { retry_after_secs }
+        | Self::Lagging {
+            retry_after_secs, ..
+        }
         | Self::RateLimited { retry_after_secs } = self
         {
             response

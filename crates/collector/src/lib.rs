@@ -13,6 +13,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use ingest_pipeline::metrics::SchedulingDelay;
 use ingest_pipeline::Settings;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -30,6 +31,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let c = &settings.collector;
+    ingest_pipeline::metrics::prometheus();
     let publisher = Publisher::start(settings.broker.clone());
     let state = Arc::new(AppState {
         publisher: publisher.clone(),
@@ -48,6 +50,9 @@ pub async fn serve(
         body_timeout: Duration::from_millis(c.body_timeout_ms),
         retry_after_secs: c.retry_after_secs,
         trusted_proxies: c.trusted_proxies.clone(),
+        scheduling_delay: SchedulingDelay::start("collector"),
+        max_scheduling_delay: (c.max_scheduling_delay_ms > 0)
+            .then(|| Duration::from_millis(c.max_scheduling_delay_ms)),
     });
     let app = api::router(state, c);
     tracing::info!(addr = %listener.local_addr()?, "collector listening");

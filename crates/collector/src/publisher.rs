@@ -57,7 +57,7 @@ pub struct Publisher {
 impl Publisher {
     /// Starts the supervisor; the publisher is usable (not ready) at once.
     pub fn start(settings: BrokerSettings) -> Self {
-        let topology = Topology::new(settings.prefix.clone());
+        let topology = Topology::from_settings(&settings);
         let shared = Arc::new(Shared {
             live: RwLock::new(None),
             blocked: AtomicBool::new(false),
@@ -92,6 +92,7 @@ impl Publisher {
         let live = self.current().ok_or(PublishError::Unavailable)?;
         let index = live.next.fetch_add(1, Ordering::Relaxed) % live.channels.len();
         let channel = &live.channels[index];
+        let started = std::time::Instant::now();
         let result = tokio::time::timeout(self.confirm_timeout, async {
             channel
                 .publish(
@@ -107,6 +108,14 @@ impl Publisher {
                 .await
         })
         .await;
+        let outcome = match &result {
+            Ok(Ok(Confirmation::Ack(None))) => "ack",
+            Ok(Ok(_)) => "nack",
+            Ok(Err(_)) => "error",
+            Err(_) => "timeout",
+        };
+        metrics::histogram!("collector_publish_confirm_seconds", "outcome" => outcome)
+            .record(started.elapsed().as_secs_f64());
         match result {
             Err(_) => Err(PublishError::ConfirmTimeout(self.confirm_timeout)),
             Ok(Err(error)) => {

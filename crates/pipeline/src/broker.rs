@@ -20,12 +20,24 @@ use crate::settings::BrokerSettings;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Topology {
     prefix: String,
+    raw_max_length_bytes: u64,
 }
 
 impl Topology {
+    /// Names only; declaring with it gives the raw queue no size cap.
     pub fn new(prefix: impl Into<String>) -> Self {
         Self {
             prefix: prefix.into(),
+            raw_max_length_bytes: 0,
+        }
+    }
+
+    /// The topology the services declare: names from `broker.prefix`, and the raw queue's cap
+    /// (every declarer must pass the same arguments, or the broker refuses the declare).
+    pub fn from_settings(settings: &BrokerSettings) -> Self {
+        Self {
+            prefix: settings.prefix.clone(),
+            raw_max_length_bytes: settings.raw_max_length_bytes,
         }
     }
 
@@ -76,10 +88,17 @@ impl Topology {
     }
 
     /// Declares the raw and invalid queues (idempotent): durable quorum queues.
+    /// With a cap, the raw queue refuses publishes past it (`reject-publish`: the publisher gets
+    /// a nack, so the collector answers 503) rather than growing until a broker alarm.
     pub async fn declare(&self, channel: &Channel) -> lapin::Result<()> {
-        for queue in self.all_queues() {
-            declare_queue(channel, &queue, quorum_arguments()).await?;
+        let mut raw = quorum_arguments();
+        if self.raw_max_length_bytes > 0 {
+            let cap = i64::try_from(self.raw_max_length_bytes).unwrap_or(i64::MAX);
+            raw.insert("x-max-length-bytes".into(), AMQPValue::LongLongInt(cap));
+            raw.insert("x-overflow".into(), long_string("reject-publish"));
         }
+        declare_queue(channel, &self.raw(), raw).await?;
+        declare_queue(channel, &self.invalid(), quorum_arguments()).await?;
         Ok(())
     }
 

@@ -4,6 +4,7 @@
 pub mod backoff;
 pub mod broker;
 pub mod gzip;
+pub mod metrics;
 pub mod settings;
 pub mod shutdown;
 pub mod telemetry;

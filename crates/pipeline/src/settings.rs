@@ -137,6 +137,8 @@ pub struct CollectorSettings {
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct WorkerSettings {
+    /// Where `/healthz`, `/readyz` and `/metrics` are served.
+    pub listen: SocketAddr,
     pub schemas_dir: PathBuf,
     pub unknown_events: UnknownEventPolicy,
     pub prefetch: u16,

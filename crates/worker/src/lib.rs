@@ -6,6 +6,7 @@
 
 pub mod decode;
 pub mod enrich;
+pub mod health;
 pub mod invalid;
 pub mod process;
 pub mod runner;
@@ -18,6 +19,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use futures_util::StreamExt;
 use ingest_pipeline::broker::{long_string, Publisher};
+use ingest_pipeline::metrics::SchedulingDelay;
 use ingest_pipeline::settings::BrokerSettings;
 use ingest_pipeline::{broker, Backoff, Settings, Topology};
 use ingest_schema::Registry;
@@ -47,6 +49,7 @@ const INVALID_PUBLISH_CONCURRENCY: usize = 64;
 const STATS_EVERY: Duration = Duration::from_secs(10);
 
 struct Context {
+    health: Arc<health::Health>,
     registry: Registry,
     topology: Topology,
     limits: PayloadLimits,
@@ -127,11 +130,14 @@ pub async fn build_sinks(
 
 /// Runs until `shutdown` completes; then stops consuming, finishes the deliveries in hand within
 /// `worker.shutdown_timeout_ms`, and closes the connections, which returns anything still
-/// unacked to its queue for the next worker.
-pub async fn run(
+/// unacked to its queue for the next worker. `listener` serves `/healthz`, `/readyz` and
+/// `/metrics`.
+pub async fn serve(
     settings: Settings,
+    listener: tokio::net::TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    ingest_pipeline::metrics::prometheus();
     let w = &settings.worker;
     let registry = Registry::load(&w.schemas_dir, w.unknown_events)
         .with_context(|| format!("loading schemas from {}", w.schemas_dir.display()))?;
@@ -144,18 +150,31 @@ pub async fn run(
         shutdown.await;
         stop_on_signal.cancel();
     });
+    let mongo = match sinks.iter().any(|(s, _)| s.name() == "mongo") {
+        true => Some(MongoSink::connect(&settings.mongo).await?),
+        false => None,
+    };
+    let health = health::Health::new(mongo.clone());
+    tracing::info!(addr = %listener.local_addr()?, "worker health and metrics listening");
+    let http_stop = stop.clone();
+    let router = health::router(health.clone());
+    let http = tokio::spawn(async move {
+        axum::serve(listener, router)
+            .with_graceful_shutdown(async move { http_stop.cancelled().await })
+            .await
+    });
+    let _scheduling = SchedulingDelay::start("worker");
     let reconnect = Backoff::new(
         Duration::from_millis(settings.broker.reconnect_min_ms),
         Duration::from_millis(settings.broker.reconnect_max_ms),
     );
-    if sinks.iter().any(|(s, _)| s.name() == "mongo") {
-        let mongo = MongoSink::connect(&settings.mongo).await?;
-        if !ensure_indexes(&mongo, reconnect.clone(), &stop).await {
+    if let Some(mongo) = &mongo {
+        if !ensure_indexes(mongo, reconnect.clone(), &stop).await {
             return Ok(());
         }
     }
 
-    let topology = Topology::new(settings.broker.prefix.clone());
+    let topology = Topology::from_settings(&settings.broker);
     let runners: Vec<Arc<SinkRunner>> = sinks
         .into_iter()
         .map(|(sink, delivery)| {
@@ -171,10 +190,11 @@ pub async fn run(
     tokio::spawn(log_stats(
         runners.clone(),
         settings.broker.clone(),
-        Topology::new(settings.broker.prefix.clone()),
+        Topology::from_settings(&settings.broker),
         stop.clone(),
     ));
     let context = Arc::new(Context {
+        health,
         registry,
         topology,
         limits: PayloadLimits {
@@ -199,6 +219,7 @@ pub async fn run(
             () = stop.cancelled() => break,
         }
     }
+    http.abort();
     tracing::info!("worker stopped");
     Ok(())
 }
@@ -342,6 +363,7 @@ async fn session(
         )
         .await?;
     tracing::info!(queue = %topology.raw(), prefetch = settings.worker.prefetch, sinks = ?names, "consuming");
+    context.health.set_consuming(true);
 
     let mut tasks = JoinSet::new();
     let mut health = tokio::time::interval(Duration::from_secs(1));
@@ -376,6 +398,7 @@ async fn session(
             Some(joined) = tasks.join_next(), if !tasks.is_empty() => log_join(joined),
         }
     };
+    context.health.set_consuming(false);
     if !lost {
         let cancel = channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default());
         let _ = tokio::time::timeout(BROKER_CALL_TIMEOUT, cancel).await;
@@ -499,6 +522,11 @@ async fn handle(delivery: Delivery, context: Arc<Context>, publish: Publisher) {
         context.limits,
     );
     let (valid, invalid) = (outcome.valid.len(), outcome.invalid.len());
+    metrics::counter!("worker_events_total", "result" => "valid").increment(valid as u64);
+    metrics::counter!("worker_events_total", "result" => "invalid").increment(invalid as u64);
+    let waited = chrono::Utc::now().signed_duration_since(outcome.meta.received_at);
+    metrics::histogram!("worker_queue_lag_seconds")
+        .record(waited.num_milliseconds().max(0) as f64 / 1000.0);
     let stored = async {
         publish_invalid(&context, &publish, &outcome.invalid).await?;
         if !outcome.valid.is_empty() {
@@ -515,11 +543,13 @@ async fn handle(delivery: Delivery, context: Arc<Context>, publish: Publisher) {
                 tag = delivery.delivery_tag,
                 "delivery fanned out"
             );
+            metrics::counter!("worker_deliveries_total", "outcome" => "acked").increment(1);
             if let Err(error) = delivery.ack(BasicAckOptions::default()).await {
                 tracing::warn!(%error, "ack failed; the delivery will be redelivered");
             }
         }
         Err(error) => {
+            metrics::counter!("worker_deliveries_total", "outcome" => "requeued").increment(1);
             tracing::warn!(%error, "delivery not fanned out; returning it to the queue");
             // Do not spin on a persistent failure.
             tokio::time::sleep(Duration::from_millis(500 + fastrand::u64(0..1000))).await;

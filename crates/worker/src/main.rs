@@ -6,5 +6,8 @@ async fn main() -> anyhow::Result<()> {
     let settings = Settings::load().context("loading configuration")?;
     telemetry::init(&settings.log);
     settings.validate_worker()?;
-    worker::run(settings, shutdown::signal()).await
+    let listener = tokio::net::TcpListener::bind(settings.worker.listen)
+        .await
+        .with_context(|| format!("binding {}", settings.worker.listen))?;
+    worker::serve(settings, listener, shutdown::signal()).await
 }

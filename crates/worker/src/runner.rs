@@ -93,6 +93,40 @@ impl DeliverySettings {
     }
 }
 
+#[derive(Debug, Clone, Copy)]
+enum Outcome {
+    Delivered,
+    Retried,
+    DeadLettered,
+    FilteredOut,
+}
+
+impl Outcome {
+    fn label(self) -> &'static str {
+        match self {
+            Self::Delivered => "delivered",
+            Self::Retried => "retried",
+            Self::DeadLettered => "dead_lettered",
+            Self::FilteredOut => "filtered_out",
+        }
+    }
+}
+
+/// End-to-end lag of a delivered batch: now minus its oldest event's `receivedAt`.
+fn record_lag(sink: &str, batch: &Batch) {
+    let oldest = batch
+        .events
+        .iter()
+        .filter_map(|e| e.get("receivedAt")?.as_str())
+        .filter_map(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+        .min();
+    if let Some(oldest) = oldest {
+        let lag = chrono::Utc::now().signed_duration_since(oldest);
+        let seconds = lag.num_milliseconds().max(0) as f64 / 1000.0;
+        metrics::histogram!("sink_lag_seconds", "sink" => sink.to_owned()).record(seconds);
+    }
+}
+
 /// Per-sink counters, logged periodically.
 #[derive(Debug, Default)]
 pub struct SinkStats {
@@ -195,6 +229,19 @@ struct Pending {
 }
 
 impl SinkRunner {
+    /// Counts events in the log totals and in `sink_events_total{sink,outcome}`.
+    fn count(&self, outcome: Outcome, events: usize) {
+        let counter = match outcome {
+            Outcome::Delivered => &self.stats.delivered,
+            Outcome::Retried => &self.stats.retried,
+            Outcome::DeadLettered => &self.stats.dead_lettered,
+            Outcome::FilteredOut => &self.stats.filtered_out,
+        };
+        counter.fetch_add(events as u64, Ordering::Relaxed);
+        metrics::counter!("sink_events_total", "sink" => self.sink.name().to_owned(), "outcome" => outcome.label())
+            .increment(events as u64);
+    }
+
     /// Consumes the sink's queue until `stop`, or until the connection fails.
     pub async fn run(
         &self,
@@ -297,9 +344,7 @@ impl SinkRunner {
             .filter(|e| self.delivery.wants(e))
             .map(Arc::new)
             .collect();
-        self.stats
-            .filtered_out
-            .fetch_add((before - wanted.len()) as u64, Ordering::Relaxed);
+        self.count(Outcome::FilteredOut, before - wanted.len());
         if wanted.is_empty() {
             let _ = delivery.ack(BasicAckOptions::default()).await;
             return;
@@ -401,7 +446,19 @@ impl SinkRunner {
             if !breaker.allows(Instant::now()) {
                 return last;
             }
+            let started = Instant::now();
             let result = self.sink.deliver(batch).await;
+            let sink = self.sink.name().to_owned();
+            let result_label = match &result {
+                Ok(()) => "ok",
+                Err(SinkError::Refused(_)) => "refused",
+                Err(e) if e.is_retryable() => "retryable",
+                Err(_) => "permanent",
+            };
+            metrics::histogram!("sink_deliver_seconds", "sink" => sink.clone(), "result" => result_label)
+                .record(started.elapsed().as_secs_f64());
+            metrics::histogram!("sink_batch_size", "sink" => sink)
+                .record(batch.events.len() as f64);
             breaker.record(
                 !matches!(&result, Err(e) if e.is_retryable()),
                 Instant::now(),
@@ -435,10 +492,10 @@ impl SinkRunner {
         publish: &Publisher,
     ) {
         let name = self.sink.name();
-        let count = batch.events.len() as u64;
         let moved = match result {
             Some(Ok(())) => {
-                self.stats.delivered.fetch_add(count, Ordering::Relaxed);
+                self.count(Outcome::Delivered, batch.events.len());
+                record_lag(name, &batch);
                 Ok(())
             }
             Some(Err(SinkError::ShuttingDown)) => Err("shutting down".to_owned()),
@@ -447,9 +504,10 @@ impl SinkRunner {
                     .await
             }
             Some(Err(SinkError::Refused(refused))) => {
-                self.stats
-                    .delivered
-                    .fetch_add(count - refused.len() as u64, Ordering::Relaxed);
+                self.count(
+                    Outcome::Delivered,
+                    batch.events.len().saturating_sub(refused.len()),
+                );
                 let events: Vec<Arc<Event>> = refused
                     .iter()
                     .filter_map(|(i, _)| batch.events.get(*i).cloned())
@@ -519,9 +577,7 @@ impl SinkRunner {
         let queue = topology.sink_retry(self.sink.name(), delay);
         self.publish(&queue, batch, attempts, error, publish)
             .await?;
-        self.stats
-            .retried
-            .fetch_add(batch.events.len() as u64, Ordering::Relaxed);
+        self.count(Outcome::Retried, batch.events.len());
         tracing::info!(sink = self.sink.name(), attempts, ?delay, events = batch.events.len(), %error, "batch waits to be retried");
         Ok(())
     }
@@ -537,9 +593,7 @@ impl SinkRunner {
         let queue = topology.sink_dlq(self.sink.name());
         self.publish(&queue, batch, attempts, error, publish)
             .await?;
-        self.stats
-            .dead_lettered
-            .fetch_add(batch.events.len() as u64, Ordering::Relaxed);
+        self.count(Outcome::DeadLettered, batch.events.len());
         tracing::warn!(sink = self.sink.name(), attempts, events = batch.events.len(), %error, "batch dead-lettered");
         Ok(())
     }

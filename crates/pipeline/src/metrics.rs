@@ -1,0 +1,104 @@
+//! Prometheus metrics for both services: one process-wide recorder behind the `metrics` facade,
+//! rendered by each service's `/metrics`, and the runtime's scheduling delay (the tokio analogue
+//! of Node's event-loop lag), which the collector also sheds load on.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+/// Latency buckets in seconds: 0.5 ms to 30 s.
+const SECONDS_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+/// Lag buckets in seconds: events can wait minutes in a backlog.
+const LAG_BUCKETS: &[f64] = &[
+    0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0,
+];
+const COUNT_BUCKETS: &[f64] = &[1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0];
+/// Histogram samples are folded into buckets this often even when nobody scrapes.
+const UPKEEP_EVERY: Duration = Duration::from_secs(5);
+/// How often the scheduling-delay probe wakes.
+const PROBE_EVERY: Duration = Duration::from_millis(100);
+
+static RECORDER: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+
+/// Installs the Prometheus recorder once per process (later calls get the same handle). `None`
+/// if another recorder was installed first; the services then run without `/metrics` content.
+pub fn prometheus() -> Option<PrometheusHandle> {
+    RECORDER
+        .get_or_init(|| {
+            let handle = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("lag_seconds".into()), LAG_BUCKETS)
+                .and_then(|b| {
+                    b.set_buckets_for_metric(Matcher::Suffix("_seconds".into()), SECONDS_BUCKETS)
+                })
+                .and_then(|b| {
+                    b.set_buckets_for_metric(Matcher::Suffix("_size".into()), COUNT_BUCKETS)
+                })
+                .and_then(|b| b.install_recorder());
+            match handle {
+                Ok(handle) => {
+                    let upkeep = handle.clone();
+                    // A thread, not a task: it must outlive whichever runtime installed it.
+                    let spawned = std::thread::Builder::new()
+                        .name("metrics-upkeep".into())
+                        .spawn(move || loop {
+                            std::thread::sleep(UPKEEP_EVERY);
+                            upkeep.run_upkeep();
+                        });
+                    if let Err(error) = spawned {
+                        tracing::warn!(%error, "metrics upkeep thread not started");
+                    }
+                    Some(handle)
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "Prometheus recorder not installed");
+                    None
+                }
+            }
+        })
+        .clone()
+}
+
+/// The text `/metrics` answers with.
+pub fn render() -> String {
+    prometheus().map(|h| h.render()).unwrap_or_default()
+}
+
+/// The latest measured scheduling delay of the runtime the probe runs on.
+#[derive(Clone, Default)]
+pub struct SchedulingDelay {
+    micros: Arc<AtomicU64>,
+}
+
+impl SchedulingDelay {
+    /// Starts the probe on the current runtime: a task that sleeps [`PROBE_EVERY`] and records
+    /// how late it woke. A busy runtime wakes it late; that lateness is what every other task
+    /// waits too. The probe stops when the last handle is dropped.
+    pub fn start(service: &'static str) -> Self {
+        let delay = Self::default();
+        let weak = Arc::downgrade(&delay.micros);
+        tokio::spawn(async move {
+            let histogram =
+                metrics::histogram!("runtime_scheduling_delay_seconds", "service" => service);
+            loop {
+                let start = Instant::now();
+                tokio::time::sleep(PROBE_EVERY).await;
+                let late = start.elapsed().saturating_sub(PROBE_EVERY);
+                let Some(micros) = weak.upgrade() else { return };
+                micros.store(
+                    u64::try_from(late.as_micros()).unwrap_or(u64::MAX),
+                    Ordering::Relaxed,
+                );
+                histogram.record(late.as_secs_f64());
+            }
+        });
+        delay
+    }
+
+    pub fn current(&self) -> Duration {
+        Duration::from_micros(self.micros.load(Ordering::Relaxed))
+    }
+}
