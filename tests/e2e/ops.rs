@@ -3,8 +3,14 @@
 
 use std::process::Command;
 
+use std::time::Duration;
+
 use ingest_e2e::*;
 use ingest_pipeline::Settings;
+use mongodb::bson::doc;
+use serde_json::json;
+
+use super::fixtures::{batch, ids, product_viewed};
 
 fn ingestctl(s: &Settings, args: &[&str]) -> (i32, String) {
     let out = Command::new(binary("ingestctl"))
@@ -31,7 +37,12 @@ fn assert_plugin_output(line: &str) {
         assert!(!label.is_empty() && !label.contains(' '));
         let fields: Vec<&str> = rest.split(';').collect();
         assert!(fields.len() <= 5, "{item}");
-        assert!(fields[0].parse::<f64>().is_ok(), "value of {item}");
+        // a number, then an optional unit of measure from the guidelines' list
+        let value = ["us", "ms", "s", "%", "KB", "MB", "TB", "B", "c"]
+            .iter()
+            .find_map(|uom| fields[0].strip_suffix(uom))
+            .unwrap_or(fields[0]);
+        assert!(value.parse::<f64>().is_ok(), "value of {item}");
         for f in &fields[1..] {
             assert!(
                 f.is_empty() || f.chars().all(|c| c.is_ascii_digit() || ":~@.-".contains(c)),
@@ -146,4 +157,269 @@ async fn schema_check_prints_every_error_with_its_pointer() {
         0
     );
     let _ = std::fs::remove_dir_all(dir);
+}
+
+/// `ingestctl` without blocking the runtime that serves in-process services it talks to.
+async fn ingestctl_async(s: &Settings, args: &[&str]) -> (i32, String) {
+    let out = tokio::process::Command::new(binary("ingestctl"))
+        .envs(settings_env(s))
+        .current_dir(root())
+        .args(args)
+        .output()
+        .await
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn canary_finds_all_its_events_through_the_pipeline_and_reports_latency() {
+    let s = settings("canary");
+    let collector = Collector::start(&s).await;
+    let worker = Worker::start(&s);
+    let (status, out) = ingestctl_async(
+        &s,
+        &[
+            "canary",
+            "--url",
+            &collector.url,
+            "--write-key",
+            IOS_KEY,
+            "-n",
+            "5",
+            "--nagios",
+            "-w",
+            "10000",
+            "-c",
+            "20000",
+        ],
+    )
+    .await;
+    assert_eq!(status, 0, "{out}");
+    assert!(
+        out.starts_with("CANARY OK - 5/5 events landed in MongoDB, latency ms min/median/p99/max "),
+        "{out}"
+    );
+    assert_plugin_output(&out);
+    let canaries = doc! {"event": "Ingest Canary", "context.canary": true};
+    assert_eq!(count(&s, canaries.clone()).await, 5);
+
+    // With --clean-up the run's events are deleted after they were found.
+    let (status, out) = ingestctl_async(
+        &s,
+        &[
+            "canary",
+            "--url",
+            &collector.url,
+            "--write-key",
+            IOS_KEY,
+            "-n",
+            "3",
+            "--json",
+            "--clean-up",
+        ],
+    )
+    .await;
+    assert_eq!(status, 0, "{out}");
+    let report: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(report["landed"], 3, "{report}");
+    assert_eq!(report["missing"].as_array().unwrap().len(), 0);
+    let latency = &report["latency_ms"];
+    assert!(latency["min"].as_f64().unwrap() <= latency["max"].as_f64().unwrap());
+    let run = report["run"].as_str().unwrap();
+    assert_eq!(count(&s, doc! {"properties.run": run}).await, 0);
+    assert_eq!(count(&s, canaries).await, 5);
+    worker.stop().await;
+}
+
+#[tokio::test]
+async fn canary_with_the_worker_stopped_reports_every_event_missing_and_is_critical() {
+    let s = settings("canary-down");
+    let collector = Collector::start(&s).await;
+    let (status, out) = ingestctl_async(
+        &s,
+        &[
+            "canary",
+            "--url",
+            &collector.url,
+            "--write-key",
+            IOS_KEY,
+            "-n",
+            "3",
+            "--timeout",
+            "2",
+            "--nagios",
+        ],
+    )
+    .await;
+    assert_eq!(status, 2, "{out}");
+    assert!(
+        out.starts_with("CANARY CRITICAL - 0/3 events landed"),
+        "{out}"
+    );
+    assert!(out.contains("3 missing from MongoDB"), "{out}");
+    assert_plugin_output(&out);
+
+    // A wrong key is refused by the collector: also critical, and said so.
+    let (status, out) = ingestctl_async(
+        &s,
+        &[
+            "canary",
+            "--url",
+            &collector.url,
+            "--write-key",
+            "wrong-key-123",
+            "-n",
+            "2",
+            "--timeout",
+            "1",
+            "--nagios",
+        ],
+    )
+    .await;
+    assert_eq!(status, 2, "{out}");
+    assert!(out.contains("2 refused by the collector (2x 401)"), "{out}");
+}
+
+#[tokio::test]
+async fn dlq_replay_after_a_schema_fix_moves_invalid_events_into_mongodb() {
+    // A tracking plan where Product Viewed wrongly requires `sku`.
+    let plan = std::path::PathBuf::from(
+        std::env::var("TEST_WORK_DIR")
+            .unwrap_or_else(|_| std::env::temp_dir().display().to_string()),
+    )
+    .join(unique("plan"));
+    copy_dir(&root().join("schemas"), &plan);
+    let schema_file = plan.join("track/product_viewed.json");
+    let original = std::fs::read_to_string(&schema_file).unwrap();
+    let strict = original.replace(
+        r#""required": ["product_id"]"#,
+        r#""required": ["product_id", "sku"]"#,
+    );
+    assert_ne!(strict, original);
+    std::fs::write(&schema_file, strict).unwrap();
+
+    let mut s = settings("replay");
+    s.worker.schemas_dir = plan.clone();
+    let collector = Collector::start(&s).await;
+    let worker = Worker::start(&s);
+    let mut events: Vec<serde_json::Value> =
+        ids("rp", 3).iter().map(|id| product_viewed(id)).collect();
+    let mut broken = product_viewed("rp-broken");
+    broken["properties"]["price"] = json!("free"); // invalid under both plans
+    events.push(broken);
+    let r = http()
+        .post(format!("{}/v1/batch", collector.url))
+        .basic_auth(IOS_KEY, Some(""))
+        .json(&batch(events))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let invalid = format!("{}.invalid", s.broker.prefix);
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            depth(&amqp_url(), &invalid).await == 4
+        })
+        .await
+    );
+    worker.stop().await;
+
+    // Ops look first: `show` prints the records and leaves them in place.
+    let (status, out) = ingestctl_async(&s, &["dlq", "show", "invalid", "--limit", "2"]).await;
+    assert_eq!(status, 0, "{out}");
+    assert!(
+        out.contains("/properties/sku") || out.contains("sku"),
+        "{out}"
+    );
+    assert_eq!(depth(&amqp_url(), &invalid).await, 4);
+
+    // The fix ships: the plan no longer requires sku, and the worker runs with it.
+    std::fs::write(&schema_file, &original).unwrap();
+    let (status, out) = ingestctl_async(&s, &["dlq", "replay", "invalid", "--dry-run"]).await;
+    assert_eq!(status, 0, "{out}");
+    assert!(out.contains("looked at 4, would replay 3"), "{out}");
+    assert!(
+        out.contains("kept 1: still invalid (/properties/price"),
+        "{out}"
+    );
+    assert_eq!(depth(&amqp_url(), &invalid).await, 4);
+    assert_eq!(count(&s, doc! {}).await, 0);
+
+    let worker = Worker::start(&s);
+    let (status, out) = ingestctl_async(&s, &["dlq", "replay", "invalid"]).await;
+    assert_eq!(status, 0, "{out}");
+    assert!(out.contains("looked at 4, replayed 3"), "{out}");
+    let landed = wait_for_count(
+        &s,
+        doc! {"messageId": {"$in": ["rp-0", "rp-1", "rp-2"]}},
+        3,
+        Duration::from_secs(30),
+    )
+    .await;
+    assert_eq!(landed, 3);
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            depth(&amqp_url(), &invalid).await == 1
+        })
+        .await
+    );
+    // Replaying again changes nothing: what is left is still invalid, what landed stays once.
+    let (_, out) = ingestctl_async(&s, &["dlq", "replay", "invalid"]).await;
+    assert!(out.contains("looked at 1, replayed 0"), "{out}");
+    assert_eq!(count(&s, doc! {}).await, 3);
+    worker.stop().await;
+}
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
+#[tokio::test]
+async fn scale_sizes_workers_from_depth_target_and_per_worker_rate() {
+    let s = settings("scale");
+    let collector = Collector::start(&s).await; // declares the raw queue
+    let raw = format!("{}.raw", s.broker.prefix);
+    for i in 0..50 {
+        publish_raw(&amqp_url(), &raw, format!("{{\"n\":{i}}}").as_bytes()).await;
+    }
+    let (status, out) = ingestctl_async(
+        &s,
+        &[
+            "scale",
+            "--json",
+            "--target",
+            "1",
+            "--per-worker-rate",
+            "10",
+            "--sample",
+            "1",
+        ],
+    )
+    .await;
+    assert_eq!(status, 0, "{out}");
+    let hint: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(hint["depth"], 50, "{hint}");
+    assert_eq!(hint["consumers"], 0);
+    assert_eq!(hint["workers"], 5, "{hint}");
+    assert_eq!(hint["net_rate"], 0.0);
+    assert!(hint["drain_seconds_now"].is_null(), "{hint}");
+
+    // Without a rate and without the management API, it says it cannot tell.
+    let (status, out) = ingestctl_async(&s, &["scale", "--json", "--sample", "1"]).await;
+    assert_eq!(status, 0, "{out}");
+    let hint: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(hint["workers"].is_null(), "{hint}");
+    drop(collector);
 }

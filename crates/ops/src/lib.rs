@@ -1,7 +1,10 @@
 //! `ingestctl`: what operators run against a live pipeline, with the services' configuration.
 //! Queue depths for scaling, Nagios checks for paging, local schema checks for app teams.
 
+pub mod canary;
+pub mod dlq;
 pub mod range;
+pub mod scale;
 
 use std::time::Duration;
 
@@ -14,11 +17,56 @@ use serde::Serialize;
 pub use range::Range;
 
 /// One queue as ops see it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct QueueState {
     pub name: String,
     pub depth: u32,
     pub consumers: u32,
+    /// Messages per second published into and acknowledged out of the queue, from the
+    /// management API when it is configured.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rates: Option<Rates>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Rates {
+    pub publish: f64,
+    pub ack: f64,
+}
+
+/// A queue's rates from the management API's `GET /api/queues/{vhost}/{name}`.
+pub async fn management_rates(base: &str, amqp_url: &str, queue: &str) -> anyhow::Result<Rates> {
+    let vhost = amqp_url
+        .rsplit_once('/')
+        .map(|(_, v)| v)
+        .filter(|v| !v.is_empty() && !v.contains('@') && !v.contains(':'))
+        .unwrap_or("%2f");
+    let url = format!("{}/api/queues/{vhost}/{queue}", base.trim_end_matches('/'));
+    let parsed = reqwest::Url::parse(&url)?;
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()?;
+    let mut request = client.get(parsed.clone());
+    if !parsed.username().is_empty() {
+        let user = parsed.username().to_owned();
+        request = request.basic_auth(user, parsed.password().map(str::to_owned));
+    }
+    let body: serde_json::Value = request.send().await?.error_for_status()?.json().await?;
+    Ok(parse_rates(&body))
+}
+
+/// Rates out of a management API queue object (0 where the broker has not sampled yet).
+pub fn parse_rates(queue: &serde_json::Value) -> Rates {
+    let rate = |key: &str| {
+        queue
+            .pointer(&format!("/message_stats/{key}/rate"))
+            .and_then(serde_json::Value::as_f64)
+            .unwrap_or(0.0)
+    };
+    Rates {
+        publish: rate("publish_details"),
+        ack: rate("ack_details"),
+    }
 }
 
 /// Every queue of the pipeline: raw, invalid, and each sink's queue, delay queues and DLQ.
@@ -62,6 +110,7 @@ pub async fn queue_states(
                 name: name.clone(),
                 depth: queue.message_count(),
                 consumers: queue.consumer_count(),
+                rates: None,
             });
             let _ = channel.close(200, "".into()).await;
         }
@@ -140,7 +189,30 @@ mod tests {
             name: "analytics.raw".into(),
             depth,
             consumers,
+            rates: None,
         }
+    }
+
+    #[test]
+    fn rates_are_read_from_the_management_api_queue_object() {
+        let queue = serde_json::json!({
+            "messages": 12,
+            "message_stats": {"publish_details": {"rate": 250.5}, "ack_details": {"rate": 240.0}}
+        });
+        assert_eq!(
+            parse_rates(&queue),
+            Rates {
+                publish: 250.5,
+                ack: 240.0
+            }
+        );
+        assert_eq!(
+            parse_rates(&serde_json::json!({})),
+            Rates {
+                publish: 0.0,
+                ack: 0.0
+            }
+        );
     }
 
     #[test]

@@ -1,5 +1,11 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use ingestctl::canary::{self, Canary};
+use ingestctl::dlq::{self as dead, DeadQueue};
+use ingestctl::scale;
 
 use clap::{Parser, Subcommand};
 use ingest_pipeline::{Settings, Topology};
@@ -35,10 +41,87 @@ enum Command {
         #[arg(long)]
         consumers: bool,
     },
+    /// Send tagged synthetic events through a collector and time their arrival in MongoDB.
+    Canary {
+        /// The collector's base URL (default: from collector.listen).
+        #[arg(long)]
+        url: Option<String>,
+        /// A write key; or use --source to take a configured source's key.
+        #[arg(long, env = "INGEST_CANARY_WRITE_KEY", hide_env_values = true)]
+        write_key: Option<String>,
+        #[arg(long)]
+        source: Option<String>,
+        #[arg(long, short = 'n', default_value_t = 10)]
+        events: usize,
+        /// Seconds to wait for the last event.
+        #[arg(long, default_value_t = 30)]
+        timeout: u64,
+        /// Milliseconds between two events.
+        #[arg(long, default_value_t = 100)]
+        spacing_ms: u64,
+        /// Print one Nagios status line and exit 0/1/2/3.
+        #[arg(long)]
+        nagios: bool,
+        /// With --nagios: thresholds on the p99 latency in milliseconds.
+        #[arg(long, short = 'w')]
+        warning: Option<Range>,
+        #[arg(long, short = 'c')]
+        critical: Option<Range>,
+        /// Delete this run's events from MongoDB afterwards.
+        #[arg(long)]
+        clean_up: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// How many workers would drain the raw queue within a target time.
+    Scale {
+        /// Seconds the backlog should be drained in.
+        #[arg(long, default_value_t = 300)]
+        target: u64,
+        /// Messages per second one worker drains (e.g. from BENCHMARKS.md); measured from the
+        /// management API when not given.
+        #[arg(long)]
+        per_worker_rate: Option<f64>,
+        /// Without the management API: seconds between the two depth samples.
+        #[arg(long, default_value_t = 5)]
+        sample: u64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The invalid queue and the sinks' dead-letter queues.
+    Dlq {
+        #[command(subcommand)]
+        command: DlqCommand,
+    },
     /// Check payloads against the tracking plan locally.
     Schema {
         #[command(subcommand)]
         command: SchemaCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum DlqCommand {
+    /// Each dead-letter queue with its depth.
+    List,
+    /// Print messages of a queue (they stay in it).
+    Show {
+        /// Full name, or the role under the prefix (`invalid`, `sink.mongo.dlq`).
+        queue: String,
+        #[arg(long, default_value_t = 10)]
+        limit: usize,
+        #[arg(long, default_value_t = 65536)]
+        max_body: usize,
+    },
+    /// Re-validate against the current schemas and send back what now passes.
+    Replay {
+        queue: String,
+        /// Messages looked at in this run (they are held in memory until it ends).
+        #[arg(long, default_value_t = 1000)]
+        limit: usize,
+        /// Report what would be replayed; change nothing.
+        #[arg(long)]
+        dry_run: bool,
     },
 }
 
@@ -80,6 +163,56 @@ async fn main() -> ExitCode {
             )
             .await
         }
+        Command::Canary {
+            url,
+            write_key,
+            source,
+            events,
+            timeout,
+            spacing_ms,
+            nagios,
+            warning,
+            critical,
+            clean_up,
+            json,
+        } => {
+            let options = CanaryOptions {
+                url,
+                write_key,
+                source,
+                events,
+                timeout: Duration::from_secs(timeout),
+                spacing: Duration::from_millis(spacing_ms),
+                nagios,
+                warning,
+                critical,
+                clean_up,
+                json,
+            };
+            canary(&settings, options).await
+        }
+        Command::Scale {
+            target,
+            per_worker_rate,
+            sample,
+            json,
+        } => {
+            scale(
+                &settings,
+                Duration::from_secs(target),
+                per_worker_rate,
+                Duration::from_secs(sample),
+                json,
+            )
+            .await
+        }
+        Command::Dlq { command } => match dlq(&settings, command).await {
+            Ok(code) => code,
+            Err(error) => {
+                eprintln!("ingestctl: {error:#}");
+                ExitCode::from(3)
+            }
+        },
         Command::Schema {
             command:
                 SchemaCommand::Check {
@@ -121,7 +254,29 @@ async fn queues(settings: &Settings, json: bool) -> ExitCode {
         &sink_names(settings),
         &settings.sinks.retry_delays(),
     );
-    match queue_states(&settings.broker, &names).await {
+    let states = match queue_states(&settings.broker, &names).await {
+        Ok(mut states) => {
+            if let Some(base) = &settings.broker.management_url {
+                for state in &mut states {
+                    let rates = ingestctl::management_rates(
+                        base.expose(),
+                        settings.broker.url.expose(),
+                        &state.name,
+                    )
+                    .await;
+                    match rates {
+                        Ok(rates) => state.rates = Some(rates),
+                        Err(error) => {
+                            eprintln!("ingestctl: no rates for {}: {error:#}", state.name)
+                        }
+                    }
+                }
+            }
+            Ok(states)
+        }
+        Err(error) => Err(error),
+    };
+    match states {
         Ok(states) if json => {
             println!(
                 "{}",
@@ -136,15 +291,278 @@ async fn queues(settings: &Settings, json: bool) -> ExitCode {
                 .max()
                 .unwrap_or(5)
                 .max(5);
-            println!("{:<width$}  {:>10}  {:>9}", "queue", "depth", "consumers");
+            println!(
+                "{:<width$}  {:>10}  {:>9}  {:>10}  {:>10}",
+                "queue", "depth", "consumers", "publish/s", "ack/s"
+            );
             for s in states {
-                println!("{:<width$}  {:>10}  {:>9}", s.name, s.depth, s.consumers);
+                let (publish, ack) = match s.rates {
+                    Some(r) => (format!("{:.1}", r.publish), format!("{:.1}", r.ack)),
+                    None => ("-".to_owned(), "-".to_owned()),
+                };
+                println!(
+                    "{:<width$}  {:>10}  {:>9}  {:>10}  {:>10}",
+                    s.name, s.depth, s.consumers, publish, ack
+                );
             }
             ExitCode::SUCCESS
         }
         Err(error) => {
             eprintln!("ingestctl: cannot read the queues: {error:#}");
             ExitCode::from(3)
+        }
+    }
+}
+
+struct CanaryOptions {
+    url: Option<String>,
+    write_key: Option<String>,
+    source: Option<String>,
+    events: usize,
+    timeout: Duration,
+    spacing: Duration,
+    nagios: bool,
+    warning: Option<Range>,
+    critical: Option<Range>,
+    clean_up: bool,
+    json: bool,
+}
+
+async fn canary(settings: &Settings, o: CanaryOptions) -> ExitCode {
+    let unknown = |why: String| {
+        if o.nagios {
+            println!("CANARY UNKNOWN - {why}");
+        } else {
+            eprintln!("ingestctl: {why}");
+        }
+        ExitCode::from(Status::Unknown as u8)
+    };
+    let write_key = match (&o.write_key, &o.source) {
+        (Some(key), _) => key.clone(),
+        (None, Some(source)) => match settings.collector.write_keys.get(source) {
+            Some(key) => key.expose().to_owned(),
+            None => return unknown(format!("no write key is configured for source `{source}`")),
+        },
+        (None, None) => {
+            return unknown("give --write-key (or INGEST_CANARY_WRITE_KEY) or --source".into())
+        }
+    };
+    let url = o
+        .url
+        .clone()
+        .unwrap_or_else(|| format!("http://{}", settings.collector.listen));
+    let collection = match mongo_collection(settings).await {
+        Ok(c) => c,
+        Err(error) => return unknown(format!("MongoDB: {error:#}")),
+    };
+    let run = Canary {
+        collector_url: url,
+        write_key,
+        events: o.events.max(1),
+        timeout: o.timeout,
+        spacing: o.spacing,
+    };
+    let report = match run.run(&collection).await {
+        Ok(report) => report,
+        Err(error) => return unknown(format!("MongoDB could not be searched: {error:#}")),
+    };
+    if o.clean_up {
+        if let Err(error) = canary::clean_up(&collection, &report.run).await {
+            eprintln!("ingestctl: canary events not deleted: {error:#}");
+        }
+    }
+    let (status, line) = canary::nagios(&report, o.warning.as_ref(), o.critical.as_ref());
+    if o.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).unwrap_or_default()
+        );
+    } else if o.nagios {
+        println!("{line}");
+    } else {
+        println!(
+            "canary run {}: {}/{} landed",
+            report.run, report.landed, report.sent
+        );
+        if let Some(l) = &report.latency_ms {
+            println!(
+                "end-to-end latency ms: min {:.1}  median {:.1}  p99 {:.1}  max {:.1} (polled every {} ms)",
+                l.min,
+                l.median,
+                l.p99,
+                l.max,
+                canary::POLL_EVERY.as_millis()
+            );
+        }
+        for (what, n) in &report.refused {
+            println!("refused by the collector: {n} x {what}");
+        }
+        for id in &report.missing {
+            println!("missing: {id}");
+        }
+    }
+    if o.nagios {
+        ExitCode::from(status as u8)
+    } else if status == Status::Critical {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+async fn mongo_collection(
+    settings: &Settings,
+) -> anyhow::Result<mongodb::Collection<mongodb::bson::Document>> {
+    let mut options = mongodb::options::ClientOptions::parse(settings.mongo.uri.expose()).await?;
+    options.server_selection_timeout = Some(Duration::from_secs(5));
+    options.app_name = Some("ingestctl".into());
+    let client = mongodb::Client::with_options(options)?;
+    Ok(client
+        .database(&settings.mongo.database)
+        .collection(&settings.mongo.collection))
+}
+
+async fn scale(
+    settings: &Settings,
+    target: Duration,
+    per_worker_rate: Option<f64>,
+    sample: Duration,
+    json: bool,
+) -> ExitCode {
+    let raw = Topology::new(settings.broker.prefix.clone()).raw();
+    let observed = match observe_raw(settings, &raw, sample).await {
+        Ok(observed) => observed,
+        Err(error) => {
+            eprintln!("ingestctl: cannot read {raw}: {error:#}");
+            return ExitCode::from(3);
+        }
+    };
+    let hint = scale::hint(observed, target, per_worker_rate);
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&hint).unwrap_or_default()
+        );
+    } else {
+        match hint.workers {
+            Some(w) => println!("workers needed: {w}"),
+            None => println!("workers needed: unknown"),
+        }
+        println!("{}", hint.basis);
+        match hint.drain_seconds_now {
+            Some(s) => println!("at the current rate the queue is empty in {s:.0} s"),
+            None => println!("at the current rate the queue is not draining"),
+        }
+    }
+    ExitCode::SUCCESS
+}
+
+async fn observe_raw(
+    settings: &Settings,
+    raw: &str,
+    sample: Duration,
+) -> anyhow::Result<scale::Observed> {
+    let first = queue_states(&settings.broker, &[raw.to_owned()])
+        .await?
+        .pop()
+        .context("the raw queue does not exist")?;
+    if let Some(base) = &settings.broker.management_url {
+        let rates =
+            ingestctl::management_rates(base.expose(), settings.broker.url.expose(), raw).await?;
+        return Ok(scale::Observed {
+            depth: u64::from(first.depth),
+            consumers: first.consumers,
+            publish_rate: Some(rates.publish),
+            drain_rate: Some(rates.ack),
+            net_rate: None,
+        });
+    }
+    tokio::time::sleep(sample).await;
+    let second = queue_states(&settings.broker, &[raw.to_owned()])
+        .await?
+        .pop()
+        .context("the raw queue does not exist")?;
+    let net = (f64::from(second.depth) - f64::from(first.depth)) / sample.as_secs_f64().max(0.001);
+    Ok(scale::Observed {
+        depth: u64::from(second.depth),
+        consumers: second.consumers,
+        publish_rate: None,
+        drain_rate: None,
+        net_rate: Some(net),
+    })
+}
+
+fn full_name(settings: &Settings, queue: &str) -> String {
+    let prefix = format!("{}.", settings.broker.prefix);
+    if queue.starts_with(&prefix) {
+        queue.to_owned()
+    } else {
+        format!("{prefix}{queue}")
+    }
+}
+
+async fn dlq(settings: &Settings, command: DlqCommand) -> anyhow::Result<ExitCode> {
+    let topology = Topology::new(settings.broker.prefix.clone());
+    match command {
+        DlqCommand::List => {
+            let mut names = vec![topology.invalid()];
+            names.extend(sink_names(settings).iter().map(|s| topology.sink_dlq(s)));
+            for state in queue_states(&settings.broker, &names).await? {
+                println!("{:<50} {:>10}", state.name, state.depth);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        DlqCommand::Show {
+            queue,
+            limit,
+            max_body,
+        } => {
+            let queue = full_name(settings, &queue);
+            let connection =
+                ingest_pipeline::broker::connect(&settings.broker, "ingestctl-dlq").await?;
+            let channel = connection.create_channel().await?;
+            let messages = dead::take(&channel, &queue, limit).await?;
+            for message in &messages {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&dead::describe(message, max_body))?
+                );
+            }
+            eprintln!("{} message(s) shown; they stay in {queue}", messages.len());
+            // Closing returns every unacknowledged message to the queue.
+            let _ = connection.close(200, "".into()).await;
+            Ok(ExitCode::SUCCESS)
+        }
+        DlqCommand::Replay {
+            queue,
+            limit,
+            dry_run,
+        } => {
+            let queue = full_name(settings, &queue);
+            let kind = DeadQueue::parse(&topology, &queue).with_context(|| {
+                format!("{queue} is neither the invalid queue nor a sink's DLQ")
+            })?;
+            let registry =
+                Registry::load(&settings.worker.schemas_dir, settings.worker.unknown_events)
+                    .with_context(|| {
+                        format!("loading {}", settings.worker.schemas_dir.display())
+                    })?;
+            let connection =
+                ingest_pipeline::broker::connect(&settings.broker, "ingestctl-replay").await?;
+            let channel = connection.create_channel().await?;
+            let publisher = ingest_pipeline::broker::Publisher::open(&connection).await?;
+            let messages = dead::take(&channel, &queue, limit).await?;
+            let seen = messages.len();
+            let outcome =
+                dead::replay(&kind, &topology, &registry, messages, &publisher, dry_run).await;
+            let _ = connection.close(200, "".into()).await;
+            let outcome = outcome?;
+            let verb = if dry_run { "would replay" } else { "replayed" };
+            println!("{queue}: looked at {seen}, {verb} {}", outcome.replayed);
+            for (why, n) in &outcome.kept {
+                println!("  kept {n}: {why}");
+            }
+            Ok(ExitCode::SUCCESS)
         }
     }
 }
@@ -156,12 +574,7 @@ async fn check(
     critical: Option<&Range>,
     consumers: bool,
 ) -> ExitCode {
-    let prefix = format!("{}.", settings.broker.prefix);
-    let name = if queue.starts_with(&prefix) {
-        queue.to_owned()
-    } else {
-        format!("{prefix}{queue}")
-    };
+    let name = full_name(settings, queue);
     let (status, line) = match queue_states(&settings.broker, std::slice::from_ref(&name)).await {
         Ok(states) => match states.first() {
             Some(state) => check_queue(state, warning, critical, consumers),

@@ -106,6 +106,10 @@ pub struct BrokerSettings {
     /// Cap on the raw queue's size (`x-max-length-bytes`, overflow `reject-publish`); 0 = none.
     /// Fixed when the queue is first declared: change it on a live queue with a policy.
     pub raw_max_length_bytes: u64,
+    /// The RabbitMQ management API (`http://user:pass@host:15672`), for message rates in
+    /// `ingestctl queues` and `scale`; optional.
+    #[serde(default)]
+    pub management_url: Option<Secret>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
