@@ -312,6 +312,34 @@ mod tests {
     }
 
     #[test]
+    fn numbers_and_escapes_the_worker_cannot_parse_are_refused() {
+        let limits = Limits {
+            max_event_bytes: 1 << 20,
+            max_batch_bytes: 1 << 20,
+            max_batch_events: 10,
+        };
+        let long_integer = format!(r#"{{"n":{}}}"#, "9".repeat(400));
+        for body in [
+            r#"{"n":1e400}"#,
+            r#"{"n":-1e400}"#,
+            long_integer.as_str(),
+            r#"{"s":"\ud800"}"#,
+            r#"{"\udc00":1}"#,
+        ] {
+            assert!(
+                serde_json::from_slice::<serde_json::Value>(body.as_bytes()).is_err(),
+                "the worker parses {body}"
+            );
+            let batch = format!(r#"{{"batch":[{body}]}}"#);
+            for (endpoint, json) in [(Endpoint::Track, body), (Endpoint::Batch, &batch)] {
+                let status = inspect(endpoint, json.as_bytes(), &limits).map_err(|e| e.status());
+                assert_eq!(status, Err(axum::http::StatusCode::BAD_REQUEST), "{json}");
+            }
+        }
+        assert!(inspect(Endpoint::Track, br#"{"n":1e300,"m":-0.0}"#, &limits).is_ok());
+    }
+
+    #[test]
     fn endpoints_parse_including_short_aliases() {
         assert_eq!(Endpoint::parse("batch"), Some(Endpoint::Batch));
         assert_eq!(Endpoint::parse("t"), Some(Endpoint::Track));
