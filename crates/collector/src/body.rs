@@ -131,6 +131,10 @@ pub fn inspect(
             "the body must be a JSON object".into(),
         ));
     }
+    // The structs below skim what they ignore (serde's IgnoredAny, RawValue): a number out of
+    // f64 range or a lone surrogate escape passes them, while the worker's parse refuses it.
+    serde_json::from_slice::<ParsedLikeTheWorker>(json)
+        .map_err(|e| CaptureError::MalformedJson(e.to_string()))?;
     match endpoint {
         Endpoint::Batch => {
             let body: BatchBody<'_> = serde_json::from_slice(json)
@@ -170,6 +174,60 @@ pub fn inspect(
                 events: 1,
             })
         }
+    }
+}
+
+/// Any JSON value, parsed the way the worker parses it into a `serde_json::Value` (every number
+/// and string decoded), and kept nowhere: the collector's check costs no allocation per value.
+struct ParsedLikeTheWorker;
+
+impl<'de> Deserialize<'de> for ParsedLikeTheWorker {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(ParsedLikeTheWorker)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for ParsedLikeTheWorker {
+    type Value = ParsedLikeTheWorker;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<Self, E> {
+        Ok(self)
+    }
+
+    fn visit_i64<E>(self, _: i64) -> Result<Self, E> {
+        Ok(self)
+    }
+
+    fn visit_u64<E>(self, _: u64) -> Result<Self, E> {
+        Ok(self)
+    }
+
+    fn visit_f64<E>(self, _: f64) -> Result<Self, E> {
+        Ok(self)
+    }
+
+    fn visit_str<E>(self, _: &str) -> Result<Self, E> {
+        Ok(self)
+    }
+
+    fn visit_unit<E>(self) -> Result<Self, E> {
+        Ok(self)
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self, A::Error> {
+        while seq.next_element::<ParsedLikeTheWorker>()?.is_some() {}
+        Ok(self)
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self, A::Error> {
+        while map.next_key::<ParsedLikeTheWorker>()?.is_some() {
+            map.next_value::<ParsedLikeTheWorker>()?;
+        }
+        Ok(self)
     }
 }
 
