@@ -131,6 +131,10 @@ pub fn inspect(
             "the body must be a JSON object".into(),
         ));
     }
+    // The structs below skim what they ignore (serde's IgnoredAny, RawValue): a number out of
+    // f64 range or a lone surrogate escape passes them, while the worker's parse refuses it.
+    serde_json::from_slice::<ParsedLikeTheWorker>(json)
+        .map_err(|e| CaptureError::MalformedJson(e.to_string()))?;
     match endpoint {
         Endpoint::Batch => {
             let body: BatchBody<'_> = serde_json::from_slice(json)
@@ -170,6 +174,60 @@ pub fn inspect(
                 events: 1,
             })
         }
+    }
+}
+
+/// Any JSON value, parsed the way the worker parses it into a `serde_json::Value` (every number
+/// and string decoded), and kept nowhere: the collector's check costs no allocation per value.
+struct ParsedLikeTheWorker;
+
+impl<'de> Deserialize<'de> for ParsedLikeTheWorker {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(ParsedLikeTheWorker)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for ParsedLikeTheWorker {
+    type Value = ParsedLikeTheWorker;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<Self, E> {
+        Ok(self)
+    }
+
+    fn visit_i64<E>(self, _: i64) -> Result<Self, E> {
+        Ok(self)
+    }
+
+    fn visit_u64<E>(self, _: u64) -> Result<Self, E> {
+        Ok(self)
+    }
+
+    fn visit_f64<E>(self, _: f64) -> Result<Self, E> {
+        Ok(self)
+    }
+
+    fn visit_str<E>(self, _: &str) -> Result<Self, E> {
+        Ok(self)
+    }
+
+    fn visit_unit<E>(self) -> Result<Self, E> {
+        Ok(self)
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self, A::Error> {
+        while seq.next_element::<ParsedLikeTheWorker>()?.is_some() {}
+        Ok(self)
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self, A::Error> {
+        while map.next_key::<ParsedLikeTheWorker>()?.is_some() {
+            map.next_value::<ParsedLikeTheWorker>()?;
+        }
+        Ok(self)
     }
 }
 
@@ -309,6 +367,34 @@ mod tests {
             gunzip_limited(b"not gzip", 1000),
             Err(CaptureError::BadGzip(_))
         ));
+    }
+
+    #[test]
+    fn numbers_and_escapes_the_worker_cannot_parse_are_refused() {
+        let limits = Limits {
+            max_event_bytes: 1 << 20,
+            max_batch_bytes: 1 << 20,
+            max_batch_events: 10,
+        };
+        let long_integer = format!(r#"{{"n":{}}}"#, "9".repeat(400));
+        for body in [
+            r#"{"n":1e400}"#,
+            r#"{"n":-1e400}"#,
+            long_integer.as_str(),
+            r#"{"s":"\ud800"}"#,
+            r#"{"\udc00":1}"#,
+        ] {
+            assert!(
+                serde_json::from_slice::<serde_json::Value>(body.as_bytes()).is_err(),
+                "the worker parses {body}"
+            );
+            let batch = format!(r#"{{"batch":[{body}]}}"#);
+            for (endpoint, json) in [(Endpoint::Track, body), (Endpoint::Batch, &batch)] {
+                let status = inspect(endpoint, json.as_bytes(), &limits).map_err(|e| e.status());
+                assert_eq!(status, Err(axum::http::StatusCode::BAD_REQUEST), "{json}");
+            }
+        }
+        assert!(inspect(Endpoint::Track, br#"{"n":1e300,"m":-0.0}"#, &limits).is_ok());
     }
 
     #[test]

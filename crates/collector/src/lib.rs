@@ -7,9 +7,9 @@ pub mod body;
 pub mod error;
 pub mod publisher;
 pub mod ratelimit;
+pub mod server;
 
 use std::future::Future;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -64,14 +64,16 @@ pub async fn serve(
         stop_signal.cancel();
     });
     let graceful = stop.clone();
-    let server = axum::serve(
+    let limits = server::ConnectionLimits::from_settings(c);
+    let server = server::run(
         listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(async move { graceful.cancelled().await });
+        app,
+        limits,
+        async move { graceful.cancelled().await },
+    );
     let grace = Duration::from_millis(c.shutdown_timeout_ms);
     tokio::select! {
-        result = server => result?,
+        () = server => {}
         () = async { stop.cancelled().await; tokio::time::sleep(grace).await } => {
             tracing::warn!(?grace, "open requests did not finish in time; closing anyway");
         }

@@ -66,8 +66,8 @@ fn shipped_plan_compiles_every_schema() {
     let registry = plan(UnknownEventPolicy::Accept);
     assert_eq!(
         registry.len(),
-        8,
-        "envelope + identify + screen + 5 track events"
+        9,
+        "envelope + identify + screen + 5 track events + the ops canary"
     );
     assert!(!registry.is_empty());
 }
