@@ -250,7 +250,8 @@ impl Process {
                 "max_attempts": settings.sinks.max_attempts,
                 "mongo": settings.sinks.mongo,
                 "http": settings.sinks.http,
-            }
+            },
+            "collector": collector_json(settings),
         });
         std::fs::write(dir.join("test.json"), sinks.to_string()).unwrap();
         let child = Command::new(binary(name))
@@ -267,6 +268,10 @@ impl Process {
         self.child.id()
     }
 
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
     pub fn kill9(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -276,6 +281,78 @@ impl Process {
 impl Drop for Process {
     fn drop(&mut self) {
         self.kill9();
+    }
+}
+
+/// The collector settings a spawned collector needs that the environment does not carry.
+fn collector_json(settings: &Settings) -> serde_json::Value {
+    let c = &settings.collector;
+    let keys: serde_json::Map<String, serde_json::Value> = c
+        .write_keys
+        .iter()
+        .map(|(source, key)| (source.clone(), key.expose().into()))
+        .collect();
+    serde_json::json!({
+        "listen": c.listen.to_string(),
+        "write_keys": keys,
+        "max_event_bytes": c.max_event_bytes,
+        "max_batch_bytes": c.max_batch_bytes,
+        "max_in_flight": c.max_in_flight,
+        "body_timeout_ms": c.body_timeout_ms,
+        "header_timeout_ms": c.header_timeout_ms,
+        "idle_timeout_ms": c.idle_timeout_ms,
+        "max_connections": c.max_connections,
+        "max_scheduling_delay_ms": c.max_scheduling_delay_ms,
+    })
+}
+
+/// A collector running as its own process on a free port (for memory and fd measurements).
+pub struct CollectorProcess {
+    pub url: String,
+    pub process: Process,
+}
+
+impl CollectorProcess {
+    pub async fn spawn(settings: &Settings) -> Self {
+        let mut settings = settings.clone();
+        settings.collector.listen = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let url = format!("http://{}", settings.collector.listen);
+        let process = Process::spawn("collector", &settings);
+        let client = http();
+        let ready = eventually(Duration::from_secs(60), || async {
+            client
+                .get(format!("{url}/readyz"))
+                .send()
+                .await
+                .is_ok_and(|r| r.status() == 200)
+        })
+        .await;
+        assert!(ready, "the collector process did not get ready");
+        Self { url, process }
+    }
+
+    /// Resident memory of the process, in MB (from /proc).
+    pub fn rss_mb(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.process.pid()))
+            .expect("the collector process is gone");
+        let kb: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmRSS in /proc/PID/status");
+        kb / 1024
+    }
+
+    /// Open file descriptors of the process (sockets included).
+    pub fn open_fds(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.process.pid()))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    }
+
+    /// Whether the process is still running (a panic that killed it would show here).
+    pub fn is_running(&mut self) -> bool {
+        self.process.is_running()
     }
 }
 
