@@ -4,6 +4,7 @@
 
 mod e2e {
     pub mod fixtures;
+    pub mod hostile;
     pub mod ingest;
     pub mod operate;
     pub mod ops;

@@ -262,28 +262,14 @@ impl Process {
             .unwrap_or_else(|_| std::env::temp_dir());
         let dir = base.join(format!("config-{}", settings.broker.prefix));
         std::fs::create_dir_all(&dir).unwrap();
-        let c = &settings.collector;
-        let keys: serde_json::Map<String, serde_json::Value> = c
-            .write_keys
-            .iter()
-            .map(|(source, key)| (source.clone(), key.expose().into()))
-            .collect();
         let sinks = serde_json::json!({
-            "collector": {
-                "listen": c.listen.to_string(),
-                "write_keys": keys,
-                "retry_after_secs": c.retry_after_secs,
-                "max_in_flight": c.max_in_flight,
-                "body_timeout_ms": c.body_timeout_ms,
-                "header_timeout_ms": c.header_timeout_ms,
-                "max_connections": c.max_connections,
-            },
             "sinks": {
                 "retry_delays_ms": settings.sinks.retry_delays_ms,
                 "max_attempts": settings.sinks.max_attempts,
                 "mongo": settings.sinks.mongo,
                 "http": settings.sinks.http,
-            }
+            },
+            "collector": collector_json(settings),
         });
         std::fs::write(dir.join("test.json"), sinks.to_string()).unwrap();
         let child = Command::new(binary(name))
@@ -314,6 +300,10 @@ impl Process {
         (field("VmRSS:"), field("VmHWM:"))
     }
 
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
     pub fn kill9(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -323,6 +313,72 @@ impl Process {
 impl Drop for Process {
     fn drop(&mut self) {
         self.kill9();
+    }
+}
+
+/// The collector settings a spawned collector needs that the environment does not carry.
+fn collector_json(settings: &Settings) -> serde_json::Value {
+    let c = &settings.collector;
+    let keys: serde_json::Map<String, serde_json::Value> = c
+        .write_keys
+        .iter()
+        .map(|(source, key)| (source.clone(), key.expose().into()))
+        .collect();
+    serde_json::json!({
+        "listen": c.listen.to_string(),
+        "write_keys": keys,
+        "retry_after_secs": c.retry_after_secs,
+        "max_event_bytes": c.max_event_bytes,
+        "max_batch_bytes": c.max_batch_bytes,
+        "max_in_flight": c.max_in_flight,
+        "body_timeout_ms": c.body_timeout_ms,
+        "header_timeout_ms": c.header_timeout_ms,
+        "idle_timeout_ms": c.idle_timeout_ms,
+        "max_connections": c.max_connections,
+        "max_scheduling_delay_ms": c.max_scheduling_delay_ms,
+    })
+}
+
+/// A collector running as its own process on a free port (for memory and fd measurements).
+pub struct CollectorProcess {
+    pub url: String,
+    pub process: Process,
+}
+
+impl CollectorProcess {
+    pub async fn spawn(settings: &Settings) -> Self {
+        let mut settings = settings.clone();
+        settings.collector.listen = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let url = format!("http://{}", settings.collector.listen);
+        let process = Process::spawn("collector", &settings);
+        let client = http();
+        let ready = eventually(Duration::from_secs(60), || async {
+            client
+                .get(format!("{url}/readyz"))
+                .send()
+                .await
+                .is_ok_and(|r| r.status() == 200)
+        })
+        .await;
+        assert!(ready, "the collector process did not get ready");
+        Self { url, process }
+    }
+
+    /// Resident memory of the process, in MB (from /proc).
+    pub fn rss_mb(&self) -> u64 {
+        self.process.memory_kib().0 / 1024
+    }
+
+    /// Open file descriptors of the process (sockets included).
+    pub fn open_fds(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.process.pid()))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    }
+
+    /// Whether the process is still running (a panic that killed it would show here).
+    pub fn is_running(&mut self) -> bool {
+        self.process.is_running()
     }
 }
 
