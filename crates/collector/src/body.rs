@@ -397,6 +397,30 @@ mod tests {
         assert!(inspect(Endpoint::Track, br#"{"n":1e300,"m":-0.0}"#, &limits).is_ok());
     }
 
+    /// Found by the collector_body fuzz target: with serde_json's `raw_value` feature, a
+    /// `Value` reads an object whose first key is this token as raw JSON, so the worker refused
+    /// bodies the collector had accepted (or read them as something else).
+    #[test]
+    fn serde_json_raw_value_token_as_a_key_is_refused() {
+        let limits = Limits {
+            max_event_bytes: 1 << 20,
+            max_batch_bytes: 1 << 20,
+            max_batch_events: 10,
+        };
+        for body in [
+            r#"{"$serde_json::private::RawValue":[]}"#,
+            r#"{"$serde_json::private::RawValue":"{\"a\":1}"}"#,
+            r#"{"\u0024serde_json::private::RawValue":[]}"#,
+            r#"{"a":{"$serde_json::private::RawValue":1}}"#,
+        ] {
+            let batch = format!(r#"{{"batch":[{body}]}}"#);
+            for (endpoint, json) in [(Endpoint::Page, body), (Endpoint::Batch, &batch)] {
+                let status = inspect(endpoint, json.as_bytes(), &limits).map_err(|e| e.status());
+                assert_eq!(status, Err(axum::http::StatusCode::BAD_REQUEST), "{json}");
+            }
+        }
+    }
+
     #[test]
     fn endpoints_parse_including_short_aliases() {
         assert_eq!(Endpoint::parse("batch"), Some(Endpoint::Batch));
