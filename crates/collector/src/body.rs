@@ -224,8 +224,38 @@ impl<'de> serde::de::Visitor<'de> for ParsedLikeTheWorker {
     }
 
     fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self, A::Error> {
-        while map.next_key::<ParsedLikeTheWorker>()?.is_some() {
+        while map.next_key::<ObjectKey>()?.is_some() {
             map.next_value::<ParsedLikeTheWorker>()?;
+        }
+        Ok(self)
+    }
+}
+
+/// serde_json's marker for a `RawValue`: a `Value` reads an object whose first key is this as
+/// raw JSON text, not as an object. No beacon has such a key; it is refused wherever it is.
+const RAW_VALUE_TOKEN: &str = "$serde_json::private::RawValue";
+
+/// An object key, decoded (escapes included) and checked against [`RAW_VALUE_TOKEN`].
+struct ObjectKey;
+
+impl<'de> Deserialize<'de> for ObjectKey {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_str(ObjectKey)
+    }
+}
+
+impl serde::de::Visitor<'_> for ObjectKey {
+    type Value = ObjectKey;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("an object key")
+    }
+
+    fn visit_str<E: serde::de::Error>(self, key: &str) -> Result<Self, E> {
+        if key == RAW_VALUE_TOKEN {
+            return Err(E::custom(format!(
+                "the key `{RAW_VALUE_TOKEN}` is reserved"
+            )));
         }
         Ok(self)
     }
