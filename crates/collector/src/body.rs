@@ -224,8 +224,38 @@ impl<'de> serde::de::Visitor<'de> for ParsedLikeTheWorker {
     }
 
     fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self, A::Error> {
-        while map.next_key::<ParsedLikeTheWorker>()?.is_some() {
+        while map.next_key::<ObjectKey>()?.is_some() {
             map.next_value::<ParsedLikeTheWorker>()?;
+        }
+        Ok(self)
+    }
+}
+
+/// serde_json's marker for a `RawValue`: a `Value` reads an object whose first key is this as
+/// raw JSON text, not as an object. No beacon has such a key; it is refused wherever it is.
+const RAW_VALUE_TOKEN: &str = "$serde_json::private::RawValue";
+
+/// An object key, decoded (escapes included) and checked against [`RAW_VALUE_TOKEN`].
+struct ObjectKey;
+
+impl<'de> Deserialize<'de> for ObjectKey {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_str(ObjectKey)
+    }
+}
+
+impl serde::de::Visitor<'_> for ObjectKey {
+    type Value = ObjectKey;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("an object key")
+    }
+
+    fn visit_str<E: serde::de::Error>(self, key: &str) -> Result<Self, E> {
+        if key == RAW_VALUE_TOKEN {
+            return Err(E::custom(format!(
+                "the key `{RAW_VALUE_TOKEN}` is reserved"
+            )));
         }
         Ok(self)
     }
@@ -395,6 +425,30 @@ mod tests {
             }
         }
         assert!(inspect(Endpoint::Track, br#"{"n":1e300,"m":-0.0}"#, &limits).is_ok());
+    }
+
+    /// Found by the collector_body fuzz target: with serde_json's `raw_value` feature, a
+    /// `Value` reads an object whose first key is this token as raw JSON, so the worker refused
+    /// bodies the collector had accepted (or read them as something else).
+    #[test]
+    fn serde_json_raw_value_token_as_a_key_is_refused() {
+        let limits = Limits {
+            max_event_bytes: 1 << 20,
+            max_batch_bytes: 1 << 20,
+            max_batch_events: 10,
+        };
+        for body in [
+            r#"{"$serde_json::private::RawValue":[]}"#,
+            r#"{"$serde_json::private::RawValue":"{\"a\":1}"}"#,
+            r#"{"\u0024serde_json::private::RawValue":[]}"#,
+            r#"{"a":{"$serde_json::private::RawValue":1}}"#,
+        ] {
+            let batch = format!(r#"{{"batch":[{body}]}}"#);
+            for (endpoint, json) in [(Endpoint::Page, body), (Endpoint::Batch, &batch)] {
+                let status = inspect(endpoint, json.as_bytes(), &limits).map_err(|e| e.status());
+                assert_eq!(status, Err(axum::http::StatusCode::BAD_REQUEST), "{json}");
+            }
+        }
     }
 
     #[test]

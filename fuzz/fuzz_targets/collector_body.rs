@@ -1,0 +1,59 @@
+//! The collector's body checks (`body.rs`): capped gunzip, UTF-8, depth, sizes, batch shape.
+//! The first byte picks the endpoint and whether the rest is gzip. Beyond "no panic", one
+//! property: whatever the collector accepts, the worker's parser (serde_json into a `Value`)
+//! reads as a JSON object, so an accepted request never becomes an undecodable payload.
+#![no_main]
+
+use collector::body::{gunzip_limited, inspect, Endpoint, Limits};
+use libfuzzer_sys::fuzz_target;
+
+const ENDPOINTS: [&str; 7] = [
+    "batch", "track", "identify", "page", "screen", "group", "alias",
+];
+
+const LIMITS: Limits = Limits {
+    max_event_bytes: 32 << 10,
+    max_batch_bytes: 500 << 10,
+    max_batch_events: 2000,
+};
+
+fuzz_target!(|data: &[u8]| {
+    let Some((&selector, body)) = data.split_first() else {
+        return;
+    };
+    let endpoint = Endpoint::parse(ENDPOINTS[usize::from(selector & 0x7f) % ENDPOINTS.len()])
+        .expect("a known endpoint");
+    let gzip = selector & 0x80 != 0;
+    let limit = LIMITS.for_endpoint(endpoint);
+    let decoded;
+    let json: &[u8] = if gzip {
+        match gunzip_limited(body, limit) {
+            Ok(out) => {
+                assert!(out.len() <= limit, "gunzip went over its limit");
+                decoded = out;
+                &decoded
+            }
+            Err(error) => {
+                assert!(error.status().is_client_error());
+                return;
+            }
+        }
+    } else {
+        body
+    };
+    match inspect(endpoint, json, &LIMITS) {
+        Ok(inspected) => {
+            let value: serde_json::Value = serde_json::from_slice(json)
+                .unwrap_or_else(|e| panic!("accepted, but the worker cannot parse it: {e}"));
+            let object = value.as_object().expect("accepted a non-object");
+            if endpoint == Endpoint::Batch {
+                let batch = object["batch"]
+                    .as_array()
+                    .expect("accepted without a batch");
+                assert_eq!(batch.len(), inspected.events);
+                assert!(batch.iter().all(|e| e.is_object()));
+            }
+        }
+        Err(error) => assert!(error.status().is_client_error(), "{error}"),
+    }
+});
