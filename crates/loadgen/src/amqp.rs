@@ -268,7 +268,7 @@ pub async fn consume(
 pub async fn prefill(
     url: &str,
     queue: &str,
-    generator: crate::payload::Generator,
+    mut generator: crate::payload::Generator,
     requests: u64,
     concurrency: usize,
     ids: &crate::record::Recorder,
@@ -281,7 +281,7 @@ pub async fn prefill(
     let per_task = requests / concurrency.max(1) as u64 + 1;
     for _ in 0..concurrency.max(1) {
         let (target, ids, done) = (target.clone(), ids.clone(), done.clone());
-        let mut generator = generator.clone();
+        let mut generator = generator.fork();
         tasks.spawn(async move {
             for _ in 0..per_task {
                 if done.fetch_add(1, Ordering::Relaxed) as u64 >= requests {

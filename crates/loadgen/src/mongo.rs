@@ -130,26 +130,32 @@ pub struct Verify {
     pub missing_examples: Vec<String>,
 }
 
-/// Checks that every id is stored exactly once (by `messageId`).
+/// Checks that every id is stored exactly once (by `messageId`). Reads every document's
+/// `messageId` in one pass (a MongoDB-wire server in Python answers a long `$in` slowly), so
+/// `collection` should hold only the run's events.
 pub async fn verify(collection: &Collection<Document>, ids: &[String]) -> anyhow::Result<Verify> {
-    let mut seen = std::collections::HashMap::with_capacity(ids.len());
-    for chunk in ids.chunks(5_000) {
-        let mut cursor = collection
-            .find(doc! {"messageId": {"$in": chunk}})
-            .projection(doc! {"messageId": 1, "_id": 0})
-            .await?;
-        while let Some(document) = cursor.try_next().await? {
-            if let Ok(id) = document.get_str("messageId") {
-                *seen.entry(id.to_owned()).or_insert(0usize) += 1;
-            }
+    let mut stored: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+    let mut cursor = collection
+        .find(doc! {})
+        .projection(doc! {"messageId": 1, "_id": 0})
+        .batch_size(10_000)
+        .await?;
+    while let Some(document) = cursor.try_next().await? {
+        if let Ok(id) = document.get_str("messageId") {
+            *stored.entry(id.to_owned()).or_insert(0) += 1;
         }
     }
-    let missing: Vec<&String> = ids.iter().filter(|id| !seen.contains_key(*id)).collect();
+    let missing: Vec<&String> = ids.iter().filter(|id| !stored.contains_key(*id)).collect();
+    let duplicates = ids
+        .iter()
+        .filter_map(|id| stored.get(id))
+        .map(|n| n.saturating_sub(1))
+        .sum();
     Ok(Verify {
         expected: ids.len(),
-        found: seen.len(),
+        found: ids.len() - missing.len(),
         missing: missing.len(),
-        duplicates: seen.values().map(|n| n - 1).sum(),
+        duplicates,
         missing_examples: missing.iter().take(5).map(|s| (*s).clone()).collect(),
     })
 }

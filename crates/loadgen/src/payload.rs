@@ -67,15 +67,6 @@ pub struct Generator {
     rng: fastrand::Rng,
 }
 
-impl Clone for Generator {
-    fn clone(&self) -> Self {
-        Self {
-            templates: self.templates.clone(),
-            rng: fastrand::Rng::with_seed(self.rng.clone().u64(..) ^ 0x9e37_79b9_7f4a_7c15),
-        }
-    }
-}
-
 impl Generator {
     pub fn new(shape: &Shape) -> Self {
         let mut rng = fastrand::Rng::with_seed(shape.seed);
@@ -85,6 +76,15 @@ impl Generator {
         Self {
             templates: std::sync::Arc::new(templates),
             rng: fastrand::Rng::new(),
+        }
+    }
+
+    /// Another generator over the same templates with its own random ids, for another task.
+    /// (Cloning the RNG would repeat this generator's ids.)
+    pub fn fork(&mut self) -> Self {
+        Self {
+            templates: self.templates.clone(),
+            rng: self.rng.fork(),
         }
     }
 
@@ -390,6 +390,21 @@ mod tests {
             for (event, id) in batch.iter().zip(&payload.ids) {
                 assert_eq!(event["messageId"], id_string(*id));
                 assert!(seen.insert(*id), "duplicate id");
+            }
+        }
+    }
+
+    #[test]
+    fn forks_never_repeat_ids() {
+        let mut first = Generator::new(&Shape::default());
+        let mut second = first.fork();
+        let mut third = first.fork();
+        let mut seen = std::collections::HashSet::new();
+        for generator in [&mut first, &mut second, &mut third] {
+            for _ in 0..50 {
+                for id in generator.next_payload().ids {
+                    assert!(seen.insert(id), "a fork repeated an id");
+                }
             }
         }
     }
