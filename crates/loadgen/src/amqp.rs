@@ -239,7 +239,7 @@ pub async fn consume(
         first.get_or_insert_with(Instant::now);
         taken += 1;
         bytes += delivery.data.len();
-        if taken % ack_every.max(1) == 0 || taken == expect {
+        if taken.is_multiple_of(ack_every.max(1)) || taken == expect {
             delivery
                 .ack(BasicAckOptions {
                     multiple: ack_every > 1,

@@ -63,7 +63,10 @@ impl std::str::FromStr for Schedule {
 }
 
 /// Payloads made on a thread of their own, so making them never delays a send.
-fn payload_feed(mut generator: Generator, stop: Arc<std::sync::atomic::AtomicBool>) -> mpsc::Receiver<Payload> {
+fn payload_feed(
+    mut generator: Generator,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> mpsc::Receiver<Payload> {
     let (tx, rx) = mpsc::channel(2048);
     std::thread::spawn(move || {
         while !stop.load(std::sync::atomic::Ordering::Relaxed) {
@@ -129,7 +132,10 @@ pub async fn closed_loop<T: Target>(
     recorder: &Recorder,
 ) {
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let feed = Arc::new(tokio::sync::Mutex::new(payload_feed(generator, stop.clone())));
+    let feed = Arc::new(tokio::sync::Mutex::new(payload_feed(
+        generator,
+        stop.clone(),
+    )));
     recorder.start();
     let deadline = Instant::from_std(recorder.started()) + length;
     let mut tasks = tokio::task::JoinSet::new();
@@ -188,7 +194,10 @@ impl Target for HttpTarget {
             .post(&self.url)
             .header(AUTHORIZATION, self.authorization.clone())
             .header(CONTENT_TYPE, "application/json")
-            .header(USER_AGENT, "Shop/4.12.0 (iPhone; iOS 17.4.1) analytics-swift/1.5.11");
+            .header(
+                USER_AGENT,
+                "Shop/4.12.0 (iPhone; iOS 17.4.1) analytics-swift/1.5.11",
+            );
         if gzip {
             request = request.header(CONTENT_ENCODING, "gzip");
         }

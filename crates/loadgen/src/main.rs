@@ -16,7 +16,11 @@ use ingest_loadgen::record::{Recorder, Report};
 use ingest_loadgen::{mongo, plot, proc, receiver};
 
 #[derive(Parser)]
-#[command(name = "ingest-loadgen", version, about = "Load generator and bare baselines for the ingest benchmarks")]
+#[command(
+    name = "ingest-loadgen",
+    version,
+    about = "Load generator and bare baselines for the ingest benchmarks"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -16,7 +16,11 @@ use worker::sinks::mongo::to_document;
 use crate::amqp::collector_properties;
 use crate::payload::Generator;
 
-pub async fn collection(uri: &str, database: &str, name: &str) -> anyhow::Result<Collection<Document>> {
+pub async fn collection(
+    uri: &str,
+    database: &str,
+    name: &str,
+) -> anyhow::Result<Collection<Document>> {
     let client = Client::with_uri_str(uri).await?;
     Ok(client.database(database).collection(name))
 }

@@ -96,16 +96,11 @@ impl Generator {
         let mut ids = Vec::with_capacity(template.slots.len());
         for &at in &template.slots {
             let id = uuid::Builder::from_random_bytes(self.rng.u128(..).to_le_bytes()).into_uuid();
-            id.hyphenated()
-                .encode_lower(&mut json[at..at + SLOT.len()]);
+            id.hyphenated().encode_lower(&mut json[at..at + SLOT.len()]);
             ids.push(id.as_u128());
         }
         let json_len = json.len();
-        let body = if template.gzip {
-            gzip(&json)
-        } else {
-            json
-        };
+        let body = if template.gzip { gzip(&json) } else { json };
         Payload {
             body: Bytes::from(body),
             gzip: template.gzip,
@@ -123,12 +118,7 @@ impl Generator {
             mean_bytes: sizes.iter().sum::<usize>() as f64 / n,
             min_bytes: sizes.iter().copied().min().unwrap_or(0),
             max_bytes: sizes.iter().copied().max().unwrap_or(0),
-            mean_events: self
-                .templates
-                .iter()
-                .map(|t| t.slots.len())
-                .sum::<usize>() as f64
-                / n,
+            mean_events: self.templates.iter().map(|t| t.slots.len()).sum::<usize>() as f64 / n,
             gzip_share: self.templates.iter().filter(|t| t.gzip).count() as f64 / n,
         }
     }
@@ -174,7 +164,11 @@ fn template(rng: &mut fastrand::Rng, shape: &Shape) -> Template {
     let mut batch = Vec::with_capacity(events);
     for i in 0..events {
         let at = now - ChronoDuration::milliseconds(((events - i) * 1500) as i64);
-        batch.push(event(rng, &user, &at.to_rfc3339_opts(SecondsFormat::Millis, true)));
+        batch.push(event(
+            rng,
+            &user,
+            &at.to_rfc3339_opts(SecondsFormat::Millis, true),
+        ));
     }
     let mut body = Map::new();
     body.insert("batch".into(), Value::Array(batch));
@@ -283,7 +277,14 @@ fn event(rng: &mut fastrand::Rng, user: &Person, timestamp: &str) -> Value {
             event.insert("type".into(), "screen".into());
             let screen = pick(
                 rng,
-                &["Home", "Search", "Product Detail", "Cart", "Checkout", "Account"],
+                &[
+                    "Home",
+                    "Search",
+                    "Product Detail",
+                    "Cart",
+                    "Checkout",
+                    "Account",
+                ],
             );
             event.insert("name".into(), screen.into());
             event.insert(

@@ -74,7 +74,10 @@ pub fn peak(report: &Report, out: &Path) -> anyhow::Result<()> {
         .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLUE.stroke_width(2)));
     chart
         .draw_series(LineSeries::new(
-            report.series.iter().map(|p| (p.t, p.accepted_requests as f64)),
+            report
+                .series
+                .iter()
+                .map(|p| (p.t, p.accepted_requests as f64)),
             GREEN.stroke_width(2),
         ))
         .map_err(err)?
@@ -104,7 +107,10 @@ pub fn peak(report: &Report, out: &Path) -> anyhow::Result<()> {
         * 1.1;
     let mut chart = ChartBuilder::on(&panels[1])
         .margin(10)
-        .caption("collector p99 latency (ms, from intended send time)", ("sans-serif", 20))
+        .caption(
+            "collector p99 latency (ms, from intended send time)",
+            ("sans-serif", 20),
+        )
         .x_label_area_size(30)
         .y_label_area_size(70)
         .build_cartesian_2d(0u64..end, 0f64..p99_max)
@@ -195,7 +201,8 @@ pub fn latency(points: &[LatencyPoint], out: &Path) -> anyhow::Result<()> {
         .y_desc("ms")
         .draw()
         .map_err(err)?;
-    let lines: [(&str, RGBColor, fn(&LatencyPoint) -> f64); 4] = [
+    type Line = (&'static str, RGBColor, fn(&LatencyPoint) -> f64);
+    let lines: [Line; 4] = [
         ("collector p99", RED, |p| p.collector_p99),
         ("collector p50", MAGENTA, |p| p.collector_p50),
         ("bare publish p99", BLUE, |p| p.bare_p99),
@@ -267,13 +274,23 @@ pub fn bars(title: &str, bars: &[Bar], out: &Path) -> anyhow::Result<()> {
         let x = i as f64;
         chart
             .draw_series([
-                Rectangle::new([(x + 0.1, 0.0), (x + 0.45, bar.ceiling)], BLUE.mix(0.6).filled()),
-                Rectangle::new([(x + 0.5, 0.0), (x + 0.85, bar.value)], RED.mix(0.7).filled()),
+                Rectangle::new(
+                    [(x + 0.1, 0.0), (x + 0.45, bar.ceiling)],
+                    BLUE.mix(0.6).filled(),
+                ),
+                Rectangle::new(
+                    [(x + 0.5, 0.0), (x + 0.85, bar.value)],
+                    RED.mix(0.7).filled(),
+                ),
             ])
             .map_err(err)?;
         chart
             .draw_series([Text::new(
-                format!("{} ({:.0}%)", bar.label, 100.0 * bar.value / bar.ceiling.max(1e-9)),
+                format!(
+                    "{} ({:.0}%)",
+                    bar.label,
+                    100.0 * bar.value / bar.ceiling.max(1e-9)
+                ),
                 (x + 0.1, y_max * 0.97),
                 ("sans-serif", 16),
             )])

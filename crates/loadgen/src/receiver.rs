@@ -45,7 +45,10 @@ impl Counts {
 fn count_events(body: &[u8]) -> u64 {
     match serde_json::from_slice::<Vec<serde::de::IgnoredAny>>(body) {
         Ok(events) => events.len() as u64,
-        Err(_) => body.split(|b| *b == b'\n').filter(|l| !l.is_empty()).count() as u64,
+        Err(_) => body
+            .split(|b| *b == b'\n')
+            .filter(|l| !l.is_empty())
+            .count() as u64,
     }
 }
 

@@ -220,7 +220,7 @@ impl Recorder {
                 accepted_requests: s.accepted_requests,
                 accepted_events: s.accepted_events,
                 refused: s.refused,
-                p99_ms: (s.latency.len() > 0)
+                p99_ms: (!s.latency.is_empty())
                     .then(|| s.latency.value_at_quantile(0.99) as f64 / 1000.0),
                 depth: s.depth,
                 rss_kb: s.rss_kb,
