@@ -3,6 +3,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod e2e {
+    pub mod bench_smoke;
     pub mod fixtures;
     pub mod hostile;
     pub mod ingest;
