@@ -4,6 +4,7 @@
 
 mod e2e {
     pub mod bench_smoke;
+    pub mod chaos;
     pub mod fixtures;
     pub mod hostile;
     pub mod ingest;

@@ -437,6 +437,17 @@ impl RabbitNode {
         self.running = false;
     }
 
+    /// SIGKILL, no clean shutdown (`resume` starts it again on the same data).
+    pub fn kill9(&mut self) {
+        let dir = self.dir.display().to_string();
+        self.script(&["kill", &self.name, &dir]);
+        self.running = false;
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.running
+    }
+
     /// Runs `rabbitmqctl` against this node (e.g. to set its memory watermark).
     pub fn ctl(&self, args: &[&str]) {
         let mut all = vec!["ctl", self.name.as_str()];
@@ -454,29 +465,70 @@ impl Drop for RabbitNode {
     }
 }
 
-/// A throwaway in-memory SecantusDB owned by one test (for taking MongoDB away), killed on drop.
+/// A SecantusDB owned by one test (for taking MongoDB away), killed on drop: in memory, or on
+/// disk so that it can be killed and restarted with its data.
 pub struct Secantus {
     port: u16,
-    child: Child,
+    storage: String,
+    child: Option<Child>,
 }
 
 impl Secantus {
+    /// Throwaway, in memory.
     pub fn start() -> Self {
-        let port = free_port();
+        Self::start_at(":memory:".into())
+    }
+
+    /// Stored under `dir` (WiredTiger), so `kill9` + `resume` keeps what it acknowledged.
+    pub fn on_disk(dir: &std::path::Path) -> Self {
+        std::fs::create_dir_all(dir).unwrap();
+        Self::start_at(dir.display().to_string())
+    }
+
+    fn start_at(storage: String) -> Self {
+        let mut db = Self {
+            port: free_port(),
+            storage,
+            child: None,
+        };
+        db.resume();
+        db
+    }
+
+    /// Starts (again) on the same port and storage; returns once it accepts connections.
+    pub fn resume(&mut self) {
         let child = Command::new(root().join(".venv/bin/python"))
             .args(["-m", "secantus", "--host", "127.0.0.1", "--port"])
-            .arg(port.to_string())
-            .args(["--storage-path", ":memory:"])
+            .arg(self.port.to_string())
+            .args(["--storage-path", &self.storage])
+            .args([
+                "--oplog-max-entries",
+                "20000",
+                "--oplog-retention-seconds",
+                "120",
+            ])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
             assert!(Instant::now() < deadline, "SecantusDB did not start");
             std::thread::sleep(Duration::from_millis(100));
         }
-        Self { port, child }
+    }
+
+    /// SIGKILL.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
     }
 
     pub fn uri(&self) -> String {
@@ -486,8 +538,7 @@ impl Secantus {
 
 impl Drop for Secantus {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.kill9();
     }
 }
 

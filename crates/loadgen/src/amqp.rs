@@ -25,9 +25,24 @@ pub async fn connect(url: &str, name: &str) -> lapin::Result<Connection> {
     Connection::connect(url, properties).await
 }
 
-/// Declares a durable quorum queue, as the pipeline declares its raw queue.
+/// Declares a durable quorum queue, as the pipeline declares its raw queue. A queue that exists
+/// already (the pipeline's own, with its length cap) is used as it is.
 pub async fn declare_quorum(url: &str, queue: &str) -> anyhow::Result<()> {
     let connection = connect(url, "loadgen-declare").await?;
+    let passive = QueueDeclareOptions {
+        passive: true,
+        ..QueueDeclareOptions::default()
+    };
+    let probe = connection.create_channel().await?;
+    if probe
+        .queue_declare(queue.into(), passive, FieldTable::default())
+        .await
+        .is_ok()
+    {
+        let _ = connection.close(200, "".into()).await;
+        return Ok(());
+    }
+    // A failed passive declare closes its channel; declare on a fresh one.
     let channel = connection.create_channel().await?;
     let mut args = FieldTable::default();
     args.insert(
