@@ -99,7 +99,7 @@ w(sh("free -g"))
 w("```")
 w("")
 w(f"- {sh('rustc --version')}; RabbitMQ {rabbit} (Debian package, own node, "
-  f"quorum queues); SecantusDB {env['BENCH_SECANTUS']} (in memory)")
+  f"quorum queues); SecantusDB {env['BENCH_SECANTUS']} (on disk, a fresh one before each MongoDB measurement; writes with j: true)")
 w("- The machine is shared: another build may have been running during the run. The load generator,")
 w("  RabbitMQ, SecantusDB and the service under test all share the same 2 cores, for the ceilings too.")
 w("")
