@@ -115,7 +115,7 @@ async fn kept_ids(
     reason: impl Fn(&BTreeMap<String, String>, &serde_json::Value) -> bool,
 ) -> Vec<String> {
     let mut ids = Vec::new();
-    for (headers, body) in drain_after_restart(url, queue).await {
+    for (headers, body) in drain_with_headers(url, queue).await {
         assert!(
             reason(&headers, &body),
             "kept without a reason in {queue}: {headers:?} {body}"
@@ -282,57 +282,6 @@ async fn under_random_sigkills_of_every_part_each_2xxd_event_lands_exactly_once(
         lost.is_empty(),
         "2xx'd, not in MongoDB and not kept: {lost:?}"
     );
-}
-
-/// Every message of a queue as JSON with its string headers. A quorum queue can answer
-/// `basic.get` with a timeout for a while after its node restarted; this waits that out.
-async fn drain_after_restart(
-    url: &str,
-    queue: &str,
-) -> Vec<(BTreeMap<String, String>, serde_json::Value)> {
-    use lapin::options::{BasicAckOptions, BasicGetOptions};
-    let mut out = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(90);
-    loop {
-        let connection = ingest_loadgen::amqp::connect(url, "chaos-drain")
-            .await
-            .unwrap();
-        let channel = connection.create_channel().await.unwrap();
-        let got = loop {
-            match channel
-                .basic_get(queue.into(), BasicGetOptions::default())
-                .await
-            {
-                Ok(Some(message)) => {
-                    let mut headers = BTreeMap::new();
-                    if let Some(table) = message.delivery.properties.headers() {
-                        for (k, v) in table.inner() {
-                            if let lapin::types::AMQPValue::LongString(s) = v {
-                                headers.insert(k.to_string(), s.to_string());
-                            }
-                        }
-                    }
-                    let body = serde_json::from_slice(&message.delivery.data).unwrap();
-                    message
-                        .delivery
-                        .ack(BasicAckOptions::default())
-                        .await
-                        .unwrap();
-                    out.push((headers, body));
-                }
-                Ok(None) => break Ok(()),
-                Err(error) => break Err(error),
-            }
-        };
-        let _ = connection.close(200, "".into()).await;
-        match got {
-            Ok(()) => return out,
-            Err(error) => {
-                assert!(Instant::now() < deadline, "cannot read {queue}: {error}");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            }
-        }
-    }
 }
 
 /// How many documents hold each messageId.

@@ -839,17 +839,36 @@ pub async fn lapin_queue_exists(url: &str, queue: &str) -> bool {
     inspect_queue(url, queue).await.is_some()
 }
 
-/// Takes every message of a queue as raw bytes with its string headers.
+/// Takes every message of a queue as raw bytes with its string headers. A quorum queue can
+/// answer `basic.get` with a timeout for a while after its node restarted; that is waited out.
 pub async fn drain_raw_with_headers(
     url: &str,
     queue: &str,
 ) -> Vec<(std::collections::BTreeMap<String, String>, Vec<u8>)> {
-    let (conn, ch) = channel(url).await;
     let mut out = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let (conn, ch) = channel(url).await;
+        let drained = drain_into(&ch, queue, &mut out).await;
+        let _ = conn.close(200, "".into()).await;
+        match drained {
+            Ok(()) => return out,
+            Err(error) => {
+                assert!(Instant::now() < deadline, "cannot read {queue}: {error}");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
+}
+
+async fn drain_into(
+    ch: &lapin::Channel,
+    queue: &str,
+    out: &mut Vec<(std::collections::BTreeMap<String, String>, Vec<u8>)>,
+) -> lapin::Result<()> {
     while let Some(m) = ch
         .basic_get(queue.into(), BasicGetOptions::default())
-        .await
-        .unwrap()
+        .await?
     {
         let mut headers = std::collections::BTreeMap::new();
         if let Some(table) = m.delivery.properties.headers() {
@@ -863,8 +882,7 @@ pub async fn drain_raw_with_headers(
             }
         }
         out.push((headers, m.delivery.data.clone()));
-        m.delivery.ack(BasicAckOptions::default()).await.unwrap();
+        m.delivery.ack(BasicAckOptions::default()).await?;
     }
-    let _ = conn.close(200, "".into()).await;
-    out
+    Ok(())
 }

@@ -191,7 +191,16 @@ impl DepthProbe {
         }
     }
 
-    pub async fn depth(&mut self, queue: &str) -> Option<u64> {
+    /// Messages ready in `queues` (one name, or several separated by commas: their sum).
+    pub async fn depth(&mut self, queues: &str) -> Option<u64> {
+        let mut total = 0;
+        for queue in queues.split(',').map(str::trim).filter(|q| !q.is_empty()) {
+            total += self.one(queue).await?;
+        }
+        Some(total)
+    }
+
+    async fn one(&mut self, queue: &str) -> Option<u64> {
         if self.channel.is_none() {
             let connection = connect(&self.url, "loadgen-depth").await.ok()?;
             let channel = connection.create_channel().await.ok()?;

@@ -43,7 +43,8 @@ struct LoadArgs {
     /// Open loop: requests in flight at most (past it sending waits; the wait counts as latency).
     #[arg(long, default_value_t = 20_000)]
     max_outstanding: usize,
-    /// Sample this queue's depth every second into the series.
+    /// Sample this queue's depth every second into the series (several, comma-separated: the
+    /// sum of their depths).
     #[arg(long, requires = "depth_amqp")]
     depth_queue: Option<String>,
     #[arg(long)]

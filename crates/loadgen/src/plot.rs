@@ -33,7 +33,8 @@ fn err<E: std::fmt::Debug>(e: E) -> anyhow::Error {
     anyhow::anyhow!("plot: {e:?}")
 }
 
-/// The peak run: offered and accepted requests/s, collector p99, raw queue depth, per second.
+/// The peak run: offered and accepted requests/s, collector p99, backlog (the queues sampled),
+/// per second.
 pub fn peak(report: &Report, out: &Path) -> anyhow::Result<()> {
     register_font()?;
     let root = BitMapBackend::new(out, (1200, 1100)).into_drawing_area();
@@ -140,7 +141,10 @@ pub fn peak(report: &Report, out: &Path) -> anyhow::Result<()> {
         * 1.1;
     let mut chart = ChartBuilder::on(&panels[2])
         .margin(10)
-        .caption("raw queue depth (messages ready)", ("sans-serif", 20))
+        .caption(
+            "backlog: raw + sink queue (messages ready)",
+            ("sans-serif", 20),
+        )
         .x_label_area_size(30)
         .y_label_area_size(70)
         .build_cartesian_2d(0u64..end, 0f64..depth_max)
