@@ -151,6 +151,13 @@ enum Command {
         /// Base URL of a running `receiver`.
         #[arg(long)]
         receiver: Option<String>,
+        /// The worker's `/metrics` URL: the clock stops when its `sink_events_total` for
+        /// `--sink` (outcome `delivered`) reaches the expected count, so the measurement never
+        /// queries the database under test while it runs (MongoDB is counted once, at the end).
+        #[arg(long)]
+        metrics: Option<String>,
+        #[arg(long, default_value = "mongo")]
+        sink: String,
         /// The worker's pid, for its memory.
         #[arg(long)]
         pid: Option<u32>,
@@ -434,11 +441,15 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             db,
             collection,
             receiver: receiver_url,
+            metrics,
+            sink,
             pid,
             timeout,
             json,
         } => {
             let result = drain(DrainArgs {
+                metrics,
+                sink,
                 url,
                 queue,
                 expect_events,
@@ -565,7 +576,22 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// `sink_events_total{sink=SINK,outcome="delivered"}` from a worker's Prometheus text.
+async fn delivered_metric(client: &reqwest::Client, url: &str, sink: &str) -> Option<u64> {
+    let text = client.get(url).send().await.ok()?.text().await.ok()?;
+    let sink_label = format!("sink=\"{sink}\"");
+    let total = text
+        .lines()
+        .filter(|l| l.starts_with("sink_events_total{"))
+        .filter(|l| l.contains(&sink_label) && l.contains("outcome=\"delivered\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>();
+    Some(total as u64)
+}
+
 struct DrainArgs {
+    metrics: Option<String>,
+    sink: String,
     url: String,
     queue: String,
     expect_events: u64,
@@ -603,6 +629,11 @@ async fn drain(args: DrainArgs) -> anyhow::Result<DrainResult> {
     };
     let client = reqwest::Client::new();
     let delivered = || async {
+        if let Some(url) = &args.metrics {
+            return delivered_metric(&client, url, &args.sink)
+                .await
+                .unwrap_or(0);
+        }
         if let Some(target) = &target {
             return target.estimated_document_count().await.unwrap_or(0);
         }
@@ -641,6 +672,11 @@ async fn drain(args: DrainArgs) -> anyhow::Result<DrainResult> {
         .as_secs_f64()
         .max(1e-3);
     let memory = args.pid.and_then(proc::memory).unwrap_or_default();
+    // Timed by the worker's metric: check once, after the clock, that MongoDB holds them all.
+    let stored = match (&args.metrics, &target) {
+        (Some(_), Some(target)) => Some(target.estimated_document_count().await.unwrap_or(0)),
+        _ => None,
+    };
     Ok(DrainResult {
         events: args.expect_events,
         messages: args.messages,
@@ -649,7 +685,7 @@ async fn drain(args: DrainArgs) -> anyhow::Result<DrainResult> {
         messages_per_s: args.messages as f64 / seconds,
         memory,
         rss_max_kb: rss_max.max(memory.rss_kb),
-        complete: last >= args.expect_events,
+        complete: last >= args.expect_events && stored.is_none_or(|n| n >= args.expect_events),
         delivered: last,
     })
 }
