@@ -15,7 +15,7 @@ use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
     ConfirmSelectOptions, QueueDeclareOptions,
 };
-use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
 
 use crate::record::Outcome;
@@ -44,21 +44,12 @@ pub async fn declare_quorum(url: &str, queue: &str) -> anyhow::Result<()> {
     }
     // A failed passive declare closes its channel; declare on a fresh one.
     let channel = connection.create_channel().await?;
-    let mut args = FieldTable::default();
-    args.insert(
-        "x-queue-type".into(),
-        AMQPValue::LongString(LongString::from("quorum")),
-    );
-    channel
-        .queue_declare(
-            queue.into(),
-            QueueDeclareOptions {
-                durable: true,
-                ..QueueDeclareOptions::default()
-            },
-            args,
-        )
-        .await?;
+    ingest_pipeline::broker::declare_queue(
+        &channel,
+        queue,
+        ingest_pipeline::broker::quorum_arguments(),
+    )
+    .await?;
     let _ = connection.close(200, "".into()).await;
     Ok(())
 }

@@ -490,7 +490,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             });
             let documents = mongo::worker_documents(&schemas, generator, requests)?;
             let target = mongo::collection(&uri, &db, &collection).await?;
-            mongo::ensure_index(&target).await?;
+            worker::sinks::mongo::ensure_indexes(&target).await?;
             let report = mongo::insert_many(&target, documents, batch, concurrency).await?;
             print(json, &report, || {
                 format!(

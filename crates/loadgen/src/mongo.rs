@@ -8,8 +8,7 @@ use std::time::{Duration, Instant};
 use bson::{doc, Document};
 use futures_util::TryStreamExt;
 use ingest_schema::{Registry, UnknownEventPolicy};
-use mongodb::options::IndexOptions;
-use mongodb::{Client, Collection, IndexModel};
+use mongodb::{Client, Collection};
 use worker::process::{process, PayloadLimits};
 use worker::sinks::mongo::to_document;
 
@@ -58,21 +57,6 @@ pub fn worker_documents(
         }
     }
     Ok(documents)
-}
-
-/// The same unique index the worker's sink creates.
-pub async fn ensure_index(collection: &Collection<Document>) -> anyhow::Result<()> {
-    let unique = IndexModel::builder()
-        .keys(doc! {"messageId": 1})
-        .options(
-            IndexOptions::builder()
-                .unique(true)
-                .name("messageId_unique".to_owned())
-                .build(),
-        )
-        .build();
-    collection.create_index(unique).await?;
-    Ok(())
 }
 
 #[derive(Debug, Clone, serde::Serialize)]

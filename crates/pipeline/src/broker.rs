@@ -154,7 +154,12 @@ impl Topology {
     }
 }
 
-async fn declare_queue(channel: &Channel, queue: &str, arguments: FieldTable) -> lapin::Result<()> {
+/// Declares a durable queue with `arguments`.
+pub async fn declare_queue(
+    channel: &Channel,
+    queue: &str,
+    arguments: FieldTable,
+) -> lapin::Result<()> {
     channel
         .queue_declare(
             queue.into(),
@@ -168,7 +173,8 @@ async fn declare_queue(channel: &Channel, queue: &str, arguments: FieldTable) ->
     Ok(())
 }
 
-fn quorum_arguments() -> FieldTable {
+/// `x-queue-type: quorum`, the type of every pipeline queue.
+pub fn quorum_arguments() -> FieldTable {
     let mut args = FieldTable::default();
     args.insert(
         "x-queue-type".into(),

@@ -17,6 +17,23 @@ const DUPLICATE_KEY: i32 = 11000;
 /// Fields stored as BSON dates, so they can be queried and indexed as times.
 const DATE_FIELDS: [&str; 4] = ["timestamp", "receivedAt", "sentAt", "originalTimestamp"];
 
+/// The sink's indexes on `collection`: a unique `messageId`.
+pub async fn ensure_indexes(
+    collection: &Collection<Document>,
+) -> Result<(), mongodb::error::Error> {
+    let unique = IndexModel::builder()
+        .keys(doc! {"messageId": 1})
+        .options(
+            IndexOptions::builder()
+                .unique(true)
+                .name("messageId_unique".to_owned())
+                .build(),
+        )
+        .build();
+    collection.create_index(unique).await?;
+    Ok(())
+}
+
 #[derive(Clone)]
 pub struct MongoSink {
     collection: Collection<Document>,
@@ -49,17 +66,7 @@ impl MongoSink {
     }
 
     pub async fn ensure_indexes(&self) -> Result<(), mongodb::error::Error> {
-        let unique = IndexModel::builder()
-            .keys(doc! {"messageId": 1})
-            .options(
-                IndexOptions::builder()
-                    .unique(true)
-                    .name("messageId_unique".to_owned())
-                    .build(),
-            )
-            .build();
-        self.collection.create_index(unique).await?;
-        Ok(())
+        ensure_indexes(&self.collection).await
     }
 
     pub async fn ping(&self) -> bool {
