@@ -37,12 +37,16 @@ fn assert_plugin_output(line: &str) {
         assert!(!label.is_empty() && !label.contains(' '));
         let fields: Vec<&str> = rest.split(';').collect();
         assert!(fields.len() <= 5, "{item}");
-        // a number, then an optional unit of measure from the guidelines' list
+        // a number, then an optional unit of measure from the guidelines' list; or `U`
+        // (the value cannot be determined)
         let value = ["us", "ms", "s", "%", "KB", "MB", "TB", "B", "c"]
             .iter()
             .find_map(|uom| fields[0].strip_suffix(uom))
             .unwrap_or(fields[0]);
-        assert!(value.parse::<f64>().is_ok(), "value of {item}");
+        assert!(
+            value == "U" || value.parse::<f64>().is_ok(),
+            "value of {item}"
+        );
         for f in &fields[1..] {
             assert!(
                 f.is_empty() || f.chars().all(|c| c.is_ascii_digit() || ":~@.-".contains(c)),
@@ -421,5 +425,210 @@ async fn scale_sizes_workers_from_depth_target_and_per_worker_rate() {
     assert_eq!(status, 0, "{out}");
     let hint: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert!(hint["workers"].is_null(), "{hint}");
+    drop(collector);
+}
+
+/// Publishes `{"n":i}` messages to `queue` every `every`, confirmed, until aborted.
+async fn steady_publisher(url: String, queue: String, every: Duration) {
+    let (_conn, ch) = channel(&url).await;
+    ch.confirm_select(lapin::options::ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    for n in 0u64.. {
+        let confirm = ch
+            .basic_publish(
+                "".into(),
+                queue.as_str().into(),
+                lapin::options::BasicPublishOptions::default(),
+                format!("{{\"n\":{n}}}").as_bytes(),
+                lapin::BasicProperties::default().with_delivery_mode(2),
+            )
+            .await
+            .unwrap();
+        assert!(confirm.await.unwrap().is_ack());
+        tokio::time::sleep(every).await;
+    }
+}
+
+/// Consumes `queue` one message at a time, acking each after `per_message`, until aborted.
+async fn slow_consumer(url: String, queue: String, per_message: Duration) {
+    use futures_util::StreamExt;
+    let (_conn, ch) = channel(&url).await;
+    ch.basic_qos(1, lapin::options::BasicQosOptions::default())
+        .await
+        .unwrap();
+    let mut deliveries = ch
+        .basic_consume(
+            queue.as_str().into(),
+            "slow".into(),
+            lapin::options::BasicConsumeOptions::default(),
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    while let Some(Ok(delivery)) = deliveries.next().await {
+        tokio::time::sleep(per_message).await;
+        delivery
+            .ack(lapin::options::BasicAckOptions::default())
+            .await
+            .unwrap();
+    }
+}
+
+/// Runs `ingestctl args` until `done(status, stdout)` holds, for up to a minute; the last
+/// output comes back either way.
+async fn ingestctl_until(
+    s: &Settings,
+    args: &[&str],
+    done: impl Fn(i32, &str) -> bool,
+) -> (bool, String) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let (status, out) = ingestctl_async(s, args).await;
+        if done(status, &out) {
+            return (true, out);
+        }
+        if std::time::Instant::now() >= deadline {
+            return (false, out);
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+const DRAIN_CHECK: [&str; 10] = [
+    "check",
+    "--queue",
+    "raw",
+    "--drain-time",
+    "-w",
+    "120",
+    "-c",
+    "600",
+    "--sample",
+    "1",
+];
+
+#[tokio::test]
+async fn drain_time_check_is_critical_for_a_stalled_queue_and_ok_while_it_drains() {
+    let s = settings("drain");
+    let collector = Collector::start(&s).await; // declares the raw queue
+    let raw = format!("{}.raw", s.broker.prefix);
+    let url = s.broker.url.expose().to_owned();
+
+    let (status, out) = ingestctl_async(&s, &DRAIN_CHECK).await;
+    assert_eq!(status, 0, "an empty queue is drained: {out}");
+    assert!(out.contains("drain_seconds=0;120;600;0;"), "{out}");
+    assert_plugin_output(&out);
+
+    let publisher = tokio::spawn(steady_publisher(
+        url.clone(),
+        raw.clone(),
+        Duration::from_millis(1),
+    ));
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            depth(&url, &raw).await >= 300
+        })
+        .await
+    );
+    publisher.abort();
+    // Nothing consumes it: it never empties.
+    let (status, out) = ingestctl_async(&s, &DRAIN_CHECK).await;
+    assert_eq!(status, 2, "{out}");
+    assert!(out.contains("not draining (net +0.0/s)"), "{out}");
+    assert!(out.contains("drain_seconds=U;120;600;0;"), "{out}");
+    assert_plugin_output(&out);
+
+    // A consumer takes about 20 a second: the check sees it shrink and when it will be empty.
+    let consumer = tokio::spawn(slow_consumer(
+        url.clone(),
+        raw.clone(),
+        Duration::from_millis(50),
+    ));
+    let (draining, last) = ingestctl_until(&s, &DRAIN_CHECK, |status, out| {
+        status == 0 && out.contains("(net -") && !out.contains(" depth=0 ")
+    })
+    .await;
+    assert!(draining, "{last}");
+    assert!(
+        last.starts_with(&format!("QUEUE OK - {raw} empty in ")),
+        "{last}"
+    );
+    assert_plugin_output(&last);
+    consumer.abort();
+    drop(collector);
+}
+
+#[tokio::test]
+async fn with_the_management_api_queues_show_rates_and_scale_and_drain_time_use_them() {
+    let node = RabbitNode::start_with_management();
+    let mut s = settings("mgmt");
+    s.broker.url = ingest_pipeline::Secret::new(node.url());
+    s.broker.management_url = node.management_url().map(ingest_pipeline::Secret::new);
+    let collector = Collector::start(&s).await; // declares the queues on this node
+    let raw = format!("{}.raw", s.broker.prefix);
+    // About 100 a second arrive and about 20 a second are taken: the queue grows.
+    let publisher = tokio::spawn(steady_publisher(
+        node.url(),
+        raw.clone(),
+        Duration::from_millis(10),
+    ));
+    let consumer = tokio::spawn(slow_consumer(
+        node.url(),
+        raw.clone(),
+        Duration::from_millis(50),
+    ));
+
+    let (sampled, listed) = ingestctl_until(&s, &["queues", "--json"], |_, out| {
+        let listed: serde_json::Value = serde_json::from_str(out).unwrap_or_default();
+        let rates = listed
+            .as_array()
+            .and_then(|qs| qs.iter().find(|q| q["name"] == raw.as_str()))
+            .map(|q| q["rates"].clone())
+            .unwrap_or_default();
+        rates["publish"].as_f64().unwrap_or(0.0) > 0.0 && rates["ack"].as_f64().unwrap_or(0.0) > 0.0
+    })
+    .await;
+    assert!(sampled, "no publish and ack rates for {raw}: {listed}");
+    let (_, table) = ingestctl_async(&s, &["queues"]).await;
+    assert!(
+        table.contains("publish/s")
+            && !table
+                .lines()
+                .any(|l| l.starts_with(&raw) && l.ends_with("-")),
+        "{table}"
+    );
+
+    // scale takes a worker's rate from the ack rate per consumer, and counts the arrivals.
+    let (status, out) = ingestctl_async(&s, &["scale", "--json", "--target", "60"]).await;
+    assert_eq!(status, 0, "{out}");
+    let hint: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(
+        hint["per_worker_rate_from"]
+            .as_str()
+            .unwrap()
+            .starts_with("measured"),
+        "{hint}"
+    );
+    assert!(hint["publish_rate"].as_f64().unwrap() > 0.0, "{hint}");
+    assert!(hint["workers"].as_u64().unwrap() >= 1, "{hint}");
+
+    // Arrivals outrun the consumer: the queue is not draining.
+    let (growing, last) = ingestctl_until(&s, &DRAIN_CHECK, |status, out| {
+        status == 2 && out.contains("not draining (net +")
+    })
+    .await;
+    assert!(growing, "{last}");
+    assert_plugin_output(&last);
+
+    // Arrivals stop: the acks shrink it, and the rates say when it will be empty.
+    publisher.abort();
+    let (draining, last) = ingestctl_until(&s, &DRAIN_CHECK, |status, out| {
+        status == 0 && out.contains("(net -") && !out.contains(" depth=0 ")
+    })
+    .await;
+    assert!(draining, "{last}");
+    assert_plugin_output(&last);
+    consumer.abort();
     drop(collector);
 }

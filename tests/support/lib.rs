@@ -91,7 +91,13 @@ pub fn settings(name: &str) -> Settings {
 
 /// The settings as the binaries read them from the environment.
 pub fn settings_env(s: &Settings) -> Vec<(String, String)> {
-    vec![
+    let management = s.broker.management_url.as_ref().map(|url| {
+        (
+            "INGEST__BROKER__MANAGEMENT_URL".to_owned(),
+            url.expose().to_owned(),
+        )
+    });
+    let mut env = vec![
         ("APP_ENV".into(), "test".into()),
         (
             "INGEST_CONFIG_DIR".into(),
@@ -129,7 +135,9 @@ pub fn settings_env(s: &Settings) -> Vec<(String, String)> {
             "RUST_LOG".into(),
             std::env::var("TEST_LOG").unwrap_or_else(|_| "warn".into()),
         ),
-    ]
+    ];
+    env.extend(management);
+    env
 }
 
 /// A service task started in this process; told to stop when dropped.
@@ -387,11 +395,28 @@ pub struct RabbitNode {
     pub name: String,
     pub port: u16,
     pub dir: PathBuf,
+    /// The management API's port, when the node runs it.
+    pub management_port: Option<u16>,
     running: bool,
 }
 
 impl RabbitNode {
     pub fn start() -> Self {
+        Self::start_node(None)
+    }
+
+    /// With the management plugin on its own port (statistics every second).
+    pub fn start_with_management() -> Self {
+        Self::start_node(Some(free_port()))
+    }
+
+    /// `http://guest:guest@127.0.0.1:PORT`, when the node runs the management API.
+    pub fn management_url(&self) -> Option<String> {
+        self.management_port
+            .map(|port| format!("http://guest:guest@127.0.0.1:{port}"))
+    }
+
+    fn start_node(management_port: Option<u16>) -> Self {
         let port = free_port();
         let name = format!(
             "ingest-{}",
@@ -405,6 +430,7 @@ impl RabbitNode {
             name,
             port,
             dir,
+            management_port,
             running: false,
         };
         node.resume();
@@ -416,10 +442,11 @@ impl RabbitNode {
     }
 
     fn script(&self, args: &[&str]) {
-        let status = Command::new(root().join("scripts/rabbit-node"))
-            .args(args)
-            .status()
-            .unwrap();
+        let mut command = Command::new(root().join("scripts/rabbit-node"));
+        if let Some(port) = self.management_port {
+            command.env("MANAGEMENT_PORT", port.to_string());
+        }
+        let status = command.args(args).status().unwrap();
         assert!(status.success(), "scripts/rabbit-node {args:?} failed");
     }
 
@@ -612,7 +639,8 @@ pub async fn all(settings: &Settings) -> Vec<Document> {
     find(settings, doc! {}).await
 }
 
-async fn channel(url: &str) -> (lapin::Connection, lapin::Channel) {
+/// A fresh connection and a channel on it.
+pub async fn channel(url: &str) -> (lapin::Connection, lapin::Channel) {
     let conn = lapin::Connection::connect(url, lapin::ConnectionProperties::default())
         .await
         .unwrap();

@@ -180,6 +180,45 @@ pub fn check_queue(
     (status, line)
 }
 
+/// A drain-time check: seconds until `name` is empty at its current net rate, against the
+/// thresholds. A queue that holds messages and is not shrinking never drains, which alerts
+/// under any upper bound; its perfdata value is `U` (the guidelines' "cannot be determined").
+pub fn check_drain(
+    name: &str,
+    observed: &scale::Observed,
+    warning: Option<&Range>,
+    critical: Option<&Range>,
+) -> (Status, String) {
+    let seconds = scale::drain_seconds(observed);
+    let value = seconds.unwrap_or(f64::INFINITY);
+    let status = if critical.is_some_and(|c| c.alerts(value)) {
+        Status::Critical
+    } else if warning.is_some_and(|w| w.alerts(value)) {
+        Status::Warning
+    } else {
+        Status::Ok
+    };
+    let net = scale::net_rate(observed)
+        .map(|n| format!("{n:+.1}/s"))
+        .unwrap_or_else(|| "unknown".to_owned());
+    let (drain, perf) = match seconds {
+        Some(s) => (format!("empty in {s:.0} s"), format!("{s:.0}")),
+        None => ("not draining".to_owned(), "U".to_owned()),
+    };
+    let range = |r: Option<&Range>| r.map(ToString::to_string).unwrap_or_default();
+    let line = format!(
+        "QUEUE {} - {name} {drain} (net {net}) depth={} consumers={} | drain_seconds={perf};{};{};0; depth={};;;0; consumers={};;;0;",
+        status.label(),
+        observed.depth,
+        observed.consumers,
+        range(warning),
+        range(critical),
+        observed.depth,
+        observed.consumers,
+    );
+    (status, line)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -242,6 +281,45 @@ mod tests {
         assert!(line.contains("no consumers"), "{line}");
         assert_eq!(check_queue(&state(0, 0), None, None, true).0, Status::Ok);
         assert_eq!(check_queue(&state(3, 0), None, None, false).0, Status::Ok);
+    }
+
+    fn observed(depth: u64, consumers: u32, net: f64) -> scale::Observed {
+        scale::Observed {
+            depth,
+            consumers,
+            publish_rate: None,
+            drain_rate: None,
+            net_rate: Some(net),
+        }
+    }
+
+    #[test]
+    fn drain_check_alerts_on_a_slow_or_stalled_drain() {
+        let w: Range = "300".parse().expect("w");
+        let c: Range = "900".parse().expect("c");
+        let (status, line) = check_drain("a.raw", &observed(6000, 2, -100.0), Some(&w), Some(&c));
+        assert_eq!(status, Status::Ok);
+        assert_eq!(
+            line,
+            "QUEUE OK - a.raw empty in 60 s (net -100.0/s) depth=6000 consumers=2 | drain_seconds=60;300;900;0; depth=6000;;;0; consumers=2;;;0;"
+        );
+        let slow = check_drain("a.raw", &observed(6000, 2, -10.0), Some(&w), Some(&c));
+        assert_eq!(slow.0, Status::Warning, "{}", slow.1);
+        let slower = check_drain("a.raw", &observed(6000, 2, -5.0), Some(&w), Some(&c));
+        assert_eq!(slower.0, Status::Critical, "{}", slower.1);
+        // growing, or holding still with messages in it: never empties
+        for net in [0.0, 50.0] {
+            let (status, line) = check_drain("a.raw", &observed(10, 0, net), Some(&w), Some(&c));
+            assert_eq!(status, Status::Critical, "{line}");
+            assert!(
+                line.contains("not draining") && line.contains("drain_seconds=U"),
+                "{line}"
+            );
+        }
+        // an empty queue is drained, whatever arrives
+        let (status, line) = check_drain("a.raw", &observed(0, 0, 5.0), Some(&w), Some(&c));
+        assert_eq!(status, Status::Ok, "{line}");
+        assert!(line.contains("drain_seconds=0;"), "{line}");
     }
 
     #[test]

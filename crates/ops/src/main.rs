@@ -28,7 +28,8 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// A Nagios / monitoring-plugins check on one queue's depth (exit 0/1/2/3).
+    /// A Nagios / monitoring-plugins check on one queue's depth, or with --drain-time on the
+    /// seconds until it is empty (exit 0/1/2/3).
     Check {
         /// Full queue name, or its role under the configured prefix (`raw`, `invalid`, `sink.mongo.dlq`).
         #[arg(long)]
@@ -40,6 +41,14 @@ enum Command {
         /// CRITICAL when the queue holds messages and nothing consumes it.
         #[arg(long)]
         consumers: bool,
+        /// Thresholds are on the seconds until the queue is empty at its current net rate
+        /// (management API rates, or two depth samples --sample seconds apart); a queue that
+        /// holds messages and is not shrinking never empties and alerts.
+        #[arg(long, conflicts_with = "consumers")]
+        drain_time: bool,
+        /// Without the management API: seconds between the two depth samples of --drain-time.
+        #[arg(long, default_value_t = 5)]
+        sample: u64,
     },
     /// Send tagged synthetic events through a collector and time their arrival in MongoDB.
     Canary {
@@ -153,15 +162,23 @@ async fn main() -> ExitCode {
             warning,
             critical,
             consumers,
+            drain_time,
+            sample,
         } => {
-            check(
-                &settings,
-                &queue,
-                warning.as_ref(),
-                critical.as_ref(),
-                consumers,
-            )
-            .await
+            let name = full_name(&settings, &queue);
+            let (warning, critical) = (warning.as_ref(), critical.as_ref());
+            if drain_time {
+                check_drain(
+                    &settings,
+                    &name,
+                    warning,
+                    critical,
+                    Duration::from_secs(sample),
+                )
+                .await
+            } else {
+                check(&settings, &name, warning, critical, consumers).await
+            }
         }
         Command::Canary {
             url,
@@ -430,7 +447,7 @@ async fn scale(
     json: bool,
 ) -> ExitCode {
     let raw = Topology::new(settings.broker.prefix.clone()).raw();
-    let observed = match observe_raw(settings, &raw, sample).await {
+    let observed = match observe(settings, &raw, sample).await {
         Ok(observed) => observed,
         Err(error) => {
             eprintln!("ingestctl: cannot read {raw}: {error:#}");
@@ -457,18 +474,20 @@ async fn scale(
     ExitCode::SUCCESS
 }
 
-async fn observe_raw(
+/// A queue's depth, consumers and rates: from the management API when it is configured,
+/// otherwise the net rate of two depth samples `sample` apart.
+async fn observe(
     settings: &Settings,
-    raw: &str,
+    queue: &str,
     sample: Duration,
 ) -> anyhow::Result<scale::Observed> {
-    let first = queue_states(&settings.broker, &[raw.to_owned()])
+    let first = queue_states(&settings.broker, &[queue.to_owned()])
         .await?
         .pop()
-        .context("the raw queue does not exist")?;
+        .with_context(|| format!("{queue} does not exist"))?;
     if let Some(base) = &settings.broker.management_url {
         let rates =
-            ingestctl::management_rates(base.expose(), settings.broker.url.expose(), raw).await?;
+            ingestctl::management_rates(base.expose(), settings.broker.url.expose(), queue).await?;
         return Ok(scale::Observed {
             depth: u64::from(first.depth),
             consumers: first.consumers,
@@ -478,10 +497,10 @@ async fn observe_raw(
         });
     }
     tokio::time::sleep(sample).await;
-    let second = queue_states(&settings.broker, &[raw.to_owned()])
+    let second = queue_states(&settings.broker, &[queue.to_owned()])
         .await?
         .pop()
-        .context("the raw queue does not exist")?;
+        .with_context(|| format!("{queue} does not exist"))?;
     let net = (f64::from(second.depth) - f64::from(first.depth)) / sample.as_secs_f64().max(0.001);
     Ok(scale::Observed {
         depth: u64::from(second.depth),
@@ -569,13 +588,12 @@ async fn dlq(settings: &Settings, command: DlqCommand) -> anyhow::Result<ExitCod
 
 async fn check(
     settings: &Settings,
-    queue: &str,
+    name: &str,
     warning: Option<&Range>,
     critical: Option<&Range>,
     consumers: bool,
 ) -> ExitCode {
-    let name = full_name(settings, queue);
-    let (status, line) = match queue_states(&settings.broker, std::slice::from_ref(&name)).await {
+    let (status, line) = match queue_states(&settings.broker, &[name.to_owned()]).await {
         Ok(states) => match states.first() {
             Some(state) => check_queue(state, warning, critical, consumers),
             None => (
@@ -586,6 +604,24 @@ async fn check(
         Err(error) => (
             Status::Unknown,
             format!("QUEUE UNKNOWN - {name}: broker unreachable: {error:#}"),
+        ),
+    };
+    println!("{line}");
+    ExitCode::from(status as u8)
+}
+
+async fn check_drain(
+    settings: &Settings,
+    name: &str,
+    warning: Option<&Range>,
+    critical: Option<&Range>,
+    sample: Duration,
+) -> ExitCode {
+    let (status, line) = match observe(settings, name, sample).await {
+        Ok(observed) => ingestctl::check_drain(name, &observed, warning, critical),
+        Err(error) => (
+            Status::Unknown,
+            format!("QUEUE UNKNOWN - {name}: {error:#}"),
         ),
     };
     println!("{line}");

@@ -36,6 +36,28 @@ pub struct Hint {
     pub basis: String,
 }
 
+/// Depth change per second: sampled, or arrivals minus acks from the management API.
+pub fn net_rate(observed: &Observed) -> Option<f64> {
+    observed
+        .net_rate
+        .or(match (observed.publish_rate, observed.drain_rate) {
+            (Some(p), Some(d)) => Some(p - d),
+            _ => None,
+        })
+}
+
+/// Seconds until the queue is empty if the net rate holds: 0 when it is empty, `None` when it
+/// holds messages and is not shrinking (or nothing is known of its rates).
+pub fn drain_seconds(observed: &Observed) -> Option<f64> {
+    if observed.depth == 0 {
+        return Some(0.0);
+    }
+    match net_rate(observed) {
+        Some(n) if n < 0.0 => Some(observed.depth as f64 / -n),
+        _ => None,
+    }
+}
+
 pub fn hint(observed: Observed, target: Duration, given_per_worker: Option<f64>) -> Hint {
     let target_seconds = target.as_secs_f64().max(1.0);
     // Workers' measured rate tells their capacity only while they are busy (a backlog exists).
@@ -48,17 +70,7 @@ pub fn hint(observed: Observed, target: Duration, given_per_worker: Option<f64>)
         (_, Some(r)) => (Some(r), "measured (management API ack rate / consumers)"),
         _ => (None, "unknown"),
     };
-    let net = observed
-        .net_rate
-        .or(match (observed.publish_rate, observed.drain_rate) {
-            (Some(p), Some(d)) => Some(p - d),
-            _ => None,
-        });
-    let drain_seconds_now = match net {
-        Some(n) if n < 0.0 => Some(observed.depth as f64 / -n),
-        _ if observed.depth == 0 => Some(0.0),
-        _ => None,
-    };
+    let drain_seconds_now = drain_seconds(&observed);
     let needed_rate = observed.depth as f64 / target_seconds + observed.publish_rate.unwrap_or(0.0);
     let workers = per_worker_rate.map(|r| {
         let n = (needed_rate / r).ceil();
