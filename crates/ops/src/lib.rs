@@ -42,14 +42,19 @@ pub async fn management_rates(base: &str, amqp_url: &str, queue: &str) -> anyhow
         .filter(|v| !v.is_empty() && !v.contains('@') && !v.contains(':'))
         .unwrap_or("%2f");
     let url = format!("{}/api/queues/{vhost}/{queue}", base.trim_end_matches('/'));
-    let parsed = reqwest::Url::parse(&url)?;
+    let mut parsed = reqwest::Url::parse(&url)?;
+    // Credentials go in one Authorization header: left in the URL as well, they would be sent
+    // twice, and the management API answers a doubled header with 400.
+    let user = parsed.username().to_owned();
+    let password = parsed.password().map(str::to_owned);
+    let _ = parsed.set_username("");
+    let _ = parsed.set_password(None);
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
         .build()?;
-    let mut request = client.get(parsed.clone());
-    if !parsed.username().is_empty() {
-        let user = parsed.username().to_owned();
-        request = request.basic_auth(user, parsed.password().map(str::to_owned));
+    let mut request = client.get(parsed);
+    if !user.is_empty() {
+        request = request.basic_auth(user, password);
     }
     let body: serde_json::Value = request.send().await?.error_for_status()?.json().await?;
     Ok(parse_rates(&body))
