@@ -103,6 +103,31 @@ async fn a_broker_memory_alarm_turns_into_503s_with_bounded_collector_memory_and
 }
 
 #[tokio::test]
+async fn a_raw_queue_declared_without_the_cap_by_an_earlier_release_is_used_as_it_is() {
+    // An existing broker whose raw queue predates `raw_max_length_bytes`: the broker refuses a
+    // declare with other arguments (406), which must not keep the services from starting.
+    let s = settings("upgrade");
+    assert!(s.broker.raw_max_length_bytes > 0);
+    let raw = format!("{}.raw", s.broker.prefix);
+    let (conn, ch) = channel(&amqp_url()).await;
+    ingest_pipeline::broker::declare_queue(&ch, &raw, ingest_pipeline::broker::quorum_arguments())
+        .await
+        .unwrap();
+    let _ = conn.close(200, "".into()).await;
+
+    let collector = Collector::start(&s).await;
+    let worker = Worker::start(&s);
+    let client = http();
+    let body = events("upgrade", 3);
+    assert_eq!(post(&client, &collector.url, &body).await.status(), 200);
+    assert_eq!(
+        wait_for_count(&s, doc! {}, 3, Duration::from_secs(30)).await,
+        3
+    );
+    worker.stop().await;
+}
+
+#[tokio::test]
 async fn a_full_raw_queue_nacks_publishes_so_clients_get_503_and_every_200_is_kept() {
     let mut s = settings("rawcap");
     s.broker.raw_max_length_bytes = 64 * 1024;
