@@ -219,9 +219,7 @@ async fn open(settings: &BrokerSettings, topology: &Topology) -> lapin::Result<L
     for _ in 0..settings.publish_channels {
         channels.push(broker::Publisher::open(&connection).await?);
     }
-    if let Some(first) = channels.first() {
-        topology.declare(first.channel()).await?;
-    }
+    topology.declare(&connection).await?;
     Ok(Live {
         connection,
         channels,

@@ -1,5 +1,7 @@
 //! Broker topology and connection: every queue the pipeline uses is declared here, by both
-//! services, with the same arguments (a mismatch would make RabbitMQ refuse the declare).
+//! services, with the same arguments. A queue that already exists with other arguments (an
+//! earlier release declared it) is used as it is, with a warning: RabbitMQ refuses to change a
+//! queue's arguments, and ingest must not stop over it.
 
 use std::time::Duration;
 
@@ -90,15 +92,15 @@ impl Topology {
     /// Declares the raw and invalid queues (idempotent): durable quorum queues.
     /// With a cap, the raw queue refuses publishes past it (`reject-publish`: the publisher gets
     /// a nack, so the collector answers 503) rather than growing until a broker alarm.
-    pub async fn declare(&self, channel: &Channel) -> lapin::Result<()> {
+    pub async fn declare(&self, connection: &Connection) -> lapin::Result<()> {
         let mut raw = quorum_arguments();
         if self.raw_max_length_bytes > 0 {
             let cap = i64::try_from(self.raw_max_length_bytes).unwrap_or(i64::MAX);
             raw.insert("x-max-length-bytes".into(), AMQPValue::LongLongInt(cap));
             raw.insert("x-overflow".into(), long_string("reject-publish"));
         }
-        declare_queue(channel, &self.raw(), raw).await?;
-        declare_queue(channel, &self.invalid(), quorum_arguments()).await?;
+        declare_or_keep(connection, &self.raw(), raw).await?;
+        declare_or_keep(connection, &self.invalid(), quorum_arguments()).await?;
         Ok(())
     }
 
@@ -106,11 +108,12 @@ impl Topology {
     /// its delay queues and its dead-letter queue.
     pub async fn declare_sinks(
         &self,
-        channel: &Channel,
+        connection: &Connection,
         sinks: &[String],
         retry_delays: &[Duration],
     ) -> lapin::Result<()> {
-        self.declare(channel).await?;
+        self.declare(connection).await?;
+        let channel = connection.create_channel().await?;
         channel
             .exchange_declare(
                 self.valid_exchange().into(),
@@ -124,7 +127,7 @@ impl Topology {
             .await?;
         for sink in sinks {
             let queue = self.sink_queue(sink);
-            declare_queue(channel, &queue, quorum_arguments()).await?;
+            declare_or_keep(connection, &queue, quorum_arguments()).await?;
             channel
                 .queue_bind(
                     queue.as_str().into(),
@@ -146,12 +149,56 @@ impl Topology {
                     long_string("at-least-once"),
                 );
                 args.insert("x-overflow".into(), long_string("reject-publish"));
-                declare_queue(channel, &self.sink_retry(sink, *delay), args).await?;
+                declare_or_keep(connection, &self.sink_retry(sink, *delay), args).await?;
             }
-            declare_queue(channel, &self.sink_dlq(sink), quorum_arguments()).await?;
+            declare_or_keep(connection, &self.sink_dlq(sink), quorum_arguments()).await?;
         }
+        let _ = channel.close(200, "".into()).await;
         Ok(())
     }
+}
+
+/// Declares a durable queue with `arguments` on a channel of its own (a refused declare closes
+/// its channel). If the queue exists with other arguments the broker refuses (406
+/// PRECONDITION_FAILED); the queue is then used as it is, with a warning and a count in
+/// `broker_queue_arguments_differ_total`. Returns whether the arguments differed.
+pub async fn declare_or_keep(
+    connection: &Connection,
+    queue: &str,
+    arguments: FieldTable,
+) -> lapin::Result<bool> {
+    let channel = connection.create_channel().await?;
+    match declare_queue(&channel, queue, arguments).await {
+        Ok(()) => {
+            let _ = channel.close(200, "".into()).await;
+            Ok(false)
+        }
+        Err(error) if is_precondition_failed(&error) => {
+            let probe = connection.create_channel().await?;
+            let passive = QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            };
+            probe
+                .queue_declare(queue.into(), passive, FieldTable::default())
+                .await?;
+            let _ = probe.close(200, "".into()).await;
+            tracing::warn!(
+                queue,
+                refused = %error,
+                "queue exists with other arguments; using it as it is (README: \"Changing a queue's arguments\")"
+            );
+            metrics::counter!("broker_queue_arguments_differ_total", "queue" => queue.to_owned())
+                .increment(1);
+            Ok(true)
+        }
+        Err(error) => Err(error),
+    }
+}
+
+/// The broker refused a declare because the queue exists with other arguments or type.
+fn is_precondition_failed(error: &lapin::Error) -> bool {
+    matches!(error.kind(), lapin::ErrorKind::ProtocolError(e) if e.get_id() == 406)
 }
 
 /// Declares a durable queue with `arguments`.

@@ -323,11 +323,11 @@ async fn session(
     let topology = &context.topology;
     let connection = Arc::new(broker::connect(&settings.broker, "worker").await?);
     let publishing = broker::connect(&settings.broker, "worker-publish").await?;
-    let channel = connection.create_channel().await?;
     let names: Vec<String> = runners.iter().map(|r| r.sink.name().to_owned()).collect();
     topology
-        .declare_sinks(&channel, &names, &settings.sinks.retry_delays())
+        .declare_sinks(&connection, &names, &settings.sinks.retry_delays())
         .await?;
+    let channel = connection.create_channel().await?;
     channel
         .basic_qos(settings.worker.prefetch, BasicQosOptions::default())
         .await?;
