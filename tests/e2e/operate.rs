@@ -103,6 +103,26 @@ async fn a_broker_memory_alarm_turns_into_503s_with_bounded_collector_memory_and
 }
 
 #[tokio::test]
+async fn a_healthy_worker_logs_no_errors_across_its_periodic_broker_reads() {
+    // Every 10 s the worker reads its sinks' retry queues from the broker on a short-lived
+    // connection; closing it must not log an error each time.
+    let mut s = settings("quietlog");
+    s.worker.listen = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let log = std::env::temp_dir().join(format!("{}.worker.log", s.broker.prefix));
+    let mut worker = Process::spawn_logging_to("worker", &s, &log);
+    let client = http();
+    let readyz = format!("http://{}/readyz", s.worker.listen);
+    assert!(status_becomes(&client, readyz, 200).await);
+    // two of its periodic reads
+    tokio::time::sleep(Duration::from_secs(21)).await;
+    assert!(worker.is_running());
+    let text = std::fs::read_to_string(&log).unwrap();
+    let errors: Vec<&str> = text.lines().filter(|l| l.contains("ERROR")).collect();
+    assert!(errors.is_empty(), "{}", errors.join("\n"));
+    let _ = std::fs::remove_file(&log);
+}
+
+#[tokio::test]
 async fn a_raw_queue_declared_without_the_cap_by_an_earlier_release_is_used_as_it_is() {
     // An existing broker whose raw queue predates `raw_max_length_bytes`: the broker refuses a
     // declare with other arguments (406), which must not keep the services from starting.

@@ -265,6 +265,17 @@ impl Process {
     /// Starts a binary with the test's settings: the environment, plus the sink settings in a
     /// config file (lists of tables do not fit in environment variables).
     pub fn spawn(name: &str, settings: &Settings) -> Self {
+        Self::spawn_to(name, settings, Stdio::inherit(), Stdio::inherit())
+    }
+
+    /// Like `spawn`, with the process's output (its log) written to `log`.
+    pub fn spawn_logging_to(name: &str, settings: &Settings, log: &std::path::Path) -> Self {
+        let file = std::fs::File::create(log).unwrap();
+        let copy = file.try_clone().unwrap();
+        Self::spawn_to(name, settings, Stdio::from(file), Stdio::from(copy))
+    }
+
+    fn spawn_to(name: &str, settings: &Settings, stdout: Stdio, stderr: Stdio) -> Self {
         let base = std::env::var("TEST_WORK_DIR")
             .map(PathBuf::from)
             .unwrap_or_else(|_| std::env::temp_dir());
@@ -285,6 +296,8 @@ impl Process {
             .env("INGEST_CONFIG_DIR", &dir)
             .current_dir(root())
             .stdin(Stdio::null())
+            .stdout(stdout)
+            .stderr(stderr)
             .spawn()
             .unwrap();
         Self { child }
