@@ -306,6 +306,9 @@ async fn retry_depths(
                 }
             }
         }
+        // Closed before its connection: closing the connection under an open channel makes
+        // lapin log an error.
+        let _ = tokio::time::timeout(BROKER_CALL_TIMEOUT, channel.close(200, "".into())).await;
     }
     let _ = tokio::time::timeout(BROKER_CALL_TIMEOUT, connection.close(200, "".into())).await;
     depths
