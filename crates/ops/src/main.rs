@@ -165,20 +165,22 @@ async fn main() -> ExitCode {
             drain_time,
             sample,
         } => {
-            let name = full_name(&settings, &queue);
-            let (warning, critical) = (warning.as_ref(), critical.as_ref());
-            if drain_time {
-                check_drain(
-                    &settings,
-                    &name,
-                    warning,
-                    critical,
-                    Duration::from_secs(sample),
-                )
-                .await
+            let measure = if drain_time {
+                Measure::DrainTime {
+                    sample: Duration::from_secs(sample),
+                }
             } else {
-                check(&settings, &name, warning, critical, consumers).await
-            }
+                Measure::Depth { consumers }
+            };
+            let name = full_name(&settings, &queue);
+            check(
+                &settings,
+                &name,
+                warning.as_ref(),
+                critical.as_ref(),
+                measure,
+            )
+            .await
         }
         Command::Canary {
             url,
@@ -586,43 +588,42 @@ async fn dlq(settings: &Settings, command: DlqCommand) -> anyhow::Result<ExitCod
     }
 }
 
+/// What `check` measures.
+enum Measure {
+    Depth { consumers: bool },
+    DrainTime { sample: Duration },
+}
+
 async fn check(
     settings: &Settings,
     name: &str,
     warning: Option<&Range>,
     critical: Option<&Range>,
-    consumers: bool,
+    measure: Measure,
 ) -> ExitCode {
-    let (status, line) = match queue_states(&settings.broker, &[name.to_owned()]).await {
-        Ok(states) => match states.first() {
-            Some(state) => check_queue(state, warning, critical, consumers),
-            None => (
+    let (status, line) = match measure {
+        Measure::Depth { consumers } => {
+            match queue_states(&settings.broker, &[name.to_owned()]).await {
+                Ok(states) => match states.first() {
+                    Some(state) => check_queue(state, warning, critical, consumers),
+                    None => (
+                        Status::Unknown,
+                        format!("QUEUE UNKNOWN - {name} does not exist"),
+                    ),
+                },
+                Err(error) => (
+                    Status::Unknown,
+                    format!("QUEUE UNKNOWN - {name}: broker unreachable: {error:#}"),
+                ),
+            }
+        }
+        Measure::DrainTime { sample } => match observe(settings, name, sample).await {
+            Ok(observed) => ingestctl::check_drain(name, &observed, warning, critical),
+            Err(error) => (
                 Status::Unknown,
-                format!("QUEUE UNKNOWN - {name} does not exist"),
+                format!("QUEUE UNKNOWN - {name}: {error:#}"),
             ),
         },
-        Err(error) => (
-            Status::Unknown,
-            format!("QUEUE UNKNOWN - {name}: broker unreachable: {error:#}"),
-        ),
-    };
-    println!("{line}");
-    ExitCode::from(status as u8)
-}
-
-async fn check_drain(
-    settings: &Settings,
-    name: &str,
-    warning: Option<&Range>,
-    critical: Option<&Range>,
-    sample: Duration,
-) -> ExitCode {
-    let (status, line) = match observe(settings, name, sample).await {
-        Ok(observed) => ingestctl::check_drain(name, &observed, warning, critical),
-        Err(error) => (
-            Status::Unknown,
-            format!("QUEUE UNKNOWN - {name}: {error:#}"),
-        ),
     };
     println!("{line}");
     ExitCode::from(status as u8)
