@@ -109,12 +109,16 @@ async fn a_healthy_worker_logs_no_errors_across_its_periodic_broker_reads() {
     let mut s = settings("quietlog");
     s.worker.listen = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let log = std::env::temp_dir().join(format!("{}.worker.log", s.broker.prefix));
-    let mut worker = Process::spawn_logging_to("worker", &s, &log);
+    let mut worker = Process::spawn_logging_to("worker", &s, &log, "warn,worker=debug");
     let client = http();
     let readyz = format!("http://{}/readyz", s.worker.listen);
     assert!(status_becomes(&client, readyz, 200).await);
-    // two of its periodic reads
-    tokio::time::sleep(Duration::from_secs(21)).await;
+    let read_twice = eventually(Duration::from_secs(60), || async {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        text.matches("read the sinks' retry queues").count() >= 2
+    })
+    .await;
+    assert!(read_twice, "{}", std::fs::read_to_string(&log).unwrap());
     assert!(worker.is_running());
     let text = std::fs::read_to_string(&log).unwrap();
     let errors: Vec<&str> = text.lines().filter(|l| l.contains("ERROR")).collect();
@@ -144,7 +148,55 @@ async fn a_raw_queue_declared_without_the_cap_by_an_earlier_release_is_used_as_i
         wait_for_count(&s, doc! {}, 3, Duration::from_secs(30)).await,
         3
     );
+    // Ops can see that the cap is not in force.
+    let metrics = client
+        .get(format!("{}/metrics", collector.url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let series = format!("broker_raw_queue_without_cap_total{{queue=\"{raw}\"}}");
+    assert!(metric_value(&metrics, &series) >= 1.0, "{metrics}");
     worker.stop().await;
+}
+
+#[tokio::test]
+async fn a_raw_queue_that_differs_in_more_than_the_cap_is_refused_and_the_collector_stays_unready()
+{
+    // A classic queue is not replicated: keeping it would quietly weaken durability.
+    let mut s = settings("classic");
+    s.collector.listen = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let raw = format!("{}.raw", s.broker.prefix);
+    let (conn, ch) = channel(&amqp_url()).await;
+    ingest_pipeline::broker::declare_queue(&ch, &raw, lapin::types::FieldTable::default())
+        .await
+        .unwrap();
+    let _ = conn.close(200, "".into()).await;
+
+    let log = std::env::temp_dir().join(format!("{}.collector.log", s.broker.prefix));
+    let _collector = Process::spawn_logging_to("collector", &s, &log, "warn");
+    let url = format!("http://{}", s.collector.listen);
+    let refused = eventually(Duration::from_secs(60), || async {
+        std::fs::read_to_string(&log).is_ok_and(|t| {
+            t.contains("cannot connect to the broker") && t.contains("PRECONDITION_FAILED")
+        })
+    })
+    .await;
+    assert!(
+        refused,
+        "{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    let client = http();
+    assert!(status_becomes(&client, format!("{url}/readyz"), 503).await);
+    assert_eq!(
+        post(&client, &url, &events("classic", 1)).await.status(),
+        503
+    );
+    assert_eq!(depth(&amqp_url(), &raw).await, 0);
+    let _ = std::fs::remove_file(&log);
 }
 
 #[tokio::test]

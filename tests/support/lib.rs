@@ -265,17 +265,29 @@ impl Process {
     /// Starts a binary with the test's settings: the environment, plus the sink settings in a
     /// config file (lists of tables do not fit in environment variables).
     pub fn spawn(name: &str, settings: &Settings) -> Self {
-        Self::spawn_to(name, settings, Stdio::inherit(), Stdio::inherit())
+        Self::spawn_to(name, settings, (Stdio::inherit(), Stdio::inherit()), None)
     }
 
-    /// Like `spawn`, with the process's output (its log) written to `log`.
-    pub fn spawn_logging_to(name: &str, settings: &Settings, log: &std::path::Path) -> Self {
+    /// Like `spawn`, with the process's output (its log, filtered by `filter` as `RUST_LOG`)
+    /// written to `log`.
+    pub fn spawn_logging_to(
+        name: &str,
+        settings: &Settings,
+        log: &std::path::Path,
+        filter: &str,
+    ) -> Self {
         let file = std::fs::File::create(log).unwrap();
         let copy = file.try_clone().unwrap();
-        Self::spawn_to(name, settings, Stdio::from(file), Stdio::from(copy))
+        let output = (Stdio::from(file), Stdio::from(copy));
+        Self::spawn_to(name, settings, output, Some(filter))
     }
 
-    fn spawn_to(name: &str, settings: &Settings, stdout: Stdio, stderr: Stdio) -> Self {
+    fn spawn_to(
+        name: &str,
+        settings: &Settings,
+        (stdout, stderr): (Stdio, Stdio),
+        filter: Option<&str>,
+    ) -> Self {
         let base = std::env::var("TEST_WORK_DIR")
             .map(PathBuf::from)
             .unwrap_or_else(|_| std::env::temp_dir());
@@ -291,8 +303,12 @@ impl Process {
             "collector": collector_json(settings),
         });
         std::fs::write(dir.join("test.json"), sinks.to_string()).unwrap();
+        let mut env = settings_env(settings);
+        if let Some(filter) = filter {
+            env.push(("RUST_LOG".into(), filter.to_owned()));
+        }
         let child = Command::new(binary(name))
-            .envs(settings_env(settings))
+            .envs(env)
             .env("INGEST_CONFIG_DIR", &dir)
             .current_dir(root())
             .stdin(Stdio::null())

@@ -1,7 +1,7 @@
 //! Broker topology and connection: every queue the pipeline uses is declared here, by both
-//! services, with the same arguments. A queue that already exists with other arguments (an
-//! earlier release declared it) is used as it is, with a warning: RabbitMQ refuses to change a
-//! queue's arguments, and ingest must not stop over it.
+//! services, with the same arguments. RabbitMQ refuses a declare whose arguments differ from
+//! the existing queue's; the one difference tolerated is a raw queue without the byte cap (an
+//! earlier release declared it), so that an upgrade does not stop ingest.
 
 use std::time::Duration;
 
@@ -99,8 +99,26 @@ impl Topology {
             raw.insert("x-max-length-bytes".into(), AMQPValue::LongLongInt(cap));
             raw.insert("x-overflow".into(), long_string("reject-publish"));
         }
-        declare_or_keep(connection, &self.raw(), raw).await?;
-        declare_or_keep(connection, &self.invalid(), quorum_arguments()).await?;
+        let raw_queue = self.raw();
+        match declare_alone(connection, &raw_queue, raw).await {
+            Ok(()) => {}
+            Err(refused) if self.raw_max_length_bytes > 0 && is_precondition_failed(&refused) => {
+                // Kept only if it is the same queue but for the cap; any other difference
+                // (type, durability, another cap) is still refused.
+                declare_alone(connection, &raw_queue, quorum_arguments())
+                    .await
+                    .map_err(|_| refused.clone())?;
+                tracing::warn!(
+                    queue = raw_queue,
+                    %refused,
+                    "raw queue exists without the byte cap; using it as it is (README: \"Changing a queue's arguments\")"
+                );
+                metrics::counter!("broker_raw_queue_without_cap_total", "queue" => raw_queue.clone())
+                    .increment(1);
+            }
+            Err(error) => return Err(error),
+        }
+        declare_alone(connection, &self.invalid(), quorum_arguments()).await?;
         Ok(())
     }
 
@@ -127,7 +145,7 @@ impl Topology {
             .await?;
         for sink in sinks {
             let queue = self.sink_queue(sink);
-            declare_or_keep(connection, &queue, quorum_arguments()).await?;
+            declare_queue(&channel, &queue, quorum_arguments()).await?;
             channel
                 .queue_bind(
                     queue.as_str().into(),
@@ -149,51 +167,26 @@ impl Topology {
                     long_string("at-least-once"),
                 );
                 args.insert("x-overflow".into(), long_string("reject-publish"));
-                declare_or_keep(connection, &self.sink_retry(sink, *delay), args).await?;
+                declare_queue(&channel, &self.sink_retry(sink, *delay), args).await?;
             }
-            declare_or_keep(connection, &self.sink_dlq(sink), quorum_arguments()).await?;
+            declare_queue(&channel, &self.sink_dlq(sink), quorum_arguments()).await?;
         }
         let _ = channel.close(200, "".into()).await;
         Ok(())
     }
 }
 
-/// Declares a durable queue with `arguments` on a channel of its own (a refused declare closes
-/// its channel). If the queue exists with other arguments the broker refuses (406
-/// PRECONDITION_FAILED); the queue is then used as it is, with a warning and a count in
-/// `broker_queue_arguments_differ_total`. Returns whether the arguments differed.
-pub async fn declare_or_keep(
+/// Declares a durable queue with `arguments` on a channel of its own: a refused declare closes
+/// its channel.
+async fn declare_alone(
     connection: &Connection,
     queue: &str,
     arguments: FieldTable,
-) -> lapin::Result<bool> {
+) -> lapin::Result<()> {
     let channel = connection.create_channel().await?;
-    match declare_queue(&channel, queue, arguments).await {
-        Ok(()) => {
-            let _ = channel.close(200, "".into()).await;
-            Ok(false)
-        }
-        Err(error) if is_precondition_failed(&error) => {
-            let probe = connection.create_channel().await?;
-            let passive = QueueDeclareOptions {
-                passive: true,
-                ..QueueDeclareOptions::default()
-            };
-            probe
-                .queue_declare(queue.into(), passive, FieldTable::default())
-                .await?;
-            let _ = probe.close(200, "".into()).await;
-            tracing::warn!(
-                queue,
-                refused = %error,
-                "queue exists with other arguments; using it as it is (README: \"Changing a queue's arguments\")"
-            );
-            metrics::counter!("broker_queue_arguments_differ_total", "queue" => queue.to_owned())
-                .increment(1);
-            Ok(true)
-        }
-        Err(error) => Err(error),
-    }
+    declare_queue(&channel, queue, arguments).await?;
+    let _ = channel.close(200, "".into()).await;
+    Ok(())
 }
 
 /// The broker refused a declare because the queue exists with other arguments or type.

@@ -290,26 +290,30 @@ async fn retry_depths(
     else {
         return depths;
     };
-    if let Ok(channel) = connection.create_channel().await {
-        for (runner, depth) in runners.iter().zip(depths.iter_mut()) {
-            for delay in &runner.retry_delays {
-                let queue = topology.sink_retry(runner.sink.name(), *delay);
-                let passive = QueueDeclareOptions {
-                    passive: true,
-                    ..QueueDeclareOptions::default()
-                };
-                if let Ok(q) = channel
-                    .queue_declare(queue.into(), passive, FieldTable::default())
-                    .await
-                {
-                    *depth += q.message_count();
-                }
+    for (runner, depth) in runners.iter().zip(depths.iter_mut()) {
+        for delay in &runner.retry_delays {
+            let queue = topology.sink_retry(runner.sink.name(), *delay);
+            // A channel per queue: a queue that is missing closes the channel it was asked on.
+            let Ok(channel) = connection.create_channel().await else {
+                continue;
+            };
+            let passive = QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            };
+            if let Ok(q) = channel
+                .queue_declare(queue.into(), passive, FieldTable::default())
+                .await
+            {
+                *depth += q.message_count();
+                // Closed before its connection: closing the connection under an open channel
+                // makes lapin log an error.
+                let _ =
+                    tokio::time::timeout(BROKER_CALL_TIMEOUT, channel.close(200, "".into())).await;
             }
         }
-        // Closed before its connection: closing the connection under an open channel makes
-        // lapin log an error.
-        let _ = tokio::time::timeout(BROKER_CALL_TIMEOUT, channel.close(200, "".into())).await;
     }
+    tracing::debug!("read the sinks' retry queues");
     let _ = tokio::time::timeout(BROKER_CALL_TIMEOUT, connection.close(200, "".into())).await;
     depths
 }
