@@ -34,44 +34,51 @@ pub struct Rates {
     pub ack: f64,
 }
 
-/// A queue's rates from the management API's `GET /api/queues/{vhost}/{name}`.
-pub async fn management_rates(base: &str, amqp_url: &str, queue: &str) -> anyhow::Result<Rates> {
+/// A queue's rates from the management API's `GET /api/queues/{vhost}/{name}`, for the vhost
+/// of the broker URL; `None` while the broker has no statistics for the queue.
+pub async fn management_rates(
+    base: &str,
+    amqp_url: &str,
+    queue: &str,
+) -> anyhow::Result<Option<Rates>> {
     let vhost = amqp_url
-        .rsplit_once('/')
-        .map(|(_, v)| v)
-        .filter(|v| !v.is_empty() && !v.contains('@') && !v.contains(':'))
-        .unwrap_or("%2f");
-    let url = format!("{}/api/queues/{vhost}/{queue}", base.trim_end_matches('/'));
-    let mut parsed = reqwest::Url::parse(&url)?;
-    // Credentials go in one Authorization header: left in the URL as well, they would be sent
-    // twice, and the management API answers a doubled header with 400.
-    let user = parsed.username().to_owned();
-    let password = parsed.password().map(str::to_owned);
-    let _ = parsed.set_username("");
-    let _ = parsed.set_password(None);
+        .parse::<lapin::uri::AMQPUri>()
+        .map_err(|e| anyhow::anyhow!("broker.url: {e}"))?
+        .vhost;
+    let mut url = reqwest::Url::parse(base)?;
+    url.path_segments_mut()
+        .map_err(|()| anyhow::anyhow!("broker.management_url is not an http(s) URL"))?
+        .pop_if_empty()
+        .extend(["api", "queues", &vhost, queue]);
+    // reqwest sends the URL's credentials (decoded) as the one Authorization header; the
+    // management API answers a doubled header with 400.
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
         .build()?;
-    let mut request = client.get(parsed);
-    if !user.is_empty() {
-        request = request.basic_auth(user, password);
-    }
-    let body: serde_json::Value = request.send().await?.error_for_status()?.json().await?;
+    let body: serde_json::Value = client
+        .get(url)
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
     Ok(parse_rates(&body))
 }
 
-/// Rates out of a management API queue object (0 where the broker has not sampled yet).
-pub fn parse_rates(queue: &serde_json::Value) -> Rates {
+/// Rates out of a management API queue object: `None` without `message_stats` (the broker
+/// has not sampled the queue yet, or collects no statistics); a rate it has not sampled is 0.
+pub fn parse_rates(queue: &serde_json::Value) -> Option<Rates> {
+    let stats = queue.get("message_stats")?;
     let rate = |key: &str| {
-        queue
-            .pointer(&format!("/message_stats/{key}/rate"))
+        stats
+            .pointer(&format!("/{key}/rate"))
             .and_then(serde_json::Value::as_f64)
             .unwrap_or(0.0)
     };
-    Rates {
+    Some(Rates {
         publish: rate("publish_details"),
         ack: rate("ack_details"),
-    }
+    })
 }
 
 /// Every queue of the pipeline: raw, invalid, and each sink's queue, delay queues and DLQ.
@@ -185,17 +192,69 @@ pub fn check_queue(
     (status, line)
 }
 
-/// A drain-time check: seconds until `name` is empty at its current net rate, against the
-/// thresholds. A queue that holds messages and is not shrinking never drains, which alerts
-/// under any upper bound; its perfdata value is `U` (the guidelines' "cannot be determined").
+/// How long the queue's backlog takes to be worked off, as far as the broker's figures tell.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Drain {
+    /// Whole seconds, and how they were derived.
+    Seconds(f64, String),
+    /// It holds messages and nothing is working them off (no consumers, no acks, or above
+    /// the floor and not shrinking between two samples).
+    Stalled(String),
+    /// The broker gave no figures to tell.
+    Unknown(String),
+}
+
+/// With management API rates: depth / ack rate, the seconds a message arriving now waits.
+/// With two depth samples: depth / shrink rate, the seconds until it is empty (at least that
+/// wait); a queue that does not shrink with consumers on it is only stalled above
+/// `min_depth`, since a busy queue in a steady state does not shrink either.
+pub fn drain(observed: &scale::Observed, min_depth: u64) -> Drain {
+    let depth = observed.depth;
+    if depth == 0 {
+        return Drain::Seconds(0.0, "empty".to_owned());
+    }
+    if observed.consumers == 0 {
+        return Drain::Stalled("no consumers".to_owned());
+    }
+    let seconds = |rate: f64| (depth as f64 / rate).round();
+    match (observed.drain_rate, observed.net_rate) {
+        (Some(ack), _) if ack > 0.0 => Drain::Seconds(
+            seconds(ack),
+            format!(
+                "worked off in {:.0} s at {ack:.1}/s acked, {:.1}/s arriving",
+                seconds(ack),
+                observed.publish_rate.unwrap_or(0.0)
+            ),
+        ),
+        (Some(_), _) => Drain::Stalled("nothing acked".to_owned()),
+        (None, Some(net)) if net < 0.0 => Drain::Seconds(
+            seconds(-net),
+            format!("empty in {:.0} s (net {net:+.1}/s)", seconds(-net)),
+        ),
+        (None, Some(_)) if depth <= min_depth => Drain::Seconds(
+            0.0,
+            format!("not shrinking, at or below --min-depth {min_depth}"),
+        ),
+        (None, Some(net)) => Drain::Stalled(format!("not shrinking (net {net:+.1}/s)")),
+        (None, None) => Drain::Unknown("no rates from the broker yet".to_owned()),
+    }
+}
+
+/// A drain-time check on [`drain`] against the thresholds. A stalled queue never drains, which
+/// alerts under any upper bound; its perfdata value is `U` (the guidelines' "cannot be
+/// determined").
 pub fn check_drain(
     name: &str,
     observed: &scale::Observed,
+    min_depth: u64,
     warning: Option<&Range>,
     critical: Option<&Range>,
 ) -> (Status, String) {
-    let seconds = scale::drain_seconds(observed);
-    let value = seconds.unwrap_or(f64::INFINITY);
+    let (value, text, perf) = match drain(observed, min_depth) {
+        Drain::Seconds(s, how) => (s, how, format!("{s:.0}s")),
+        Drain::Stalled(why) => (f64::INFINITY, format!("not draining ({why})"), "U".into()),
+        Drain::Unknown(why) => return (Status::Unknown, format!("QUEUE UNKNOWN - {name}: {why}")),
+    };
     let status = if critical.is_some_and(|c| c.alerts(value)) {
         Status::Critical
     } else if warning.is_some_and(|w| w.alerts(value)) {
@@ -203,16 +262,9 @@ pub fn check_drain(
     } else {
         Status::Ok
     };
-    let net = scale::net_rate(observed)
-        .map(|n| format!("{n:+.1}/s"))
-        .unwrap_or_else(|| "unknown".to_owned());
-    let (drain, perf) = match seconds {
-        Some(s) => (format!("empty in {s:.0} s"), format!("{s:.0}")),
-        None => ("not draining".to_owned(), "U".to_owned()),
-    };
     let range = |r: Option<&Range>| r.map(ToString::to_string).unwrap_or_default();
     let line = format!(
-        "QUEUE {} - {name} {drain} (net {net}) depth={} consumers={} | drain_seconds={perf};{};{};0; depth={};;;0; consumers={};;;0;",
+        "QUEUE {} - {name} {text} depth={} consumers={} | drain_seconds={perf};{};{};0; depth={};;;0; consumers={};;;0;",
         status.label(),
         observed.depth,
         observed.consumers,
@@ -245,18 +297,20 @@ mod tests {
         });
         assert_eq!(
             parse_rates(&queue),
-            Rates {
+            Some(Rates {
                 publish: 250.5,
                 ack: 240.0
-            }
+            })
         );
+        let idle = serde_json::json!({"message_stats": {"publish_details": {"rate": 3.0}}});
         assert_eq!(
-            parse_rates(&serde_json::json!({})),
-            Rates {
-                publish: 0.0,
+            parse_rates(&idle),
+            Some(Rates {
+                publish: 3.0,
                 ack: 0.0
-            }
+            })
         );
+        assert_eq!(parse_rates(&serde_json::json!({"messages": 12})), None);
     }
 
     #[test]
@@ -288,7 +342,7 @@ mod tests {
         assert_eq!(check_queue(&state(3, 0), None, None, false).0, Status::Ok);
     }
 
-    fn observed(depth: u64, consumers: u32, net: f64) -> scale::Observed {
+    fn sampled(depth: u64, consumers: u32, net: f64) -> scale::Observed {
         scale::Observed {
             depth,
             consumers,
@@ -298,33 +352,90 @@ mod tests {
         }
     }
 
+    fn rated(depth: u64, consumers: u32, publish: f64, ack: f64) -> scale::Observed {
+        scale::Observed {
+            depth,
+            consumers,
+            publish_rate: Some(publish),
+            drain_rate: Some(ack),
+            net_rate: None,
+        }
+    }
+
+    fn thresholds() -> (Range, Range) {
+        ("300".parse().expect("w"), "900".parse().expect("c"))
+    }
+
     #[test]
-    fn drain_check_alerts_on_a_slow_or_stalled_drain() {
-        let w: Range = "300".parse().expect("w");
-        let c: Range = "900".parse().expect("c");
-        let (status, line) = check_drain("a.raw", &observed(6000, 2, -100.0), Some(&w), Some(&c));
+    fn drain_check_with_rates_is_the_wait_at_the_ack_rate_so_a_busy_steady_queue_is_ok() {
+        let (w, c) = thresholds();
+        let check = |o: &scale::Observed| check_drain("a.raw", o, 0, Some(&w), Some(&c));
+        let (status, line) = check(&rated(15_000, 4, 240.0, 250.0));
         assert_eq!(status, Status::Ok);
         assert_eq!(
             line,
-            "QUEUE OK - a.raw empty in 60 s (net -100.0/s) depth=6000 consumers=2 | drain_seconds=60;300;900;0; depth=6000;;;0; consumers=2;;;0;"
+            "QUEUE OK - a.raw worked off in 60 s at 250.0/s acked, 240.0/s arriving depth=15000 consumers=4 | drain_seconds=60s;300;900;0; depth=15000;;;0; consumers=4;;;0;"
         );
-        let slow = check_drain("a.raw", &observed(6000, 2, -10.0), Some(&w), Some(&c));
-        assert_eq!(slow.0, Status::Warning, "{}", slow.1);
-        let slower = check_drain("a.raw", &observed(6000, 2, -5.0), Some(&w), Some(&c));
-        assert_eq!(slower.0, Status::Critical, "{}", slower.1);
-        // growing, or holding still with messages in it: never empties
-        for net in [0.0, 50.0] {
-            let (status, line) = check_drain("a.raw", &observed(10, 0, net), Some(&w), Some(&c));
-            assert_eq!(status, Status::Critical, "{line}");
-            assert!(
-                line.contains("not draining") && line.contains("drain_seconds=U"),
-                "{line}"
-            );
-        }
-        // an empty queue is drained, whatever arrives
-        let (status, line) = check_drain("a.raw", &observed(0, 0, 5.0), Some(&w), Some(&c));
+        // arrivals equal to acks with a few messages waiting: healthy, not stalled
+        assert_eq!(check(&rated(3, 2, 1000.0, 1000.0)).0, Status::Ok);
+        // growing faster than it is worked off still has a finite wait; a long one alerts
+        assert_eq!(check(&rated(150_000, 2, 900.0, 250.0)).0, Status::Warning);
+        assert_eq!(check(&rated(250_000, 2, 900.0, 250.0)).0, Status::Critical);
+        let (status, line) = check(&rated(10, 2, 5.0, 0.0));
+        assert_eq!(status, Status::Critical);
+        assert!(
+            line.contains("not draining (nothing acked)") && line.contains("drain_seconds=U;"),
+            "{line}"
+        );
+    }
+
+    #[test]
+    fn drain_check_from_samples_is_the_time_to_empty_with_a_floor_for_steady_queues() {
+        let (w, c) = thresholds();
+        let check = |o: &scale::Observed, floor| check_drain("a.raw", o, floor, Some(&w), Some(&c));
+        let (status, line) = check(&sampled(6000, 2, -100.0), 0);
+        assert_eq!(status, Status::Ok);
+        assert_eq!(
+            line,
+            "QUEUE OK - a.raw empty in 60 s (net -100.0/s) depth=6000 consumers=2 | drain_seconds=60s;300;900;0; depth=6000;;;0; consumers=2;;;0;"
+        );
+        assert_eq!(check(&sampled(6000, 2, -10.0), 0).0, Status::Warning);
+        assert_eq!(check(&sampled(6000, 2, -5.0), 0).0, Status::Critical);
+        // not shrinking with consumers: stalled above the floor, fine at or below it
+        let (status, line) = check(&sampled(500, 2, 0.4), 100);
+        assert_eq!(status, Status::Critical, "{line}");
+        assert!(
+            line.contains("not draining (not shrinking (net +0.4/s))"),
+            "{line}"
+        );
+        assert_eq!(check(&sampled(100, 2, 0.4), 100).0, Status::Ok);
+    }
+
+    #[test]
+    fn drain_check_edges_empty_no_consumers_no_figures_and_rounding() {
+        let (w, c) = thresholds();
+        let check = |o: &scale::Observed| check_drain("a.raw", o, 1000, Some(&w), Some(&c));
+        let (status, line) = check(&sampled(0, 0, 5.0));
         assert_eq!(status, Status::Ok, "{line}");
-        assert!(line.contains("drain_seconds=0;"), "{line}");
+        assert!(line.contains("drain_seconds=0s;"), "{line}");
+        // no consumers is stalled whatever the floor
+        let (status, line) = check(&sampled(3, 0, 0.0));
+        assert_eq!(status, Status::Critical, "{line}");
+        assert!(line.contains("not draining (no consumers)"), "{line}");
+        let unknown = scale::Observed {
+            depth: 5,
+            consumers: 1,
+            publish_rate: None,
+            drain_rate: None,
+            net_rate: None,
+        };
+        let (status, line) = check(&unknown);
+        assert_eq!(status, Status::Unknown);
+        assert!(line.starts_with("QUEUE UNKNOWN - a.raw: "), "{line}");
+        // decided on the value it prints: 300.4 s is 300, within `300`
+        let (status, line) = check(&rated(3004, 1, 0.0, 10.0));
+        assert_eq!(status, Status::Ok, "{line}");
+        assert!(line.contains("drain_seconds=300s;"), "{line}");
     }
 
     #[test]

@@ -1,6 +1,6 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use ingestctl::canary::{self, Canary};
@@ -41,14 +41,18 @@ enum Command {
         /// CRITICAL when the queue holds messages and nothing consumes it.
         #[arg(long)]
         consumers: bool,
-        /// Thresholds are on the seconds until the queue is empty at its current net rate
-        /// (management API rates, or two depth samples --sample seconds apart); a queue that
-        /// holds messages and is not shrinking never empties and alerts.
+        /// Thresholds are on the seconds the backlog takes to be worked off: depth / ack rate
+        /// with the management API, otherwise depth / shrink rate between two depth samples
+        /// --sample seconds apart. A queue with messages and nothing working them off alerts.
         #[arg(long, conflicts_with = "consumers")]
         drain_time: bool,
         /// Without the management API: seconds between the two depth samples of --drain-time.
         #[arg(long, default_value_t = 5)]
         sample: u64,
+        /// Without the management API: a queue with consumers that does not shrink is stalled
+        /// only above this depth (a busy queue in a steady state does not shrink either).
+        #[arg(long, default_value_t = 0)]
+        min_depth: u64,
     },
     /// Send tagged synthetic events through a collector and time their arrival in MongoDB.
     Canary {
@@ -164,10 +168,12 @@ async fn main() -> ExitCode {
             consumers,
             drain_time,
             sample,
+            min_depth,
         } => {
             let measure = if drain_time {
                 Measure::DrainTime {
                     sample: Duration::from_secs(sample),
+                    min_depth,
                 }
             } else {
                 Measure::Depth { consumers }
@@ -284,7 +290,7 @@ async fn queues(settings: &Settings, json: bool) -> ExitCode {
                     )
                     .await;
                     match rates {
-                        Ok(rates) => state.rates = Some(rates),
+                        Ok(rates) => state.rates = rates,
                         Err(error) => {
                             eprintln!("ingestctl: no rates for {}: {error:#}", state.name)
                         }
@@ -476,34 +482,38 @@ async fn scale(
     ExitCode::SUCCESS
 }
 
-/// A queue's depth, consumers and rates: from the management API when it is configured,
-/// otherwise the net rate of two depth samples `sample` apart.
+/// A queue's depth, consumers and rates: from the management API when it is configured
+/// (none while it has no statistics for the queue), otherwise the net rate of two depth
+/// samples about `sample` apart.
 async fn observe(
     settings: &Settings,
     queue: &str,
     sample: Duration,
 ) -> anyhow::Result<scale::Observed> {
-    let first = queue_states(&settings.broker, &[queue.to_owned()])
-        .await?
-        .pop()
-        .with_context(|| format!("{queue} does not exist"))?;
+    let read = || async {
+        let state = queue_states(&settings.broker, &[queue.to_owned()])
+            .await?
+            .pop()
+            .with_context(|| format!("{queue} does not exist"))?;
+        anyhow::Ok((state, Instant::now()))
+    };
+    let (first, first_at) = read().await?;
     if let Some(base) = &settings.broker.management_url {
         let rates =
             ingestctl::management_rates(base.expose(), settings.broker.url.expose(), queue).await?;
         return Ok(scale::Observed {
             depth: u64::from(first.depth),
             consumers: first.consumers,
-            publish_rate: Some(rates.publish),
-            drain_rate: Some(rates.ack),
+            publish_rate: rates.map(|r| r.publish),
+            drain_rate: rates.map(|r| r.ack),
             net_rate: None,
         });
     }
     tokio::time::sleep(sample).await;
-    let second = queue_states(&settings.broker, &[queue.to_owned()])
-        .await?
-        .pop()
-        .with_context(|| format!("{queue} does not exist"))?;
-    let net = (f64::from(second.depth) - f64::from(first.depth)) / sample.as_secs_f64().max(0.001);
+    let (second, second_at) = read().await?;
+    // Over the time between the two answers, not the sleep: connecting takes time too.
+    let elapsed = second_at.duration_since(first_at).as_secs_f64().max(0.001);
+    let net = (f64::from(second.depth) - f64::from(first.depth)) / elapsed;
     Ok(scale::Observed {
         depth: u64::from(second.depth),
         consumers: second.consumers,
@@ -591,7 +601,7 @@ async fn dlq(settings: &Settings, command: DlqCommand) -> anyhow::Result<ExitCod
 /// What `check` measures.
 enum Measure {
     Depth { consumers: bool },
-    DrainTime { sample: Duration },
+    DrainTime { sample: Duration, min_depth: u64 },
 }
 
 async fn check(
@@ -617,8 +627,8 @@ async fn check(
                 ),
             }
         }
-        Measure::DrainTime { sample } => match observe(settings, name, sample).await {
-            Ok(observed) => ingestctl::check_drain(name, &observed, warning, critical),
+        Measure::DrainTime { sample, min_depth } => match observe(settings, name, sample).await {
+            Ok(observed) => ingestctl::check_drain(name, &observed, min_depth, warning, critical),
             Err(error) => (
                 Status::Unknown,
                 format!("QUEUE UNKNOWN - {name}: {error:#}"),

@@ -37,7 +37,7 @@ pub struct Hint {
 }
 
 /// Depth change per second: sampled, or arrivals minus acks from the management API.
-pub fn net_rate(observed: &Observed) -> Option<f64> {
+fn net_rate(observed: &Observed) -> Option<f64> {
     observed
         .net_rate
         .or(match (observed.publish_rate, observed.drain_rate) {
@@ -48,7 +48,7 @@ pub fn net_rate(observed: &Observed) -> Option<f64> {
 
 /// Seconds until the queue is empty if the net rate holds: 0 when it is empty, `None` when it
 /// holds messages and is not shrinking (or nothing is known of its rates).
-pub fn drain_seconds(observed: &Observed) -> Option<f64> {
+fn drain_seconds(observed: &Observed) -> Option<f64> {
     if observed.depth == 0 {
         return Some(0.0);
     }
