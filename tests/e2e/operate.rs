@@ -81,6 +81,7 @@ async fn a_broker_memory_alarm_turns_into_503s_with_bounded_collector_memory_and
         "{statuses:?}"
     );
     let (rss_after, _) = collector.memory_kib();
+    eprintln!("collector RSS {rss_before} KiB before, {rss_after} KiB after refusing 300 bodies");
     // 300 refused bodies are 5.4 MB; none of them may stay in memory.
     assert!(
         rss_after < rss_before + 16 * 1024,
