@@ -113,9 +113,20 @@ impl Canary {
                     *refused.entry(kind.to_owned()).or_default() += 1;
                 }
             }
-            // Look for what has landed meanwhile, so early events are timed as they arrive.
-            poll(collection, &sent_at, &mut found).await?;
-            tokio::time::sleep(self.spacing).await;
+            // Until the next send (none after the last), look for what has landed every
+            // POLL_EVERY, so each event is timed when it lands, not at the next send.
+            let next_send = Instant::now() + self.spacing;
+            while seq + 1 < self.events && found.len() < sent_at.len() {
+                poll(collection, &sent_at, &mut found).await?;
+                let left = next_send.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    break;
+                }
+                tokio::time::sleep(left.min(POLL_EVERY)).await;
+            }
+            if seq + 1 < self.events {
+                tokio::time::sleep_until(next_send.into()).await;
+            }
         }
         let deadline = Instant::now() + self.timeout;
         while found.len() < sent_at.len() && Instant::now() < deadline {
