@@ -29,7 +29,7 @@ fn raise_open_files_limit(max_connections: usize) {
             Ok(()) => tracing::warn!(
                 limit = hard,
                 max_connections,
-                "the open-files hard limit is below collector.max_connections; raise it (ulimit -n)"
+                "the open-files hard limit leaves no room for collector.max_connections plus 256 other files; raise it (ulimit -n) or lower max_connections"
             ),
             Err(error) => tracing::warn!(%error, soft, "could not raise the open-files limit"),
         },
