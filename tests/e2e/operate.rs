@@ -150,14 +150,7 @@ async fn a_raw_queue_declared_without_the_cap_by_an_earlier_release_is_used_as_i
         3
     );
     // Ops can see that the cap is not in force.
-    let metrics = client
-        .get(format!("{}/metrics", collector.url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics_of(&client, &collector.url).await;
     let series = format!("broker_raw_queue_without_cap_total{{queue=\"{raw}\"}}");
     assert!(metric_value(&metrics, &series) >= 1.0, "{metrics}");
     worker.stop().await;
@@ -296,14 +289,7 @@ async fn a_late_runtime_sheds_load_with_503_and_recovers_when_it_catches_up() {
         })
         .await
     );
-    let metrics = client
-        .get(format!("{url}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics_of(&client, &url).await;
     assert!(
         metric_value(
             &metrics,
@@ -314,6 +300,18 @@ async fn a_late_runtime_sheds_load_with_503_and_recovers_when_it_catches_up() {
 }
 
 /// The value of one sample line `name{labels} value` in Prometheus text format (0 if absent).
+/// `GET {base}/metrics`, as text.
+async fn metrics_of(client: &reqwest::Client, base: &str) -> String {
+    client
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
 fn metric_value(text: &str, series: &str) -> f64 {
     text.lines()
         .filter(|l| !l.starts_with('#'))
