@@ -594,13 +594,15 @@ async fn with_the_management_api_queues_show_rates_and_scale_and_drain_time_use_
             .and_then(|qs| qs.iter().find(|q| q["name"] == raw.as_str()))
             .map(|q| q["rates"].clone())
             .unwrap_or_default();
-        rates["publish"].as_f64().unwrap_or(0.0) > 0.0 && rates["ack"].as_f64().unwrap_or(0.0) > 0.0
+        ["publish", "deliver", "ack"]
+            .iter()
+            .all(|r| rates[r].as_f64().unwrap_or(0.0) > 0.0)
     })
     .await;
-    assert!(sampled, "no publish and ack rates for {raw}: {listed}");
+    assert!(sampled, "no publish, deliver and ack rates for {raw}: {listed}");
     let (_, table) = ingestctl_async(&s, &["queues"]).await;
     assert!(
-        table.contains("publish/s")
+        table.contains("deliver/s")
             && !table
                 .lines()
                 .any(|l| l.starts_with(&raw) && l.ends_with("-")),

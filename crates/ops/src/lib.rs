@@ -31,6 +31,8 @@ pub struct QueueState {
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct Rates {
     pub publish: f64,
+    /// Delivered to consumers (and fetched by basic.get), acknowledged or not yet.
+    pub deliver: f64,
     pub ack: f64,
 }
 
@@ -77,6 +79,7 @@ pub fn parse_rates(queue: &serde_json::Value) -> Option<Rates> {
     };
     Some(Rates {
         publish: rate("publish_details"),
+        deliver: rate("deliver_get_details"),
         ack: rate("ack_details"),
     })
 }
@@ -293,12 +296,17 @@ mod tests {
     fn rates_are_read_from_the_management_api_queue_object() {
         let queue = serde_json::json!({
             "messages": 12,
-            "message_stats": {"publish_details": {"rate": 250.5}, "ack_details": {"rate": 240.0}}
+            "message_stats": {
+                "publish_details": {"rate": 250.5},
+                "deliver_get_details": {"rate": 242.0},
+                "ack_details": {"rate": 240.0}
+            }
         });
         assert_eq!(
             parse_rates(&queue),
             Some(Rates {
                 publish: 250.5,
+                deliver: 242.0,
                 ack: 240.0
             })
         );
@@ -307,6 +315,7 @@ mod tests {
             parse_rates(&idle),
             Some(Rates {
                 publish: 3.0,
+                deliver: 0.0,
                 ack: 0.0
             })
         );

@@ -317,17 +317,17 @@ async fn queues(settings: &Settings, json: bool) -> ExitCode {
                 .unwrap_or(5)
                 .max(5);
             println!(
-                "{:<width$}  {:>10}  {:>9}  {:>10}  {:>10}",
-                "queue", "depth", "consumers", "publish/s", "ack/s"
+                "{:<width$}  {:>10}  {:>9}  {:>10}  {:>10}  {:>10}",
+                "queue", "depth", "consumers", "publish/s", "deliver/s", "ack/s"
             );
             for s in states {
-                let (publish, ack) = match s.rates {
-                    Some(r) => (format!("{:.1}", r.publish), format!("{:.1}", r.ack)),
-                    None => ("-".to_owned(), "-".to_owned()),
+                let [publish, deliver, ack] = match s.rates {
+                    Some(r) => [r.publish, r.deliver, r.ack].map(|v| format!("{v:.1}")),
+                    None => ["-", "-", "-"].map(str::to_owned),
                 };
                 println!(
-                    "{:<width$}  {:>10}  {:>9}  {:>10}  {:>10}",
-                    s.name, s.depth, s.consumers, publish, ack
+                    "{:<width$}  {:>10}  {:>9}  {:>10}  {:>10}  {:>10}",
+                    s.name, s.depth, s.consumers, publish, deliver, ack
                 );
             }
             ExitCode::SUCCESS
