@@ -10,7 +10,7 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/* \
  && useradd --system --home /app ingest
 WORKDIR /app
-COPY --from=build /src/target/release/collector /src/target/release/worker /usr/local/bin/
+COPY --from=build /src/target/release/collector /src/target/release/worker /src/target/release/ingestctl /usr/local/bin/
 COPY schemas ./schemas
 COPY config ./config
 USER ingest
