@@ -570,45 +570,6 @@ async fn duplicate_keys_keep_the_last_value_but_duplicate_write_key_or_batch_is_
     assert_eq!(d.get_str("userId").unwrap(), "last");
 }
 
-/// Publishes to the raw queue as a collector would, with a content encoding if given. A nack
-/// (a quorum queue still electing its leader under a loaded broker) is retried, as a
-/// collector's client would.
-async fn publish_raw_encoded(url: &str, queue: &str, body: &[u8], encoding: Option<&str>) {
-    let conn = lapin::Connection::connect(url, lapin::ConnectionProperties::default())
-        .await
-        .unwrap();
-    let ch = conn.create_channel().await.unwrap();
-    ch.confirm_select(lapin::options::ConfirmSelectOptions::default())
-        .await
-        .unwrap();
-    let mut properties = lapin::BasicProperties::default().with_delivery_mode(2);
-    if let Some(encoding) = encoding {
-        properties = properties.with_content_encoding(encoding.into());
-    }
-    let mut last = None;
-    for _ in 0..50 {
-        let confirm = ch
-            .basic_publish(
-                "".into(),
-                queue.into(),
-                lapin::options::BasicPublishOptions::default(),
-                body,
-                properties.clone(),
-            )
-            .await
-            .unwrap()
-            .await
-            .unwrap();
-        if confirm.is_ack() {
-            let _ = conn.close(200, "".into()).await;
-            return;
-        }
-        last = Some(confirm);
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    panic!("the broker never confirmed the publish: {last:?}");
-}
-
 #[tokio::test]
 async fn hostile_payloads_on_the_raw_queue_land_in_the_invalid_queue_with_a_reason() {
     let s = settings("hostile-raw");

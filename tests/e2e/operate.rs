@@ -20,20 +20,6 @@ async fn post(client: &reqwest::Client, url: &str, body: &Value) -> reqwest::Res
         .unwrap()
 }
 
-async fn status_becomes(client: &reqwest::Client, url: String, expected: u16) -> bool {
-    eventually(Duration::from_secs(30), || {
-        let (client, url) = (client.clone(), url.clone());
-        async move {
-            client
-                .get(url)
-                .send()
-                .await
-                .is_ok_and(|r| r.status().as_u16() == expected)
-        }
-    })
-    .await
-}
-
 /// A batch of `n` events of about 300 bytes each.
 fn events(prefix: &str, n: usize) -> Value {
     batch(ids(prefix, n).iter().map(|id| product_viewed(id)).collect())

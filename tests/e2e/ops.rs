@@ -599,7 +599,10 @@ async fn with_the_management_api_queues_show_rates_and_scale_and_drain_time_use_
             .all(|r| rates[r].as_f64().unwrap_or(0.0) > 0.0)
     })
     .await;
-    assert!(sampled, "no publish, deliver and ack rates for {raw}: {listed}");
+    assert!(
+        sampled,
+        "no publish, deliver and ack rates for {raw}: {listed}"
+    );
     let (_, table) = ingestctl_async(&s, &["queues"]).await;
     assert!(
         table.contains("deliver/s")

@@ -157,20 +157,8 @@ async fn with_the_broker_down_the_collector_answers_503_never_2xx_and_recovers_b
     assert_eq!(post("before".into()).await.unwrap().status(), 200);
 
     node.stop();
-    let readyz = |expected: u16| {
-        let url = format!("{}/readyz", collector.url);
-        let client = client.clone();
-        eventually(Duration::from_secs(30), move || {
-            let (url, client) = (url.clone(), client.clone());
-            async move {
-                client
-                    .get(url)
-                    .send()
-                    .await
-                    .is_ok_and(|r| r.status().as_u16() == expected)
-            }
-        })
-    };
+    let readyz =
+        |expected: u16| status_becomes(&client, format!("{}/readyz", collector.url), expected);
     assert!(readyz(503).await, "/readyz still 200 with the broker down");
     for i in 0..5 {
         let r = post(format!("during-{i}")).await.unwrap();

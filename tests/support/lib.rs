@@ -701,24 +701,58 @@ pub async fn depth(url: &str, queue: &str) -> u32 {
 
 /// Publishes bytes straight to a queue (persistent, confirmed), bypassing the collector.
 pub async fn publish_raw(url: &str, queue: &str, body: &[u8]) {
+    publish_raw_encoded(url, queue, body, None).await;
+}
+
+/// Publishes to a queue as a collector would, with a content encoding if given. A nack (a
+/// quorum queue still electing its leader under a loaded broker) is retried, as a collector's
+/// client would.
+pub async fn publish_raw_encoded(url: &str, queue: &str, body: &[u8], encoding: Option<&str>) {
     let (conn, ch) = channel(url).await;
     ch.confirm_select(lapin::options::ConfirmSelectOptions::default())
         .await
         .unwrap();
-    let confirm = ch
-        .basic_publish(
-            "".into(),
-            queue.into(),
-            lapin::options::BasicPublishOptions::default(),
-            body,
-            lapin::BasicProperties::default().with_delivery_mode(2),
-        )
-        .await
-        .unwrap()
-        .await
-        .unwrap();
-    assert!(confirm.is_ack());
-    let _ = conn.close(200, "".into()).await;
+    let mut properties = lapin::BasicProperties::default().with_delivery_mode(2);
+    if let Some(encoding) = encoding {
+        properties = properties.with_content_encoding(encoding.into());
+    }
+    let mut last = None;
+    for _ in 0..50 {
+        let confirm = ch
+            .basic_publish(
+                "".into(),
+                queue.into(),
+                lapin::options::BasicPublishOptions::default(),
+                body,
+                properties.clone(),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        if confirm.is_ack() {
+            let _ = conn.close(200, "".into()).await;
+            return;
+        }
+        last = Some(confirm);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    panic!("the broker never confirmed the publish: {last:?}");
+}
+
+/// Polls `url` until it answers `expected`, for up to 30 s.
+pub async fn status_becomes(client: &reqwest::Client, url: String, expected: u16) -> bool {
+    eventually(Duration::from_secs(30), || {
+        let (client, url) = (client.clone(), url.clone());
+        async move {
+            client
+                .get(url)
+                .send()
+                .await
+                .is_ok_and(|r| r.status().as_u16() == expected)
+        }
+    })
+    .await
 }
 
 /// Takes (and acks) every message in a queue, as parsed JSON.
