@@ -100,70 +100,56 @@ pub fn peak(report: &Report, out: &Path) -> anyhow::Result<()> {
         .draw()
         .map_err(err)?;
 
-    let p99_max = report
-        .series
-        .iter()
-        .filter_map(|p| p.p99_ms)
-        .fold(1.0f64, f64::max)
-        * 1.1;
-    let mut chart = ChartBuilder::on(&panels[1])
-        .margin(10)
-        .caption(
-            "collector p99 latency (ms, from intended send time)",
-            ("sans-serif", 20),
-        )
-        .x_label_area_size(30)
-        .y_label_area_size(70)
-        .build_cartesian_2d(0u64..end, 0f64..p99_max)
-        .map_err(err)?;
-    chart
-        .configure_mesh()
-        .x_desc("seconds")
-        .draw()
-        .map_err(err)?;
-    chart
-        .draw_series(LineSeries::new(
-            report
-                .series
-                .iter()
-                .filter_map(|p| p.p99_ms.map(|v| (p.t, v))),
-            MAGENTA.stroke_width(2),
-        ))
-        .map_err(err)?;
-
-    let depth_max = report
-        .series
-        .iter()
-        .filter_map(|p| p.depth)
-        .max()
-        .unwrap_or(1)
-        .max(1) as f64
-        * 1.1;
-    let mut chart = ChartBuilder::on(&panels[2])
-        .margin(10)
-        .caption(
-            "backlog: raw + sink queue (messages ready)",
-            ("sans-serif", 20),
-        )
-        .x_label_area_size(30)
-        .y_label_area_size(70)
-        .build_cartesian_2d(0u64..end, 0f64..depth_max)
-        .map_err(err)?;
-    chart
-        .configure_mesh()
-        .x_desc("seconds")
-        .draw()
-        .map_err(err)?;
-    chart
-        .draw_series(LineSeries::new(
-            report
-                .series
-                .iter()
-                .filter_map(|p| p.depth.map(|d| (p.t, d as f64))),
-            BLACK.stroke_width(2),
-        ))
-        .map_err(err)?;
+    line_panel(
+        &panels[1],
+        "collector p99 latency (ms, from intended send time)",
+        end,
+        report
+            .series
+            .iter()
+            .filter_map(|p| p.p99_ms.map(|v| (p.t, v)))
+            .collect(),
+        MAGENTA,
+    )?;
+    line_panel(
+        &panels[2],
+        "backlog: raw + sink queue (messages ready)",
+        end,
+        report
+            .series
+            .iter()
+            .filter_map(|p| p.depth.map(|d| (p.t, d as f64)))
+            .collect(),
+        BLACK,
+    )?;
     root.present().map_err(err)?;
+    Ok(())
+}
+
+/// One panel of the peak plot: a single line over the run's seconds.
+fn line_panel(
+    area: &DrawingArea<BitMapBackend<'_>, plotters::coord::Shift>,
+    caption: &str,
+    end: u64,
+    points: Vec<(u64, f64)>,
+    color: RGBColor,
+) -> anyhow::Result<()> {
+    let y_max = points.iter().map(|p| p.1).fold(1.0f64, f64::max) * 1.1;
+    let mut chart = ChartBuilder::on(area)
+        .margin(10)
+        .caption(caption, ("sans-serif", 20))
+        .x_label_area_size(30)
+        .y_label_area_size(70)
+        .build_cartesian_2d(0u64..end, 0f64..y_max)
+        .map_err(err)?;
+    chart
+        .configure_mesh()
+        .x_desc("seconds")
+        .draw()
+        .map_err(err)?;
+    chart
+        .draw_series(LineSeries::new(points, color.stroke_width(2)))
+        .map_err(err)?;
     Ok(())
 }
 
