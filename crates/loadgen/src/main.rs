@@ -168,12 +168,8 @@ enum Command {
     },
     /// Bare unordered insert_many of the worker's own documents for generated payloads.
     MongoInsert {
-        #[arg(long)]
-        mongo: String,
-        #[arg(long)]
-        db: String,
-        #[arg(long, default_value = "events")]
-        collection: String,
+        #[command(flatten)]
+        target: MongoTarget,
         #[arg(long)]
         requests: usize,
         #[arg(long, default_value_t = 1000)]
@@ -191,12 +187,8 @@ enum Command {
     Verify {
         #[arg(long)]
         ids: PathBuf,
-        #[arg(long)]
-        mongo: String,
-        #[arg(long)]
-        db: String,
-        #[arg(long, default_value = "events")]
-        collection: String,
+        #[command(flatten)]
+        target: MongoTarget,
         #[arg(long)]
         json: bool,
     },
@@ -474,9 +466,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             }
         }
         Command::MongoInsert {
-            mongo: uri,
-            db,
-            collection,
+            target,
             requests,
             batch,
             concurrency,
@@ -489,7 +479,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                 ..Shape::default()
             });
             let documents = mongo::worker_documents(&schemas, generator, requests)?;
-            let target = mongo::collection(&uri, &db, &collection).await?;
+            let target = target.open().await?;
             worker::sinks::mongo::ensure_indexes(&target).await?;
             let report = mongo::insert_many(&target, documents, batch, concurrency).await?;
             print(json, &report, || {
@@ -499,20 +489,14 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                 )
             });
         }
-        Command::Verify {
-            ids,
-            mongo: uri,
-            db,
-            collection,
-            json,
-        } => {
+        Command::Verify { ids, target, json } => {
             let ids: Vec<String> = std::fs::read_to_string(&ids)
                 .with_context(|| format!("reading {}", ids.display()))?
                 .lines()
                 .filter(|l| !l.is_empty())
                 .map(str::to_owned)
                 .collect();
-            let target = mongo::collection(&uri, &db, &collection).await?;
+            let target = target.open().await?;
             let result = mongo::verify(&target, &ids).await?;
             print(json, &result, || {
                 format!(
@@ -587,6 +571,23 @@ async fn delivered_metric(client: &reqwest::Client, url: &str, sink: &str) -> Op
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum::<f64>();
     Some(total as u64)
+}
+
+/// The MongoDB collection a subcommand works on.
+#[derive(clap::Args)]
+struct MongoTarget {
+    #[arg(long)]
+    mongo: String,
+    #[arg(long)]
+    db: String,
+    #[arg(long, default_value = "events")]
+    collection: String,
+}
+
+impl MongoTarget {
+    async fn open(&self) -> anyhow::Result<mongodb::Collection<mongodb::bson::Document>> {
+        mongo::collection(&self.mongo, &self.db, &self.collection).await
+    }
 }
 
 struct DrainArgs {
