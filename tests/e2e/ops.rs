@@ -178,27 +178,23 @@ async fn ingestctl_async(s: &Settings, args: &[&str]) -> (i32, String) {
     )
 }
 
+/// `ingestctl canary` against a collector with a write key, plus `args`.
+async fn canary(s: &Settings, url: &str, write_key: &str, args: &[&str]) -> (i32, String) {
+    let mut all = vec!["canary", "--url", url, "--write-key", write_key];
+    all.extend_from_slice(args);
+    ingestctl_async(s, &all).await
+}
+
 #[tokio::test]
 async fn canary_finds_all_its_events_through_the_pipeline_and_reports_latency() {
     let s = settings("canary");
     let collector = Collector::start(&s).await;
     let worker = Worker::start(&s);
-    let (status, out) = ingestctl_async(
+    let (status, out) = canary(
         &s,
-        &[
-            "canary",
-            "--url",
-            &collector.url,
-            "--write-key",
-            IOS_KEY,
-            "-n",
-            "5",
-            "--nagios",
-            "-w",
-            "10000",
-            "-c",
-            "20000",
-        ],
+        &collector.url,
+        IOS_KEY,
+        &["-n", "5", "--nagios", "-w", "10000", "-c", "20000"],
     )
     .await;
     assert_eq!(status, 0, "{out}");
@@ -211,21 +207,11 @@ async fn canary_finds_all_its_events_through_the_pipeline_and_reports_latency() 
     assert_eq!(count(&s, canaries.clone()).await, 5);
 
     // With --clean-up the run's events are deleted after they were found.
-    let (status, out) = ingestctl_async(
+    let (status, out) = canary(
         &s,
-        &[
-            "canary",
-            "--url",
-            &collector.url,
-            "--write-key",
-            IOS_KEY,
-            "-n",
-            "2",
-            "--spacing-ms",
-            "4000",
-            "--json",
-            "--clean-up",
-        ],
+        &collector.url,
+        IOS_KEY,
+        &["-n", "2", "--spacing-ms", "4000", "--json", "--clean-up"],
     )
     .await;
     assert_eq!(status, 0, "{out}");
@@ -250,20 +236,11 @@ async fn canary_finds_all_its_events_through_the_pipeline_and_reports_latency() 
 async fn canary_with_the_worker_stopped_reports_every_event_missing_and_is_critical() {
     let s = settings("canary-down");
     let collector = Collector::start(&s).await;
-    let (status, out) = ingestctl_async(
+    let (status, out) = canary(
         &s,
-        &[
-            "canary",
-            "--url",
-            &collector.url,
-            "--write-key",
-            IOS_KEY,
-            "-n",
-            "3",
-            "--timeout",
-            "2",
-            "--nagios",
-        ],
+        &collector.url,
+        IOS_KEY,
+        &["-n", "3", "--timeout", "2", "--nagios"],
     )
     .await;
     assert_eq!(status, 2, "{out}");
@@ -275,20 +252,11 @@ async fn canary_with_the_worker_stopped_reports_every_event_missing_and_is_criti
     assert_plugin_output(&out);
 
     // A wrong key is refused by the collector: also critical, and said so.
-    let (status, out) = ingestctl_async(
+    let (status, out) = canary(
         &s,
-        &[
-            "canary",
-            "--url",
-            &collector.url,
-            "--write-key",
-            "wrong-key-123",
-            "-n",
-            "2",
-            "--timeout",
-            "1",
-            "--nagios",
-        ],
+        &collector.url,
+        "wrong-key-123",
+        &["-n", "2", "--timeout", "1", "--nagios"],
     )
     .await;
     assert_eq!(status, 2, "{out}");
