@@ -495,3 +495,65 @@ async fn worker_readyz_follows_the_broker_and_mongodb() {
     assert!(answer.contains("MongoDB"), "{answer}");
     worker.stop().await;
 }
+
+#[tokio::test]
+async fn with_a_statsd_address_both_services_mirror_their_metrics_to_statsd() {
+    let statsd = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let mut s = settings("mirror");
+    s.metrics.statsd_address = Some(statsd.local_addr().unwrap().to_string());
+    s.metrics.statsd_interval_ms = 200;
+    s.collector.listen = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    s.worker.listen = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let _collector = Process::spawn("collector", &s);
+    let _worker = Process::spawn("worker", &s);
+    let url = format!("http://{}", s.collector.listen);
+    let client = http();
+    assert!(status_becomes(&client, format!("{url}/readyz"), 200).await);
+    assert_eq!(
+        post(&client, &url, &events("mirror", 4)).await.status(),
+        200
+    );
+
+    // Read datagrams until the request's counter, its timer and the worker's events arrived;
+    // every line must parse as statsd does, in a datagram within the MTU.
+    let requests = "ingest.collector.http_requests_total.route__v1_batch.status_200";
+    let duration = "ingest.collector.http_request_duration_seconds.route__v1_batch.status_200";
+    let valid = "ingest.worker.worker_events_total.result_valid";
+    let mut counters: std::collections::BTreeMap<String, f64> = Default::default();
+    let mut timers = std::collections::BTreeSet::new();
+    let mut buf = vec![0u8; 65536];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while !(counters.get(requests) == Some(&1.0)
+        && timers.contains(duration)
+        && counters.get(valid) == Some(&4.0))
+    {
+        let Ok(received) = tokio::time::timeout_at(deadline, statsd.recv(&mut buf)).await else {
+            panic!("not all arrived: counters {counters:?}, timers {timers:?}");
+        };
+        let n = received.unwrap();
+        assert!(n <= 1432, "datagram of {n} bytes is over the MTU");
+        for line in std::str::from_utf8(&buf[..n]).unwrap().split('\n') {
+            let (name, rest) = line.split_once(':').expect("name:value");
+            assert!(
+                name.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c)),
+                "{line}"
+            );
+            let mut fields = rest.split('|');
+            let value: f64 = fields.next().unwrap().parse().expect("numeric value");
+            match fields.next() {
+                Some("c") => *counters.entry(name.to_owned()).or_default() += value,
+                Some("ms") => {
+                    timers.insert(name.to_owned());
+                }
+                Some("g") => {}
+                other => panic!("unexpected metric type {other:?} in {line}"),
+            }
+            if let Some(rate) = fields.next() {
+                let rate: f64 = rate.strip_prefix('@').expect("@rate").parse().unwrap();
+                assert!(rate > 0.0 && rate <= 1.0, "{line}");
+            }
+            assert_eq!(fields.next(), None, "{line}");
+        }
+    }
+}

@@ -97,6 +97,18 @@ pub fn settings_env(s: &Settings) -> Vec<(String, String)> {
             url.expose().to_owned(),
         )
     });
+    let statsd = s.metrics.statsd_address.as_ref().map(|address| {
+        [
+            (
+                "INGEST__METRICS__STATSD_ADDRESS".to_owned(),
+                address.clone(),
+            ),
+            (
+                "INGEST__METRICS__STATSD_INTERVAL_MS".to_owned(),
+                s.metrics.statsd_interval_ms.to_string(),
+            ),
+        ]
+    });
     let mut env = vec![
         ("APP_ENV".into(), "test".into()),
         (
@@ -137,6 +149,7 @@ pub fn settings_env(s: &Settings) -> Vec<(String, String)> {
         ),
     ];
     env.extend(management);
+    env.extend(statsd.into_iter().flatten());
     env
 }
 

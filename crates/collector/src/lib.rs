@@ -31,7 +31,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let c = &settings.collector;
-    ingest_pipeline::metrics::prometheus();
+    ingest_pipeline::metrics::install("collector", &settings.metrics);
     let publisher = Publisher::start(settings.broker.clone());
     let state = Arc::new(AppState {
         publisher: publisher.clone(),

@@ -1,12 +1,17 @@
 //! Prometheus metrics for both services: one process-wide recorder behind the `metrics` facade,
-//! rendered by each service's `/metrics`, and the runtime's scheduling delay (the tokio analogue
-//! of Node's event-loop lag), which the collector also sheds load on.
+//! rendered by each service's `/metrics` (and mirrored to statsd when configured), and the
+//! runtime's scheduling delay (the tokio analogue of Node's event-loop lag), which the collector
+//! also sheds load on.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use metrics_util::layers::FanoutBuilder;
+
+use crate::settings::MetricsSettings;
+use crate::statsd_mirror::Mirror;
 
 /// Latency buckets in seconds: 0.5 ms to 30 s.
 const SECONDS_BUCKETS: &[f64] = &[
@@ -24,9 +29,11 @@ const PROBE_EVERY: Duration = Duration::from_millis(100);
 
 static RECORDER: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
 
-/// Installs the Prometheus recorder once per process (later calls get the same handle). `None`
-/// if another recorder was installed first; the services then run without `/metrics` content.
-pub fn prometheus() -> Option<PrometheusHandle> {
+/// Installs the process's recorder once (later calls get the same handle): Prometheus, and
+/// beside it the statsd mirror when `metrics.statsd_address` is set, its names starting with
+/// `<statsd_prefix>.<service>`. `None` if another recorder was installed first; the services
+/// then run without `/metrics` content.
+pub fn install(service: &str, settings: &MetricsSettings) -> Option<PrometheusHandle> {
     RECORDER
         .get_or_init(|| {
             let handle = PrometheusBuilder::new()
@@ -37,7 +44,36 @@ pub fn prometheus() -> Option<PrometheusHandle> {
                 .and_then(|b| {
                     b.set_buckets_for_metric(Matcher::Suffix("_size".into()), COUNT_BUCKETS)
                 })
-                .and_then(|b| b.install_recorder());
+                .map_err(|e| e.to_string())
+                .and_then(|b| {
+                    let prometheus = b.build_recorder();
+                    let handle = prometheus.handle();
+                    let mirror = settings.statsd_address.as_ref().and_then(|address| {
+                        let mirror = Mirror::new(&format!("{}.{service}", settings.statsd_prefix));
+                        match mirror.start_sending(address, settings.statsd_interval()) {
+                            Ok(()) => {
+                                tracing::info!(%address, "metrics mirrored to statsd");
+                                Some(mirror)
+                            }
+                            Err(error) => {
+                                // /metrics still works; only the mirror is missing.
+                                tracing::warn!(%address, %error, "statsd mirror not started");
+                                None
+                            }
+                        }
+                    });
+                    let installed = match mirror {
+                        Some(mirror) => metrics::set_global_recorder(
+                            FanoutBuilder::default()
+                                .add_recorder(prometheus)
+                                .add_recorder(mirror)
+                                .build(),
+                        )
+                        .map_err(|e| e.to_string()),
+                        None => metrics::set_global_recorder(prometheus).map_err(|e| e.to_string()),
+                    };
+                    installed.map(|()| handle)
+                });
             match handle {
                 Ok(handle) => {
                     let upkeep = handle.clone();
@@ -62,9 +98,13 @@ pub fn prometheus() -> Option<PrometheusHandle> {
         .clone()
 }
 
-/// The text `/metrics` answers with.
+/// The text `/metrics` answers with (empty before [`install`]).
 pub fn render() -> String {
-    prometheus().map(|h| h.render()).unwrap_or_default()
+    RECORDER
+        .get()
+        .and_then(Option::as_ref)
+        .map(PrometheusHandle::render)
+        .unwrap_or_default()
 }
 
 /// The latest measured scheduling delay of the runtime the probe runs on.

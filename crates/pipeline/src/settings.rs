@@ -56,6 +56,24 @@ pub struct Settings {
     pub mongo: MongoSettings,
     pub sinks: SinksSettings,
     pub log: LogSettings,
+    pub metrics: MetricsSettings,
+}
+
+/// Metrics beyond `/metrics`: an optional statsd mirror of every metric.
+#[derive(Debug, Clone, Deserialize)]
+pub struct MetricsSettings {
+    /// `host:port` of a statsd daemon (UDP); unset, nothing is mirrored.
+    #[serde(default)]
+    pub statsd_address: Option<String>,
+    /// Names start with `<statsd_prefix>.<service>.`.
+    pub statsd_prefix: String,
+    pub statsd_interval_ms: u64,
+}
+
+impl MetricsSettings {
+    pub fn statsd_interval(&self) -> Duration {
+        Duration::from_millis(self.statsd_interval_ms)
+    }
 }
 
 /// Which sinks the worker feeds, and their shared retry policy. Each sink's own settings stay
@@ -234,6 +252,21 @@ impl Settings {
             b.reconnect_min_ms > 0 && b.reconnect_min_ms <= b.reconnect_max_ms,
             "broker.reconnect_min_ms",
             "must be > 0 and <= broker.reconnect_max_ms",
+        )?;
+        check(
+            self.metrics.statsd_interval_ms >= 100,
+            "metrics.statsd_interval_ms",
+            "must be at least 100",
+        )?;
+        check(
+            !self.metrics.statsd_prefix.is_empty()
+                && self
+                    .metrics
+                    .statsd_prefix
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c)),
+            "metrics.statsd_prefix",
+            "must be non-empty ASCII letters, digits, '.', '_' or '-'",
         )?;
         Ok(())
     }

@@ -137,7 +137,7 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    ingest_pipeline::metrics::prometheus();
+    ingest_pipeline::metrics::install("worker", &settings.metrics);
     let w = &settings.worker;
     let registry = Registry::load(&w.schemas_dir, w.unknown_events)
         .with_context(|| format!("loading schemas from {}", w.schemas_dir.display()))?;
