@@ -107,6 +107,10 @@ pub fn settings_env(s: &Settings) -> Vec<(String, String)> {
                 "INGEST__METRICS__STATSD_INTERVAL_MS".to_owned(),
                 s.metrics.statsd_interval_ms.to_string(),
             ),
+            (
+                "INGEST__METRICS__STATSD_PREFIX".to_owned(),
+                s.metrics.statsd_prefix.clone(),
+            ),
         ]
     });
     let mut env = vec![

@@ -50,7 +50,7 @@ pub fn install(service: &str, settings: &MetricsSettings) -> Option<PrometheusHa
                     let handle = prometheus.handle();
                     let mirror = settings.statsd_address.as_ref().and_then(|address| {
                         let mirror = Mirror::new(&format!("{}.{service}", settings.statsd_prefix));
-                        match mirror.start_sending(address, settings.statsd_interval()) {
+                        match mirror.start_sending(address.clone(), settings.statsd_interval()) {
                             Ok(()) => {
                                 tracing::info!(%address, "metrics mirrored to statsd");
                                 Some(mirror)

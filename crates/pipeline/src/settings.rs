@@ -259,14 +259,22 @@ impl Settings {
             "must be at least 100",
         )?;
         check(
-            !self.metrics.statsd_prefix.is_empty()
-                && self
-                    .metrics
-                    .statsd_prefix
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c)),
+            self.metrics.statsd_prefix.split('.').all(|part| {
+                !part.is_empty()
+                    && part
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || "_-".contains(c))
+            }),
             "metrics.statsd_prefix",
-            "must be non-empty ASCII letters, digits, '.', '_' or '-'",
+            "must be dot-separated parts of ASCII letters, digits, '_' or '-', none empty",
+        )?;
+        check(
+            self.metrics.statsd_address.as_ref().is_none_or(|a| {
+                a.rsplit_once(':')
+                    .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok())
+            }),
+            "metrics.statsd_address",
+            "must be host:port",
         )?;
         Ok(())
     }
@@ -402,6 +410,26 @@ mod tests {
         s.broker.prefix = "has space".into();
         let err = s.validate().expect_err("bad prefix");
         assert!(err.to_string().contains("broker.prefix"), "{err}");
+    }
+
+    #[test]
+    fn bad_statsd_mirror_settings_are_rejected_naming_the_setting() {
+        for prefix in ["", "ingest..x", ".ingest", "in gest"] {
+            let mut s = Settings::defaults().expect("defaults");
+            s.metrics.statsd_prefix = prefix.into();
+            let err = s.validate().expect_err(prefix);
+            assert!(err.to_string().contains("metrics.statsd_prefix"), "{err}");
+        }
+        for address in ["", "statsd", ":8125", "statsd:port"] {
+            let mut s = Settings::defaults().expect("defaults");
+            s.metrics.statsd_address = Some(address.into());
+            let err = s.validate().expect_err(address);
+            assert!(err.to_string().contains("metrics.statsd_address"), "{err}");
+        }
+        let mut s = Settings::defaults().expect("defaults");
+        s.metrics.statsd_address = Some("statsd.internal:8125".into());
+        s.metrics.statsd_prefix = "shop.ingest".into();
+        assert!(s.validate().is_ok());
     }
 
     #[test]

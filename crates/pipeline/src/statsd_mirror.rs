@@ -1,17 +1,20 @@
 //! The same metrics, mirrored to statsd (optional, `metrics.statsd_address`): a second recorder
-//! beside Prometheus's that keeps the values in a registry, and a thread that sends what
-//! changed every `metrics.statsd_interval_ms`.
+//! beside Prometheus's that keeps the values in a registry, and a thread that sends them every
+//! `metrics.statsd_interval_ms` (counters and histograms: what is new; gauges: every time).
 //!
 //! Plain statsd has no labels, so they are folded into the name:
 //! `http_requests_total{route="/v1/batch",status="200"}` from the collector becomes
 //! `ingest.collector.http_requests_total.route__v1_batch.status_200`. Counters go as the
-//! increase since the last send (`|c`), gauges as their value (`|g`), histograms as timers
-//! (`|ms`): `_seconds` ones in milliseconds, others as they are. A histogram that recorded more
-//! than [`MAX_SAMPLES`] values in an interval sends an even spread of that many with their
-//! sample rate (`|@0.1`), so statsd still counts them all. Datagrams never exceed [`MTU`].
+//! increase since the last send (`|c`), gauges as their value (`|g`; a negative one after a
+//! `0`, since a signed value is an adjustment in statsd), histograms as timers (`|ms`):
+//! `_seconds` ones in milliseconds, others as they are. A histogram that recorded more than
+//! [`MAX_SAMPLES`] values in an interval sends an even spread of that many with their sample
+//! rate (`|@0.1`), so statsd still counts them all. Datagrams never exceed [`MTU`]. The address
+//! is looked up by the sending thread, again every [`RESOLVE_EVERY`] sends and after a failed
+//! lookup, preferring IPv4 (where statsd daemons listen by default).
 
 use std::collections::HashMap;
-use std::net::{ToSocketAddrs, UdpSocket};
+use std::net::{SocketAddr, ToSocketAddrs, UdpSocket};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,6 +26,8 @@ use metrics_util::registry::{AtomicStorage, Registry};
 pub const MTU: usize = 1432;
 /// Values a histogram sends per interval at most.
 pub const MAX_SAMPLES: usize = 100;
+/// Sends between two lookups of the statsd address (a daemon's address can change).
+pub const RESOLVE_EVERY: u32 = 60;
 
 /// The recorder: values live in its registry until the sender reads them.
 #[derive(Clone)]
@@ -40,29 +45,38 @@ impl Mirror {
         }
     }
 
-    /// Sends what changed to `address` every `every`, from a thread of its own (it must
-    /// outlive whichever runtime installed the recorder). Send errors are dropped: statsd is
-    /// fire-and-forget, and the metrics stay in `/metrics`.
-    pub fn start_sending(&self, address: &str, every: Duration) -> std::io::Result<()> {
-        let target = address.to_socket_addrs()?.next().ok_or_else(|| {
-            std::io::Error::new(std::io::ErrorKind::NotFound, "no address for statsd")
-        })?;
-        let local = if target.is_ipv4() {
-            "0.0.0.0:0"
-        } else {
-            "[::]:0"
-        };
-        let socket = UdpSocket::bind(local)?;
-        socket.connect(target)?;
+    /// Sends to `address` every `every`, from a thread of its own (it must outlive whichever
+    /// runtime installed the recorder; a lookup may block). Lookup and send errors are logged
+    /// or dropped: statsd is fire-and-forget, and the metrics stay in `/metrics`.
+    pub fn start_sending(&self, address: String, every: Duration) -> std::io::Result<()> {
         let mirror = self.clone();
         std::thread::Builder::new()
             .name("statsd-mirror".into())
             .spawn(move || {
                 let mut sent = HashMap::new();
+                let mut target: Option<(SocketAddr, UdpSocket)> = None;
+                let mut sends = 0u32;
                 loop {
                     std::thread::sleep(every);
-                    for datagram in pack(&mirror.lines(&mut sent)) {
-                        let _ = socket.send(datagram.as_bytes());
+                    let lines = mirror.lines(&mut sent);
+                    if target.is_none() || sends >= RESOLVE_EVERY {
+                        sends = 0;
+                        match resolve(&address) {
+                            Ok(found) => target = Some(found),
+                            Err(error) if target.is_none() => tracing::warn!(
+                                %address,
+                                %error,
+                                "statsd address not found; this interval's metrics dropped"
+                            ),
+                            Err(_) => {} // keep the last address that worked
+                        }
+                    }
+                    let Some((to, socket)) = &target else {
+                        continue;
+                    };
+                    sends += 1;
+                    for datagram in pack(&lines) {
+                        let _ = socket.send_to(datagram.as_bytes(), to);
                     }
                 }
             })?;
@@ -82,6 +96,10 @@ impl Mirror {
         });
         self.registry.visit_gauges(|key, gauge| {
             let value = f64::from_bits(gauge.load(Ordering::Relaxed));
+            if !value.is_finite() {
+                return; // statsd has no NaN or infinity
+            }
+            let value = if value == 0.0 { 0.0 } else { value }; // no "-0"
             let name = self.name(key);
             // A signed gauge value is an adjustment in statsd: a negative one is set by a 0
             // first, in the same datagram (one entry, which packing never splits).
@@ -108,7 +126,8 @@ impl Mirror {
                     values = (0..MAX_SAMPLES)
                         .map(|i| values[i * n / MAX_SAMPLES])
                         .collect();
-                    format!("|@{:.6}", MAX_SAMPLES as f64 / n as f64)
+                    // `{}` prints every digit and never an exponent (statsd rejects one)
+                    format!("|@{}", MAX_SAMPLES as f64 / n as f64)
                 }
                 _ => String::new(),
             };
@@ -129,6 +148,23 @@ impl Mirror {
         }
         name
     }
+}
+
+/// The statsd address, IPv4 first, and a socket of its family to send from.
+fn resolve(address: &str) -> std::io::Result<(SocketAddr, UdpSocket)> {
+    let found: Vec<SocketAddr> = address.to_socket_addrs()?.collect();
+    let target = found
+        .iter()
+        .find(|a| a.is_ipv4())
+        .or_else(|| found.first())
+        .copied()
+        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, "no address"))?;
+    let local = if target.is_ipv4() {
+        "0.0.0.0:0"
+    } else {
+        "[::]:0"
+    };
+    Ok((target, UdpSocket::bind(local)?))
 }
 
 /// Letters, digits, `_` and `-` stay (and `.` where `dots`); everything else becomes `_`.
@@ -228,6 +264,25 @@ mod tests {
     }
 
     #[test]
+    fn gauges_statsd_cannot_read_are_not_sent() {
+        let mirror = Mirror::new("p");
+        metrics::with_local_recorder(&mirror, || {
+            metrics::gauge!("a").set(f64::NAN);
+            metrics::gauge!("b").set(f64::INFINITY);
+            metrics::gauge!("c").set(-0.0);
+        });
+        assert_eq!(mirror.lines(&mut HashMap::new()), vec!["p.c:0|g"]);
+    }
+
+    #[test]
+    fn the_address_is_looked_up_ipv4_first() {
+        let (to, socket) = resolve("localhost:8125").expect("localhost resolves");
+        assert!(to.is_ipv4(), "{to}");
+        assert!(socket.local_addr().expect("bound").is_ipv4());
+        assert!(resolve("no-such-host.invalid:8125").is_err());
+    }
+
+    #[test]
     fn a_busy_histogram_sends_a_spread_with_its_sample_rate() {
         let mirror = Mirror::new("p");
         metrics::with_local_recorder(&mirror, || {
@@ -238,10 +293,7 @@ mod tests {
         });
         let lines = mirror.lines(&mut HashMap::new());
         assert_eq!(lines.len(), MAX_SAMPLES);
-        assert!(
-            lines.iter().all(|l| l.ends_with("|ms|@0.100000")),
-            "{lines:?}"
-        );
+        assert!(lines.iter().all(|l| l.ends_with("|ms|@0.1")), "{lines:?}");
         // distinct values from what was recorded (the bucket hands them back in blocks, not
         // in recording order)
         let mut values: Vec<u32> = lines
