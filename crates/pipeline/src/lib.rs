@@ -7,7 +7,7 @@ pub mod gzip;
 pub mod metrics;
 pub mod settings;
 pub mod shutdown;
-pub mod statsd_mirror;
+pub mod statsd;
 pub mod telemetry;
 
 pub use backoff::Backoff;

@@ -11,7 +11,7 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use metrics_util::layers::FanoutBuilder;
 
 use crate::settings::MetricsSettings;
-use crate::statsd_mirror::Mirror;
+use crate::statsd::Mirror;
 
 /// Latency buckets in seconds: 0.5 ms to 30 s.
 const SECONDS_BUCKETS: &[f64] = &[

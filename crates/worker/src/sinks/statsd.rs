@@ -18,6 +18,8 @@ use std::sync::Arc;
 use serde_json::Value;
 use tokio::net::UdpSocket;
 
+use ingest_pipeline::statsd::pack;
+
 use super::{Batch, Event, Sink, SinkError};
 
 /// The largest payload a UDP datagram can carry over IPv4.
@@ -182,27 +184,6 @@ impl Sink for StatsdSink {
     async fn flush(&self) -> Result<(), SinkError> {
         Ok(())
     }
-}
-
-/// Joins entries with `\n` into datagrams of at most `mtu` bytes, in order. An entry is never
-/// split, so one that is longer than `mtu` goes alone in its own datagram. An entry may hold
-/// several lines that must arrive together (a negative gauge's reset and value).
-pub fn pack(lines: &[String], mtu: usize) -> Vec<String> {
-    let mut datagrams = Vec::new();
-    let mut current = String::new();
-    for line in lines.iter().filter(|line| !line.is_empty()) {
-        if !current.is_empty() && current.len() + 1 + line.len() > mtu {
-            datagrams.push(std::mem::take(&mut current));
-        }
-        if !current.is_empty() {
-            current.push('\n');
-        }
-        current.push_str(line);
-    }
-    if !current.is_empty() {
-        datagrams.push(current);
-    }
-    datagrams
 }
 
 /// The settings turned into what every event needs: property names already cleaned.

@@ -75,7 +75,7 @@ impl Mirror {
                         continue;
                     };
                     sends += 1;
-                    for datagram in pack(&lines) {
+                    for datagram in pack(&lines, MTU) {
                         let _ = socket.send_to(datagram.as_bytes(), to);
                     }
                 }
@@ -180,13 +180,15 @@ fn sanitize(text: &str, dots: bool) -> String {
         .collect()
 }
 
-/// Lines joined by newlines into datagrams of at most [`MTU`] bytes; a line is never split
-/// (one longer than the MTU goes alone).
-pub fn pack(lines: &[String]) -> Vec<String> {
-    let mut datagrams: Vec<String> = Vec::new();
+/// Joins entries with `\n` into datagrams of at most `mtu` bytes, in order. An entry is never
+/// split, so one that is longer than `mtu` goes alone in its own datagram. An entry may hold
+/// several lines that must arrive together (a negative gauge's reset and value). Used by the
+/// mirror and by the worker's statsd sink.
+pub fn pack(lines: &[String], mtu: usize) -> Vec<String> {
+    let mut datagrams = Vec::new();
     let mut current = String::new();
-    for line in lines {
-        if !current.is_empty() && current.len() + 1 + line.len() > MTU {
+    for line in lines.iter().filter(|line| !line.is_empty()) {
+        if !current.is_empty() && current.len() + 1 + line.len() > mtu {
             datagrams.push(std::mem::take(&mut current));
         }
         if !current.is_empty() {
@@ -314,7 +316,7 @@ mod tests {
     #[test]
     fn datagrams_fit_the_mtu_and_never_split_a_line() {
         let lines: Vec<String> = (0..200).map(|i| format!("p.metric_{i}:{i}|c")).collect();
-        let datagrams = pack(&lines);
+        let datagrams = pack(&lines, MTU);
         assert!(datagrams.len() > 1);
         assert!(datagrams.iter().all(|d| d.len() <= MTU));
         let rejoined: Vec<&str> = datagrams.iter().flat_map(|d| d.split('\n')).collect();
@@ -323,6 +325,6 @@ mod tests {
             lines.iter().map(String::as_str).collect::<Vec<_>>()
         );
         let long = vec!["x".repeat(MTU + 10), "p.a:1|c".to_owned()];
-        assert_eq!(pack(&long).len(), 2);
+        assert_eq!(pack(&long, MTU).len(), 2);
     }
 }
