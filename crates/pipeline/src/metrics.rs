@@ -48,21 +48,7 @@ pub fn install(service: &str, settings: &MetricsSettings) -> Option<PrometheusHa
                 .and_then(|b| {
                     let prometheus = b.build_recorder();
                     let handle = prometheus.handle();
-                    let mirror = settings.statsd_address.as_ref().and_then(|address| {
-                        let mirror = Mirror::new(&format!("{}.{service}", settings.statsd_prefix));
-                        match mirror.start_sending(address.clone(), settings.statsd_interval()) {
-                            Ok(()) => {
-                                tracing::info!(%address, "metrics mirrored to statsd");
-                                Some(mirror)
-                            }
-                            Err(error) => {
-                                // /metrics still works; only the mirror is missing.
-                                tracing::warn!(%address, %error, "statsd mirror not started");
-                                None
-                            }
-                        }
-                    });
-                    let installed = match mirror {
+                    let installed = match statsd_mirror(service, settings) {
                         Some(mirror) => metrics::set_global_recorder(
                             FanoutBuilder::default()
                                 .add_recorder(prometheus)
@@ -96,6 +82,23 @@ pub fn install(service: &str, settings: &MetricsSettings) -> Option<PrometheusHa
             }
         })
         .clone()
+}
+
+/// The statsd mirror, sending, when `metrics.statsd_address` is set. If its thread cannot
+/// start, `/metrics` still works; only the mirror is missing.
+fn statsd_mirror(service: &str, settings: &MetricsSettings) -> Option<Mirror> {
+    let address = settings.statsd_address.as_ref()?;
+    let mirror = Mirror::new(&format!("{}.{service}", settings.statsd_prefix));
+    match mirror.start_sending(address.clone(), settings.statsd_interval()) {
+        Ok(()) => {
+            tracing::info!(%address, "metrics mirrored to statsd");
+            Some(mirror)
+        }
+        Err(error) => {
+            tracing::warn!(%address, %error, "statsd mirror not started");
+            None
+        }
+    }
 }
 
 /// The text `/metrics` answers with (empty before [`install`]).
