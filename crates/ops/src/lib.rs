@@ -10,8 +10,6 @@ use std::time::Duration;
 
 use ingest_pipeline::settings::BrokerSettings;
 use ingest_pipeline::{broker, Topology};
-use lapin::options::QueueDeclareOptions;
-use lapin::types::FieldTable;
 use serde::Serialize;
 
 pub use range::Range;
@@ -111,23 +109,13 @@ pub async fn queue_states(
     .map_err(|_| anyhow::anyhow!("no answer from the broker within 10 s"))??;
     let mut states = Vec::with_capacity(names.len());
     for name in names {
-        // A failed passive declare closes the channel, so each queue gets its own.
-        let channel = connection.create_channel().await?;
-        let passive = QueueDeclareOptions {
-            passive: true,
-            ..QueueDeclareOptions::default()
-        };
-        if let Ok(queue) = channel
-            .queue_declare(name.as_str().into(), passive, FieldTable::default())
-            .await
-        {
+        if let Some(queue) = broker::inspect_queue(&connection, name).await? {
             states.push(QueueState {
                 name: name.clone(),
                 depth: queue.message_count(),
                 consumers: queue.consumer_count(),
                 rates: None,
             });
-            let _ = channel.close(200, "".into()).await;
         }
     }
     let _ = connection.close(200, "".into()).await;

@@ -189,6 +189,28 @@ async fn declare_alone(
     Ok(())
 }
 
+/// A queue as a passive declare sees it (depth, consumers), on a channel of its own, since a
+/// missing queue closes the channel it was asked on; `Ok(None)` if it does not exist. The
+/// channel is closed before the caller closes the connection (lapin logs an error otherwise).
+pub async fn inspect_queue(
+    connection: &Connection,
+    queue: &str,
+) -> lapin::Result<Option<lapin::Queue>> {
+    let channel = connection.create_channel().await?;
+    let passive = QueueDeclareOptions {
+        passive: true,
+        ..QueueDeclareOptions::default()
+    };
+    let Ok(found) = channel
+        .queue_declare(queue.into(), passive, FieldTable::default())
+        .await
+    else {
+        return Ok(None);
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(5), channel.close(200, "".into())).await;
+    Ok(Some(found))
+}
+
 /// The broker refused a declare because the queue exists with other arguments or type.
 fn is_precondition_failed(error: &lapin::Error) -> bool {
     matches!(error.kind(), lapin::ErrorKind::ProtocolError(e) if e.get_id() == 406)

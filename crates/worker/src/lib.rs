@@ -26,7 +26,7 @@ use ingest_schema::Registry;
 use lapin::message::Delivery;
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions,
-    BasicPublishOptions, BasicQosOptions, QueueDeclareOptions,
+    BasicPublishOptions, BasicQosOptions,
 };
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Confirmation};
@@ -293,23 +293,8 @@ async fn retry_depths(
     for (runner, depth) in runners.iter().zip(depths.iter_mut()) {
         for delay in &runner.retry_delays {
             let queue = topology.sink_retry(runner.sink.name(), *delay);
-            // A channel per queue: a queue that is missing closes the channel it was asked on.
-            let Ok(channel) = connection.create_channel().await else {
-                continue;
-            };
-            let passive = QueueDeclareOptions {
-                passive: true,
-                ..QueueDeclareOptions::default()
-            };
-            if let Ok(q) = channel
-                .queue_declare(queue.into(), passive, FieldTable::default())
-                .await
-            {
+            if let Ok(Some(q)) = broker::inspect_queue(&connection, &queue).await {
                 *depth += q.message_count();
-                // Closed before its connection: closing the connection under an open channel
-                // makes lapin log an error.
-                let _ =
-                    tokio::time::timeout(BROKER_CALL_TIMEOUT, channel.close(200, "".into())).await;
             }
         }
     }
