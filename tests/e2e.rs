@@ -5,7 +5,9 @@
 mod e2e {
     pub mod bench_smoke;
     pub mod chaos;
+    pub mod compat;
     pub mod fixtures;
+    pub mod harden;
     pub mod hostile;
     pub mod ingest;
     pub mod operate;

@@ -105,6 +105,7 @@ pub fn storage_error(message: String, event: Option<Value>, meta: &RequestMeta) 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use base64::Engine as _;
     use ingest_schema::UnknownEventPolicy;
     use serde_json::json;
 
@@ -145,6 +146,89 @@ mod tests {
         assert_eq!(outcome.invalid[0].reason, "decode");
         assert!(outcome.invalid[0].raw_base64.is_some());
         assert!(outcome.invalid[0].errors[0].message.contains("more than 3"));
+    }
+
+    /// Segment's API reads a null optional field as absent; the Python SDKs send
+    /// `"anonymousId": null` with a `user_id`, analytics.js `"userId": null` for a visitor.
+    #[test]
+    fn null_optional_fields_are_absent_as_in_segments_api() {
+        let payload = br#"{"batch":[
+            {"type":"track","event":"Custom","userId":"u-1","anonymousId":null,"messageId":null},
+            {"type":"page","userId":null,"anonymousId":"a-1","name":null,"properties":null}
+        ]}"#;
+        let outcome = process(&registry(), &BasicProperties::default(), payload, LIMITS);
+        assert!(outcome.invalid.is_empty(), "{:?}", outcome.invalid);
+        assert_eq!(outcome.valid.len(), 2);
+        assert!(!outcome.valid[0].contains_key("anonymousId"));
+        assert!(outcome.valid[0]["messageId"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()));
+        assert!(!outcome.valid[1].contains_key("userId"));
+        assert!(!outcome.valid[1].contains_key("properties"));
+    }
+
+    /// The worker copies a batch's `context` into each event; 2,000 events under a 330 KB
+    /// context once became a 660 MB message. What a delivery builds is bounded, and a payload
+    /// past the bound is kept whole, once, as invalid.
+    #[test]
+    fn an_amplifying_batch_is_kept_whole_as_invalid_not_multiplied() {
+        let events: Vec<_> = (0..500)
+            .map(|i| json!({"type":"track","event":"Custom","userId":"u","messageId":format!("m{i}")}))
+            .collect();
+        let payload = json!({"context": {"pad": "x".repeat(100_000)}, "batch": events})
+            .to_string()
+            .into_bytes();
+        let limits = PayloadLimits {
+            max_events: 2000,
+            ..LIMITS
+        };
+        let outcome = process(&registry(), &BasicProperties::default(), &payload, limits);
+        assert!(outcome.valid.is_empty());
+        assert_eq!(outcome.invalid.len(), 1);
+        assert_eq!(outcome.invalid[0].reason, "too_large");
+        let kept = serde_json::to_vec(&outcome.invalid[0]).expect("json");
+        assert!(kept.len() < 2 * payload.len(), "{} bytes kept", kept.len());
+    }
+
+    /// A client retries a request whose confirm timed out; the collector gives the retry a new
+    /// request id. Events without a `messageId` must still get the same ids both times.
+    #[test]
+    fn a_retried_request_without_message_ids_gets_the_same_ids() {
+        let payload = br#"{"batch":[{"type":"track","event":"Custom","userId":"u"}]}"#;
+        let first = BasicProperties::default().with_message_id("req-1".into());
+        let retry = BasicProperties::default().with_message_id("req-2".into());
+        let a = process(&registry(), &first, payload, LIMITS);
+        let b = process(&registry(), &retry, payload, LIMITS);
+        assert_eq!(a.valid[0].get("messageId"), b.valid[0].get("messageId"));
+        let other = br#"{"batch":[{"type":"track","event":"Other","userId":"u"}]}"#;
+        let c = process(&registry(), &retry, other, LIMITS);
+        assert_ne!(a.valid[0].get("messageId"), c.valid[0].get("messageId"));
+    }
+
+    /// A sendBeacon body carries its write key; the invalid queue must not keep it.
+    #[test]
+    fn an_undecodable_payload_is_kept_without_its_write_key() {
+        for payload in [
+            &br#"{"writeKey":"sekrit-key","batch":[{"type":"track""#[..],
+            br#"{"writeKey" : "sekrit-key","batch":7}"#,
+        ] {
+            let outcome = process(&registry(), &BasicProperties::default(), payload, LIMITS);
+            assert_eq!(outcome.invalid.len(), 1);
+            let kept = serde_json::to_string(&outcome.invalid[0]).expect("json");
+            let raw = outcome.invalid[0].raw_base64.as_deref().expect("raw kept");
+            let raw = base64::engine::general_purpose::STANDARD
+                .decode(raw)
+                .expect("base64");
+            let raw = String::from_utf8_lossy(&raw);
+            assert!(
+                !kept.contains("sekrit-key") && !raw.contains("sekrit-key"),
+                "{raw}"
+            );
+            assert!(
+                raw.contains("batch"),
+                "the rest of the payload is kept: {raw}"
+            );
+        }
     }
 
     #[test]

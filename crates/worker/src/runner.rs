@@ -759,6 +759,49 @@ mod tests {
         assert!(breaker.allows(start + Duration::from_secs(22)));
     }
 
+    /// A sink whose store stalls: it never answers.
+    struct Stalled;
+
+    #[async_trait::async_trait]
+    impl Sink for Stalled {
+        fn name(&self) -> &str {
+            "stalled"
+        }
+
+        async fn deliver(&self, _batch: &Batch) -> Result<(), SinkError> {
+            std::future::pending().await
+        }
+    }
+
+    /// A stalled store must not hang its runner: the call is bounded, and the batch takes the
+    /// retry path like any other retryable failure.
+    #[tokio::test(start_paused = true)]
+    async fn a_sink_that_never_answers_is_a_retryable_failure_not_a_hang() {
+        let runner = SinkRunner {
+            sink: Arc::new(Stalled),
+            delivery: DeliverySettings::default(),
+            retry_delays: vec![Duration::from_secs(1)],
+            max_attempts: 3,
+            stats: Arc::new(SinkStats::default()),
+        };
+        let batch = Batch {
+            key: "k".into(),
+            events: vec![Arc::new(event(json!({"messageId": "m"})))],
+        };
+        let mut breaker = Breaker::new(0, Duration::from_secs(1));
+        let stop = CancellationToken::new();
+        let result = tokio::time::timeout(
+            Duration::from_secs(3600),
+            runner.attempt(&batch, &mut breaker, &stop),
+        )
+        .await
+        .expect("the attempt hung on a stalled sink");
+        assert!(
+            matches!(&result, Some(Err(e)) if e.is_retryable()),
+            "{result:?}"
+        );
+    }
+
     #[test]
     fn attempt_counts_are_read_from_any_integer_header() {
         let mut h = FieldTable::default();
