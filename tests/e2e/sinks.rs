@@ -324,3 +324,53 @@ async fn a_sink_message_that_cannot_be_read_is_dead_lettered_with_its_bytes_not_
     );
     assert_eq!(depth(&url, &queue).await, 0);
 }
+
+#[tokio::test]
+async fn an_event_the_driver_cannot_encode_is_invalid_and_never_holds_other_events_back() {
+    let s = settings("nulkey");
+    let collector = Collector::start(&s).await;
+    let _worker = Worker::start(&s);
+    let client = http();
+    // A NUL byte is valid in a JSON key but cannot be written as a BSON key (a C string).
+    let unencodable = json!({"type": "track", "event": "Odd Keys", "userId": "u-nul",
+        "messageId": "nul-key", "properties": {"k\u{0}x": 1}});
+    // Legal in MongoDB 5.0+ (and SecantusDB): nested `$…` and dotted keys are stored as sent.
+    let nested = json!({"type": "track", "event": "Odd Keys", "userId": "u-nul",
+        "messageId": "nested-keys", "properties": {"$x": 1, "a.b": 2}});
+    for r in 0..10 {
+        let mut events: Vec<Value> = (0..10)
+            .map(|i| product_viewed(&format!("nul-{r}-{i}")))
+            .collect();
+        if r == 0 {
+            // In the same delivery as good events, so in the same MongoDB batch.
+            events.insert(5, unencodable.clone());
+            events.insert(7, nested.clone());
+        }
+        let status = client
+            .post(format!("{}/v1/batch", collector.url))
+            .basic_auth(IOS_KEY, Some(""))
+            .json(&batch(events))
+            .send()
+            .await
+            .unwrap()
+            .status();
+        assert_eq!(status, 200);
+    }
+    let good = doc! {"event": "Product Viewed"};
+    assert_eq!(wait_for_count(&s, good, 100, LAND).await, 100);
+    let stored = find(&s, doc! {"messageId": "nested-keys"}).await;
+    assert_eq!(stored.len(), 1, "{stored:?}");
+    let properties = stored[0].get_document("properties").unwrap();
+    assert!(properties.contains_key("$x") && properties.contains_key("a.b"));
+
+    let url = s.broker.url.expose().to_owned();
+    let invalid = format!("{}.invalid", s.broker.prefix);
+    assert!(eventually(LAND, || async { depth(&url, &invalid).await == 1 }).await);
+    let records = drain_json(&url, &invalid).await;
+    assert_eq!(records[0]["reason"], json!("storage"));
+    assert_eq!(records[0]["event"]["messageId"], json!("nul-key"));
+    assert_eq!(count(&s, doc! {"messageId": "nul-key"}).await, 0);
+    let dlq = format!("{}.sink.mongo.dlq", s.broker.prefix);
+    assert_eq!(depth(&url, &dlq).await, 0);
+    assert_eq!(retry_depth(&s, "mongo").await, 0);
+}

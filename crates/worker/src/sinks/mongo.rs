@@ -197,6 +197,14 @@ mod tests {
         assert!(to_document(event.as_object().expect("object")).is_err());
     }
 
+    /// `bson::to_document` accepts a NUL byte in a key; writing it as BSON (a C string) fails.
+    /// Such an event must be refused by the check, not by the driver at insert time.
+    #[test]
+    fn a_key_bson_cannot_encode_is_not_storable() {
+        let event = json!({"messageId":"m","properties":{"k\u{0}x":1}});
+        assert!(to_document(event.as_object().expect("object")).is_err());
+    }
+
     #[test]
     fn reserved_keys_are_refused() {
         for event in [
