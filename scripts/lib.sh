@@ -25,6 +25,53 @@ ensure_secantus() {
   fi
 }
 
+# ensure_compat_clients: the published SDKs the compatibility suite (tests/e2e/compat.rs) runs
+# unmodified: the Python ones pinned in tests/compat/requirements.txt into $VENV, the Node one
+# from tests/compat/package-lock.json into tests/compat/node_modules (npm ci). Needs node 20+.
+ensure_compat_clients() {
+  local dir="$ROOT/tests/compat"
+  [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
+  if ! "$VENV/bin/python" - "$dir/requirements.txt" >/dev/null 2>&1 <<'PY'
+import sys
+from importlib.metadata import version
+for line in open(sys.argv[1]):
+    name, _, pinned = line.split("#")[0].strip().partition("==")
+    if name and version(name) != pinned:
+        sys.exit(1)
+PY
+  then
+    log "installing the Python SDKs pinned in tests/compat/requirements.txt into $VENV"
+    "$VENV/bin/pip" install -q -r "$dir/requirements.txt" || {
+      log "could not install tests/compat/requirements.txt"
+      return 1
+    }
+  fi
+
+  if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
+    log "node and npm are missing: the compatibility suite (tests/compat) needs Node.js 20 or later with npm"
+    return 1
+  fi
+  local major
+  major=$(node -p 'process.versions.node.split(".")[0]')
+  if [ "$major" -lt 20 ]; then
+    log "node $(node --version) is too old: the compatibility suite (tests/compat) needs Node.js 20 or later"
+    return 1
+  fi
+  # npm ci empties node_modules first; the stamp says which lock file it last installed.
+  # A second try: npm 11 once failed to create a scoped package's directory on a fresh
+  # install here (ENOENT on mkdir), and succeeded when run again.
+  if ! cmp -s "$dir/package-lock.json" "$dir/node_modules/.installed-package-lock.json"; then
+    log "installing the Node SDK from tests/compat/package-lock.json (npm ci)"
+    local try
+    for try in 1 2; do
+      (cd "$dir" && npm ci --no-audit --no-fund --loglevel=error >&2) && break
+      [ "$try" -eq 2 ] && { log "npm ci in tests/compat failed"; return 1; }
+      log "npm ci failed; trying once more"
+    done
+    cp "$dir/package-lock.json" "$dir/node_modules/.installed-package-lock.json"
+  fi
+}
+
 # free_port: a TCP port nobody listens on now.
 free_port() {
   python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'

@@ -1,0 +1,194 @@
+//! Published SDKs, unmodified, against the collector: every event they send lands in MongoDB.
+//!
+//! The scripts in tests/compat make the same calls with each SDK (track with a user id only
+//! and with an anonymous id only, identify, page, screen, group, alias), flush, and print the
+//! messageIds the SDK gave the events. scripts/test installs the SDKs at the versions pinned
+//! there (ensure_compat_clients in scripts/lib.sh).
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use ingest_e2e::*;
+use ingest_pipeline::Settings;
+use mongodb::bson::doc;
+
+/// How long the events get to land; they are a handful, so only a stalled pipeline hits it.
+const LAND: Duration = Duration::from_secs(60);
+/// How long an SDK script gets to send and flush.
+const SEND: Duration = Duration::from_secs(120);
+
+fn python() -> PathBuf {
+    root().join(".venv/bin/python")
+}
+
+fn compat(file: &str) -> String {
+    root().join("tests/compat").join(file).display().to_string()
+}
+
+/// Runs one SDK script against the collector and returns the messageIds it reports.
+async fn send_with_sdk(
+    program: PathBuf,
+    script_args: Vec<String>,
+    collector: &Collector,
+    marker: &str,
+) -> Vec<String> {
+    let mut command = tokio::process::Command::new(&program);
+    command
+        .args(&script_args)
+        .args([
+            "--url",
+            &collector.url,
+            "--write-key",
+            IOS_KEY,
+            "--marker",
+            marker,
+        ])
+        .current_dir(root().join("tests/compat"))
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true);
+    let run = format!("{} {}", program.display(), script_args.join(" "));
+    let output = tokio::time::timeout(SEND, command.output())
+        .await
+        .unwrap_or_else(|_| panic!("{run} did not finish within {SEND:?}"))
+        .unwrap_or_else(|e| {
+            panic!("cannot run {run}: {e} (scripts/test installs the SDKs: ensure_compat_clients)")
+        });
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "{run} reported a failure ({}):\n{stderr}\nstdout: {stdout}",
+        output.status
+    );
+    let ids: Vec<String> = serde_json::from_str(stdout.trim()).unwrap_or_else(|e| {
+        panic!("{run} did not print a JSON list of messageIds ({e}):\n{stdout}\nstderr: {stderr}")
+    });
+    ids
+}
+
+/// Waits until every event is in MongoDB, or until every event is accounted for in MongoDB
+/// or the invalid queue (nothing more will come), or until `LAND` passes. Returns how many
+/// landed.
+async fn wait_until_landed(s: &Settings, ids: &[String]) -> u64 {
+    let n = ids.len() as u64;
+    let filter = doc! {"messageId": {"$in": ids.to_vec()}};
+    let invalid = format!("{}.invalid", s.broker.prefix);
+    eventually(LAND, || {
+        let (filter, invalid) = (filter.clone(), invalid.clone());
+        async move {
+            let landed = count(s, filter).await;
+            let refused = u64::from(depth(s.broker.url.expose(), &invalid).await);
+            landed == n || landed + refused >= n
+        }
+    })
+    .await;
+    count(s, filter).await
+}
+
+/// One line per invalid-queue entry: the event's messageId and type, the reason and each error.
+fn invalid_summary(entry: &serde_json::Value) -> String {
+    let text = |v: &serde_json::Value| v.as_str().map_or_else(|| v.to_string(), str::to_owned);
+    let errors: Vec<String> = entry["errors"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|e| {
+            let (pointer, message, schema) = (&e["pointer"], &e["message"], &e["schema"]);
+            format!("{} {} [{}]", text(pointer), text(message), text(schema))
+        })
+        .collect();
+    let event = &entry["event"];
+    format!(
+        "  {} {} {}: {}",
+        text(&event["messageId"]),
+        text(&event["type"]),
+        text(&entry["reason"]),
+        errors.join("; ")
+    )
+}
+
+/// Runs the SDK's calls through a collector and a worker and checks that every event the
+/// SDK reported as sent is in MongoDB, with the run's marker; on failure, shows the invalid
+/// queue.
+async fn every_event_lands(name: &str, program: PathBuf, script_args: Vec<String>) {
+    let s = settings(name);
+    let collector = Collector::start(&s).await;
+    let _worker = Worker::start(&s);
+    let marker = s.broker.prefix.clone();
+
+    let ids = send_with_sdk(program, script_args, &collector, &marker).await;
+    assert!(!ids.is_empty(), "the SDK reported no events sent");
+    let distinct: BTreeSet<&String> = ids.iter().collect();
+    assert_eq!(
+        distinct.len(),
+        ids.len(),
+        "the SDK reused a messageId: {ids:?}"
+    );
+
+    let landed = wait_until_landed(&s, &ids).await;
+    if landed != ids.len() as u64 {
+        let stored: BTreeSet<String> = find(&s, doc! {"messageId": {"$in": ids.clone()}})
+            .await
+            .iter()
+            .filter_map(|d| d.get_str("messageId").ok().map(str::to_owned))
+            .collect();
+        let missing: Vec<&String> = ids.iter().filter(|id| !stored.contains(*id)).collect();
+        let invalid = drain_json(
+            s.broker.url.expose(),
+            &format!("{}.invalid", s.broker.prefix),
+        )
+        .await;
+        let summary: Vec<String> = invalid.iter().map(invalid_summary).collect();
+        let entries: Vec<String> = invalid.iter().map(|entry| entry.to_string()).collect();
+        panic!(
+            "{landed} of the {} events the SDK sent are in MongoDB (waited until each was stored \
+             or refused, at most {LAND:?}); missing: {missing:?}\n\
+             the invalid queue holds {} entries:\n{}\n\nin full:\n{}",
+            ids.len(),
+            invalid.len(),
+            summary.join("\n"),
+            entries.join("\n")
+        );
+    }
+
+    // The marker went in properties, traits (context.traits with RudderStack's identify) or,
+    // for alias, context: the SDK's own events, with what the caller gave them.
+    let carries_marker = doc! {"$or": [
+        {"properties.compat_run": &marker},
+        {"traits.compat_run": &marker},
+        {"context.traits.compat_run": &marker},
+        {"context.compat_run": &marker},
+    ]};
+    assert_eq!(count(&s, carries_marker).await, ids.len() as u64);
+}
+
+#[tokio::test]
+async fn events_from_segment_analytics_python_all_land_in_mongodb() {
+    every_event_lands(
+        "compat_segment_py",
+        python(),
+        vec![compat("send.py"), "--sdk".into(), "segment".into()],
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn events_from_rudder_sdk_python_all_land_in_mongodb() {
+    every_event_lands(
+        "compat_rudder_py",
+        python(),
+        vec![compat("send.py"), "--sdk".into(), "rudder".into()],
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn events_from_segment_analytics_node_all_land_in_mongodb() {
+    every_event_lands(
+        "compat_segment_node",
+        PathBuf::from("node"),
+        vec![compat("send.js")],
+    )
+    .await;
+}
