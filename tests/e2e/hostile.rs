@@ -645,3 +645,45 @@ async fn hostile_payloads_on_the_raw_queue_land_in_the_invalid_queue_with_a_reas
         1
     );
 }
+
+/// Issue #10: a body inside every limit whose batch-level `context` the worker would copy into
+/// each of 2,000 events (330 KB × 2,000 = 660 MB) is refused before it is published.
+#[tokio::test]
+async fn a_small_batch_whose_shared_context_would_expand_to_660_mb_is_refused_with_413_and_not_published(
+) {
+    let s = settings("amplify");
+    let collector = Collector::start(&s).await;
+    let url = format!("{}/v1/batch", collector.url);
+    let events: Vec<Value> = (0..2000)
+        .map(|i| json!({"type": "track", "event": "Custom", "userId": format!("u-{i:06}"), "properties": {"pad": "xxxxxxxx"}}))
+        .collect();
+    let body = json!({"batch": events, "context": {"blob": "x".repeat(330_000)}}).to_string();
+    assert!(
+        (495_000..s.collector.max_batch_bytes).contains(&body.len()),
+        "attack body of {} bytes",
+        body.len()
+    );
+    let r = http()
+        .post(&url)
+        .basic_auth(IOS_KEY, Some(""))
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 413);
+    let answer: Value = r.json().await.unwrap();
+    assert_eq!(answer["success"], json!(false));
+    assert_eq!(answer["code"], json!("batch_expands_too_large"), "{answer}");
+
+    // A good request after it is published, and it alone: the refused one never was.
+    assert_eq!(post_good(&collector.url, "after-amplify").await, 200);
+    assert!(
+        eventually(PATIENCE, || async {
+            depth(s.broker.url.expose(), &raw_queue(&s)).await == 1
+        })
+        .await,
+        "raw depth {}",
+        depth(s.broker.url.expose(), &raw_queue(&s)).await
+    );
+}

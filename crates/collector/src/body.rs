@@ -451,6 +451,73 @@ mod tests {
         }
     }
 
+    const ROOMY: Limits = Limits {
+        max_event_bytes: 1000,
+        max_batch_bytes: 1000,
+        max_batch_events: 100,
+    };
+
+    /// `{"<shared>":…,"batch":[<event>, … n times]}`.
+    fn batch_sharing(shared: &str, event: &str, n: usize) -> String {
+        let events = vec![event; n].join(",");
+        format!(r#"{{{shared},"batch":[{events}]}}"#)
+    }
+
+    /// The worker copies the batch-level `context` keys an event lacks, and the batch-level
+    /// `integrations`, into every event: 2000 copies of a large shared value from a small body.
+    #[test]
+    fn a_batch_whose_shared_context_or_integrations_expand_past_the_batch_limit_is_refused() {
+        let blob = "x".repeat(200);
+        for shared in [
+            format!(r#""context":{{"blob":"{blob}"}}"#),
+            format!(r#""integrations":{{"All":"{blob}"}}"#),
+            format!(r#""context":{{"app":{{"name":"Shop"}},"blob":"{blob}"}}"#),
+        ] {
+            for event in ["{}", r#"{"context":{"app":{}}}"#] {
+                let body = batch_sharing(&shared, event, 10);
+                assert!(body.len() < ROOMY.max_batch_bytes, "{body}");
+                let err = inspect(Endpoint::Batch, body.as_bytes(), &ROOMY).expect_err(&body);
+                assert_eq!(err.status().as_u16(), 413, "{body}");
+                assert!(err.to_string().contains("context"), "{err}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_shared_context_that_events_override_or_cannot_take_does_not_count_against_the_limit() {
+        let shared = format!(r#""context":{{"blob":"{}"}}"#, "x".repeat(200));
+        // Every event has its own `blob` (an escaped key is the same key), or a `context` that
+        // is not an object: the worker copies nothing into them.
+        for event in [
+            r#"{"context":{"blob":1}}"#,
+            r#"{"context":{"blob":1}}"#,
+            r#"{"context":null}"#,
+        ] {
+            let body = batch_sharing(&shared, event, 10);
+            assert!(
+                inspect(Endpoint::Batch, body.as_bytes(), &ROOMY).is_ok(),
+                "{body}"
+            );
+        }
+        // Shared integrations go only to events without their own.
+        let shared = format!(r#""integrations":{{"All":"{}"}}"#, "x".repeat(200));
+        let body = batch_sharing(&shared, r#"{"integrations":{}}"#, 10);
+        assert!(inspect(Endpoint::Batch, body.as_bytes(), &ROOMY).is_ok());
+    }
+
+    #[test]
+    fn a_full_batch_with_per_event_contexts_and_no_batch_context_is_never_refused_as_expanding() {
+        let event =
+            r#"{"type":"track","event":"E","context":{"app":{"name":"Shop"},"os":{"name":"iOS"}}}"#;
+        let n = (ROOMY.max_batch_bytes - 20) / (event.len() + 1);
+        let body = format!(r#"{{"batch":[{}]}}"#, vec![event; n].join(","));
+        assert!(body.len() <= ROOMY.max_batch_bytes);
+        assert!(inspect(Endpoint::Batch, body.as_bytes(), &ROOMY).is_ok());
+        // A small shared context that the events lack, well inside the limit once copied.
+        let body = batch_sharing(r#""context":{"library":{"name":"x"}}"#, "{}", 10);
+        assert!(inspect(Endpoint::Batch, body.as_bytes(), &ROOMY).is_ok());
+    }
+
     #[test]
     fn endpoints_parse_including_short_aliases() {
         assert_eq!(Endpoint::parse("batch"), Some(Endpoint::Batch));
