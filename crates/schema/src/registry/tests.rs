@@ -540,3 +540,20 @@ fn non_json_files_in_the_plan_are_ignored() {
     let registry = plan.load().expect("non-schema files are ignored");
     assert_eq!(registry.len(), 1);
 }
+
+/// An invalid record carries every error; an error that echoed a 30 KB value would copy it
+/// into the record once per error.
+#[test]
+fn an_error_message_never_echoes_a_long_value_whole() {
+    let registry = plan(UnknownEventPolicy::Accept);
+    let mut event = track("Order Completed", order_completed());
+    event.insert("userId".into(), json!("u".repeat(30_000)));
+    let rejected = invalid(&registry, event);
+    let issue = rejected
+        .errors
+        .iter()
+        .find(|issue| issue.pointer == "/userId")
+        .expect("an error at /userId");
+    assert!(issue.message.len() < 1000, "{} bytes", issue.message.len());
+    assert!(issue.message.contains("30"), "{}", issue.message);
+}
