@@ -45,12 +45,24 @@ impl Compiled {
                 Value::Object(_) | Value::Array(_) => error.masked_with("value").to_string(),
                 _ => error.to_string(),
             };
+            let message = bounded(message);
             Issue {
                 pointer: error.instance_path().as_str().to_owned(),
                 message,
                 schema: self.name.clone(),
             }
         }));
+    }
+}
+
+/// An error message echoes the value it is about; a 30 KB string must not be copied into
+/// every error of an invalid record.
+const MAX_MESSAGE_CHARS: usize = 500;
+
+fn bounded(message: String) -> String {
+    match message.char_indices().nth(MAX_MESSAGE_CHARS) {
+        Some((cut, _)) => format!("{}… ({} bytes)", &message[..cut], message.len()),
+        None => message,
     }
 }
 
