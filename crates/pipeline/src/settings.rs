@@ -124,6 +124,9 @@ pub struct BrokerSettings {
     /// Cap on the raw queue's size (`x-max-length-bytes`, overflow `reject-publish`); 0 = none.
     /// Fixed when the queue is first declared: change it on a live queue with a policy.
     pub raw_max_length_bytes: u64,
+    /// Deliveries a message of a consumed queue (raw, each sink's) may get; past it the broker
+    /// dead-letters it (`<prefix>.raw.dlq`, `<prefix>.sink.<name>.dlq`), so nothing loops.
+    pub delivery_limit: u32,
     /// The RabbitMQ management API (`http://user:pass@host:15672`), for message rates in
     /// `ingestctl queues` and `scale`; optional.
     #[serde(default)]
@@ -166,6 +169,9 @@ pub struct WorkerSettings {
     pub prefetch: u16,
     pub max_payload_bytes: usize,
     pub max_payload_events: usize,
+    /// Bytes a delivery's events may come to once built (batch fields merged into each); a
+    /// payload past it goes whole to the invalid queue (`too_large`).
+    pub max_built_bytes: usize,
     pub shutdown_timeout_ms: u64,
 }
 
@@ -242,6 +248,11 @@ impl Settings {
             (1..=64).contains(&b.publish_channels),
             "broker.publish_channels",
             "must be between 1 and 64",
+        )?;
+        check(
+            (2..=1000).contains(&b.delivery_limit),
+            "broker.delivery_limit",
+            "must be between 2 and 1000",
         )?;
         check(
             b.confirm_timeout_ms > 0,
@@ -341,6 +352,12 @@ impl Settings {
             w.max_payload_events > 0 && w.max_payload_bytes > 0,
             "worker.max_payload_bytes",
             "must be > 0",
+        )?;
+        // Below RabbitMQ's largest message (128 MiB by default) with room for the envelope.
+        check(
+            (w.max_payload_bytes..=(64 << 20)).contains(&w.max_built_bytes),
+            "worker.max_built_bytes",
+            "must be at least worker.max_payload_bytes and at most 64 MiB",
         )?;
         check(
             !self.mongo.database.is_empty(),

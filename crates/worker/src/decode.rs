@@ -46,6 +46,19 @@ pub fn request_meta(properties: &BasicProperties, body: &[u8]) -> RequestMeta {
     }
 }
 
+/// Names a request by its content: the source, the endpoint and the decoded payload. A client
+/// that retries a request sends the same content under a new request id; events without a
+/// `messageId` get theirs from this, so the retry is stored once.
+pub fn content_seed(meta: &RequestMeta, json: &[u8]) -> String {
+    let mut material = Vec::with_capacity(meta.source.len() + meta.endpoint.len() + json.len() + 2);
+    material.extend_from_slice(meta.source.as_bytes());
+    material.push(b'\n');
+    material.extend_from_slice(meta.endpoint.as_bytes());
+    material.push(b'\n');
+    material.extend_from_slice(json);
+    uuid::Uuid::new_v5(&REQUEST_ID_NAMESPACE, &material).to_string()
+}
+
 pub fn is_gzip(properties: &BasicProperties) -> bool {
     properties
         .content_encoding()
@@ -63,6 +76,19 @@ pub enum DecodeError {
     Json(String),
     #[error("{0}")]
     Shape(String),
+    /// The events, with the batch's shared fields merged into each, would exceed the budget.
+    #[error("the payload's events, with the batch's context and integrations merged into each, come to more than {0} bytes")]
+    Expands(usize),
+}
+
+impl DecodeError {
+    /// The invalid record's reason: `too_large` for a payload over what a delivery may build.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Expands(_) => "too_large",
+            _ => "decode",
+        }
+    }
 }
 
 /// The payload as JSON bytes: gunzipped if needed, never more than `limit` bytes.
@@ -98,7 +124,15 @@ pub struct Split {
     pub sent_at: Option<Value>,
 }
 
-pub fn split(endpoint: &str, json: &[u8]) -> Result<Split, DecodeError> {
+/// Splits a payload into its events. `budget` bounds the bytes the events may come to once
+/// the batch's shared fields are merged into each and the worker's own fields are added
+/// (`per_event` bytes each): the bound is checked before anything is copied.
+pub fn split(
+    endpoint: &str,
+    json: &[u8],
+    budget: usize,
+    per_event: usize,
+) -> Result<Split, DecodeError> {
     let value: Value =
         serde_json::from_slice(json).map_err(|e| DecodeError::Json(e.to_string()))?;
     let Value::Object(mut body) = value else {
@@ -108,6 +142,10 @@ pub fn split(endpoint: &str, json: &[u8]) -> Result<Split, DecodeError> {
     };
     body.remove("writeKey");
     if endpoint != "batch" {
+        if json.len().saturating_add(per_event) > budget {
+            return Err(DecodeError::Expands(budget));
+        }
+        drop_nulls(&mut body);
         body.entry("type")
             .or_insert_with(|| Value::String(endpoint.to_owned()));
         return Ok(Split {
@@ -124,12 +162,25 @@ pub fn split(endpoint: &str, json: &[u8]) -> Result<Split, DecodeError> {
         Some(Value::Object(context)) => Some(context),
         _ => None,
     };
-    let shared_integrations = body.remove("integrations");
+    let shared_integrations = body.remove("integrations").filter(|v| !v.is_null());
+    let sent_at = body.remove("sentAt").filter(|v| !v.is_null());
+    let built = built_size(
+        json.len(),
+        &batch,
+        shared_context.as_ref(),
+        shared_integrations.as_ref(),
+        sent_at.as_ref(),
+        per_event,
+    );
+    if built > budget {
+        return Err(DecodeError::Expands(budget));
+    }
     let elements = batch
         .into_iter()
         .map(|item| match item {
             Value::Object(mut event) => {
                 event.remove("writeKey");
+                drop_nulls(&mut event);
                 if let Some(shared) = &shared_context {
                     merge_missing(&mut event, "context", shared);
                 }
@@ -143,10 +194,74 @@ pub fn split(endpoint: &str, json: &[u8]) -> Result<Split, DecodeError> {
             other => Element::NotAnObject(other),
         })
         .collect();
-    Ok(Split {
-        elements,
-        sent_at: body.remove("sentAt"),
-    })
+    Ok(Split { elements, sent_at })
+}
+
+/// Segment's API reads a null field as an absent one (the Python SDKs send
+/// `"anonymousId": null`, analytics.js `"userId": null`).
+fn drop_nulls(event: &mut Map<String, Value>) {
+    event.retain(|_, value| !value.is_null());
+}
+
+/// The bytes the events come to once built: the payload itself, plus for each event the
+/// shared context keys it lacks, the shared integrations if it has none, the batch's `sentAt`
+/// if it has none, and the worker's own fields. Reckoned without copying anything.
+fn built_size(
+    payload: usize,
+    batch: &[Value],
+    context: Option<&Map<String, Value>>,
+    integrations: Option<&Value>,
+    sent_at: Option<&Value>,
+    per_event: usize,
+) -> usize {
+    let context: Vec<(&str, usize)> = context
+        .into_iter()
+        .flatten()
+        .map(|(k, v)| (k.as_str(), k.len() + json_len(v) + 4))
+        .collect();
+    let integrations = integrations.map_or(0, |v| json_len(v) + 16);
+    let sent_at = sent_at.map_or(0, |v| json_len(v) + 10);
+    let mut total = payload;
+    for item in batch {
+        let Value::Object(event) = item else { continue };
+        let own = match event.get("context") {
+            Some(Value::Object(own)) => Some(own),
+            _ => None,
+        };
+        let mut extra = per_event;
+        extra += context
+            .iter()
+            .filter(|(k, _)| !own.is_some_and(|own| own.contains_key(*k)))
+            .map(|(_, size)| size)
+            .sum::<usize>();
+        if !event.contains_key("integrations") {
+            extra += integrations;
+        }
+        if !event.contains_key("sentAt") {
+            extra += sent_at;
+        }
+        total = total.saturating_add(extra);
+    }
+    total
+}
+
+/// The length of a value's JSON text, without building it.
+fn json_len(value: &Value) -> usize {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    match serde_json::to_writer(&mut count, value) {
+        Ok(()) => count.0,
+        Err(_) => usize::MAX / 4,
+    }
 }
 
 /// Copies the keys of `shared` that the event's own object at `key` lacks.
@@ -177,7 +292,7 @@ mod tests {
                 7
             ]
         });
-        let split = split("batch", body.to_string().as_bytes()).expect("split");
+        let split = split("batch", body.to_string().as_bytes(), 1 << 20, 0).expect("split");
         assert_eq!(split.sent_at, Some(json!("2026-11-21T12:00:00Z")));
         let Element::Event(first) = &split.elements[0] else {
             panic!("not an event")
@@ -190,7 +305,7 @@ mod tests {
 
     #[test]
     fn single_event_endpoints_get_their_type() {
-        let split = split("track", br#"{"event":"A","writeKey":"k"}"#).expect("split");
+        let split = split("track", br#"{"event":"A","writeKey":"k"}"#, 1 << 20, 0).expect("split");
         let Element::Event(event) = &split.elements[0] else {
             panic!("not an event")
         };
@@ -200,9 +315,44 @@ mod tests {
 
     #[test]
     fn shape_and_json_errors() {
-        assert!(matches!(split("batch", b"[1]"), Err(DecodeError::Shape(_))));
-        assert!(matches!(split("batch", b"{}"), Err(DecodeError::Shape(_))));
-        assert!(matches!(split("batch", b"{"), Err(DecodeError::Json(_))));
+        assert!(matches!(
+            split("batch", b"[1]", 1 << 20, 0),
+            Err(DecodeError::Shape(_))
+        ));
+        assert!(matches!(
+            split("batch", b"{}", 1 << 20, 0),
+            Err(DecodeError::Shape(_))
+        ));
+        assert!(matches!(
+            split("batch", b"{", 1 << 20, 0),
+            Err(DecodeError::Json(_))
+        ));
+    }
+
+    #[test]
+    fn the_built_size_counts_the_shared_fields_each_event_lacks() {
+        let body = json!({
+            "context": {"big": "x".repeat(1000), "app": "Shop"},
+            "batch": [
+                {"type": "track", "context": {"big": "own"}},
+                {"type": "track"},
+                {"type": "track"}
+            ]
+        })
+        .to_string();
+        let fits = body.len() + 2 * 1000 + 3 * 100 + 200;
+        assert!(split("batch", body.as_bytes(), fits + 2000, 100).is_ok());
+        assert_eq!(
+            split("batch", body.as_bytes(), fits - 1000, 100),
+            Err(DecodeError::Expands(fits - 1000))
+        );
+        // Events with their own context add nothing from the batch's.
+        let own = json!({
+            "context": {"big": "x".repeat(1000)},
+            "batch": [{"type": "track", "context": {"big": "own"}}]
+        })
+        .to_string();
+        assert!(split("batch", own.as_bytes(), own.len() + 10, 0).is_ok());
     }
 
     #[test]

@@ -19,14 +19,11 @@ pub struct RequestMeta {
 const MESSAGE_ID_NAMESPACE: uuid::Uuid =
     uuid::Uuid::from_u128(0x6c1f_3a2e_9b8d_4f70_a5e1_20c4_7d9b_13aa);
 
-/// The `messageId` given to an event that came without one: a UUIDv5 of the request id and the
-/// event's position in the request, stable across redeliveries.
-pub fn derived_message_id(request_id: &str, index: usize) -> String {
-    uuid::Uuid::new_v5(
-        &MESSAGE_ID_NAMESPACE,
-        format!("{request_id}/{index}").as_bytes(),
-    )
-    .to_string()
+/// The `messageId` given to an event that came without one: a UUIDv5 of the request's content
+/// seed (`decode::content_seed`) and the event's position in the request, stable across
+/// redeliveries and across a client's retries of the same request.
+pub fn derived_message_id(seed: &str, index: usize) -> String {
+    uuid::Uuid::new_v5(&MESSAGE_ID_NAMESPACE, format!("{seed}/{index}").as_bytes()).to_string()
 }
 
 /// Segment's clock-skew correction: a device clock that is off shifts `timestamp` and `sentAt`
@@ -63,6 +60,7 @@ pub fn parse_time(value: Option<&Value>) -> Option<DateTime<Utc>> {
 pub fn enrich(
     event: &mut Map<String, Value>,
     meta: &RequestMeta,
+    id_seed: &str,
     index: usize,
     batch_sent_at: Option<&Value>,
 ) {
@@ -70,7 +68,7 @@ pub fn enrich(
     if !has_id && !event.contains_key("messageId") {
         event.insert(
             "messageId".into(),
-            Value::String(derived_message_id(&meta.request_id, index)),
+            Value::String(derived_message_id(id_seed, index)),
         );
     }
     if !event.contains_key("sentAt") {
@@ -168,6 +166,7 @@ mod tests {
         enrich(
             &mut event,
             &meta(),
+            "seed-1",
             3,
             Some(&json!("2026-11-21T13:00:10.000Z")),
         );
@@ -181,7 +180,7 @@ mod tests {
         assert_eq!(event["source"], json!("shop-ios"));
         assert_eq!(event["context"]["ip"], json!("203.0.113.9"));
         assert_eq!(event["context"]["userAgent"], json!("ShopApp/1.0"));
-        assert_eq!(event["messageId"], json!(derived_message_id("req-1", 3)));
+        assert_eq!(event["messageId"], json!(derived_message_id("seed-1", 3)));
     }
 
     #[test]
@@ -190,7 +189,7 @@ mod tests {
             .as_object()
             .cloned()
             .expect("object");
-        enrich(&mut event, &meta(), 0, None);
+        enrich(&mut event, &meta(), "seed", 0, None);
         assert_eq!(event["messageId"], json!("m-1"));
         assert_eq!(event["context"]["ip"], json!("198.51.100.1"));
         assert_eq!(event["timestamp"], json!("2026-11-21T12:00:00.000Z"));
@@ -209,7 +208,7 @@ mod tests {
             .as_object()
             .cloned()
             .expect("object");
-        enrich(&mut event, &meta(), 0, None);
+        enrich(&mut event, &meta(), "seed", 0, None);
         assert_eq!(event["timestamp"], json!("yesterday"));
     }
 }

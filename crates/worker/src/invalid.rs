@@ -58,9 +58,61 @@ impl InvalidRecord {
             None,
             meta,
         );
+        let raw = scrub_write_key(raw);
         record.raw_base64 = Some(base64::engine::general_purpose::STANDARD.encode(raw));
         record
     }
+}
+
+const WRITE_KEY: &[u8] = b"\"writeKey\"";
+const REDACTED: &[u8] = b"[redacted]";
+
+/// The payload with the value of every `"writeKey": "..."` replaced by `[redacted]`: a
+/// sendBeacon body carries its write key, which is a secret. Works on text that does not
+/// parse (that is why it is here); a value cut off by the end of the text is redacted to the
+/// end.
+pub fn scrub_write_key(raw: &[u8]) -> std::borrow::Cow<'_, [u8]> {
+    let Some(first) = find(raw, WRITE_KEY) else {
+        return std::borrow::Cow::Borrowed(raw);
+    };
+    let mut out = Vec::with_capacity(raw.len());
+    let mut rest = raw;
+    let mut at = Some(first);
+    while let Some(start) = at {
+        let after_key = start + WRITE_KEY.len();
+        out.extend_from_slice(&rest[..after_key]);
+        rest = &rest[after_key..];
+        let skipped = rest
+            .iter()
+            .take_while(|b| b.is_ascii_whitespace() || **b == b':')
+            .count();
+        if rest.get(skipped) == Some(&b'"') {
+            out.extend_from_slice(&rest[..=skipped]);
+            let value = &rest[skipped + 1..];
+            let mut end = value.len();
+            let mut escaped = false;
+            for (i, b) in value.iter().enumerate() {
+                match (escaped, *b) {
+                    (true, _) => escaped = false,
+                    (false, b'\\') => escaped = true,
+                    (false, b'"') => {
+                        end = i;
+                        break;
+                    }
+                    _ => {}
+                }
+            }
+            out.extend_from_slice(REDACTED);
+            rest = &value[end..];
+        }
+        at = find(rest, WRITE_KEY);
+    }
+    out.extend_from_slice(rest);
+    std::borrow::Cow::Owned(out)
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -103,5 +155,45 @@ pub async fn publish(
     match confirmation {
         Confirmation::Ack(None) => Ok(()),
         _ => Err(InvalidPublishError::NotConfirmed),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn write_keys_are_redacted_even_in_text_that_does_not_parse() {
+        let cases: [(&[u8], &[u8]); 5] = [
+            (
+                br#"{"writeKey":"k1","a":1}"#,
+                br#"{"writeKey":"[redacted]","a":1}"#,
+            ),
+            (
+                br#"{"writeKey" : "k\"2","batch":"#,
+                br#"{"writeKey" : "[redacted]","batch":"#,
+            ),
+            (
+                br#"{"batch":[],"writeKey":"k3"#,
+                br#"{"batch":[],"writeKey":"[redacted]"#,
+            ),
+            (br#"{"writeKey":7}"#, br#"{"writeKey":7}"#),
+            (
+                br#"[{"writeKey":"a"},{"writeKey":"b"}]"#,
+                br#"[{"writeKey":"[redacted]"},{"writeKey":"[redacted]"}]"#,
+            ),
+        ];
+        for (raw, want) in cases {
+            assert_eq!(
+                scrub_write_key(raw).as_ref(),
+                want,
+                "{}",
+                String::from_utf8_lossy(raw)
+            );
+        }
+        assert!(matches!(
+            scrub_write_key(b"{}"),
+            std::borrow::Cow::Borrowed(_)
+        ));
     }
 }

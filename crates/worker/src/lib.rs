@@ -200,6 +200,7 @@ pub async fn serve(
         limits: PayloadLimits {
             max_bytes: w.max_payload_bytes,
             max_events: w.max_payload_events,
+            max_built_bytes: w.max_built_bytes,
         },
         confirm_timeout: settings.broker.confirm_timeout(),
     });

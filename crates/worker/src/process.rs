@@ -19,13 +19,29 @@ pub struct Outcome {
     pub invalid: Vec<InvalidRecord>,
 }
 
-/// What one payload may cost: bytes after gunzip, and events.
+/// What one payload may cost: bytes after gunzip, events, and the bytes its events may come
+/// to once built (batch fields merged into each, the worker's own fields added).
 #[derive(Debug, Clone, Copy)]
 pub struct PayloadLimits {
     pub max_bytes: usize,
     pub max_events: usize,
+    pub max_built_bytes: usize,
 }
 
+/// What enrichment adds to one event, at most: fixed-size fields plus what comes from the
+/// request.
+fn enrichment_bytes(meta: &RequestMeta) -> usize {
+    const FIXED: usize = 400;
+    FIXED
+        + meta.source.len()
+        + meta.request_id.len()
+        + meta.client_ip.as_ref().map_or(0, String::len)
+        + meta.user_agent.as_ref().map_or(0, String::len)
+}
+
+/// Processes one payload. A panic in this pure code (a bug, or input that finds one) would
+/// otherwise recur on every redelivery; it is caught, and the payload kept whole as invalid
+/// with reason `internal`.
 pub fn process(
     registry: &Registry,
     properties: &BasicProperties,
@@ -33,58 +49,113 @@ pub fn process(
     limits: PayloadLimits,
 ) -> Outcome {
     let meta = decode::request_meta(properties, body);
-    let split = decode::payload(body, decode::is_gzip(properties), limits.max_bytes)
-        .and_then(|json| decode::split(&meta.endpoint, &json))
-        .and_then(|split| match split.elements.len() {
-            n if n > limits.max_events => Err(DecodeError::Shape(format!(
-                "the payload has {n} events, more than {}",
-                limits.max_events
-            ))),
-            _ => Ok(split),
+    let run =
+        std::panic::AssertUnwindSafe(|| process_payload(registry, properties, body, limits, &meta));
+    match std::panic::catch_unwind(run) {
+        Ok(outcome) => outcome,
+        Err(panic) => {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "a panic".to_owned());
+            tracing::error!(request_id = %meta.request_id, panic = %what, "processing a payload panicked; it is kept as invalid");
+            metrics::counter!("worker_processing_panics_total").increment(1);
+            let mut record = InvalidRecord::undecodable(
+                format!("the worker failed on this payload: {what}"),
+                body,
+                &meta,
+            );
+            record.reason = "internal";
+            Outcome {
+                meta,
+                valid: Vec::new(),
+                invalid: vec![record],
+            }
+        }
+    }
+}
+
+fn process_payload(
+    registry: &Registry,
+    properties: &BasicProperties,
+    body: &[u8],
+    limits: PayloadLimits,
+    meta: &RequestMeta,
+) -> Outcome {
+    let meta = meta.clone();
+    let json = match decode::payload(body, decode::is_gzip(properties), limits.max_bytes) {
+        Ok(json) => json,
+        Err(error) => return undecodable(meta, &error, body),
+    };
+    let per_event = enrichment_bytes(&meta);
+    let split =
+        decode::split(&meta.endpoint, &json, limits.max_built_bytes, per_event).and_then(|split| {
+            match split.elements.len() {
+                n if n > limits.max_events => Err(DecodeError::Shape(format!(
+                    "the payload has {n} events, more than {}",
+                    limits.max_events
+                ))),
+                _ => Ok(split),
+            }
         });
+    let split = match split {
+        Ok(split) => split,
+        // The decoded text is kept (not the gzip bytes), so the write key can be scrubbed.
+        Err(error) => return undecodable(meta, &error, &json),
+    };
+    // Ids for events that came without one: from the request's content, so a client's retry
+    // of the same request (a new request id) gets the same ids.
+    let seed = decode::content_seed(&meta, &json);
     let mut valid_events = Vec::new();
     let mut invalid = Vec::new();
-    match split {
-        Err(error) => invalid.push(InvalidRecord::undecodable(error.to_string(), body, &meta)),
-        Ok(split) => {
-            for (index, element) in split.elements.into_iter().enumerate() {
-                match element {
-                    Element::Event(mut event) => {
-                        enrich::enrich(&mut event, &meta, index, split.sent_at.as_ref());
-                        match registry.validate(event) {
-                            Ok(valid) => match to_document(valid.as_map()) {
-                                Ok(_) => valid_events.push(valid.into_map()),
-                                Err(error) => {
-                                    let event = Value::Object(valid.into_map());
-                                    invalid.push(storage_error(error, Some(event), &meta));
-                                }
-                            },
-                            Err(rejected) => invalid.push(InvalidRecord::new(
-                                "schema",
-                                rejected.errors,
-                                Some(rejected.event),
-                                &meta,
-                            )),
+    for (index, element) in split.elements.into_iter().enumerate() {
+        match element {
+            Element::Event(mut event) => {
+                enrich::enrich(&mut event, &meta, &seed, index, split.sent_at.as_ref());
+                match registry.validate(event) {
+                    Ok(valid) => match to_document(valid.as_map()) {
+                        Ok(_) => valid_events.push(valid.into_map()),
+                        Err(error) => {
+                            let event = Value::Object(valid.into_map());
+                            invalid.push(storage_error(error, Some(event), &meta));
                         }
-                    }
-                    Element::NotAnObject(value) => invalid.push(InvalidRecord::new(
+                    },
+                    Err(rejected) => invalid.push(InvalidRecord::new(
                         "schema",
-                        vec![Issue {
-                            pointer: String::new(),
-                            message: format!("batch[{index}] is not a JSON object"),
-                            schema: "payload".into(),
-                        }],
-                        Some(value),
+                        rejected.errors,
+                        Some(rejected.event),
                         &meta,
                     )),
                 }
             }
+            Element::NotAnObject(value) => invalid.push(InvalidRecord::new(
+                "schema",
+                vec![Issue {
+                    pointer: String::new(),
+                    message: format!("batch[{index}] is not a JSON object"),
+                    schema: "payload".into(),
+                }],
+                Some(value),
+                &meta,
+            )),
         }
     }
     Outcome {
         meta,
         valid: valid_events,
         invalid,
+    }
+}
+
+/// A payload that cannot be split into events within the limits: kept whole, once.
+fn undecodable(meta: RequestMeta, error: &DecodeError, kept: &[u8]) -> Outcome {
+    let mut record = InvalidRecord::undecodable(error.to_string(), kept, &meta);
+    record.reason = error.reason();
+    Outcome {
+        meta,
+        valid: Vec::new(),
+        invalid: vec![record],
     }
 }
 
@@ -124,6 +195,7 @@ mod tests {
     const LIMITS: PayloadLimits = PayloadLimits {
         max_bytes: 1 << 20,
         max_events: 3,
+        max_built_bytes: 4 << 20,
     };
 
     #[test]
