@@ -5,7 +5,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bson::{doc, Document};
+use bson::{doc, Document, RawDocumentBuf};
 use futures_util::TryStreamExt;
 use ingest_schema::{Registry, UnknownEventPolicy};
 use mongodb::{Client, Collection};
@@ -25,17 +25,18 @@ pub async fn collection(
 }
 
 /// The documents the worker stores for `requests` generated payloads: decoded, enriched,
-/// validated and converted by the worker's own code. Fails if any event is invalid (the
+/// validated and converted to BSON by the worker's own code. Fails if any event is invalid (the
 /// generator must only make events the tracking plan accepts).
 pub fn worker_documents(
     schemas: &Path,
     mut generator: Generator,
     requests: usize,
-) -> anyhow::Result<Vec<Document>> {
+) -> anyhow::Result<Vec<RawDocumentBuf>> {
     let registry = Registry::load(schemas, UnknownEventPolicy::Reject)?;
     let limits = PayloadLimits {
         max_bytes: 1 << 20,
         max_events: 2000,
+        max_built_bytes: 16 << 20,
     };
     let mut documents = Vec::new();
     for _ in 0..requests {
@@ -71,14 +72,15 @@ pub struct InsertReport {
 /// Bare unordered `insert_many` of `documents` in batches, `concurrency` at once.
 pub async fn insert_many(
     collection: &Collection<Document>,
-    documents: Vec<Document>,
+    documents: Vec<RawDocumentBuf>,
     batch: usize,
     concurrency: usize,
 ) -> anyhow::Result<InsertReport> {
     let total = documents.len();
-    let batches: Vec<Vec<Document>> = documents
+    let collection = collection.clone_with_type::<RawDocumentBuf>();
+    let batches: Vec<Vec<RawDocumentBuf>> = documents
         .chunks(batch.max(1))
-        .map(<[Document]>::to_vec)
+        .map(<[RawDocumentBuf]>::to_vec)
         .collect();
     let queue = Arc::new(std::sync::Mutex::new(batches.into_iter()));
     let started = Instant::now();

@@ -1,10 +1,15 @@
 //! The MongoDB sink: unordered `insert_many` of batches gathered across deliveries. A document's
 //! `_id` is its event's `messageId` (and `messageId` has a unique index too), so a redelivered
 //! event is stored once and a duplicate-key error can only mean "already stored": success.
+//!
+//! An event is converted to BSON bytes once, by `to_document`, both when the worker decides
+//! whether it can be stored and here, and the sink sends those bytes as they are: an event that
+//! passed the check cannot fail the driver at insert time. A document the server refuses costs
+//! only itself: an unordered insert stores every other document and names the refused ones.
 
 use std::time::Duration;
 
-use bson::{doc, Document};
+use bson::{doc, RawDocumentBuf};
 use ingest_pipeline::settings::MongoSettings;
 use mongodb::error::{ErrorKind, InsertManyError};
 use mongodb::options::{ClientOptions, IndexOptions};
@@ -18,8 +23,8 @@ const DUPLICATE_KEY: i32 = 11000;
 const DATE_FIELDS: [&str; 4] = ["timestamp", "receivedAt", "sentAt", "originalTimestamp"];
 
 /// The sink's indexes on `collection`: a unique `messageId`.
-pub async fn ensure_indexes(
-    collection: &Collection<Document>,
+pub async fn ensure_indexes<T: Send + Sync>(
+    collection: &Collection<T>,
 ) -> Result<(), mongodb::error::Error> {
     let unique = IndexModel::builder()
         .keys(doc! {"messageId": 1})
@@ -34,9 +39,18 @@ pub async fn ensure_indexes(
     Ok(())
 }
 
+/// What one `insert_many` did with the documents it was given.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Written {
+    inserted: usize,
+    duplicates: usize,
+    /// Position in the documents given, and why the server refused the document.
+    refused: Vec<(usize, String)>,
+}
+
 #[derive(Clone)]
 pub struct MongoSink {
-    collection: Collection<Document>,
+    collection: Collection<RawDocumentBuf>,
 }
 
 impl MongoSink {
@@ -78,29 +92,57 @@ impl MongoSink {
             .is_ok()
     }
 
-    /// One `insert_many`; duplicates of stored events count as written.
-    pub async fn write(&self, docs: &[Document]) -> Result<(), SinkError> {
-        if docs.is_empty() {
-            return Ok(());
+    /// One unordered `insert_many` of the very bytes `to_document` made.
+    async fn write(&self, documents: &[RawDocumentBuf]) -> Result<Written, SinkError> {
+        if documents.is_empty() {
+            return Ok(Written::default());
         }
-        match self.collection.insert_many(docs).ordered(false).await {
-            Ok(_) => Ok(()),
-            Err(error) => match error.kind.as_ref() {
-                ErrorKind::InsertMany(InsertManyError {
-                    write_errors: Some(write_errors),
-                    write_concern_error: None,
-                    ..
-                }) if write_errors.iter().all(|e| e.code == DUPLICATE_KEY) => Ok(()),
-                // The server refused documents: retrying the same documents cannot help.
-                ErrorKind::InsertMany(InsertManyError {
-                    write_errors: Some(_),
-                    write_concern_error: None,
-                    ..
-                }) => Err(SinkError::Permanent(error.to_string())),
-                _ => Err(SinkError::Retryable(error.to_string())),
-            },
+        match self.collection.insert_many(documents).ordered(false).await {
+            Ok(_) => Ok(Written {
+                inserted: documents.len(),
+                ..Written::default()
+            }),
+            Err(error) => written_despite(&error, documents.len()),
         }
     }
+}
+
+/// What an `insert_many` of `documents` documents that failed with `error` still did. Only
+/// per-document write errors (for an unordered insert, every document not named was stored)
+/// say so; anything else may have stored some, all or none, so the whole batch is retried.
+fn written_despite(error: &mongodb::error::Error, documents: usize) -> Result<Written, SinkError> {
+    let ErrorKind::InsertMany(InsertManyError {
+        write_errors: Some(write_errors),
+        write_concern_error: None,
+        ..
+    }) = error.kind.as_ref()
+    else {
+        return Err(SinkError::Retryable(error.to_string()));
+    };
+    let mut written = Written {
+        inserted: documents.saturating_sub(write_errors.len()),
+        ..Written::default()
+    };
+    for write_error in write_errors {
+        if write_error.index >= documents {
+            return Err(SinkError::Retryable(format!(
+                "MongoDB named document {} of a batch of {documents}",
+                write_error.index
+            )));
+        }
+        if write_error.code == DUPLICATE_KEY {
+            written.duplicates += 1;
+        } else {
+            written.refused.push((
+                write_error.index,
+                format!(
+                    "MongoDB refused the document (code {}): {}",
+                    write_error.code, write_error.message
+                ),
+            ));
+        }
+    }
+    Ok(written)
 }
 
 #[async_trait::async_trait]
@@ -119,34 +161,29 @@ impl Sink for MongoSink {
                     documents.push(document);
                     positions.push(index);
                 }
-                Err(reason) => refused.push((index, reason)),
+                Err(reason) => refused.push((index, format!("cannot be stored: {reason}"))),
             }
         }
-        match self.write(&documents).await {
-            Ok(()) => {}
-            Err(SinkError::Permanent(_)) => {
-                // Find the documents the server refuses; write the others.
-                for (document, index) in documents.iter().zip(&positions) {
-                    match self.write(std::slice::from_ref(document)).await {
-                        Ok(()) => {}
-                        Err(SinkError::Permanent(reason)) => refused.push((*index, reason)),
-                        Err(other) => return Err(other),
-                    }
-                }
+        let written = self.write(&documents).await?;
+        for (position, reason) in written.refused {
+            if let Some(index) = positions.get(position) {
+                refused.push((*index, reason));
             }
-            Err(other) => return Err(other),
         }
         if refused.is_empty() {
             Ok(())
         } else {
+            refused.sort_by_key(|(index, _)| *index);
             Err(SinkError::Refused(refused))
         }
     }
 }
 
-/// The document stored for an event: `_id` = `messageId`, then the event itself, with its times
-/// as BSON dates. Keys MongoDB reserves (`_id`, a leading `$`) are refused, not rewritten.
-pub fn to_document(event: &Map<String, Value>) -> Result<Document, String> {
+/// The bytes stored for an event, exactly as the sink sends them: `_id` = `messageId`, then the
+/// event itself, with its times as BSON dates. Keys MongoDB reserves (`_id`, a leading `$`) are
+/// refused, not rewritten, and so is anything BSON cannot encode (a NUL byte in a key, an integer
+/// beyond i64).
+pub fn to_document(event: &Map<String, Value>) -> Result<RawDocumentBuf, String> {
     if let Some(key) = event.keys().find(|k| *k == "_id" || k.starts_with('$')) {
         return Err(format!(
             "the top-level key `{key}` is reserved by the database"
@@ -164,7 +201,12 @@ pub fn to_document(event: &Map<String, Value>) -> Result<Document, String> {
             document.insert(field, bson::DateTime::from_chrono(time));
         }
     }
-    Ok(document)
+    // The driver would encode a `Document` this very way; encoding it here decides storability
+    // by the bytes that are sent.
+    bson::to_vec(&document)
+        .map_err(|e| e.to_string())
+        .and_then(|bytes| RawDocumentBuf::from_bytes(bytes).map_err(|e| e.to_string()))
+        .map_err(|e| format!("not encodable as BSON: {e}"))
 }
 
 #[cfg(test)]
@@ -176,7 +218,10 @@ mod tests {
     fn times_become_dates_and_other_fields_stay() {
         let event =
             json!({"messageId":"m","timestamp":"2026-11-21T12:00:00.000Z","properties":{"n":1}});
-        let document = to_document(event.as_object().expect("object")).expect("doc");
+        let document = to_document(event.as_object().expect("object"))
+            .expect("doc")
+            .to_document()
+            .expect("readable");
         assert_eq!(document.get_str("messageId"), Ok("m"));
         assert_eq!(document.get_str("_id"), Ok("m"));
         assert!(matches!(
@@ -214,5 +259,73 @@ mod tests {
             let error = to_document(event.as_object().expect("object")).expect_err("reserved");
             assert!(error.contains("reserved"), "{error}");
         }
+    }
+
+    /// Nested `$…` and dotted keys are legal in MongoDB 5.0+; they are stored as sent.
+    #[test]
+    fn nested_dollar_and_dotted_keys_are_kept() {
+        let event = json!({"messageId":"m","properties":{"$x":1,"a.b":2}});
+        let document = to_document(event.as_object().expect("object"))
+            .expect("doc")
+            .to_document()
+            .expect("readable");
+        let properties = document.get_document("properties").expect("properties");
+        assert!(properties.contains_key("$x") && properties.contains_key("a.b"));
+    }
+
+    /// An `insert_many` error as the driver reports it, from the server's reply fields.
+    fn insert_many_error(reply: bson::Document) -> mongodb::error::Error {
+        let error: InsertManyError = bson::from_document(reply).expect("InsertManyError");
+        ErrorKind::InsertMany(error).into()
+    }
+
+    fn write_error(index: i32, code: i32) -> bson::Document {
+        doc! {"index": index, "code": code, "errmsg": format!("error {code}")}
+    }
+
+    #[test]
+    fn documents_the_server_refuses_are_named_and_every_other_one_counts_as_written() {
+        let error = insert_many_error(doc! {"writeErrors": [
+            write_error(1, DUPLICATE_KEY),
+            write_error(3, 10334),
+            write_error(4, 121),
+        ]});
+        let written = written_despite(&error, 6).expect("partly written");
+        assert_eq!(written.inserted, 3);
+        assert_eq!(written.duplicates, 1);
+        let refused: Vec<usize> = written.refused.iter().map(|(i, _)| *i).collect();
+        assert_eq!(refused, [3, 4]);
+        assert!(
+            written.refused[0].1.contains("10334"),
+            "{:?}",
+            written.refused
+        );
+    }
+
+    #[test]
+    fn only_duplicates_mean_everything_is_stored() {
+        let error = insert_many_error(doc! {"writeErrors": [write_error(0, DUPLICATE_KEY)]});
+        let written = written_despite(&error, 2).expect("written");
+        assert_eq!((written.inserted, written.duplicates), (1, 1));
+        assert!(written.refused.is_empty());
+    }
+
+    #[test]
+    fn a_write_error_outside_the_batch_is_retried_not_trusted() {
+        let error = insert_many_error(doc! {"writeErrors": [write_error(7, 121)]});
+        assert!(matches!(
+            written_despite(&error, 2),
+            Err(SinkError::Retryable(_))
+        ));
+    }
+
+    #[test]
+    fn an_error_that_names_no_document_retries_the_whole_batch() {
+        let io = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset");
+        let error: mongodb::error::Error = ErrorKind::Io(std::sync::Arc::new(io)).into();
+        assert!(matches!(
+            written_despite(&error, 2),
+            Err(SinkError::Retryable(_))
+        ));
     }
 }
