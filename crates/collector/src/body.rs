@@ -1,9 +1,13 @@
 //! Reading and cheaply checking a request body: bounded read, bounded gunzip, JSON well-formed,
 //! the right top-level shape, per-event size. No schema validation here: that is the worker's.
 
+use std::borrow::Cow;
+use std::collections::HashMap;
+
 use axum::body::Body;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use ingest_pipeline::gzip::{inflate_capped, InflateError};
+use serde::de::IgnoredAny;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
@@ -89,6 +93,22 @@ struct BatchBody<'a> {
     write_key: Option<String>,
     #[serde(borrow)]
     batch: Option<Vec<&'a RawValue>>,
+    /// Copied by the worker into every event, so read here too (a duplicate is refused, as for
+    /// `writeKey` and `batch`: the collector and the worker must read the same one).
+    #[serde(borrow, default)]
+    context: Present<'a>,
+    #[serde(borrow, default)]
+    integrations: Present<'a>,
+}
+
+/// A field as raw JSON, `null` included (an `Option` would read `null` as absent).
+#[derive(Default)]
+struct Present<'a>(Option<&'a RawValue>);
+
+impl<'de: 'a, 'a> Deserialize<'de> for Present<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        <&'a RawValue>::deserialize(deserializer).map(|raw| Self(Some(raw)))
+    }
 }
 
 #[derive(Deserialize)]
@@ -161,6 +181,13 @@ pub fn inspect(
                     });
                 }
             }
+            let expanded =
+                expanded_events_bytes(&batch, body.context.0, body.integrations.0, limits)?;
+            if expanded > limits.max_batch_bytes {
+                return Err(CaptureError::BatchExpandsTooLarge {
+                    limit: limits.max_batch_bytes,
+                });
+            }
             Ok(Inspected {
                 write_key: body.write_key,
                 events: batch.len(),
@@ -174,6 +201,155 @@ pub fn inspect(
                 events: 1,
             })
         }
+    }
+}
+
+/// `"context":{}` and its comma: what an event without a `context` gains before the keys.
+const CONTEXT_WRAPPER_BYTES: usize = r#""context":{},"#.len();
+/// `"integrations":` and its comma.
+const INTEGRATIONS_KEY_BYTES: usize = r#""integrations":,"#.len();
+
+/// An upper bound on the bytes of the batch's events once the worker has copied into each the
+/// batch-level `context` keys it lacks, and the batch-level `integrations` if it has none. Each
+/// event counts as sent, plus for each copy its key, its value as sent and the separators: for
+/// compact JSON a few bytes per event over the worker's output, more if the shared values carry
+/// whitespace or escapes. An event's `null` field counts as absent (the copy is counted); of
+/// duplicate keys the last counts, as in the worker. Linear in the body: an event's own context
+/// keys are looked up among the shared ones, never the other way round. Stops adding once past
+/// `limits.max_batch_bytes`.
+pub fn expanded_events_bytes(
+    events: &[&RawValue],
+    context: Option<&RawValue>,
+    integrations: Option<&RawValue>,
+    limits: &Limits,
+) -> Result<usize, CaptureError> {
+    let malformed = |e: serde_json::Error| CaptureError::MalformedJson(e.to_string());
+    let own_bytes = events
+        .iter()
+        .fold(0usize, |sum, e| sum.saturating_add(e.get().len()));
+    // Only an object context is merged (an empty one still gives each event a `context`): its
+    // keys, with what each copy costs.
+    let shared: Option<HashMap<Key<'_>, usize>> = match context {
+        Some(raw) if starts_with_object(raw.get().as_bytes()) => {
+            let entries: HashMap<Key<'_>, &RawValue> =
+                serde_json::from_str(raw.get()).map_err(malformed)?;
+            let costs = entries.into_iter().map(|(key, value)| {
+                let bytes = key.quoted_len() + 1 + value.get().len() + 1;
+                (key, bytes)
+            });
+            Some(costs.collect())
+        }
+        _ => None,
+    };
+    let integrations_bytes = integrations.map_or(0, |raw| INTEGRATIONS_KEY_BYTES + raw.get().len());
+    if shared.is_none() && integrations_bytes == 0 {
+        return Ok(own_bytes);
+    }
+    let all_shared = shared
+        .iter()
+        .flat_map(HashMap::values)
+        .fold(0usize, |sum, b| sum.saturating_add(*b));
+    let mut total = own_bytes;
+    for event in events {
+        let fields: EventFields<'_> = serde_json::from_str(event.get()).map_err(malformed)?;
+        let context_bytes = match (&shared, fields.context) {
+            (None, _) => 0,
+            (Some(_), None) => CONTEXT_WRAPPER_BYTES.saturating_add(all_shared),
+            (Some(shared), Some(own)) if starts_with_object(own.get().as_bytes()) => {
+                let own: HashMap<Key<'_>, IgnoredAny> =
+                    serde_json::from_str(own.get()).map_err(malformed)?;
+                let kept = own
+                    .keys()
+                    .filter_map(|k| shared.get(k))
+                    .fold(0usize, |sum, b| sum.saturating_add(*b));
+                all_shared.saturating_sub(kept)
+            }
+            // Not an object: the worker copies nothing into it.
+            (Some(_), Some(_)) => 0,
+        };
+        total = total.saturating_add(context_bytes);
+        if !fields.has_integrations {
+            total = total.saturating_add(integrations_bytes);
+        }
+        if total > limits.max_batch_bytes {
+            break;
+        }
+    }
+    Ok(total)
+}
+
+/// A JSON object key, decoded, borrowed from the body when it has no escapes.
+#[derive(PartialEq, Eq, Hash)]
+struct Key<'a>(Cow<'a, str>);
+
+impl Key<'_> {
+    /// Its length as a JSON string, quotes and escapes included.
+    fn quoted_len(&self) -> usize {
+        serde_json::to_string(self.0.as_ref()).map_or(self.0.len() * 6 + 2, |s| s.len())
+    }
+}
+
+impl<'de> Deserialize<'de> for Key<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = Key<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an object key")
+            }
+            fn visit_borrowed_str<E>(self, key: &'de str) -> Result<Key<'de>, E> {
+                Ok(Key(Cow::Borrowed(key)))
+            }
+            fn visit_str<E>(self, key: &str) -> Result<Key<'de>, E> {
+                Ok(Key(Cow::Owned(key.to_owned())))
+            }
+        }
+        deserializer.deserialize_str(Visitor)
+    }
+}
+
+/// What the worker's merge looks at in one event: its own `context` (the last one, `null` as
+/// absent) and whether it has non-null `integrations`.
+struct EventFields<'a> {
+    context: Option<&'a RawValue>,
+    has_integrations: bool,
+}
+
+impl<'de> Deserialize<'de> for EventFields<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = EventFields<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an event object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<EventFields<'de>, A::Error> {
+                let mut fields = EventFields {
+                    context: None,
+                    has_integrations: false,
+                };
+                while let Some(key) = map.next_key::<Key<'de>>()? {
+                    match key.0.as_ref() {
+                        "context" => {
+                            let value: &'de RawValue = map.next_value()?;
+                            fields.context = (value.get() != "null").then_some(value);
+                        }
+                        "integrations" => {
+                            let value: &'de RawValue = map.next_value()?;
+                            fields.has_integrations = value.get() != "null";
+                        }
+                        _ => {
+                            map.next_value::<IgnoredAny>()?;
+                        }
+                    }
+                }
+                Ok(fields)
+            }
+        }
+        deserializer.deserialize_map(Visitor)
     }
 }
 
@@ -473,7 +649,12 @@ mod tests {
             format!(r#""integrations":{{"All":"{blob}"}}"#),
             format!(r#""context":{{"app":{{"name":"Shop"}},"blob":"{blob}"}}"#),
         ] {
-            for event in ["{}", r#"{"context":{"app":{}}}"#] {
+            // `null` is counted as absent: a worker may treat it so (Segment's API does).
+            for event in [
+                "{}",
+                r#"{"context":{"app":{}}}"#,
+                r#"{"context":null,"integrations":null}"#,
+            ] {
                 let body = batch_sharing(&shared, event, 10);
                 assert!(body.len() < ROOMY.max_batch_bytes, "{body}");
                 let err = inspect(Endpoint::Batch, body.as_bytes(), &ROOMY).expect_err(&body);
@@ -490,8 +671,8 @@ mod tests {
         // is not an object: the worker copies nothing into them.
         for event in [
             r#"{"context":{"blob":1}}"#,
-            r#"{"context":{"blob":1}}"#,
-            r#"{"context":null}"#,
+            r#"{"context":{"\u0062lob":1}}"#,
+            r#"{"context":[]}"#,
         ] {
             let body = batch_sharing(&shared, event, 10);
             assert!(
@@ -516,6 +697,73 @@ mod tests {
         // A small shared context that the events lack, well inside the limit once copied.
         let body = batch_sharing(r#""context":{"library":{"name":"x"}}"#, "{}", 10);
         assert!(inspect(Endpoint::Batch, body.as_bytes(), &ROOMY).is_ok());
+    }
+
+    /// The worker's merge (`decode::split`), with `null` read as absent.
+    fn merged_events_bytes(body: &str) -> usize {
+        let body: serde_json::Value = serde_json::from_str(body).expect("json");
+        let shared = body.get("context").and_then(|c| c.as_object()).cloned();
+        let integrations = body.get("integrations").filter(|i| !i.is_null());
+        let batch = body["batch"].as_array().expect("batch");
+        batch
+            .iter()
+            .map(|event| {
+                let mut event = event.as_object().expect("object").clone();
+                event.retain(|_, v| !v.is_null());
+                if let Some(shared) = &shared {
+                    let own = event
+                        .entry("context")
+                        .or_insert_with(|| serde_json::json!({}));
+                    if let Some(own) = own.as_object_mut() {
+                        for (k, v) in shared {
+                            own.entry(k.clone()).or_insert_with(|| v.clone());
+                        }
+                    }
+                }
+                if let Some(integrations) = integrations {
+                    event
+                        .entry("integrations")
+                        .or_insert_with(|| integrations.clone());
+                }
+                serde_json::to_string(&event).expect("serialize").len()
+            })
+            .sum()
+    }
+
+    #[test]
+    fn expanded_size_is_an_upper_bound_within_a_few_bytes_per_event_of_the_merge() {
+        let limits = Limits {
+            max_event_bytes: 1 << 20,
+            max_batch_bytes: usize::MAX,
+            max_batch_events: 1000,
+        };
+        // `null` fields are counted as sent: an event's own, though the merge drops them, and
+        // shared `integrations`, which a worker may copy as they are.
+        let with_nulls = r#"{"context":{"a":1},"integrations":null,"batch":[{"context":null},{"integrations":null}]}"#;
+        let parsed: BatchBody<'_> = serde_json::from_str(with_nulls).expect("json");
+        let events = parsed.batch.expect("batch");
+        let got = expanded_events_bytes(&events, parsed.context.0, parsed.integrations.0, &limits);
+        assert!(got.expect("reckoned") >= merged_events_bytes(with_nulls));
+        let bodies = [
+            r#"{"context":{"a":1,"b":{"c":[1,2]},"\u00e9":"x"},"batch":[{},{"context":{"a":2}},{"context":{"x":1}},{"context":"s"}]}"#,
+            r#"{"integrations":{"All":false},"batch":[{},{"integrations":{}},{"type":"track"}]}"#,
+            r#"{"context":{"a":"x","a":"yy"},"batch":[{"context":{"a":0}},{"k":"v"}]}"#,
+            r#"{"context":{},"batch":[{},{"context":{"a":1}}]}"#,
+            r#"{"batch":[{"context":{"a":1}},{"type":"page"}]}"#,
+        ];
+        for body in bodies {
+            let parsed: BatchBody<'_> = serde_json::from_str(body).expect(body);
+            let events = parsed.batch.expect("batch");
+            let got =
+                expanded_events_bytes(&events, parsed.context.0, parsed.integrations.0, &limits)
+                    .expect(body);
+            let merged = merged_events_bytes(body);
+            assert!(got >= merged, "{body}: reckoned {got} < merged {merged}");
+            assert!(
+                got <= merged + 3 * events.len(),
+                "{body}: reckoned {got}, merged {merged}"
+            );
+        }
     }
 
     #[test]

@@ -17,6 +17,11 @@ pub enum CaptureError {
     BadAuthorization,
     #[error("request body is larger than {limit} bytes")]
     BatchTooLarge { limit: usize },
+    #[error(
+        "the batch-level `context` and `integrations`, copied into each event that lacks them, \
+         would make the events larger than {limit} bytes; send them with the events instead"
+    )]
+    BatchExpandsTooLarge { limit: usize },
     #[error("event {index} is larger than {limit} bytes")]
     EventTooLarge { index: usize, limit: usize },
     #[error("malformed JSON: {0}")]
@@ -58,6 +63,7 @@ impl CaptureError {
                 StatusCode::UNAUTHORIZED
             }
             Self::BatchTooLarge { .. }
+            | Self::BatchExpandsTooLarge { .. }
             | Self::EventTooLarge { .. }
             | Self::TooManyEvents { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::MalformedJson(_) | Self::BadRequest(_) | Self::BadGzip(_) | Self::BodyRead(_) => {
@@ -80,6 +86,7 @@ impl CaptureError {
             Self::UnknownWriteKey => "unknown_write_key",
             Self::BadAuthorization => "bad_authorization",
             Self::BatchTooLarge { .. } => "batch_too_large",
+            Self::BatchExpandsTooLarge { .. } => "batch_expands_too_large",
             Self::EventTooLarge { .. } => "event_too_large",
             Self::MalformedJson(_) => "malformed_json",
             Self::BadRequest(_) => "bad_request",
