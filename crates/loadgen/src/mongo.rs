@@ -37,7 +37,6 @@ pub fn worker_documents(
         max_bytes: 1 << 20,
         max_events: 2000,
         max_built_bytes: 16 << 20,
-        max_built_bytes: 16 << 20,
     };
     let mut documents = Vec::new();
     for _ in 0..requests {
