@@ -24,6 +24,8 @@ use serde_json::{json, Value};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DeadQueue {
     Invalid,
+    /// Raw payloads that reached the delivery limit.
+    Raw,
     /// A sink's DLQ, with the sink's name.
     Sink(String),
 }
@@ -32,6 +34,9 @@ impl DeadQueue {
     pub fn parse(topology: &Topology, queue: &str) -> Option<Self> {
         if queue == topology.invalid() {
             return Some(Self::Invalid);
+        }
+        if queue == topology.raw_dlq() {
+            return Some(Self::Raw);
         }
         let sink = queue
             .strip_prefix(&format!("{}.sink.", topology.prefix()))?
@@ -100,10 +105,13 @@ pub fn plan(
     registry: &Registry,
     message: &BasicGetMessage,
 ) -> Result<(String, Vec<u8>, BasicProperties), String> {
-    let body: Value =
-        serde_json::from_slice(&message.delivery.data).map_err(|_| "not JSON".to_owned())?;
+    let body = || -> Result<Value, String> {
+        serde_json::from_slice(&message.delivery.data).map_err(|_| "not JSON".to_owned())
+    };
     match kind {
+        DeadQueue::Raw => Ok(raw_back(topology, message)),
         DeadQueue::Invalid => {
+            let body = body()?;
             let event = match body.get("event") {
                 Some(Value::Object(event)) => event.clone(),
                 _ => return Err("undecodable payload: nothing to re-validate".to_owned()),
@@ -132,7 +140,7 @@ pub fn plan(
             Ok((topology.raw(), payload, properties))
         }
         DeadQueue::Sink(sink) => {
-            let Value::Array(events) = &body else {
+            let Value::Array(events) = &body()? else {
                 return Err("not a batch of events".to_owned());
             };
             for event in events {
@@ -160,6 +168,26 @@ pub fn plan(
             ))
         }
     }
+}
+
+/// A raw payload goes back as the collector published it (gzip included), without the
+/// broker's death records; the raw queue counts its deliveries afresh.
+fn raw_back(topology: &Topology, message: &BasicGetMessage) -> (String, Vec<u8>, BasicProperties) {
+    let mut table = FieldTable::default();
+    if let Some(old) = message.delivery.properties.headers() {
+        for (key, value) in old.inner() {
+            let key_text = key.as_str();
+            let death = ["x-death", "x-first-death", "x-last-death"]
+                .iter()
+                .any(|prefix| key_text.starts_with(prefix));
+            if !death {
+                table.insert(key.clone(), value.clone());
+            }
+        }
+    }
+    table.insert("x-replayed".into(), long_string("raw.dlq"));
+    let properties = message.delivery.properties.clone().with_headers(table);
+    (topology.raw(), message.delivery.data.clone(), properties)
 }
 
 /// Replays what now passes; with `dry_run`, only reports. Kept messages return to the queue

@@ -82,7 +82,7 @@ pub fn parse_rates(queue: &serde_json::Value) -> Option<Rates> {
     })
 }
 
-/// Every queue of the pipeline: raw, invalid, and each sink's queue, delay queues and DLQ.
+/// Every queue of the pipeline: raw, invalid, the raw DLQ, and each sink's queue, delay queues and DLQ.
 pub fn pipeline_queues(
     topology: &Topology,
     sinks: &[String],
@@ -444,6 +444,7 @@ mod tests {
             vec![
                 "a.raw",
                 "a.invalid",
+                "a.raw.dlq",
                 "a.sink.mongo",
                 "a.sink.mongo.retry.1000ms",
                 "a.sink.mongo.dlq"

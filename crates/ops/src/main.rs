@@ -536,7 +536,7 @@ async fn dlq(settings: &Settings, command: DlqCommand) -> anyhow::Result<ExitCod
     let topology = Topology::new(settings.broker.prefix.clone());
     match command {
         DlqCommand::List => {
-            let mut names = vec![topology.invalid()];
+            let mut names = vec![topology.invalid(), topology.raw_dlq()];
             names.extend(sink_names(settings).iter().map(|s| topology.sink_dlq(s)));
             for state in queue_states(&settings.broker, &names).await? {
                 println!("{:<50} {:>10}", state.name, state.depth);
@@ -571,7 +571,7 @@ async fn dlq(settings: &Settings, command: DlqCommand) -> anyhow::Result<ExitCod
         } => {
             let queue = full_name(settings, &queue);
             let kind = DeadQueue::parse(&topology, &queue).with_context(|| {
-                format!("{queue} is neither the invalid queue nor a sink's DLQ")
+                format!("{queue} is neither the invalid queue, the raw DLQ nor a sink's DLQ")
             })?;
             let registry =
                 Registry::load(&settings.worker.schemas_dir, settings.worker.unknown_events)

@@ -1,7 +1,10 @@
 //! Broker topology and connection: every queue the pipeline uses is declared here, by both
-//! services, with the same arguments. RabbitMQ refuses a declare whose arguments differ from
-//! the existing queue's; the one difference tolerated is a raw queue without the byte cap (an
-//! earlier release declared it), so that an upgrade does not stop ingest.
+//! services, with the same arguments. Every queue the pipeline consumes (raw, each sink's) has
+//! a delivery limit and a dead-letter queue, so a message that keeps failing ends where ops
+//! can see it instead of looping. RabbitMQ refuses a declare whose arguments differ from the
+//! existing queue's; a queue declared by an earlier release (without the byte cap or the
+//! delivery limit) is used as it is, with a warning and a metric, so that an upgrade does not
+//! stop ingest (the README says how to apply the new arguments with a policy).
 
 use std::time::Duration;
 
@@ -23,7 +26,11 @@ use crate::settings::BrokerSettings;
 pub struct Topology {
     prefix: String,
     raw_max_length_bytes: u64,
+    delivery_limit: u32,
 }
+
+/// The delivery limit of a topology built from names only.
+const DEFAULT_DELIVERY_LIMIT: u32 = 20;
 
 impl Topology {
     /// Names only; declaring with it gives the raw queue no size cap.
@@ -31,6 +38,7 @@ impl Topology {
         Self {
             prefix: prefix.into(),
             raw_max_length_bytes: 0,
+            delivery_limit: DEFAULT_DELIVERY_LIMIT,
         }
     }
 
@@ -40,6 +48,7 @@ impl Topology {
         Self {
             prefix: settings.prefix.clone(),
             raw_max_length_bytes: settings.raw_max_length_bytes,
+            delivery_limit: settings.delivery_limit,
         }
     }
 
@@ -52,13 +61,19 @@ impl Topology {
         format!("{}.raw", self.prefix)
     }
 
+    /// Raw payloads that reached the delivery limit (workers kept failing on them), with
+    /// RabbitMQ's `x-death` header.
+    pub fn raw_dlq(&self) -> String {
+        format!("{}.raw.dlq", self.prefix)
+    }
+
     /// Events that failed decoding or validation, with every error and the original event.
     pub fn invalid(&self) -> String {
         format!("{}.invalid", self.prefix)
     }
 
     pub fn all_queues(&self) -> Vec<String> {
-        vec![self.raw(), self.invalid()]
+        vec![self.raw(), self.invalid(), self.raw_dlq()]
     }
 
     /// Valid events, one message per raw delivery, fanned out to every sink's queue.
@@ -89,34 +104,54 @@ impl Topology {
         queues
     }
 
-    /// Declares the raw and invalid queues (idempotent): durable quorum queues.
-    /// With a cap, the raw queue refuses publishes past it (`reject-publish`: the publisher gets
-    /// a nack, so the collector answers 503) rather than growing until a broker alarm.
+    /// Arguments of a queue the pipeline consumes: past the delivery limit a message is
+    /// dead-lettered to `dead_letter_queue`, at least once (which quorum queues do only with
+    /// `reject-publish` overflow).
+    fn consumed_arguments(&self, dead_letter_queue: &str) -> FieldTable {
+        let mut args = quorum_arguments();
+        args.insert(
+            "x-delivery-limit".into(),
+            AMQPValue::LongLongInt(i64::from(self.delivery_limit)),
+        );
+        args.insert("x-dead-letter-exchange".into(), long_string(""));
+        args.insert(
+            "x-dead-letter-routing-key".into(),
+            long_string(dead_letter_queue),
+        );
+        args.insert(
+            "x-dead-letter-strategy".into(),
+            long_string("at-least-once"),
+        );
+        args.insert("x-overflow".into(), long_string("reject-publish"));
+        args
+    }
+
+    /// Declares the raw queue, its dead-letter queue and the invalid queue (idempotent):
+    /// durable quorum queues. With a cap, the raw queue refuses publishes past it
+    /// (`reject-publish`: the publisher gets a nack, so the collector answers 503) rather than
+    /// growing until a broker alarm.
     pub async fn declare(&self, connection: &Connection) -> lapin::Result<()> {
-        let mut raw = quorum_arguments();
+        declare_alone(connection, &self.raw_dlq(), quorum_arguments()).await?;
+        let mut raw = self.consumed_arguments(&self.raw_dlq());
+        let mut capped = quorum_arguments();
         if self.raw_max_length_bytes > 0 {
             let cap = i64::try_from(self.raw_max_length_bytes).unwrap_or(i64::MAX);
-            raw.insert("x-max-length-bytes".into(), AMQPValue::LongLongInt(cap));
-            raw.insert("x-overflow".into(), long_string("reject-publish"));
-        }
-        let raw_queue = self.raw();
-        match declare_alone(connection, &raw_queue, raw).await {
-            Ok(()) => {}
-            Err(refused) if self.raw_max_length_bytes > 0 && is_precondition_failed(&refused) => {
-                // Kept only if it is the same queue but for the cap; any other difference
-                // (type, durability, another cap) is still refused.
-                declare_alone(connection, &raw_queue, quorum_arguments())
-                    .await
-                    .map_err(|_| refused.clone())?;
-                tracing::warn!(
-                    queue = raw_queue,
-                    %refused,
-                    "raw queue exists without the byte cap; using it as it is (README: \"Changing a queue's arguments\")"
-                );
-                metrics::counter!("broker_raw_queue_without_cap_total", "queue" => raw_queue.clone())
-                    .increment(1);
+            for args in [&mut raw, &mut capped] {
+                args.insert("x-max-length-bytes".into(), AMQPValue::LongLongInt(cap));
+                args.insert("x-overflow".into(), long_string("reject-publish"));
             }
-            Err(error) => return Err(error),
+        }
+        // Earlier releases: the cap without the delivery limit, and before that neither.
+        let kept = declare_or_keep(
+            connection,
+            &self.raw(),
+            raw,
+            vec![capped, quorum_arguments()],
+        )
+        .await?;
+        if self.raw_max_length_bytes > 0 && kept == Some(1) {
+            metrics::counter!("broker_raw_queue_without_cap_total", "queue" => self.raw())
+                .increment(1);
         }
         declare_alone(connection, &self.invalid(), quorum_arguments()).await?;
         Ok(())
@@ -145,7 +180,9 @@ impl Topology {
             .await?;
         for sink in sinks {
             let queue = self.sink_queue(sink);
-            declare_queue(&channel, &queue, quorum_arguments()).await?;
+            declare_queue(&channel, &self.sink_dlq(sink), quorum_arguments()).await?;
+            let args = self.consumed_arguments(&self.sink_dlq(sink));
+            declare_or_keep(connection, &queue, args, vec![quorum_arguments()]).await?;
             channel
                 .queue_bind(
                     queue.as_str().into(),
@@ -169,7 +206,6 @@ impl Topology {
                 args.insert("x-overflow".into(), long_string("reject-publish"));
                 declare_queue(&channel, &self.sink_retry(sink, *delay), args).await?;
             }
-            declare_queue(&channel, &self.sink_dlq(sink), quorum_arguments()).await?;
         }
         let _ = channel.close(200, "".into()).await;
         Ok(())
@@ -187,6 +223,36 @@ async fn declare_alone(
     declare_queue(&channel, queue, arguments).await?;
     let _ = channel.close(200, "".into()).await;
     Ok(())
+}
+
+/// Declares `queue` with `wanted`; if the broker refuses because the queue exists with other
+/// arguments, keeps it if it matches one of `earlier` (what earlier releases declared), with a
+/// warning and `broker_queue_kept_with_old_arguments_total`. Any other difference (type,
+/// durability) is still refused. Returns which earlier form was kept, if any.
+async fn declare_or_keep(
+    connection: &Connection,
+    queue: &str,
+    wanted: FieldTable,
+    earlier: Vec<FieldTable>,
+) -> lapin::Result<Option<usize>> {
+    let refused = match declare_alone(connection, queue, wanted).await {
+        Ok(()) => return Ok(None),
+        Err(error) if is_precondition_failed(&error) => error,
+        Err(error) => return Err(error),
+    };
+    for (i, args) in earlier.into_iter().enumerate() {
+        if declare_alone(connection, queue, args).await.is_ok() {
+            tracing::warn!(
+                queue,
+                %refused,
+                "queue exists with an earlier release's arguments (no delivery limit or byte cap); using it as it is (README: \"Changing a queue's arguments\")"
+            );
+            metrics::counter!("broker_queue_kept_with_old_arguments_total", "queue" => queue.to_owned())
+                .increment(1);
+            return Ok(Some(i));
+        }
+    }
+    Err(refused)
 }
 
 /// A queue as a passive declare sees it (depth, consumers), on a channel of its own, since a
@@ -307,6 +373,70 @@ impl Publisher {
     }
 }
 
+/// How the broker answered a mandatory publish.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Answer {
+    /// Taken: persisted in a queue.
+    Confirmed,
+    /// Unroutable: the queue (or every queue bound to the exchange) does not exist.
+    Returned,
+    /// Refused, e.g. by a queue at its `reject-publish` cap.
+    Nacked,
+}
+
+impl Publisher {
+    /// Publishes `mandatory` and waits for the broker's answer however long it takes. A publish
+    /// is never abandoned for a late confirm: its frames stay queued in lapin until the broker
+    /// takes them (during a memory alarm it takes none), so publishing the same body again
+    /// would send it twice and grow memory with every round. After `patience` without an
+    /// answer, this logs once and counts `broker_confirm_waits_total`, then goes on waiting;
+    /// a lost connection ends the wait with an error.
+    pub async fn publish_and_wait(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        properties: BasicProperties,
+        patience: Duration,
+    ) -> lapin::Result<Answer> {
+        let options = BasicPublishOptions {
+            mandatory: true,
+            ..BasicPublishOptions::default()
+        };
+        let confirm = {
+            let _in_order = self.send.lock().await;
+            self.channel
+                .basic_publish(
+                    exchange.into(),
+                    routing_key.into(),
+                    options,
+                    body,
+                    properties,
+                )
+                .await?
+        };
+        let mut confirm = std::pin::pin!(confirm);
+        let confirmation = match tokio::time::timeout(patience, &mut confirm).await {
+            Ok(answer) => answer?,
+            Err(_) => {
+                metrics::counter!("broker_confirm_waits_total").increment(1);
+                tracing::warn!(
+                    exchange,
+                    routing_key,
+                    ?patience,
+                    "no confirm from the broker yet (a resource alarm?); waiting, not publishing again"
+                );
+                confirm.await?
+            }
+        };
+        Ok(match confirmation {
+            Confirmation::Ack(None) => Answer::Confirmed,
+            Confirmation::Ack(Some(_)) | Confirmation::Nack(Some(_)) => Answer::Returned,
+            Confirmation::Nack(None) | Confirmation::NotRequested => Answer::Nacked,
+        })
+    }
+}
+
 /// A string header value, if present.
 pub fn header_str<'a>(headers: Option<&'a FieldTable>, key: &str) -> Option<&'a str> {
     match headers?.inner().get(key)? {
@@ -329,7 +459,7 @@ mod tests {
         let t = Topology::new("t1");
         assert_eq!(t.raw(), "t1.raw");
         assert_eq!(t.invalid(), "t1.invalid");
-        assert_eq!(t.all_queues(), vec!["t1.raw", "t1.invalid"]);
+        assert_eq!(t.all_queues(), vec!["t1.raw", "t1.invalid", "t1.raw.dlq"]);
         assert_eq!(t.valid_exchange(), "t1.valid");
         assert_eq!(
             t.sink_queues(

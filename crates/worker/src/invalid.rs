@@ -3,11 +3,9 @@
 
 use base64::Engine;
 use ingest_pipeline::broker::long_string;
-use ingest_pipeline::broker::Publisher;
 use ingest_schema::Issue;
-use lapin::options::BasicPublishOptions;
 use lapin::types::FieldTable;
-use lapin::{BasicProperties, Confirmation};
+use lapin::BasicProperties;
 use serde::Serialize;
 use serde_json::Value;
 
@@ -115,22 +113,9 @@ fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
     haystack.windows(needle.len()).position(|w| w == needle)
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum InvalidPublishError {
-    #[error("broker error: {0}")]
-    Amqp(#[from] lapin::Error),
-    #[error("the broker did not confirm the invalid record")]
-    NotConfirmed,
-    #[error("cannot encode the invalid record: {0}")]
-    Encode(#[from] serde_json::Error),
-}
-
-/// Publishes one record persistently and waits for the broker's confirm.
-pub async fn publish(
-    channel: &Publisher,
-    queue: &str,
-    record: &InvalidRecord,
-) -> Result<(), InvalidPublishError> {
+/// The message that carries one record into the invalid queue: JSON, persistent, with its
+/// reason, source and request id as headers.
+pub fn message(record: &InvalidRecord) -> Result<(Vec<u8>, BasicProperties), serde_json::Error> {
     let body = serde_json::to_vec(record)?;
     let mut headers = FieldTable::default();
     headers.insert("reason".into(), long_string(record.reason));
@@ -140,22 +125,7 @@ pub async fn publish(
         .with_delivery_mode(2)
         .with_content_type("application/json".into())
         .with_headers(headers);
-    let confirmation = channel
-        .publish(
-            "",
-            queue,
-            BasicPublishOptions {
-                mandatory: true,
-                ..BasicPublishOptions::default()
-            },
-            &body,
-            properties,
-        )
-        .await?;
-    match confirmation {
-        Confirmation::Ack(None) => Ok(()),
-        _ => Err(InvalidPublishError::NotConfirmed),
-    }
+    Ok((body, properties))
 }
 
 #[cfg(test)]

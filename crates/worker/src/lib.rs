@@ -17,19 +17,19 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
+use futures_util::FutureExt as _;
 use futures_util::StreamExt;
-use ingest_pipeline::broker::{long_string, Publisher};
+use ingest_pipeline::broker::{long_string, Answer, Publisher};
 use ingest_pipeline::metrics::SchedulingDelay;
 use ingest_pipeline::settings::BrokerSettings;
 use ingest_pipeline::{broker, Backoff, Settings, Topology};
 use ingest_schema::Registry;
 use lapin::message::Delivery;
 use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions,
-    BasicPublishOptions, BasicQosOptions,
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
 };
 use lapin::types::FieldTable;
-use lapin::{BasicProperties, Confirmation};
+use lapin::BasicProperties;
 use serde::Deserialize;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -40,12 +40,14 @@ use crate::runner::{DeliverySettings, SinkRunner, SinkStats};
 use crate::sinks::http::{HttpSink, HttpSinkSettings};
 use crate::sinks::mongo::MongoSink;
 use crate::sinks::statsd::{StatsdSettings, StatsdSink};
-use crate::sinks::{Event, Sink, SinkError};
+use crate::sinks::{Event, Sink};
 
 /// A broker that stopped answering must not hold up shutdown or reconnection.
 const BROKER_CALL_TIMEOUT: Duration = Duration::from_secs(5);
 /// Invalid records published at once per delivery.
 const INVALID_PUBLISH_CONCURRENCY: usize = 64;
+/// Refusals (nacks, unroutable) of one publish before its delivery goes back to the queue.
+const PUBLISH_ATTEMPTS: u32 = 10;
 const STATS_EVERY: Duration = Duration::from_secs(10);
 
 struct Context {
@@ -346,6 +348,14 @@ async fn session(
         });
     }
 
+    let shared = Arc::new(Session {
+        publish: publish.clone(),
+        connection: connection.clone(),
+        sinks: names.clone(),
+        retry_delays: settings.sinks.retry_delays(),
+        topology: topology.clone(),
+        last_declared: tokio::sync::Mutex::new(None),
+    });
     let tag = format!("worker-{}", uuid::Uuid::new_v4());
     let mut consumer = channel
         .basic_consume(
@@ -380,7 +390,7 @@ async fn session(
             }
             next = consumer.next() => match next {
                 Some(Ok(delivery)) => {
-                    tasks.spawn(handle(delivery, context.clone(), publish.clone()));
+                    tasks.spawn(handle(delivery, context.clone(), shared.clone()));
                 }
                 Some(Err(error)) => {
                     tracing::warn!(%error, "consumer failed");
@@ -445,27 +455,73 @@ fn log_join(joined: Result<(), tokio::task::JoinError>) {
     }
 }
 
-async fn publish_invalid(
+/// Publishes into a queue or exchange until the broker has it. A late confirm is waited
+/// for, never answered with a second copy (`Publisher::publish_and_wait`); a nack is tried
+/// again after a pause; an unroutable publish (a deleted queue) declares the topology again
+/// first. After `PUBLISH_ATTEMPTS` refusals it gives up, and the delivery goes back to its
+/// queue (where the delivery limit ends a loop).
+async fn publish_until_taken(
     context: &Context,
-    channel: &Publisher,
-    records: &[InvalidRecord],
-) -> Result<(), SinkError> {
-    let queue = context.topology.invalid();
-    for chunk in records.chunks(INVALID_PUBLISH_CONCURRENCY) {
-        let confirms = futures_util::future::try_join_all(
-            chunk
-                .iter()
-                .map(|record| invalid::publish(channel, &queue, record)),
-        );
-        match tokio::time::timeout(context.confirm_timeout, confirms).await {
-            Ok(Ok(_)) => {}
-            Ok(Err(error)) => return Err(SinkError::Retryable(format!("invalid queue: {error}"))),
-            Err(_) => {
-                return Err(SinkError::Retryable(
-                    "invalid queue: no confirm in time".into(),
-                ))
+    session: &Session,
+    exchange: &str,
+    routing_key: &str,
+    body: &[u8],
+    properties: BasicProperties,
+) -> Result<(), String> {
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
+    let target = if exchange.is_empty() {
+        routing_key
+    } else {
+        exchange
+    };
+    for _ in 0..PUBLISH_ATTEMPTS {
+        let answer = session
+            .publish
+            .publish_and_wait(
+                exchange,
+                routing_key,
+                body,
+                properties.clone(),
+                context.confirm_timeout,
+            )
+            .await
+            .map_err(|error| format!("{target}: {error}"))?;
+        match answer {
+            Answer::Confirmed => return Ok(()),
+            Answer::Returned => {
+                metrics::counter!("worker_publish_returned_total", "target" => target.to_owned())
+                    .increment(1);
+                tracing::warn!(
+                    target,
+                    "the broker could not route a publish; declaring the queues again"
+                );
+                session.redeclare().await;
+            }
+            Answer::Nacked => {
+                metrics::counter!("worker_publish_nacked_total", "target" => target.to_owned())
+                    .increment(1);
+                tracing::warn!(target, "the broker refused a publish; trying again");
             }
         }
+        tokio::time::sleep(backoff.next_delay()).await;
+    }
+    Err(format!("{target} refused {PUBLISH_ATTEMPTS} publishes"))
+}
+
+/// Each record once, into the invalid queue; a record is published again only after the
+/// broker refused it, never because its confirm was late.
+async fn publish_invalid(
+    context: &Context,
+    session: &Session,
+    records: &[InvalidRecord],
+) -> Result<(), String> {
+    let queue = context.topology.invalid();
+    for chunk in records.chunks(INVALID_PUBLISH_CONCURRENCY) {
+        futures_util::future::try_join_all(chunk.iter().map(|record| async {
+            let (body, properties) = invalid::message(record).map_err(|e| e.to_string())?;
+            publish_until_taken(context, session, "", &queue, &body, properties).await
+        }))
+        .await?;
     }
     Ok(())
 }
@@ -473,11 +529,11 @@ async fn publish_invalid(
 /// One message with all of a delivery's valid events, to every sink's queue at once.
 async fn publish_valid(
     context: &Context,
-    channel: &Publisher,
+    session: &Session,
     events: &[Event],
     request_id: &str,
-) -> Result<(), SinkError> {
-    let body = serde_json::to_vec(events).map_err(|e| SinkError::Permanent(e.to_string()))?;
+) -> Result<(), String> {
+    let body = serde_json::to_vec(events).map_err(|e| e.to_string())?;
     let mut headers = FieldTable::default();
     headers.insert("request_id".into(), long_string(request_id));
     let properties = BasicProperties::default()
@@ -485,29 +541,32 @@ async fn publish_valid(
         .with_content_type("application/json".into())
         .with_headers(headers);
     let exchange = context.topology.valid_exchange();
-    let confirm = channel.publish(
-        &exchange,
-        "",
-        BasicPublishOptions {
-            mandatory: true,
-            ..BasicPublishOptions::default()
-        },
-        &body,
-        properties,
-    );
-    match tokio::time::timeout(context.confirm_timeout, confirm).await {
-        Ok(Ok(Confirmation::Ack(None))) => Ok(()),
-        Ok(Ok(other)) => Err(SinkError::Retryable(format!(
-            "{exchange} did not take the events: {other:?}"
-        ))),
-        Ok(Err(error)) => Err(SinkError::Retryable(error.to_string())),
-        Err(_) => Err(SinkError::Retryable(format!(
-            "no confirm from {exchange} in time"
-        ))),
+    publish_until_taken(context, session, &exchange, "", &body, properties).await
+}
+
+/// Handles one raw delivery. A panic while handling it must not keep its prefetch slot until
+/// the channel closes (after `prefetch` panics the worker would stop consuming while it still
+/// looked ready): the delivery goes back to its queue at once, and the delivery limit ends a
+/// loop in `<prefix>.raw.dlq`.
+async fn handle(delivery: Delivery, context: Arc<Context>, session: Arc<Session>) {
+    let acker = delivery.acker.clone();
+    let handled = std::panic::AssertUnwindSafe(settle(delivery, context, session))
+        .catch_unwind()
+        .await;
+    if handled.is_err() {
+        metrics::counter!("worker_deliveries_total", "outcome" => "panicked").increment(1);
+        tracing::error!("handling a delivery panicked; it returns to the queue");
+        let requeue = BasicNackOptions {
+            requeue: true,
+            ..BasicNackOptions::default()
+        };
+        if let Err(error) = acker.nack(requeue).await {
+            tracing::warn!(%error, "could not return the delivery; it returns when the channel closes");
+        }
     }
 }
 
-async fn handle(delivery: Delivery, context: Arc<Context>, publish: Publisher) {
+async fn settle(delivery: Delivery, context: Arc<Context>, session: Arc<Session>) {
     let outcome = process::process(
         &context.registry,
         &delivery.properties,
@@ -521,11 +580,11 @@ async fn handle(delivery: Delivery, context: Arc<Context>, publish: Publisher) {
     metrics::histogram!("worker_queue_lag_seconds")
         .record(waited.num_milliseconds().max(0) as f64 / 1000.0);
     let stored = async {
-        publish_invalid(&context, &publish, &outcome.invalid).await?;
+        publish_invalid(&context, &session, &outcome.invalid).await?;
         if !outcome.valid.is_empty() {
-            publish_valid(&context, &publish, &outcome.valid, &outcome.meta.request_id).await?;
+            publish_valid(&context, &session, &outcome.valid, &outcome.meta.request_id).await?;
         }
-        Ok::<(), SinkError>(())
+        Ok::<(), String>(())
     }
     .await;
     match stored {
@@ -552,6 +611,39 @@ async fn handle(delivery: Delivery, context: Arc<Context>, publish: Publisher) {
                     ..BasicNackOptions::default()
                 })
                 .await;
+        }
+    }
+}
+
+/// What a session's delivery tasks share: the publishing channel, and the connection to
+/// declare the topology again on (a queue deleted under a running worker).
+struct Session {
+    publish: Publisher,
+    connection: Arc<lapin::Connection>,
+    sinks: Vec<String>,
+    retry_delays: Vec<Duration>,
+    topology: Topology,
+    last_declared: tokio::sync::Mutex<Option<tokio::time::Instant>>,
+}
+
+impl Session {
+    /// Declares every queue again, at most once a second however many tasks ask.
+    async fn redeclare(&self) {
+        let mut last = self.last_declared.lock().await;
+        if last.is_some_and(|at| at.elapsed() < Duration::from_secs(1)) {
+            return;
+        }
+        *last = Some(tokio::time::Instant::now());
+        let declared = tokio::time::timeout(
+            BROKER_CALL_TIMEOUT,
+            self.topology
+                .declare_sinks(&self.connection, &self.sinks, &self.retry_delays),
+        )
+        .await;
+        match declared {
+            Ok(Ok(())) => tracing::info!("declared the queues again"),
+            Ok(Err(error)) => tracing::warn!(%error, "declaring the queues again failed"),
+            Err(_) => tracing::warn!("declaring the queues again timed out"),
         }
     }
 }

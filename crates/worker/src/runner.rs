@@ -11,15 +11,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use ingest_pipeline::broker::{header_str, long_string, Publisher};
+use ingest_pipeline::broker::{header_str, long_string, Answer, Publisher};
 use ingest_pipeline::{Backoff, Topology};
 use lapin::message::Delivery;
 use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions,
-    BasicPublishOptions, BasicQosOptions,
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::{BasicProperties, Confirmation, Connection};
+use lapin::{BasicProperties, Connection};
 use serde::Deserialize;
 use serde_json::Value;
 use tokio::time::Instant;
@@ -46,6 +45,9 @@ pub struct DeliverySettings {
     /// Consecutive failed attempts that open the circuit; 0 disables the breaker.
     pub breaker_failures: u32,
     pub breaker_cooldown_ms: u64,
+    /// The longest one delivery of a batch may take; past it the attempt is a retryable
+    /// failure, so a sink whose store stalls never hangs its runner.
+    pub timeout_ms: u64,
     /// Only these event types (empty: all).
     pub types: Vec<String>,
     /// Only track events with these names (empty: all).
@@ -62,6 +64,7 @@ impl Default for DeliverySettings {
             inline_attempts: 3,
             breaker_failures: 5,
             breaker_cooldown_ms: 10_000,
+            timeout_ms: 30_000,
             types: Vec::new(),
             events: Vec::new(),
         }
@@ -75,6 +78,9 @@ impl DeliverySettings {
         }
         if self.inline_attempts == 0 {
             return Err("inline_attempts must be > 0".into());
+        }
+        if self.timeout_ms == 0 {
+            return Err("timeout_ms must be > 0".into());
         }
         Ok(())
     }
@@ -393,6 +399,7 @@ impl SinkRunner {
         let key = header_str(headers, KEY_HEADER)
             .unwrap_or_default()
             .to_owned();
+        // From a header: any value, u32::MAX included, must survive `+ 1`.
         let attempts = header_u32(headers, ATTEMPT_HEADER);
         let events: Vec<Event> = match serde_json::from_slice(&delivery.data) {
             Ok(events) => events,
@@ -447,7 +454,13 @@ impl SinkRunner {
                 return last;
             }
             let started = Instant::now();
-            let result = self.sink.deliver(batch).await;
+            let limit = Duration::from_millis(self.delivery.timeout_ms);
+            let result = match tokio::time::timeout(limit, self.sink.deliver(batch)).await {
+                Ok(result) => result,
+                Err(_) => Err(SinkError::Retryable(format!(
+                    "no answer from the sink within {limit:?}"
+                ))),
+            };
             let sink = self.sink.name().to_owned();
             let result_label = match &result {
                 Ok(()) => "ok",
@@ -500,8 +513,14 @@ impl SinkRunner {
             }
             Some(Err(SinkError::ShuttingDown)) => Err("shutting down".to_owned()),
             Some(Err(SinkError::Permanent(error))) => {
-                self.dead_letter(&batch, attempts + 1, &error, topology, publish)
-                    .await
+                self.dead_letter(
+                    &batch,
+                    attempts.saturating_add(1),
+                    &error,
+                    topology,
+                    publish,
+                )
+                .await
             }
             Some(Err(SinkError::Refused(refused))) => {
                 self.count(
@@ -517,11 +536,17 @@ impl SinkRunner {
                     key: batch_key(name, &events),
                     events,
                 };
-                self.dead_letter(&part, attempts + 1, &reasons.join("; "), topology, publish)
-                    .await
+                self.dead_letter(
+                    &part,
+                    attempts.saturating_add(1),
+                    &reasons.join("; "),
+                    topology,
+                    publish,
+                )
+                .await
             }
             Some(Err(error)) => {
-                let failed = attempts + 1;
+                let failed = attempts.saturating_add(1);
                 if failed >= self.max_attempts {
                     self.dead_letter(&batch, failed, &error.to_string(), topology, publish)
                         .await
@@ -630,21 +655,14 @@ impl SinkRunner {
             .with_delivery_mode(2)
             .with_content_type("application/json".into())
             .with_headers(headers);
-        let confirm = channel.publish(
-            "",
-            queue,
-            BasicPublishOptions {
-                mandatory: true,
-                ..BasicPublishOptions::default()
-            },
-            body,
-            properties,
-        );
-        match tokio::time::timeout(Duration::from_secs(10), confirm).await {
-            Ok(Ok(Confirmation::Ack(None))) => Ok(()),
-            Ok(Ok(other)) => Err(format!("{queue} did not take the batch: {other:?}")),
-            Ok(Err(error)) => Err(error.to_string()),
-            Err(_) => Err(format!("no confirm from {queue} in time")),
+        // A late confirm is waited for, not answered with a second copy.
+        let answer = channel
+            .publish_and_wait("", queue, body, properties, Duration::from_secs(10))
+            .await
+            .map_err(|error| error.to_string())?;
+        match answer {
+            Answer::Confirmed => Ok(()),
+            other => Err(format!("{queue} did not take the batch: {other:?}")),
         }
     }
 }
