@@ -82,3 +82,34 @@ pub async fn serve(
     tracing::info!("collector stopped");
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Start-up refuses bad settings with an error naming the setting, whoever calls `serve`
+    /// (a rate of 1e-300 once made the first request past the burst panic).
+    #[tokio::test]
+    async fn bad_settings_stop_start_up_with_an_error_naming_the_setting_instead_of_a_panic() {
+        for rate in [f64::NAN, 1e-300] {
+            let mut settings = Settings::defaults().expect("defaults");
+            settings
+                .collector
+                .write_keys
+                .insert("app".into(), ingest_pipeline::Secret::new("app-write-key"));
+            settings.collector.rate_limit_per_second = rate;
+            let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+            let started = serve(settings, listener, std::future::pending());
+            let outcome = tokio::time::timeout(Duration::from_secs(10), started).await;
+            let error = outcome
+                .expect("serve ran on with an invalid setting")
+                .expect_err("serve accepted an invalid setting");
+            assert!(
+                error
+                    .to_string()
+                    .contains("collector.rate_limit_per_second"),
+                "{rate}: {error}"
+            );
+        }
+    }
+}

@@ -95,6 +95,17 @@ mod tests {
         assert!(l.check("a", t + Duration::from_millis(500)).is_err());
     }
 
+    /// Settings validation keeps the rate sane; the limiter must not panic on a client's
+    /// request even if it were not (a wait past `Duration::MAX` is the longest wait).
+    #[test]
+    fn a_tiny_rate_gives_a_long_wait_not_a_panic() {
+        let l = limiter(1e-300, 1.0);
+        let t = Instant::now();
+        assert!(l.check("a", t).is_ok());
+        let wait = l.check("a", t).expect_err("burst used up");
+        assert!(wait > Duration::from_secs(365 * 24 * 3600), "{wait:?}");
+    }
+
     #[test]
     fn sources_are_limited_separately_and_zero_disables() {
         let l = limiter(1.0, 1.0);

@@ -488,6 +488,45 @@ mod tests {
     }
 
     #[test]
+    fn a_rate_limit_that_is_not_finite_tiny_or_huge_or_a_burst_below_one_is_refused_naming_it() {
+        let with = |rate: f64, burst: f64| {
+            let mut s = Settings::defaults().expect("defaults");
+            s.collector
+                .write_keys
+                .insert("app".into(), Secret::new("app-write-key"));
+            s.collector.rate_limit_per_second = rate;
+            s.collector.rate_limit_burst = burst;
+            s.validate_collector()
+        };
+        for rate in [
+            f64::NAN,
+            f64::INFINITY,
+            -1.0,
+            1e-300,
+            f64::MIN_POSITIVE,
+            1e12,
+        ] {
+            let err = with(rate, 10.0).expect_err(&rate.to_string());
+            assert!(
+                err.to_string().contains("collector.rate_limit_per_second"),
+                "{rate}: {err}"
+            );
+        }
+        for burst in [f64::NAN, f64::INFINITY, 0.5, 0.0, -3.0] {
+            let err = with(5.0, burst).expect_err(&burst.to_string());
+            assert!(
+                err.to_string().contains("collector.rate_limit_burst"),
+                "{burst}: {err}"
+            );
+        }
+        // Off (0), the burst is not used.
+        assert!(with(0.0, f64::NAN).is_ok());
+        for (rate, burst) in [(0.5, 2.0), (1000.0, 200.0), (0.001, 1.0), (1e6, 1e6)] {
+            assert!(with(rate, burst).is_ok(), "{rate} {burst}");
+        }
+    }
+
+    #[test]
     fn secrets_are_redacted_in_debug_output() {
         let mut s = Settings::defaults().expect("defaults");
         s.collector
