@@ -265,3 +265,48 @@ async fn a_sink_message_with_the_largest_attempt_count_is_dead_lettered_not_a_pa
     );
     worker.stop().await;
 }
+
+/// A panicking delivery task used to keep its prefetch slot until the channel closed: after
+/// `prefetch` panics a worker consumed nothing more while it still answered ready.
+#[tokio::test]
+async fn a_delivery_whose_handling_panics_returns_to_the_queue_and_frees_its_prefetch_slot() {
+    let s = settings("panicslot");
+    let url = amqp_url();
+    let queue = format!("{}.raw", s.broker.prefix);
+    let (conn, _ch) = channel(&url).await;
+    Topology::from_settings(&s.broker)
+        .declare(&conn)
+        .await
+        .unwrap();
+    publish_raw(&url, &queue, b"{}").await;
+    let ch = conn.create_channel().await.unwrap();
+    ch.basic_qos(1, lapin::options::BasicQosOptions::default())
+        .await
+        .unwrap();
+    let mut consumer = ch
+        .basic_consume(
+            queue.as_str().into(),
+            "panicky".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let first = consumer.next().await.unwrap().unwrap();
+    assert!(!first.redelivered);
+    let acker = first.acker.clone();
+    let task = tokio::spawn(worker::returning_on_panic(acker, async move {
+        let _held = first;
+        panic!("a bug met while handling a delivery");
+    }));
+    task.await.unwrap();
+    // With prefetch 1, the message comes again only if the panicked task gave its slot back.
+    let again = tokio::time::timeout(Duration::from_secs(10), consumer.next())
+        .await
+        .expect("the delivery never came back: its prefetch slot is still held")
+        .unwrap()
+        .unwrap();
+    assert!(again.redelivered);
+    assert_eq!(again.data, b"{}");
+    let _ = conn.close(200, "".into()).await;
+}

@@ -544,15 +544,18 @@ async fn publish_valid(
     publish_until_taken(context, session, &exchange, "", &body, properties).await
 }
 
-/// Handles one raw delivery. A panic while handling it must not keep its prefetch slot until
-/// the channel closes (after `prefetch` panics the worker would stop consuming while it still
-/// looked ready): the delivery goes back to its queue at once, and the delivery limit ends a
-/// loop in `<prefix>.raw.dlq`.
+/// Handles one raw delivery; see [`returning_on_panic`].
 async fn handle(delivery: Delivery, context: Arc<Context>, session: Arc<Session>) {
     let acker = delivery.acker.clone();
-    let handled = std::panic::AssertUnwindSafe(settle(delivery, context, session))
-        .catch_unwind()
-        .await;
+    returning_on_panic(acker, settle(delivery, context, session)).await;
+}
+
+/// Runs the work on one delivery. A panic in it must not keep the delivery's prefetch slot
+/// until the channel closes (after `prefetch` panics the worker would stop consuming while it
+/// still looked ready): the delivery goes back to its queue at once, and the queue's delivery
+/// limit ends a loop in its dead-letter queue.
+pub async fn returning_on_panic(acker: lapin::Acker, work: impl Future<Output = ()>) {
+    let handled = std::panic::AssertUnwindSafe(work).catch_unwind().await;
     if handled.is_err() {
         metrics::counter!("worker_deliveries_total", "outcome" => "panicked").increment(1);
         tracing::error!("handling a delivery panicked; it returns to the queue");
