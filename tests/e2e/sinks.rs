@@ -374,3 +374,70 @@ async fn an_event_the_driver_cannot_encode_is_invalid_and_never_holds_other_even
     assert_eq!(depth(&url, &dlq).await, 0);
     assert_eq!(retry_depth(&s, "mongo").await, 0);
 }
+
+/// The worker's `mongo_documents_total{outcome="…"}`, 0 until it is first counted.
+async fn mongo_documents(worker: &Worker, outcome: &str) -> f64 {
+    let text = http()
+        .get(format!("{}/metrics", worker.url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let series = format!("mongo_documents_total{{outcome=\"{outcome}\"}}");
+    text.lines()
+        .find_map(|l| l.strip_prefix(series.as_str())?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test]
+async fn the_same_message_id_from_two_sources_is_two_events_and_each_is_stored_once() {
+    let s = settings("twosources");
+    let collector = Collector::start(&s).await;
+    let worker = Worker::start(&s);
+    let client = http();
+    let post = |key: &'static str, event: Value| {
+        let (client, url) = (client.clone(), format!("{}/v1/batch", collector.url));
+        async move {
+            let r = client
+                .post(url)
+                .basic_auth(key, Some(""))
+                .json(&batch(vec![event]))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200);
+        }
+    };
+    post(IOS_KEY, order_completed("shared-id", 10.0)).await;
+    post(WEB_KEY, order_completed("shared-id", 20.0)).await;
+    // a client's retry of the same event
+    post(IOS_KEY, order_completed("shared-id", 10.0)).await;
+
+    let shared = doc! {"messageId": "shared-id"};
+    assert_eq!(wait_for_count(&s, shared.clone(), 2, LAND).await, 2);
+    // every copy has reached MongoDB: two stored, the retry found already stored
+    assert!(
+        eventually(LAND, || async {
+            mongo_documents(&worker, "inserted").await + mongo_documents(&worker, "duplicate").await
+                >= 3.0
+        })
+        .await
+    );
+    assert_eq!(mongo_documents(&worker, "duplicate").await, 1.0);
+    let stored = find(&s, shared).await;
+    assert_eq!(stored.len(), 2, "{stored:?}");
+    for (source, total) in [("shop-ios", 10.0), ("shop-web", 20.0)] {
+        let document = stored
+            .iter()
+            .find(|d| d.get_str("source") == Ok(source))
+            .unwrap_or_else(|| panic!("no document from {source}: {stored:?}"));
+        let properties = document.get_document("properties").unwrap();
+        assert_eq!(properties.get_f64("total"), Ok(total));
+        assert_eq!(
+            document.get_document("_id").unwrap(),
+            &doc! {"source": source, "messageId": "shared-id"}
+        );
+    }
+}

@@ -236,6 +236,22 @@ mod tests {
         );
     }
 
+    /// Two apps may use the same `messageId`; each event is its own document.
+    #[test]
+    fn the_id_is_the_source_and_the_message_id() {
+        let event = json!({"messageId":"m","source":"shop-web"});
+        let document = to_document(event.as_object().expect("object"))
+            .expect("doc")
+            .to_document()
+            .expect("readable");
+        assert_eq!(
+            document.get_document("_id"),
+            Ok(&doc! {"source": "shop-web", "messageId": "m"})
+        );
+        let no_source = json!({"messageId":"m"});
+        assert!(to_document(no_source.as_object().expect("object")).is_err());
+    }
+
     #[test]
     fn numbers_bson_cannot_hold_are_an_error_not_a_panic() {
         let event = json!({"messageId":"m","properties":{"big": u64::MAX}});
