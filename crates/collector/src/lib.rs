@@ -24,12 +24,14 @@ use crate::body::Limits;
 use crate::publisher::Publisher;
 
 /// Serves until `shutdown` completes, then lets open requests finish (bounded by
-/// `collector.shutdown_timeout_ms`) and closes the broker connection.
+/// `collector.shutdown_timeout_ms`) and closes the broker connection. Invalid settings are an
+/// error before anything starts.
 pub async fn serve(
     settings: Settings,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    settings.validate_collector()?;
     let c = &settings.collector;
     ingest_pipeline::metrics::install("collector", &settings.metrics);
     let publisher = Publisher::start(settings.broker.clone());

@@ -17,6 +17,11 @@ use serde::Deserialize;
 
 const DEFAULTS: &str = include_str!("../../../config/default.toml");
 
+/// `collector.rate_limit_per_second`, when not 0 (off): one request per 1000 s at the least
+/// (so a `Retry-After` stays a number of seconds a client can wait), a million at the most.
+pub const MIN_RATE_PER_SECOND: f64 = 0.001;
+pub const MAX_RATE_PER_SECOND: f64 = 1_000_000.0;
+
 #[derive(Debug, thiserror::Error)]
 pub enum SettingsError {
     #[error("configuration could not be read: {0}")]
@@ -150,8 +155,10 @@ pub struct CollectorSettings {
     /// Shed load (503) while the runtime's measured scheduling delay is above this; 0 = never.
     pub max_scheduling_delay_ms: u64,
     pub retry_after_secs: u64,
-    /// Requests per second per source (write key); 0 = no limit.
+    /// Requests per second per source (write key); 0 = no limit, else between
+    /// [`MIN_RATE_PER_SECOND`] and [`MAX_RATE_PER_SECOND`].
     pub rate_limit_per_second: f64,
+    /// Requests a source may send at once past its rate; >= 1 (used only with a rate).
     pub rate_limit_burst: f64,
     pub shutdown_timeout_ms: u64,
     pub trusted_proxies: Vec<IpAddr>,
@@ -327,6 +334,19 @@ impl Settings {
             c.max_connections > 0,
             "collector.max_connections",
             "must be > 0",
+        )?;
+        let rate = c.rate_limit_per_second;
+        check(
+            rate == 0.0 || (MIN_RATE_PER_SECOND..=MAX_RATE_PER_SECOND).contains(&rate),
+            "collector.rate_limit_per_second",
+            &format!(
+                "must be 0 (no limit) or between {MIN_RATE_PER_SECOND} and {MAX_RATE_PER_SECOND}"
+            ),
+        )?;
+        check(
+            rate == 0.0 || (c.rate_limit_burst.is_finite() && c.rate_limit_burst >= 1.0),
+            "collector.rate_limit_burst",
+            "must be a finite number >= 1 while collector.rate_limit_per_second is on",
         )?;
         check(
             !c.write_keys.is_empty(),
