@@ -687,3 +687,94 @@ async fn a_small_batch_whose_shared_context_would_expand_to_660_mb_is_refused_wi
         depth(s.broker.url.expose(), &raw_queue(&s)).await
     );
 }
+
+/// Requests the collector has taken in on `/v1/batch`: in a slot now, or answered.
+async fn batch_requests_seen(url: &str) -> u64 {
+    let text = http()
+        .get(format!("{url}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let sum = |prefix: &str| -> f64 {
+        text.lines()
+            .filter_map(|l| l.strip_prefix(prefix))
+            .filter_map(|rest| rest.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    (sum("collector_in_flight_requests ") + sum("http_requests_total{route=\"/v1/batch\"")) as u64
+}
+
+/// Issue #10: a slot was taken before the write key was known, so `max_in_flight` anonymous
+/// slow bodies (a key can only come from the body) locked every client out for
+/// `body_timeout_ms`. A request with a known key in its Authorization header must still be
+/// served; body-keyed requests have a smaller bound of their own.
+#[tokio::test]
+async fn slow_anonymous_bodies_filling_max_in_flight_never_lock_out_a_request_with_a_known_header_key(
+) {
+    let mut s = settings("anonslots");
+    s.collector.max_in_flight = 4;
+    s.collector.body_timeout_ms = 120_000;
+    let collector = Collector::start(&s).await;
+    let addr = host(&collector.url);
+    let mut slow = Vec::new();
+    for _ in 0..s.collector.max_in_flight {
+        let mut c = TcpStream::connect(&addr).await.unwrap();
+        c.write_all(
+            format!(
+                "POST /v1/batch HTTP/1.1\r\nHost: {addr}\r\nContent-Type: text/plain\r\nContent-Length: 1000\r\n\r\n{{\"writeKey\":\""
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+        slow.push(c);
+    }
+    let n = slow.len() as u64;
+    assert!(
+        eventually(PATIENCE, || async {
+            batch_requests_seen(&collector.url).await >= n
+        })
+        .await,
+        "the collector did not take in the slow requests"
+    );
+
+    assert_eq!(post_good(&collector.url, "known-key-1").await, 200);
+    // An unknown header key is refused at once, slow body or not.
+    let mut unknown = TcpStream::connect(&addr).await.unwrap();
+    unknown
+        .write_all(
+            format!(
+                "POST /v1/batch HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Basic dW5rbm93bi1rZXk6\r\nContent-Length: 1000\r\n\r\n{{"
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+    let (status, body) = read_response(&mut unknown).await.expect("an answer");
+    assert_eq!(
+        (status, body["code"].clone()),
+        (401, json!("unknown_write_key"))
+    );
+
+    // Once the slow bodies are gone, a beacon with its key in the body is served again.
+    drop(slow);
+    assert!(
+        eventually(PATIENCE, || async {
+            http()
+                .post(format!("{}/v1/batch", collector.url))
+                .header("content-type", "text/plain")
+                .body(
+                    json!({"writeKey": IOS_KEY, "batch": [product_viewed("beacon-after")]})
+                        .to_string(),
+                )
+                .send()
+                .await
+                .is_ok_and(|r| r.status() == 200)
+        })
+        .await,
+        "body-keyed slots were not given back"
+    );
+}
