@@ -310,3 +310,67 @@ async fn a_delivery_whose_handling_panics_returns_to_the_queue_and_frees_its_pre
     assert_eq!(again.data, b"{}");
     let _ = conn.close(200, "".into()).await;
 }
+
+/// Ops find a poison payload with `ingestctl dlq list`, and once the worker is fixed, `dlq
+/// replay raw.dlq` sends it back to the raw queue as it was published; it then lands.
+#[tokio::test]
+async fn a_payload_in_the_raw_dlq_is_listed_and_replayed_into_mongodb() {
+    let s = settings("rawreplay");
+    let url = amqp_url();
+    let topology = Topology::from_settings(&s.broker);
+    let (conn, _ch) = channel(&url).await;
+    topology.declare(&conn).await.unwrap();
+    let _ = conn.close(200, "".into()).await;
+    let body =
+        json!({"batch":[{"type":"track","event":"Custom","userId":"u","messageId":"poisoned-1"}]});
+    publish_raw(&url, &topology.raw(), body.to_string().as_bytes()).await;
+    // Workers that crash on it, until the delivery limit.
+    fail_every_delivery(&url, &topology.raw()).await;
+    assert!(
+        eventually(PATIENCE, || async {
+            depth(&url, &topology.raw_dlq()).await == 1
+        })
+        .await
+    );
+
+    let ctl = |args: &'static [&'static str]| {
+        let s = s.clone();
+        async move {
+            let out = tokio::process::Command::new(binary("ingestctl"))
+                .envs(settings_env(&s))
+                .current_dir(root())
+                .args(args)
+                .output()
+                .await
+                .unwrap();
+            (
+                out.status.code().unwrap_or(-1),
+                String::from_utf8_lossy(&out.stdout).into_owned(),
+            )
+        }
+    };
+    let (status, out) = ctl(&["dlq", "list"]).await;
+    assert_eq!(status, 0, "{out}");
+    let line = out
+        .lines()
+        .find(|l| l.contains(&topology.raw_dlq()))
+        .unwrap_or_default();
+    assert!(line.trim_end().ends_with(" 1"), "{out}");
+
+    let worker = Worker::start(&s);
+    let (status, out) = ctl(&["dlq", "replay", "raw.dlq"]).await;
+    assert_eq!(status, 0, "{out}");
+    assert!(out.contains("looked at 1, replayed 1"), "{out}");
+    assert_eq!(
+        wait_for_count(
+            &s,
+            mongodb::bson::doc! {"messageId": "poisoned-1"},
+            1,
+            PATIENCE
+        )
+        .await,
+        1
+    );
+    assert_eq!(depth(&url, &topology.raw_dlq()).await, 0);
+    worker.stop().await;
+}
