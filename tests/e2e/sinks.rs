@@ -441,3 +441,42 @@ async fn the_same_message_id_from_two_sources_is_two_events_and_each_is_stored_o
         );
     }
 }
+
+#[tokio::test]
+async fn an_earlier_releases_unique_message_id_index_is_dropped_so_a_second_source_is_not_a_duplicate(
+) {
+    let s = settings("oldindex");
+    let collection = events(&s).await;
+    let old = mongodb::IndexModel::builder()
+        .keys(doc! {"messageId": 1})
+        .options(
+            mongodb::options::IndexOptions::builder()
+                .unique(true)
+                .name("messageId_unique".to_owned())
+                .build(),
+        )
+        .build();
+    collection.create_index(old).await.unwrap();
+    let collector = Collector::start(&s).await;
+    let _worker = Worker::start(&s);
+    for key in [IOS_KEY, WEB_KEY] {
+        let r = http()
+            .post(format!("{}/v1/batch", collector.url))
+            .basic_auth(key, Some(""))
+            .json(&batch(vec![screen("upgraded")]))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    assert_eq!(
+        wait_for_count(&s, doc! {"messageId": "upgraded"}, 2, LAND).await,
+        2
+    );
+    let indexes = collection.list_index_names().await.unwrap();
+    assert!(
+        indexes.contains(&"source_messageId_unique".to_owned())
+            && !indexes.contains(&"messageId_unique".to_owned()),
+        "{indexes:?}"
+    );
+}
