@@ -18,6 +18,7 @@ use ingest_pipeline::settings::CollectorSettings;
 use lapin::types::FieldTable;
 use lapin::BasicProperties;
 use serde_json::json;
+use tokio::sync::{Semaphore, SemaphorePermit};
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
 use crate::auth::{basic_username, WriteKeys};
@@ -28,7 +29,7 @@ use crate::publisher::Publisher;
 pub struct AppState {
     pub publisher: Publisher,
     /// Requests being read or published; when none is free the answer is 503 at once.
-    pub in_flight: tokio::sync::Semaphore,
+    pub in_flight: InFlight,
     pub limiter: crate::ratelimit::RateLimiter,
     pub keys: WriteKeys,
     pub limits: Limits,
@@ -38,6 +39,55 @@ pub struct AppState {
     pub scheduling_delay: SchedulingDelay,
     /// Shed load while the runtime is later than this; `None`: never.
     pub max_scheduling_delay: Option<Duration>,
+}
+
+/// Slots for requests being read or published. Every request takes one of `max` slots. One
+/// without an Authorization header, whose write key is known only once its body is read, first
+/// takes one of a smaller pool: such requests, slow or anonymous, can never hold every slot and
+/// lock out clients whose key was checked from the header.
+pub struct InFlight {
+    all: Semaphore,
+    body_keyed: Semaphore,
+}
+
+/// A request's slot: its permits and its count in `collector_in_flight_requests`, given back
+/// when dropped (also when the client goes away mid-request).
+pub struct Slot<'a> {
+    _all: SemaphorePermit<'a>,
+    _body_keyed: Option<SemaphorePermit<'a>>,
+    gauge: metrics::Gauge,
+}
+
+impl InFlight {
+    pub fn new(max: usize, max_body_keyed: usize) -> Self {
+        Self {
+            all: Semaphore::new(max),
+            body_keyed: Semaphore::new(max_body_keyed),
+        }
+    }
+
+    /// A slot, or `None` when the request's pool is full.
+    pub fn try_enter(&self, body_keyed: bool) -> Option<Slot<'_>> {
+        let body_keyed = if body_keyed {
+            Some(self.body_keyed.try_acquire().ok()?)
+        } else {
+            None
+        };
+        let all = self.all.try_acquire().ok()?;
+        let gauge = metrics::gauge!("collector_in_flight_requests");
+        gauge.increment(1.0);
+        Some(Slot {
+            _all: all,
+            _body_keyed: body_keyed,
+            gauge,
+        })
+    }
+}
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        self.gauge.decrement(1.0);
+    }
 }
 
 pub fn router(state: Arc<AppState>, settings: &CollectorSettings) -> Router {
@@ -133,34 +183,15 @@ async fn capture(
             .into_response();
     };
     let request_id = uuid::Uuid::new_v4().to_string();
-    let late = state.scheduling_delay.current();
-    let result = if state.max_scheduling_delay.is_some_and(|max| late > max) {
-        Err(CaptureError::Lagging {
-            delay_ms: late.as_millis(),
-            retry_after_secs: state.retry_after_secs,
-        })
-    } else {
-        match state.in_flight.try_acquire() {
-            Ok(_permit) => {
-                let in_flight = metrics::gauge!("collector_in_flight_requests");
-                in_flight.increment(1.0);
-                let result = accept(
-                    &state,
-                    peer.ip(),
-                    endpoint,
-                    &request_headers,
-                    body,
-                    &request_id,
-                )
-                .await;
-                in_flight.decrement(1.0);
-                result
-            }
-            Err(_) => Err(CaptureError::Overloaded {
-                retry_after_secs: state.retry_after_secs,
-            }),
-        }
-    };
+    let result = admit(
+        &state,
+        peer.ip(),
+        endpoint,
+        &request_headers,
+        body,
+        &request_id,
+    )
+    .await;
     let mut response = match result {
         Ok(events) => {
             metrics::counter!("collector_events_accepted_total").increment(events as u64);
@@ -184,7 +215,8 @@ async fn capture(
     response
 }
 
-async fn accept(
+/// Sheds load, checks the head, takes a slot, then reads and publishes the body.
+async fn admit(
     state: &AppState,
     peer: IpAddr,
     endpoint: Endpoint,
@@ -192,29 +224,89 @@ async fn accept(
     body: Body,
     request_id: &str,
 ) -> Result<usize, CaptureError> {
-    let header_key = match request_headers.get(header::AUTHORIZATION) {
-        Some(value) => Some(basic_username(
-            value.to_str().map_err(|_| CaptureError::BadAuthorization)?,
-        )?),
-        None => None,
+    let late = state.scheduling_delay.current();
+    if state.max_scheduling_delay.is_some_and(|max| late > max) {
+        return Err(CaptureError::Lagging {
+            delay_ms: late.as_millis(),
+            retry_after_secs: state.retry_after_secs,
+        });
+    }
+    let head = check_head(state, endpoint, request_headers)?;
+    let Some(_slot) = state.in_flight.try_enter(head.source.is_none()) else {
+        return Err(CaptureError::Overloaded {
+            retry_after_secs: state.retry_after_secs,
+        });
     };
-    // A header key is checked before the body is read, so unknown keys cost nothing.
-    let header_source = match &header_key {
-        Some(key) => {
-            let source = state.keys.source_for(key)?.to_owned();
-            rate_limit(state, &source)?;
-            Some(source)
+    accept(
+        state,
+        peer,
+        endpoint,
+        head,
+        request_headers,
+        body,
+        request_id,
+    )
+    .await
+}
+
+/// What the request head decides, before a slot is taken or a byte of the body is read.
+struct Head {
+    /// The source, when the write key came in the Authorization header (known to be valid).
+    source: Option<String>,
+    content_type: &'static str,
+    gzip: bool,
+    /// Bytes the body may have, before and after gunzip.
+    limit: usize,
+}
+
+/// A malformed Authorization header, an unknown header key, a wrong content type or encoding,
+/// a declared length over the limit: refused from the head alone, so they cost no slot.
+fn check_head(
+    state: &AppState,
+    endpoint: Endpoint,
+    request_headers: &HeaderMap,
+) -> Result<Head, CaptureError> {
+    let source = match request_headers.get(header::AUTHORIZATION) {
+        Some(value) => {
+            let key = basic_username(value.to_str().map_err(|_| CaptureError::BadAuthorization)?)?;
+            Some(state.keys.source_for(&key)?.to_owned())
         }
         None => None,
     };
     let content_type = content_type(request_headers)?;
     let gzip = is_gzip(request_headers)?;
-
     let limit = state.limits.for_endpoint(endpoint);
     if let Some(length) = content_length(request_headers) {
         if length > limit {
             return Err(CaptureError::BatchTooLarge { limit });
         }
+    }
+    Ok(Head {
+        source,
+        content_type,
+        gzip,
+        limit,
+    })
+}
+
+async fn accept(
+    state: &AppState,
+    peer: IpAddr,
+    endpoint: Endpoint,
+    head: Head,
+    request_headers: &HeaderMap,
+    body: Body,
+    request_id: &str,
+) -> Result<usize, CaptureError> {
+    let Head {
+        source: header_source,
+        content_type,
+        gzip,
+        limit,
+    } = head;
+    // A header key's source is rate-limited before its body is read.
+    if let Some(source) = &header_source {
+        rate_limit(state, source)?;
     }
     let raw = tokio::time::timeout(state.body_timeout, read_limited(body, limit))
         .await
@@ -429,6 +521,23 @@ mod tests {
         assert!(is_gzip(&h).is_err());
         h.insert(header::CONTENT_ENCODING, HeaderValue::from_static("GZIP"));
         assert_eq!(is_gzip(&h).ok(), Some(true));
+    }
+
+    #[test]
+    fn requests_without_a_header_key_never_take_the_slots_kept_for_header_keys() {
+        let slots = InFlight::new(4, 1);
+        let anonymous = slots.try_enter(true).expect("the body-keyed slot");
+        assert!(slots.try_enter(true).is_none(), "a second body-keyed slot");
+        let keyed: Vec<_> = (0..3).map(|_| slots.try_enter(false)).collect();
+        assert!(keyed.iter().all(Option::is_some), "header-keyed slots");
+        assert!(slots.try_enter(false).is_none(), "past max_in_flight");
+        drop(keyed);
+        drop(anonymous);
+        assert!(slots.try_enter(true).is_some(), "given back on drop");
+        // Header-keyed requests can fill every slot, and then a body-keyed one waits too.
+        let all: Vec<_> = (0..4).filter_map(|_| slots.try_enter(false)).collect();
+        assert_eq!(all.len(), 4);
+        assert!(slots.try_enter(true).is_none());
     }
 
     #[test]

@@ -145,6 +145,10 @@ pub struct CollectorSettings {
     pub max_batch_bytes: usize,
     pub max_batch_events: usize,
     pub max_in_flight: usize,
+    /// Of `max_in_flight`, how many may be requests without an Authorization header (their key
+    /// is only known once the body is read); unset: a quarter of `max_in_flight`, at least 1.
+    #[serde(default)]
+    pub max_unauthenticated_in_flight: Option<usize>,
     pub body_timeout_ms: u64,
     /// A connection must send its request head within this time (slow-header clients).
     pub header_timeout_ms: u64,
@@ -326,6 +330,12 @@ impl Settings {
             "must be > 0",
         )?;
         check(
+            c.max_unauthenticated_in_flight
+                .is_none_or(|n| n > 0 && n < c.max_in_flight),
+            "collector.max_unauthenticated_in_flight",
+            "must be > 0 and < collector.max_in_flight, so requests with a header key keep slots of their own",
+        )?;
+        check(
             c.header_timeout_ms > 0 && c.idle_timeout_ms > 0,
             "collector.header_timeout_ms",
             "header_timeout_ms and idle_timeout_ms must be > 0",
@@ -401,6 +411,15 @@ impl Settings {
             "must not be empty",
         )?;
         Ok(())
+    }
+}
+
+impl CollectorSettings {
+    /// `max_unauthenticated_in_flight`, or its default: a quarter of `max_in_flight`, at
+    /// least 1.
+    pub fn unauthenticated_in_flight(&self) -> usize {
+        self.max_unauthenticated_in_flight
+            .unwrap_or((self.max_in_flight / 4).max(1))
     }
 }
 
@@ -544,6 +563,30 @@ mod tests {
         for (rate, burst) in [(0.5, 2.0), (1000.0, 200.0), (0.001, 1.0), (1e6, 1e6)] {
             assert!(with(rate, burst).is_ok(), "{rate} {burst}");
         }
+    }
+
+    #[test]
+    fn unauthenticated_in_flight_defaults_to_a_quarter_and_must_leave_room_for_header_keys() {
+        let mut s = Settings::defaults().expect("defaults");
+        s.collector
+            .write_keys
+            .insert("app".into(), Secret::new("app-write-key"));
+        s.collector.max_in_flight = 1024;
+        assert_eq!(s.collector.unauthenticated_in_flight(), 256);
+        s.collector.max_in_flight = 2;
+        assert_eq!(s.collector.unauthenticated_in_flight(), 1);
+        assert!(s.validate_collector().is_ok());
+        for bad in [0, 2, 3] {
+            s.collector.max_unauthenticated_in_flight = Some(bad);
+            let err = s.validate_collector().expect_err("no room left");
+            assert!(
+                err.to_string()
+                    .contains("collector.max_unauthenticated_in_flight"),
+                "{err}"
+            );
+        }
+        s.collector.max_unauthenticated_in_flight = Some(1);
+        assert!(s.validate_collector().is_ok());
     }
 
     #[test]
