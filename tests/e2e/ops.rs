@@ -576,7 +576,7 @@ async fn with_the_management_api_queues_show_rates_and_scale_and_drain_time_use_
         table.contains("deliver/s")
             && !table
                 .lines()
-                .any(|l| l.starts_with(&raw) && l.ends_with("-")),
+                .any(|l| l.split_whitespace().next() == Some(raw.as_str()) && l.ends_with("-")),
         "{table}"
     );
 
