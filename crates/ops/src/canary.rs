@@ -21,6 +21,9 @@ pub const EVENT: &str = "Ingest Canary";
 pub struct Canary {
     pub collector_url: String,
     pub write_key: String,
+    /// The source that owns the write key, if known: MongoDB then finds the events by its
+    /// unique (source, messageId) index instead of scanning.
+    pub source: Option<String>,
     pub events: usize,
     pub timeout: Duration,
     /// Time between two events, so each one's latency is measured on its own.
@@ -117,7 +120,7 @@ impl Canary {
             // POLL_EVERY, so each event is timed when it lands, not at the next send.
             let next_send = Instant::now() + self.spacing;
             while seq + 1 < self.events && found.len() < sent_at.len() {
-                poll(collection, &sent_at, &mut found).await?;
+                poll(collection, self.source.as_deref(), &sent_at, &mut found).await?;
                 let left = next_send.saturating_duration_since(Instant::now());
                 if left.is_zero() {
                     break;
@@ -130,7 +133,7 @@ impl Canary {
         }
         let deadline = Instant::now() + self.timeout;
         while found.len() < sent_at.len() && Instant::now() < deadline {
-            poll(collection, &sent_at, &mut found).await?;
+            poll(collection, self.source.as_deref(), &sent_at, &mut found).await?;
             tokio::time::sleep(POLL_EVERY).await;
         }
         let mut missing: Vec<String> = sent_at
@@ -156,6 +159,7 @@ impl Canary {
 /// Records the latency of every sent event that is now in MongoDB.
 async fn poll(
     collection: &mongodb::Collection<Document>,
+    source: Option<&str>,
     sent_at: &HashMap<String, Instant>,
     found: &mut HashMap<String, f64>,
 ) -> anyhow::Result<()> {
@@ -167,8 +171,12 @@ async fn poll(
         return Ok(());
     }
     let now = Instant::now();
+    let filter = match source {
+        Some(source) => doc! {"source": source, "messageId": {"$in": waiting}},
+        None => doc! {"messageId": {"$in": waiting}},
+    };
     let mut cursor = collection
-        .find(doc! {"messageId": {"$in": waiting}})
+        .find(filter)
         .projection(doc! {"messageId": 1, "_id": 0})
         .await?;
     while let Some(document) = cursor.try_next().await? {

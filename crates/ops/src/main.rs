@@ -372,6 +372,12 @@ async fn canary(settings: &Settings, o: CanaryOptions) -> ExitCode {
             return unknown("give --write-key (or INGEST_CANARY_WRITE_KEY) or --source".into())
         }
     };
+    let source = o.source.clone().or_else(|| {
+        let keys = &settings.collector.write_keys;
+        keys.iter()
+            .find(|(_, key)| key.expose() == write_key)
+            .map(|(source, _)| source.clone())
+    });
     let url = o
         .url
         .clone()
@@ -383,6 +389,7 @@ async fn canary(settings: &Settings, o: CanaryOptions) -> ExitCode {
     let run = Canary {
         collector_url: url,
         write_key,
+        source,
         events: o.events.max(1),
         timeout: o.timeout,
         spacing: o.spacing,

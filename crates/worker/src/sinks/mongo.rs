@@ -1,6 +1,7 @@
 //! The MongoDB sink: unordered `insert_many` of batches gathered across deliveries. A document's
-//! `_id` is its event's `messageId` (and `messageId` has a unique index too), so a redelivered
-//! event is stored once and a duplicate-key error can only mean "already stored": success.
+//! `_id` is `{source, messageId}` (and `source` + `messageId` have a unique index too), so a
+//! redelivered event is stored once, the same `messageId` from another source is an event of its
+//! own, and a duplicate-key error can only mean "already stored": success.
 //!
 //! An event is converted to BSON bytes once, by `to_document`, both when the worker decides
 //! whether it can be stored and here, and the sink sends those bytes as they are: an event that
@@ -19,24 +20,51 @@ use serde_json::{Map, Value};
 use super::{Batch, Sink, SinkError};
 
 const DUPLICATE_KEY: i32 = 11000;
+const INDEX_NOT_FOUND: i32 = 27;
+const NAMESPACE_NOT_FOUND: i32 = 26;
+/// The unique index on what identifies an event.
+pub const UNIQUE_INDEX: &str = "source_messageId_unique";
+/// The unique index on `messageId` alone, from releases that stored `_id` = `messageId`: it
+/// would refuse a second source's event as a duplicate, so it is dropped.
+const OLD_UNIQUE_INDEX: &str = "messageId_unique";
 /// Fields stored as BSON dates, so they can be queried and indexed as times.
 const DATE_FIELDS: [&str; 4] = ["timestamp", "receivedAt", "sentAt", "originalTimestamp"];
 
-/// The sink's indexes on `collection`: a unique `messageId`.
+/// The sink's indexes on `collection`: a unique `source` + `messageId`. An earlier release's
+/// unique `messageId` is dropped once the new index exists, so uniqueness is never missing.
 pub async fn ensure_indexes<T: Send + Sync>(
     collection: &Collection<T>,
 ) -> Result<(), mongodb::error::Error> {
     let unique = IndexModel::builder()
-        .keys(doc! {"messageId": 1})
+        .keys(doc! {"source": 1, "messageId": 1})
         .options(
             IndexOptions::builder()
                 .unique(true)
-                .name("messageId_unique".to_owned())
+                .name(UNIQUE_INDEX.to_owned())
                 .build(),
         )
         .build();
     collection.create_index(unique).await?;
-    Ok(())
+    match collection.drop_index(OLD_UNIQUE_INDEX).await {
+        Ok(()) => {
+            tracing::info!(
+                index = OLD_UNIQUE_INDEX,
+                "dropped the unique index of an earlier release"
+            );
+            Ok(())
+        }
+        Err(error) => match error.kind.as_ref() {
+            ErrorKind::Command(e) if [INDEX_NOT_FOUND, NAMESPACE_NOT_FOUND].contains(&e.code) => {
+                Ok(())
+            }
+            _ => {
+                // While it exists, an event whose messageId another source used is dropped as
+                // a duplicate: better not to start.
+                tracing::error!(%error, index = OLD_UNIQUE_INDEX, "cannot drop an old index");
+                Err(error)
+            }
+        },
+    }
 }
 
 /// What one `insert_many` did with the documents it was given.
@@ -170,6 +198,13 @@ impl Sink for MongoSink {
                 refused.push((*index, reason));
             }
         }
+        for (outcome, n) in [
+            ("inserted", written.inserted),
+            ("duplicate", written.duplicates),
+            ("refused", refused.len()),
+        ] {
+            metrics::counter!("mongo_documents_total", "outcome" => outcome).increment(n as u64);
+        }
         if refused.is_empty() {
             Ok(())
         } else {
@@ -179,21 +214,22 @@ impl Sink for MongoSink {
     }
 }
 
-/// The bytes stored for an event, exactly as the sink sends them: `_id` = `messageId`, then the
-/// event itself, with its times as BSON dates. Keys MongoDB reserves (`_id`, a leading `$`) are
-/// refused, not rewritten, and so is anything BSON cannot encode (a NUL byte in a key, an integer
-/// beyond i64).
+/// The bytes stored for an event, exactly as the sink sends them: `_id` = `{source, messageId}`,
+/// then the event itself, with its times as BSON dates. Keys MongoDB reserves (`_id`, a leading
+/// `$`) are refused, not rewritten, and so is anything BSON cannot encode (a NUL byte in a key,
+/// an integer beyond i64).
 pub fn to_document(event: &Map<String, Value>) -> Result<RawDocumentBuf, String> {
     if let Some(key) = event.keys().find(|k| *k == "_id" || k.starts_with('$')) {
         return Err(format!(
             "the top-level key `{key}` is reserved by the database"
         ));
     }
-    let message_id = match event.get("messageId") {
-        Some(Value::String(id)) => id.clone(),
-        _ => return Err("no string messageId".into()),
+    let (Some(Value::String(source)), Some(Value::String(message_id))) =
+        (event.get("source"), event.get("messageId"))
+    else {
+        return Err("no string source and messageId".into());
     };
-    let mut document = doc! {"_id": message_id};
+    let mut document = doc! {"_id": {"source": source, "messageId": message_id}};
     document.extend(bson::to_document(event).map_err(|e| e.to_string())?);
     for field in DATE_FIELDS {
         let parsed = crate::enrich::parse_time(event.get(field));
@@ -216,14 +252,12 @@ mod tests {
 
     #[test]
     fn times_become_dates_and_other_fields_stay() {
-        let event =
-            json!({"messageId":"m","timestamp":"2026-11-21T12:00:00.000Z","properties":{"n":1}});
+        let event = json!({"messageId":"m","source":"s","timestamp":"2026-11-21T12:00:00.000Z","properties":{"n":1}});
         let document = to_document(event.as_object().expect("object"))
             .expect("doc")
             .to_document()
             .expect("readable");
         assert_eq!(document.get_str("messageId"), Ok("m"));
-        assert_eq!(document.get_str("_id"), Ok("m"));
         assert!(matches!(
             document.get("timestamp"),
             Some(bson::Bson::DateTime(_))
@@ -254,7 +288,7 @@ mod tests {
 
     #[test]
     fn numbers_bson_cannot_hold_are_an_error_not_a_panic() {
-        let event = json!({"messageId":"m","properties":{"big": u64::MAX}});
+        let event = json!({"messageId":"m","source":"s","properties":{"big": u64::MAX}});
         assert!(to_document(event.as_object().expect("object")).is_err());
     }
 
@@ -262,15 +296,15 @@ mod tests {
     /// Such an event must be refused by the check, not by the driver at insert time.
     #[test]
     fn a_key_bson_cannot_encode_is_not_storable() {
-        let event = json!({"messageId":"m","properties":{"k\u{0}x":1}});
+        let event = json!({"messageId":"m","source":"s","properties":{"k\u{0}x":1}});
         assert!(to_document(event.as_object().expect("object")).is_err());
     }
 
     #[test]
     fn reserved_keys_are_refused() {
         for event in [
-            json!({"messageId":"m","_id":"x"}),
-            json!({"messageId":"m","$where":"1"}),
+            json!({"messageId":"m","source":"s","_id":"x"}),
+            json!({"messageId":"m","source":"s","$where":"1"}),
         ] {
             let error = to_document(event.as_object().expect("object")).expect_err("reserved");
             assert!(error.contains("reserved"), "{error}");
@@ -280,7 +314,7 @@ mod tests {
     /// Nested `$…` and dotted keys are legal in MongoDB 5.0+; they are stored as sent.
     #[test]
     fn nested_dollar_and_dotted_keys_are_kept() {
-        let event = json!({"messageId":"m","properties":{"$x":1,"a.b":2}});
+        let event = json!({"messageId":"m","source":"s","properties":{"$x":1,"a.b":2}});
         let document = to_document(event.as_object().expect("object"))
             .expect("doc")
             .to_document()
