@@ -201,3 +201,78 @@ async fn with_the_broker_down_the_collector_answers_503_never_2xx_and_recovers_b
     let raw = format!("{}.raw", s.broker.prefix);
     assert_eq!(depth(&node.url(), &raw).await, 2);
 }
+
+/// Issue #10: a raw queue deleted under a running collector (by an operator, a policy, a broker
+/// reset) was never declared again: every publish came back unroutable, so clients got 503 for
+/// ever while `/readyz` said ready. The collector declares it again and serves 200s into it.
+#[tokio::test]
+async fn a_deleted_raw_queue_is_declared_again_and_requests_get_200_into_it() {
+    let s = settings("rawgone");
+    let collector = Collector::start(&s).await;
+    let client = http();
+    let url = s.broker.url.expose();
+    let raw = format!("{}.raw", s.broker.prefix);
+    let post = |id: String| {
+        client
+            .post(format!("{}/v1/batch", collector.url))
+            .basic_auth(IOS_KEY, Some(""))
+            .json(&batch(vec![product_viewed(&id)]))
+            .send()
+    };
+    assert_eq!(post("before".into()).await.unwrap().status(), 200);
+
+    let (conn, ch) = channel(url).await;
+    ch.queue_delete(
+        raw.as_str().into(),
+        lapin::options::QueueDeleteOptions::default(),
+    )
+    .await
+    .unwrap();
+    let _ = conn.close(200, "".into()).await;
+    assert!(!lapin_queue_exists(url, &raw).await);
+
+    let mut statuses = Vec::new();
+    let mut readyz = std::collections::BTreeSet::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(r) = client.get(format!("{}/readyz", collector.url)).send().await {
+            readyz.insert(r.status().as_u16());
+        }
+        let status = post(format!("after-{}", statuses.len()))
+            .await
+            .map(|r| r.status().as_u16())
+            .unwrap_or(0);
+        statuses.push(status);
+        if status == 200 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no 200 within 30 s of deleting the raw queue: {} answers, all in {:?}; /readyz {readyz:?}",
+            statuses.len(),
+            statuses.iter().collect::<std::collections::BTreeSet<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        statuses.iter().all(|s| *s == 200 || *s == 503),
+        "{statuses:?}"
+    );
+    eprintln!("after the delete: {statuses:?}, /readyz {readyz:?}");
+    for i in 0..3 {
+        assert_eq!(post(format!("later-{i}")).await.unwrap().status(), 200);
+    }
+    assert!(
+        status_becomes(&client, format!("{}/readyz", collector.url), 200).await,
+        "/readyz did not return to 200"
+    );
+    // Every 200 since the delete is in the queue declared again.
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            depth(url, &raw).await == 4
+        })
+        .await,
+        "raw depth {}",
+        depth(url, &raw).await
+    );
+}
