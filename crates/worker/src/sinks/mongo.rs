@@ -360,6 +360,37 @@ mod tests {
         assert!(written.refused.is_empty());
     }
 
+    /// A primary stepping down (or a node shutting down or recovering) mid-insert fails the
+    /// documents it had not written yet; written again once a primary is elected, they are
+    /// stored. They must never be dead-lettered as refused.
+    #[test]
+    fn a_primary_stepping_down_mid_insert_is_retried_not_refused() {
+        for code in [189, 91, 10107, 11600, 11602, 13435, 13436] {
+            let error = insert_many_error(doc! {"writeErrors": [
+                write_error(0, DUPLICATE_KEY),
+                write_error(2, code),
+            ]});
+            assert!(
+                matches!(written_despite(&error, 3), Err(SinkError::Retryable(_))),
+                "code {code}: {:?}",
+                written_despite(&error, 3)
+            );
+        }
+    }
+
+    /// The documents may be written but not yet durable: written again, they are duplicates.
+    #[test]
+    fn a_write_concern_error_is_retried() {
+        let error = insert_many_error(doc! {
+            "writeErrors": [write_error(1, 121)],
+            "writeConcernError": {"code": 64, "errmsg": "waiting for replication timed out"},
+        });
+        assert!(matches!(
+            written_despite(&error, 2),
+            Err(SinkError::Retryable(_))
+        ));
+    }
+
     #[test]
     fn a_write_error_outside_the_batch_is_retried_not_trusted() {
         let error = insert_many_error(doc! {"writeErrors": [write_error(7, 121)]});
