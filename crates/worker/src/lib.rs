@@ -4,12 +4,16 @@
 //! both. Each enabled sink then runs on its own queue (`runner`), so sinks never wait for each
 //! other. `main` loads the configuration and calls [`run`]; tests call it in-process.
 
+pub mod acks;
+pub mod breaker;
 pub mod decode;
+pub mod delivery;
 pub mod enrich;
 pub mod health;
 pub mod invalid;
 pub mod process;
 pub mod runner;
+pub mod settle;
 pub mod sinks;
 
 use std::future::Future;
@@ -34,9 +38,10 @@ use serde::Deserialize;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use crate::delivery::DeliverySettings;
 use crate::invalid::InvalidRecord;
 use crate::process::PayloadLimits;
-use crate::runner::{DeliverySettings, SinkRunner, SinkStats};
+use crate::settle::SinkRunner;
 use crate::sinks::http::{HttpSink, HttpSinkSettings};
 use crate::sinks::mongo::MongoSink;
 use crate::sinks::statsd::{StatsdSettings, StatsdSink};
@@ -180,13 +185,12 @@ pub async fn serve(
     let runners: Vec<Arc<SinkRunner>> = sinks
         .into_iter()
         .map(|(sink, delivery)| {
-            Arc::new(SinkRunner {
+            Arc::new(SinkRunner::new(
                 sink,
                 delivery,
-                retry_delays: settings.sinks.retry_delays(),
-                max_attempts: settings.sinks.max_attempts,
-                stats: Arc::new(SinkStats::default()),
-            })
+                settings.sinks.retry_delays(),
+                settings.sinks.max_attempts,
+            ))
         })
         .collect();
     tokio::spawn(log_stats(

@@ -1,10 +1,12 @@
 //! Sinks: where valid events go. One file per sink; each says whether a failure is worth
-//! retrying. The runner (`crate::fanout`) batches, retries, dead-letters and breaks circuits
+//! retrying. The runner (`crate::settle`) batches, retries, dead-letters and breaks circuits
 //! the same way for every sink, so a sink only has to deliver one batch and classify failure.
 
 pub mod http;
 pub mod mongo;
 pub mod statsd;
+#[cfg(test)]
+pub mod testing;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -1,0 +1,428 @@
+//! What becomes of a batch a sink was asked to take: the same for the in-process path and for
+//! the sink's queue. [`attempt`](SinkRunner::attempt) calls the sink (inline retries, breaker,
+//! time bound); [`decide`] turns the result into a [`Decision`] (a pure function); and
+//! [`place`](SinkRunner::place) carries it out: nothing, or the batch confirmed into the sink's
+//! delay queue or dead-letter queue through a [`Durable`] store (the broker, or a recorder in
+//! tests).
+//!
+//! A batch that goes to a queue travels as one message with its `Idempotency-Key` and attempt
+//! count in the headers, so a retried batch is the same batch: same events, same key.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ingest_pipeline::broker::{long_string, Answer, Publisher};
+use ingest_pipeline::{Backoff, Topology};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::BasicProperties;
+use serde_json::Value;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::breaker::Breaker;
+use crate::delivery::DeliverySettings;
+use crate::sinks::{Batch, Event, Sink, SinkError};
+
+pub const KEY_HEADER: &str = "x-batch-key";
+pub const ATTEMPT_HEADER: &str = "x-attempt";
+pub const ERROR_HEADER: &str = "x-last-error";
+pub const SINK_HEADER: &str = "x-sink";
+const KEY_NAMESPACE: uuid::Uuid = uuid::Uuid::from_u128(0x3d0a_91e4_7c25_4b8e_b6f3_5e1d_0a7c_9f42);
+
+/// The same events in the same order always get the same key.
+pub fn batch_key(sink: &str, events: &[Arc<Event>]) -> String {
+    let mut material = String::from(sink);
+    for event in events {
+        material.push('\n');
+        material.push_str(event.get("messageId").and_then(Value::as_str).unwrap_or(""));
+    }
+    uuid::Uuid::new_v5(&KEY_NAMESPACE, material.as_bytes()).to_string()
+}
+
+/// What to do with a batch after the sink was asked to take it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// The sink has every event.
+    Delivered,
+    /// The sink took all but these events (positions in the batch), which it refused for good.
+    DeadLetterSome {
+        refused: Vec<usize>,
+        attempts: u32,
+        reason: String,
+    },
+    /// Retrying cannot help, or the batch failed `max_attempts` times.
+    DeadLetter { attempts: u32, reason: String },
+    /// Wait in a delay queue (at least `at_least`), then try again.
+    Delay {
+        attempts: u32,
+        at_least: Duration,
+        reason: String,
+    },
+    /// The sink did not finish within `spill_after_ms` (in-process path): the batch goes to
+    /// the sink's own queue as it is, without spending an attempt, for its runner to deliver.
+    Spill { attempts: u32, reason: String },
+    /// The worker is stopping: leave the batch where it came from.
+    Release,
+}
+
+/// The decision for a batch that had failed `attempts` times before this try. `None` means
+/// the sink was not called (circuit open): the batch waits without spending an attempt.
+pub fn decide(result: Option<Result<(), SinkError>>, attempts: u32, max_attempts: u32) -> Decision {
+    // From a header: any value, u32::MAX included, must survive `+ 1`.
+    let failed = attempts.saturating_add(1);
+    match result {
+        Some(Ok(())) => Decision::Delivered,
+        Some(Err(SinkError::ShuttingDown)) => Decision::Release,
+        Some(Err(SinkError::Permanent(reason))) => Decision::DeadLetter {
+            attempts: failed,
+            reason,
+        },
+        Some(Err(SinkError::Refused(refused))) => Decision::DeadLetterSome {
+            reason: refused
+                .iter()
+                .map(|(_, r)| r.as_str())
+                .collect::<Vec<_>>()
+                .join("; "),
+            refused: refused.into_iter().map(|(i, _)| i).collect(),
+            attempts: failed,
+        },
+        Some(Err(error)) if failed >= max_attempts => Decision::DeadLetter {
+            attempts: failed,
+            reason: error.to_string(),
+        },
+        Some(Err(error)) => Decision::Delay {
+            attempts: failed,
+            at_least: match &error {
+                SinkError::Throttled { retry_after, .. } => *retry_after,
+                _ => Duration::ZERO,
+            },
+            reason: error.to_string(),
+        },
+        None => Decision::Delay {
+            attempts,
+            at_least: Duration::ZERO,
+            reason: "circuit open".to_owned(),
+        },
+    }
+}
+
+/// The delay queue for a batch's `attempts`: one tier per attempt, the last repeating, and
+/// never shorter than `at_least` (a sink's `Retry-After`) if a tier is that long.
+pub fn delay_for(retry_delays: &[Duration], attempts: u32, at_least: Duration) -> Option<Duration> {
+    let tier = (attempts.saturating_sub(1) as usize).min(retry_delays.len().saturating_sub(1));
+    retry_delays
+        .get(tier..)?
+        .iter()
+        .copied()
+        .find(|d| *d >= at_least)
+        .or_else(|| retry_delays.last().copied())
+}
+
+/// Where batches go when the sink did not take them: a queue that confirms what it holds.
+#[async_trait::async_trait]
+pub trait Durable: Send + Sync {
+    /// Stores `body` (a JSON array of events) in `queue` with the batch's headers; `Ok` once
+    /// it is confirmed.
+    async fn store(&self, queue: &str, body: &[u8], headers: FieldTable) -> Result<(), String>;
+}
+
+#[async_trait::async_trait]
+impl Durable for Publisher {
+    async fn store(&self, queue: &str, body: &[u8], headers: FieldTable) -> Result<(), String> {
+        let properties = BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_content_type("application/json".into())
+            .with_headers(headers);
+        // A late confirm is waited for, not answered with a second copy.
+        let answer = self
+            .publish_and_wait("", queue, body, properties, Duration::from_secs(10))
+            .await
+            .map_err(|error| error.to_string())?;
+        match answer {
+            Answer::Confirmed => Ok(()),
+            other => Err(format!("{queue} did not take the batch: {other:?}")),
+        }
+    }
+}
+
+/// The headers a batch travels under in a sink's queues.
+pub fn batch_headers(sink: &str, key: &str, attempts: u32, error: &str) -> FieldTable {
+    let mut headers = FieldTable::default();
+    headers.insert(KEY_HEADER.into(), long_string(key));
+    headers.insert(ATTEMPT_HEADER.into(), AMQPValue::LongUInt(attempts));
+    let error: String = error.chars().take(1000).collect();
+    headers.insert(ERROR_HEADER.into(), long_string(&error));
+    headers.insert(SINK_HEADER.into(), long_string(sink));
+    headers
+}
+
+#[derive(Debug, Clone, Copy)]
+pub enum Outcome {
+    Delivered,
+    Retried,
+    DeadLettered,
+    FilteredOut,
+}
+
+impl Outcome {
+    fn label(self) -> &'static str {
+        match self {
+            Self::Delivered => "delivered",
+            Self::Retried => "retried",
+            Self::DeadLettered => "dead_lettered",
+            Self::FilteredOut => "filtered_out",
+        }
+    }
+}
+
+/// Per-sink counters, logged periodically.
+#[derive(Debug, Default)]
+pub struct SinkStats {
+    pub delivered: AtomicU64,
+    pub retried: AtomicU64,
+    pub dead_lettered: AtomicU64,
+    pub filtered_out: AtomicU64,
+}
+
+impl SinkStats {
+    pub fn snapshot(&self) -> [u64; 4] {
+        [
+            self.delivered.load(Ordering::Relaxed),
+            self.retried.load(Ordering::Relaxed),
+            self.dead_lettered.load(Ordering::Relaxed),
+            self.filtered_out.load(Ordering::Relaxed),
+        ]
+    }
+}
+
+/// End-to-end lag of a delivered batch: now minus its oldest event's `receivedAt`.
+fn record_lag(sink: &str, batch: &Batch) {
+    let oldest = batch
+        .events
+        .iter()
+        .filter_map(|e| e.get("receivedAt")?.as_str())
+        .filter_map(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+        .min();
+    if let Some(oldest) = oldest {
+        let lag = chrono::Utc::now().signed_duration_since(oldest);
+        let seconds = lag.num_milliseconds().max(0) as f64 / 1000.0;
+        metrics::histogram!("sink_lag_seconds", "sink" => sink.to_owned()).record(seconds);
+    }
+}
+
+/// One sink with what both of its paths share: settings, retry tiers, counters, breaker.
+pub struct SinkRunner {
+    pub sink: Arc<dyn Sink>,
+    pub delivery: DeliverySettings,
+    pub retry_delays: Vec<Duration>,
+    pub max_attempts: u32,
+    pub stats: Arc<SinkStats>,
+    pub breaker: Mutex<Breaker>,
+}
+
+impl SinkRunner {
+    pub fn new(
+        sink: Arc<dyn Sink>,
+        delivery: DeliverySettings,
+        retry_delays: Vec<Duration>,
+        max_attempts: u32,
+    ) -> Self {
+        let breaker = Breaker::new(
+            delivery.breaker_failures,
+            Duration::from_millis(delivery.breaker_cooldown_ms),
+        );
+        Self {
+            sink,
+            delivery,
+            retry_delays,
+            max_attempts,
+            stats: Arc::new(SinkStats::default()),
+            breaker: Mutex::new(breaker),
+        }
+    }
+
+    /// Counts events in the log totals and in `sink_events_total{sink,outcome}`.
+    pub fn count(&self, outcome: Outcome, events: usize) {
+        let counter = match outcome {
+            Outcome::Delivered => &self.stats.delivered,
+            Outcome::Retried => &self.stats.retried,
+            Outcome::DeadLettered => &self.stats.dead_lettered,
+            Outcome::FilteredOut => &self.stats.filtered_out,
+        };
+        counter.fetch_add(events as u64, Ordering::Relaxed);
+        metrics::counter!("sink_events_total", "sink" => self.sink.name().to_owned(), "outcome" => outcome.label())
+            .increment(events as u64);
+    }
+
+    fn breaker(&self) -> std::sync::MutexGuard<'_, Breaker> {
+        // A panic while the lock was held cannot leave a breaker half-updated: every change
+        // is one assignment.
+        self.breaker
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Calls the sink, retrying in place a few times; `None` means the sink was not called
+    /// (the circuit is open, or the worker stopped first). Each call is bounded by
+    /// `timeout_ms`, so a stalled store is a retryable failure, not a hang.
+    pub async fn attempt(
+        &self,
+        batch: &Batch,
+        wait_for_circuit: bool,
+        stop: &CancellationToken,
+    ) -> Option<Result<(), SinkError>> {
+        let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
+        let mut last = None;
+        for _ in 0..self.delivery.inline_attempts {
+            let open = self.breaker().open_for(Instant::now());
+            if let Some(wait) = open {
+                if !wait_for_circuit {
+                    return last;
+                }
+                tokio::select! {
+                    () = tokio::time::sleep(wait) => {}
+                    () = stop.cancelled() => return last,
+                }
+            }
+            if !self.breaker().allows(Instant::now()) {
+                return last;
+            }
+            let started = Instant::now();
+            let limit = Duration::from_millis(self.delivery.timeout_ms);
+            let result = match tokio::time::timeout(limit, self.sink.deliver(batch)).await {
+                Ok(result) => result,
+                Err(_) => Err(SinkError::Retryable(format!(
+                    "no answer from the sink within {limit:?}"
+                ))),
+            };
+            let sink = self.sink.name().to_owned();
+            let result_label = match &result {
+                Ok(()) => "ok",
+                Err(SinkError::Refused(_)) => "refused",
+                Err(e) if e.is_retryable() => "retryable",
+                Err(_) => "permanent",
+            };
+            metrics::histogram!("sink_deliver_seconds", "sink" => sink.clone(), "result" => result_label)
+                .record(started.elapsed().as_secs_f64());
+            metrics::histogram!("sink_batch_size", "sink" => sink)
+                .record(batch.events.len() as f64);
+            self.breaker().record(
+                !matches!(&result, Err(e) if e.is_retryable()),
+                Instant::now(),
+            );
+            let wait = match &result {
+                Err(SinkError::Throttled { retry_after, .. })
+                    if *retry_after <= Duration::from_secs(2) =>
+                {
+                    *retry_after
+                }
+                Err(SinkError::Retryable(_)) => backoff.next_delay(),
+                _ => return Some(result),
+            };
+            last = Some(result);
+            tokio::select! {
+                () = tokio::time::sleep(wait) => {}
+                () = stop.cancelled() => break,
+            }
+        }
+        last
+    }
+
+    /// Carries out `decision` for `batch`: `Ok` once every event is delivered or confirmed
+    /// into the sink's delay or dead-letter queue; `Err` if it is in neither (the caller
+    /// leaves its source where it was).
+    pub async fn place(
+        &self,
+        batch: &Batch,
+        decision: Decision,
+        topology: &Topology,
+        out: &dyn Durable,
+    ) -> Result<(), String> {
+        let name = self.sink.name();
+        match decision {
+            Decision::Delivered => {
+                self.count(Outcome::Delivered, batch.events.len());
+                record_lag(name, batch);
+                Ok(())
+            }
+            Decision::Release => Err("shutting down".to_owned()),
+            Decision::Spill { attempts, reason } => {
+                let queue = topology.sink_queue(name);
+                self.store(&queue, batch, attempts, &reason, out).await?;
+                self.count(Outcome::Retried, batch.events.len());
+                tracing::info!(sink = name, events = batch.events.len(), %reason, "batch spilled to the sink's queue");
+                Ok(())
+            }
+            Decision::DeadLetter { attempts, reason } => {
+                self.dead_letter(batch, attempts, &reason, topology, out)
+                    .await
+            }
+            Decision::DeadLetterSome {
+                refused,
+                attempts,
+                reason,
+            } => {
+                self.count(
+                    Outcome::Delivered,
+                    batch.events.len().saturating_sub(refused.len()),
+                );
+                let events: Vec<Arc<Event>> = refused
+                    .iter()
+                    .filter_map(|i| batch.events.get(*i).cloned())
+                    .collect();
+                let part = Batch {
+                    key: batch_key(name, &events),
+                    events,
+                };
+                self.dead_letter(&part, attempts, &reason, topology, out)
+                    .await
+            }
+            Decision::Delay {
+                attempts,
+                at_least,
+                reason,
+            } => {
+                let delay = delay_for(&self.retry_delays, attempts, at_least)
+                    .ok_or("no retry delays configured")?;
+                let queue = topology.sink_retry(name, delay);
+                self.store(&queue, batch, attempts, &reason, out).await?;
+                self.count(Outcome::Retried, batch.events.len());
+                tracing::info!(sink = name, attempts, ?delay, events = batch.events.len(), %reason, "batch waits to be retried");
+                Ok(())
+            }
+        }
+    }
+
+    async fn dead_letter(
+        &self,
+        batch: &Batch,
+        attempts: u32,
+        reason: &str,
+        topology: &Topology,
+        out: &dyn Durable,
+    ) -> Result<(), String> {
+        let queue = topology.sink_dlq(self.sink.name());
+        self.store(&queue, batch, attempts, reason, out).await?;
+        self.count(Outcome::DeadLettered, batch.events.len());
+        tracing::warn!(sink = self.sink.name(), attempts, events = batch.events.len(), %reason, "batch dead-lettered");
+        Ok(())
+    }
+
+    async fn store(
+        &self,
+        queue: &str,
+        batch: &Batch,
+        attempts: u32,
+        reason: &str,
+        out: &dyn Durable,
+    ) -> Result<(), String> {
+        let body = serde_json::to_vec(&batch.events).map_err(|e| e.to_string())?;
+        let headers = batch_headers(self.sink.name(), &batch.key, attempts, reason);
+        out.store(queue, &body, headers).await
+    }
+}
+
+#[cfg(test)]
+#[path = "settle/tests.rs"]
+mod tests;

@@ -1,0 +1,131 @@
+//! For unit tests of the worker's logic without a broker or a store: a sink that answers from
+//! a script, and a [`Durable`] store that records what it was given.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+
+use lapin::types::{AMQPValue, FieldTable};
+
+use super::{Batch, Sink, SinkError};
+use crate::settle::{Durable, ATTEMPT_HEADER, KEY_HEADER};
+
+/// Answers each call with the next scripted result; after the script, with `then`.
+pub struct Scripted {
+    name: String,
+    script: Mutex<VecDeque<Result<(), SinkError>>>,
+    then: Option<Result<(), SinkError>>,
+    calls: AtomicUsize,
+    delivered: Mutex<Vec<String>>,
+}
+
+impl Scripted {
+    pub fn new(name: &str, script: VecDeque<Result<(), SinkError>>) -> Self {
+        Self {
+            name: name.to_owned(),
+            script: Mutex::new(script),
+            then: Some(Ok(())),
+            calls: AtomicUsize::new(0),
+            delivered: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Fails every call, retryably.
+    pub fn failing(name: &str) -> Self {
+        Self {
+            then: Some(Err(SinkError::Retryable("scripted failure".into()))),
+            ..Self::new(name, VecDeque::new())
+        }
+    }
+
+    /// Never answers.
+    pub fn stalled(name: &str) -> Self {
+        Self {
+            then: None,
+            ..Self::new(name, VecDeque::new())
+        }
+    }
+
+    pub fn calls(&self) -> usize {
+        self.calls.load(Ordering::SeqCst)
+    }
+
+    /// The messageIds of every batch answered `Ok`, in order.
+    pub fn delivered(&self) -> Vec<String> {
+        self.delivered.lock().map(|d| d.clone()).unwrap_or_default()
+    }
+}
+
+#[async_trait::async_trait]
+impl Sink for Scripted {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    async fn deliver(&self, batch: &Batch) -> Result<(), SinkError> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        let next = self.script.lock().ok().and_then(|mut s| s.pop_front());
+        let Some(answer) = next.or_else(|| self.then.clone()) else {
+            return std::future::pending().await;
+        };
+        if answer.is_ok() {
+            if let Ok(mut delivered) = self.delivered.lock() {
+                delivered.extend(batch.events.iter().map(|e| {
+                    e.get("messageId")
+                        .and_then(|v| v.as_str())
+                        .unwrap_or_default()
+                        .to_owned()
+                }));
+            }
+        }
+        answer
+    }
+}
+
+/// One batch a [`Recorder`] was given.
+#[derive(Debug, Clone)]
+pub struct Stored {
+    pub queue: String,
+    pub key: String,
+    pub attempts: u32,
+    pub message_ids: Vec<String>,
+}
+
+/// A durable store that keeps what it is given (and fails if told to).
+#[derive(Default)]
+pub struct Recorder {
+    stored: Mutex<Vec<Stored>>,
+}
+
+impl Recorder {
+    pub fn stored(&self) -> Vec<Stored> {
+        self.stored.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+}
+
+#[async_trait::async_trait]
+impl Durable for Recorder {
+    async fn store(&self, queue: &str, body: &[u8], headers: FieldTable) -> Result<(), String> {
+        let events: Vec<serde_json::Value> =
+            serde_json::from_slice(body).map_err(|e| e.to_string())?;
+        let key = match headers.inner().get(KEY_HEADER) {
+            Some(AMQPValue::LongString(s)) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
+            _ => String::new(),
+        };
+        let attempts = match headers.inner().get(ATTEMPT_HEADER) {
+            Some(AMQPValue::LongUInt(n)) => *n,
+            _ => 0,
+        };
+        let message_ids = events
+            .iter()
+            .map(|e| e["messageId"].as_str().unwrap_or_default().to_owned())
+            .collect();
+        self.stored.lock().map_err(|e| e.to_string())?.push(Stored {
+            queue: queue.to_owned(),
+            key,
+            attempts,
+            message_ids,
+        });
+        Ok(())
+    }
+}
