@@ -7,6 +7,11 @@
 //! whether it can be stored and here, and the sink sends those bytes as they are: an event that
 //! passed the check cannot fail the driver at insert time. A document the server refuses costs
 //! only itself: an unordered insert stores every other document and names the refused ones.
+//! A write error that passes (a primary stepping down, by code or label) is no refusal: the
+//! batch is retried (`verdict`).
+//!
+//! SecantusDB, which the tests run against, has no `configureFailPoint`, so a stepdown cannot
+//! be staged end to end; the classification is unit-tested from the driver's own error types.
 
 use std::time::Duration;
 
@@ -20,6 +25,20 @@ use serde_json::{Map, Value};
 use super::{Batch, Sink, SinkError};
 
 const DUPLICATE_KEY: i32 = 11000;
+/// Codes of errors that pass: a primary stepping down or a node shutting down, recovering or
+/// unreachable (the retryable-writes list MongoDB drivers retry on). PrimarySteppedDown,
+/// ShutdownInProgress, NotWritablePrimary, InterruptedAtShutdown,
+/// InterruptedDueToReplStateChange, NotPrimaryNoSecondaryOk, NotPrimaryOrSecondary,
+/// HostNotFound, HostUnreachable, NetworkTimeout, SocketException, ExceededTimeLimit.
+const TRANSIENT_CODES: [i32; 12] = [
+    189, 91, 10107, 11600, 11602, 13435, 13436, 7, 6, 89, 9001, 262,
+];
+/// Labels the server or the driver puts on an error worth trying again.
+const RETRY_LABELS: [&str; 3] = [
+    "RetryableWriteError",
+    "RetryableError",
+    "SystemOverloadedError",
+];
 const INDEX_NOT_FOUND: i32 = 27;
 const NAMESPACE_NOT_FOUND: i32 = 26;
 /// The unique index on what identifies an event.
@@ -64,6 +83,28 @@ pub async fn ensure_indexes<T: Send + Sync>(
                 Err(error)
             }
         },
+    }
+}
+
+/// What a MongoDB write error means for the document it names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Duplicate key: the event is already stored, a success.
+    Stored,
+    /// Transient: the document can be written later, so the batch is tried again.
+    Retry,
+    /// The server will never take this document: it alone is dead-lettered.
+    Refuse,
+}
+
+/// Classifies a write error by its code and the labels of the error that carried it.
+pub fn verdict(code: i32, labels: &[&str]) -> Verdict {
+    if code == DUPLICATE_KEY {
+        Verdict::Stored
+    } else if TRANSIENT_CODES.contains(&code) || labels.iter().any(|l| RETRY_LABELS.contains(l)) {
+        Verdict::Retry
+    } else {
+        Verdict::Refuse
     }
 }
 
@@ -137,7 +178,9 @@ impl MongoSink {
 
 /// What an `insert_many` of `documents` documents that failed with `error` still did. Only
 /// per-document write errors (for an unordered insert, every document not named was stored)
-/// say so; anything else may have stored some, all or none, so the whole batch is retried.
+/// say so; anything else (network, server selection, a command error, a write concern error)
+/// may have stored some, all or none, so the whole batch is retried: what was stored comes
+/// back as duplicates. A transient write error retries the whole batch too.
 fn written_despite(error: &mongodb::error::Error, documents: usize) -> Result<Written, SinkError> {
     let ErrorKind::InsertMany(InsertManyError {
         write_errors: Some(write_errors),
@@ -147,27 +190,36 @@ fn written_despite(error: &mongodb::error::Error, documents: usize) -> Result<Wr
     else {
         return Err(SinkError::Retryable(error.to_string()));
     };
+    let labels: Vec<&str> = RETRY_LABELS
+        .into_iter()
+        .filter(|label| error.contains_label(label))
+        .collect();
     let mut written = Written {
         inserted: documents.saturating_sub(write_errors.len()),
         ..Written::default()
     };
     for write_error in write_errors {
-        if write_error.index >= documents {
+        let (index, code) = (write_error.index, write_error.code);
+        if index >= documents {
             return Err(SinkError::Retryable(format!(
-                "MongoDB named document {} of a batch of {documents}",
-                write_error.index
+                "MongoDB named document {index} of a batch of {documents}"
             )));
         }
-        if write_error.code == DUPLICATE_KEY {
-            written.duplicates += 1;
-        } else {
-            written.refused.push((
-                write_error.index,
+        match verdict(code, &labels) {
+            Verdict::Stored => written.duplicates += 1,
+            Verdict::Retry => {
+                return Err(SinkError::Retryable(format!(
+                    "MongoDB could not write document {index} for now (code {code}): {}",
+                    write_error.message
+                )))
+            }
+            Verdict::Refuse => written.refused.push((
+                index,
                 format!(
-                    "MongoDB refused the document (code {}): {}",
-                    write_error.code, write_error.message
+                    "MongoDB refused the document (code {code}): {}",
+                    write_error.message
                 ),
-            ));
+            )),
         }
     }
     Ok(written)
@@ -389,6 +441,36 @@ mod tests {
             written_despite(&error, 2),
             Err(SinkError::Retryable(_))
         ));
+    }
+
+    #[test]
+    fn write_errors_are_stored_retried_or_refused_by_code_and_label() {
+        assert_eq!(verdict(DUPLICATE_KEY, &[]), Verdict::Stored);
+        assert_eq!(
+            verdict(DUPLICATE_KEY, &["RetryableWriteError"]),
+            Verdict::Stored
+        );
+        for code in [
+            189, 91, 10107, 11600, 11602, 13435, 13436, 6, 7, 89, 9001, 262,
+        ] {
+            assert_eq!(verdict(code, &[]), Verdict::Retry, "code {code}");
+        }
+        for label in [
+            "RetryableWriteError",
+            "RetryableError",
+            "SystemOverloadedError",
+        ] {
+            assert_eq!(verdict(12345, &[label]), Verdict::Retry, "{label}");
+        }
+        // too large, failed validation, a bad value: the document itself is the problem
+        for code in [10334, 121, 2, 52] {
+            assert_eq!(verdict(code, &[]), Verdict::Refuse, "code {code}");
+            assert_eq!(
+                verdict(code, &["TransientTransactionError"]),
+                Verdict::Refuse,
+                "code {code}"
+            );
+        }
     }
 
     #[test]
