@@ -276,3 +276,28 @@ async fn a_deleted_raw_queue_is_declared_again_and_requests_get_200_into_it() {
         depth(url, &raw).await
     );
 }
+
+/// The periodic check: a deleted raw queue is back before any request needs it.
+#[tokio::test]
+async fn a_deleted_raw_queue_is_declared_again_without_waiting_for_a_request() {
+    let s = settings("rawgone-idle");
+    let collector = Collector::start(&s).await;
+    let url = s.broker.url.expose();
+    let raw = format!("{}.raw", s.broker.prefix);
+    let (conn, ch) = channel(url).await;
+    ch.queue_delete(
+        raw.as_str().into(),
+        lapin::options::QueueDeleteOptions::default(),
+    )
+    .await
+    .unwrap();
+    let _ = conn.close(200, "".into()).await;
+    assert!(
+        eventually(Duration::from_secs(30), || lapin_queue_exists(url, &raw)).await,
+        "the raw queue was not declared again"
+    );
+    assert!(
+        status_becomes(&http(), format!("{}/readyz", collector.url), 200).await,
+        "/readyz did not return to 200"
+    );
+}

@@ -161,10 +161,9 @@ fn cors(origins: &[String]) -> CorsLayer {
 }
 
 async fn ready(State(state): State<Arc<AppState>>) -> Response {
-    if state.publisher.is_ready() {
-        (StatusCode::OK, "ready").into_response()
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "broker not connected").into_response()
+    match state.publisher.unready_reason() {
+        None => (StatusCode::OK, "ready").into_response(),
+        Some(reason) => (StatusCode::SERVICE_UNAVAILABLE, reason).into_response(),
     }
 }
 

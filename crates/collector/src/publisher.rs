@@ -1,6 +1,11 @@
 //! Publishes request bodies to the raw queue with publisher confirms, over a connection that a
 //! supervisor task keeps alive (reconnect with backoff). `publish` returns only when the broker
 //! has confirmed the message; anything else is an error the caller turns into a 503.
+//!
+//! A raw queue deleted under a running collector (by hand, a policy, a reset broker) makes every
+//! publish come back unroutable. The supervisor then declares the topology again, at once after
+//! a returned publish and from a periodic check without traffic; the publisher is not ready
+//! until the queue is back.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
@@ -15,6 +20,10 @@ use tokio::sync::Notify;
 
 /// A broker that stopped answering must not hold up shutdown or reconnection.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+/// The same for a declare of the topology, or a check that the raw queue is there.
+const DECLARE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often the supervisor checks that the raw queue exists (a passive declare).
+const RAW_CHECK_EVERY: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum PublishError {
@@ -38,11 +47,15 @@ struct Live {
     next: AtomicUsize,
     /// Raised by a publish that failed on this connection; a later connection has its own.
     broken: Notify,
+    /// Raised by a publish that came back unroutable: the raw queue is gone.
+    raw_missing: Notify,
 }
 
 struct Shared {
     live: RwLock<Option<Arc<Live>>>,
     blocked: AtomicBool,
+    /// The raw queue is known to be missing, until it is declared again.
+    raw_missing: AtomicBool,
     closing: AtomicBool,
     closed: Notify,
 }
@@ -61,6 +74,7 @@ impl Publisher {
         let shared = Arc::new(Shared {
             live: RwLock::new(None),
             blocked: AtomicBool::new(false),
+            raw_missing: AtomicBool::new(false),
             closing: AtomicBool::new(false),
             closed: Notify::new(),
         });
@@ -73,8 +87,17 @@ impl Publisher {
         publisher
     }
 
-    pub fn is_ready(&self) -> bool {
-        self.current().is_some() && !self.shared.blocked.load(Ordering::Relaxed)
+    /// Why a publish cannot succeed now, if it cannot: what `/readyz` answers.
+    pub fn unready_reason(&self) -> Option<&'static str> {
+        if self.current().is_none() {
+            Some("broker not connected")
+        } else if self.shared.blocked.load(Ordering::Relaxed) {
+            Some("broker blocked publishing")
+        } else if self.shared.raw_missing.load(Ordering::Relaxed) {
+            Some("raw queue missing")
+        } else {
+            None
+        }
     }
 
     fn current(&self) -> Option<Arc<Live>> {
@@ -124,8 +147,13 @@ impl Publisher {
                 Err(PublishError::Amqp(error))
             }
             Ok(Ok(Confirmation::Ack(None))) => Ok(()),
-            Ok(Ok(Confirmation::Ack(Some(_)))) => Err(PublishError::Unroutable),
-            Ok(Ok(Confirmation::Nack(_))) => Err(PublishError::Nacked),
+            Ok(Ok(Confirmation::Ack(Some(_)) | Confirmation::Nack(Some(_)))) => {
+                // Returned: the raw queue is gone. Declared again by the supervisor.
+                self.shared.raw_missing.store(true, Ordering::SeqCst);
+                live.raw_missing.notify_one();
+                Err(PublishError::Unroutable)
+            }
+            Ok(Ok(Confirmation::Nack(None))) => Err(PublishError::Nacked),
             Ok(Ok(Confirmation::NotRequested)) => Err(PublishError::Nacked),
         }
     }
@@ -157,6 +185,12 @@ async fn supervise(shared: Arc<Shared>, settings: BrokerSettings, topology: Topo
                 shared
                     .blocked
                     .store(live.connection.status().blocked(), Ordering::SeqCst);
+                shared.raw_missing.store(false, Ordering::SeqCst);
+                let mut raw_check = tokio::time::interval_at(
+                    tokio::time::Instant::now() + RAW_CHECK_EVERY,
+                    RAW_CHECK_EVERY,
+                );
+                raw_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 if let Ok(mut slot) = shared.live.write() {
                     *slot = Some(live.clone());
                 }
@@ -181,6 +215,12 @@ async fn supervise(shared: Arc<Shared>, settings: BrokerSettings, topology: Topo
                         },
                         () = live.broken.notified() => break,
                         () = shared.closed.notified() => break,
+                        () = live.raw_missing.notified() => {
+                            redeclare(&live, &topology, &shared).await;
+                        }
+                        _ = raw_check.tick() => {
+                            check_raw_queue(&live, &topology, &shared).await;
+                        }
                         () = tokio::time::sleep(Duration::from_secs(1)) => {
                             if !live.connection.status().connected()
                                 || live.channels.iter().any(|c| !c.channel().status().connected())
@@ -213,6 +253,39 @@ async fn supervise(shared: Arc<Shared>, settings: BrokerSettings, topology: Topo
     }
 }
 
+/// Declares the topology again after a publish came back unroutable; ready again once it is.
+async fn redeclare(live: &Live, topology: &Topology, shared: &Shared) {
+    match tokio::time::timeout(DECLARE_TIMEOUT, topology.declare(&live.connection)).await {
+        Ok(Ok(())) => {
+            if shared.raw_missing.swap(false, Ordering::SeqCst) {
+                tracing::warn!(queue = %topology.raw(), "the raw queue was missing; declared it again");
+            }
+        }
+        Ok(Err(error)) => {
+            tracing::warn!(queue = %topology.raw(), %error, "cannot declare the missing raw queue");
+        }
+        Err(_) => {
+            tracing::warn!(queue = %topology.raw(), "declaring the missing raw queue timed out")
+        }
+    }
+}
+
+/// A passive check that the raw queue exists, so that a deleted one is declared again (and
+/// `/readyz` says so) before a request finds out. No declare while it exists: a declare that
+/// differs from the queue's arguments is logged each time.
+async fn check_raw_queue(live: &Live, topology: &Topology, shared: &Shared) {
+    let raw = topology.raw();
+    let found = tokio::time::timeout(
+        DECLARE_TIMEOUT,
+        broker::inspect_queue(&live.connection, &raw),
+    )
+    .await;
+    if let Ok(Ok(None)) = found {
+        shared.raw_missing.store(true, Ordering::SeqCst);
+        redeclare(live, topology, shared).await;
+    }
+}
+
 async fn open(settings: &BrokerSettings, topology: &Topology) -> lapin::Result<Live> {
     let connection = broker::connect(settings, "collector").await?;
     let mut channels = Vec::with_capacity(settings.publish_channels);
@@ -225,5 +298,6 @@ async fn open(settings: &BrokerSettings, topology: &Topology) -> lapin::Result<L
         channels,
         next: AtomicUsize::new(0),
         broken: Notify::new(),
+        raw_missing: Notify::new(),
     })
 }
