@@ -480,3 +480,63 @@ async fn an_earlier_releases_unique_message_id_index_is_dropped_so_a_second_sour
         "{indexes:?}"
     );
 }
+
+#[tokio::test]
+async fn a_stalled_mongodb_makes_the_worker_unready_and_its_batch_a_retry_not_a_hang() {
+    let upstream = mongo_uri()
+        .trim_start_matches("mongodb://")
+        .trim_end_matches('/')
+        .to_owned();
+    let proxy = StallProxy::start(&upstream).await;
+    let mut s = settings("mongostall");
+    s.mongo.uri =
+        ingest_pipeline::Secret::new(format!("mongodb://{}/?directConnection=true", proxy.addr));
+    s.sinks.retry_delays_ms = vec![5000];
+    s.sinks.max_attempts = 50;
+    // The runner's own bound on a sink call is put out of the way: this is about MongoDB's.
+    s.sinks.mongo = json!({"enabled": true, "delivery": {"linger_ms": 20, "inline_attempts": 1,
+        "breaker_failures": 0, "timeout_ms": 3_600_000}});
+    let collector = Collector::start(&s).await;
+    let worker = Worker::start(&s);
+    let post = |tag: &'static str| {
+        let (client, url) = (http(), format!("{}/v1/batch", collector.url));
+        async move {
+            let events = (0..10).map(|i| screen(&format!("{tag}-{i}"))).collect();
+            let r = client
+                .post(url)
+                .basic_auth(IOS_KEY, Some(""))
+                .json(&batch(events))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200);
+        }
+    };
+    post("before").await;
+    assert_eq!(wait_for_count(&s, doc! {}, 10, LAND).await, 10);
+    let client = http();
+    assert!(status_becomes(&client, format!("{}/readyz", worker.url), 200).await);
+
+    proxy.stall();
+    post("stalled").await;
+    assert!(
+        status_becomes(&client, format!("{}/readyz", worker.url), 503).await,
+        "/readyz stays 200 while MongoDB does not answer"
+    );
+    assert!(
+        eventually(Duration::from_secs(60), || async {
+            retry_depth(&s, "mongo").await > 0
+        })
+        .await,
+        "the batch hangs in the sink instead of waiting in the retry path"
+    );
+
+    proxy.resume();
+    assert_eq!(
+        wait_for_count(&s, doc! {}, 20, Duration::from_secs(60)).await,
+        20
+    );
+    assert!(status_becomes(&client, format!("{}/readyz", worker.url), 200).await);
+    let dlq = format!("{}.sink.mongo.dlq", s.broker.prefix);
+    assert_eq!(depth(s.broker.url.expose(), &dlq).await, 0);
+}

@@ -994,3 +994,85 @@ async fn drain_into(
     }
     Ok(())
 }
+
+/// A TCP proxy in front of a server (e.g. SecantusDB) that forwards both ways until told to
+/// stall. Stalled, it holds every byte a client sends, on open and new connections alike,
+/// without forwarding it: the server never sees the request, as with a store that stopped
+/// taking work but still answers on its own (a MongoDB server goes on streaming heartbeats to
+/// the driver's monitor, so only a timeout of the client's own ends the request). `resume`
+/// forwards again, held bytes first. Stops when dropped.
+pub struct StallProxy {
+    pub addr: std::net::SocketAddr,
+    stalled: std::sync::Arc<tokio::sync::watch::Sender<bool>>,
+    task: JoinHandle<()>,
+}
+
+impl StallProxy {
+    /// Forwards every connection to `upstream` (`host:port`).
+    pub async fn start(upstream: &str) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stalled = std::sync::Arc::new(tokio::sync::watch::channel(false).0);
+        let (upstream, watch) = (upstream.to_owned(), stalled.clone());
+        let task = tokio::spawn(async move {
+            let mut connections = tokio::task::JoinSet::new();
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = tokio::net::TcpStream::connect(&upstream).await else {
+                    continue;
+                };
+                let (client_read, client_write) = client.into_split();
+                let (server_read, server_write) = server.into_split();
+                connections.spawn(Self::pump(
+                    client_read,
+                    server_write,
+                    Some(watch.subscribe()),
+                ));
+                connections.spawn(Self::pump(server_read, client_write, None));
+            }
+        });
+        Self {
+            addr,
+            stalled,
+            task,
+        }
+    }
+
+    /// Copies `from` to `to`, holding each read while `stalled` says so.
+    async fn pump(
+        mut from: tokio::net::tcp::OwnedReadHalf,
+        mut to: tokio::net::tcp::OwnedWriteHalf,
+        mut stalled: Option<tokio::sync::watch::Receiver<bool>>,
+    ) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = match from.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            if let Some(stalled) = stalled.as_mut() {
+                if stalled.wait_for(|stalled| !*stalled).await.is_err() {
+                    break;
+                }
+            }
+            if to.write_all(&buf[..n]).await.is_err() {
+                break;
+            }
+        }
+        let _ = to.shutdown().await;
+    }
+
+    pub fn stall(&self) {
+        self.stalled.send_replace(true);
+    }
+
+    pub fn resume(&self) {
+        self.stalled.send_replace(false);
+    }
+}
+
+impl Drop for StallProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
