@@ -301,3 +301,85 @@ async fn a_deleted_raw_queue_is_declared_again_without_waiting_for_a_request() {
         "/readyz did not return to 200"
     );
 }
+
+/// Issue #10: lapin logs a returned (unroutable) message whole at WARN, its body as a byte
+/// list, and a sendBeacon body carries the write key. The collector's log never holds a
+/// message body, whatever the level: neither the key nor the body's bytes appear in it.
+#[tokio::test]
+async fn a_returned_publish_never_puts_the_body_or_its_write_key_in_the_collector_log() {
+    let key_bytes = WEB_KEY
+        .bytes()
+        .map(|b| b.to_string())
+        .collect::<Vec<_>>()
+        .join(", ");
+    for filter in ["warn", "trace"] {
+        let mut s = settings(&format!("retlog-{filter}"));
+        s.collector.listen = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let dir = std::env::var("TEST_WORK_DIR")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|_| std::env::temp_dir());
+        let log = dir.join(format!("{}.collector.log", s.broker.prefix));
+        let _collector = Process::spawn_logging_to("collector", &s, &log, filter);
+        let client = http();
+        let url = format!("http://{}", s.collector.listen);
+        assert!(status_becomes(&client, format!("{url}/readyz"), 200).await);
+        let amqp = s.broker.url.expose();
+        let raw = format!("{}.raw", s.broker.prefix);
+        let beacon =
+            serde_json::json!({"writeKey": WEB_KEY, "batch": [product_viewed("returned-1")]})
+                .to_string();
+
+        // Delete the raw queue and post until a publish comes back unroutable (a collector
+        // declares the queue again, so the delete may be needed more than once).
+        let mut returned = false;
+        for _ in 0..50 {
+            let (conn, ch) = channel(amqp).await;
+            let _ = ch
+                .queue_delete(
+                    raw.as_str().into(),
+                    lapin::options::QueueDeleteOptions::default(),
+                )
+                .await;
+            let _ = conn.close(200, "".into()).await;
+            let r = client
+                .post(format!("{url}/v1/batch"))
+                .header("content-type", "text/plain")
+                .body(beacon.clone())
+                .send()
+                .await
+                .unwrap();
+            let status = r.status().as_u16();
+            let body: serde_json::Value = r.json().await.unwrap_or_default();
+            if status == 503
+                && body["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains("routed"))
+            {
+                returned = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(returned, "no publish came back unroutable ({filter})");
+        // The collector's own warning for the refused request is in the log: it is written.
+        assert!(
+            eventually(Duration::from_secs(30), || async {
+                std::fs::read_to_string(&log).is_ok_and(|t| t.contains("could not be routed"))
+            })
+            .await,
+            "the collector's log has no line about the refused request ({filter})"
+        );
+        let text = std::fs::read_to_string(&log).unwrap();
+        let leaks: Vec<String> = text
+            .lines()
+            .filter(|l| l.contains(WEB_KEY) || l.contains(&key_bytes))
+            .map(|l| l.chars().take(300).collect())
+            .collect();
+        assert!(
+            leaks.is_empty(),
+            "the message body is in the collector's log at {filter}:\n{}",
+            leaks.join("\n")
+        );
+        let _ = std::fs::remove_file(&log);
+    }
+}
