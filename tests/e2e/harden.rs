@@ -294,12 +294,16 @@ async fn a_delivery_whose_handling_panics_returns_to_the_queue_and_frees_its_pre
         .unwrap();
     let first = consumer.next().await.unwrap().unwrap();
     assert!(!first.redelivered);
-    let acker = first.acker.clone();
-    let task = tokio::spawn(worker::returning_on_panic(acker, async move {
+    let tag = first.delivery_tag;
+    let settled = tokio::spawn(worker::consume::settled_on_panic(async move {
         let _held = first;
         panic!("a bug met while handling a delivery");
-    }));
-    task.await.unwrap();
+    }))
+    .await
+    .unwrap();
+    assert_eq!(settled, worker::acks::Settled::Requeue);
+    let mut acks = worker::acks::Acks::new(ch.clone());
+    acks.settle_all([(tag, settled)]).await.unwrap();
     // With prefetch 1, the message comes again only if the panicked task gave its slot back.
     let again = tokio::time::timeout(Duration::from_secs(10), consumer.next())
         .await

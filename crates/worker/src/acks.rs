@@ -6,6 +6,9 @@
 
 use std::collections::BTreeMap;
 
+use lapin::options::{BasicAckOptions, BasicNackOptions};
+use lapin::Channel;
+
 /// What became of one delivery.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Settled {
@@ -70,6 +73,50 @@ impl AckTracker {
     /// Deliveries settled out of order, still waiting for an earlier one.
     pub fn waiting(&self) -> usize {
         self.ahead.len()
+    }
+}
+
+/// A consuming channel with its tracker: settles deliveries with as few frames as it can.
+pub struct Acks {
+    channel: Channel,
+    tracker: AckTracker,
+}
+
+impl Acks {
+    pub fn new(channel: Channel) -> Self {
+        Self {
+            channel,
+            tracker: AckTracker::default(),
+        }
+    }
+
+    /// Settles every `(tag, settled)`, then sends one `multiple` ack for the longest settled
+    /// prefix (and a nack for each requeue, at once).
+    pub async fn settle_all(
+        &mut self,
+        settled: impl IntoIterator<Item = (u64, Settled)>,
+    ) -> lapin::Result<()> {
+        let mut ack_up_to = None;
+        for (tag, settled) in settled {
+            for frame in self.tracker.settle(tag, settled) {
+                match frame {
+                    Frame::AckUpTo(tag) => ack_up_to = Some(tag),
+                    Frame::Requeue(tag) => {
+                        let requeue = BasicNackOptions {
+                            multiple: false,
+                            requeue: true,
+                        };
+                        self.channel.basic_nack(tag, requeue).await?;
+                    }
+                }
+            }
+        }
+        if let Some(tag) = ack_up_to {
+            self.channel
+                .basic_ack(tag, BasicAckOptions { multiple: true })
+                .await?;
+        }
+        Ok(())
     }
 }
 

@@ -91,13 +91,21 @@ pub struct Stored {
     pub message_ids: Vec<String>,
 }
 
-/// A durable store that keeps what it is given (and fails if told to).
+/// A durable store that keeps what it is given (or refuses everything).
 #[derive(Default)]
 pub struct Recorder {
     stored: Mutex<Vec<Stored>>,
+    refuse: bool,
 }
 
 impl Recorder {
+    pub fn refusing() -> Self {
+        Self {
+            refuse: true,
+            ..Self::default()
+        }
+    }
+
     pub fn stored(&self) -> Vec<Stored> {
         self.stored.lock().map(|s| s.clone()).unwrap_or_default()
     }
@@ -106,6 +114,9 @@ impl Recorder {
 #[async_trait::async_trait]
 impl Durable for Recorder {
     async fn store(&self, queue: &str, body: &[u8], headers: FieldTable) -> Result<(), String> {
+        if self.refuse {
+            return Err(format!("{queue} refused the batch"));
+        }
         let events: Vec<serde_json::Value> =
             serde_json::from_slice(body).map_err(|e| e.to_string())?;
         let key = match headers.inner().get(KEY_HEADER) {

@@ -1,0 +1,370 @@
+//! The raw queue's consumer: one broker session at a time. Each delivery is processed in a
+//! task of its own (decode, enrich, validate), its invalid records are confirmed into the
+//! invalid queue, its valid events go to the sinks in this process ([`Fanout`]), and it is
+//! acked once all of that is done, in tag order with `multiple` ([`Acks`]). Each sink's own
+//! queue (its spill and retry path) is consumed beside it by the sink's runner.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::{FutureExt as _, StreamExt as _};
+use ingest_pipeline::broker::{Answer, Publisher};
+use ingest_pipeline::{broker, Backoff, Settings, Topology};
+use lapin::message::Delivery;
+use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
+use lapin::types::FieldTable;
+use lapin::BasicProperties;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::acks::{Acks, Settled};
+use crate::fanout::Fanout;
+use crate::invalid::{self, InvalidRecord};
+use crate::settle::{Durable, SinkRunner};
+use crate::sinks::Event;
+use crate::{process, Context};
+
+/// A broker that stopped answering must not hold up shutdown or reconnection.
+pub(crate) const BROKER_CALL_TIMEOUT: Duration = Duration::from_secs(5);
+/// Invalid records published at once per delivery.
+const INVALID_PUBLISH_CONCURRENCY: usize = 64;
+/// Refusals (nacks, unroutable) of one publish before its delivery goes back to the queue.
+const PUBLISH_ATTEMPTS: u32 = 10;
+
+/// One connection's life: consume the raw queue, run every sink's lane and runner, until
+/// shutdown or until the connection is lost. Publishing (invalid records, spilled batches,
+/// retries) uses a second connection: a broker that blocks publishers (resource alarm) must
+/// not also stall the acks.
+pub(crate) async fn session(
+    settings: &Settings,
+    context: &Arc<Context>,
+    runners: &[Arc<SinkRunner>],
+    stop: &CancellationToken,
+) -> anyhow::Result<()> {
+    let topology = &context.topology;
+    let connection = Arc::new(broker::connect(&settings.broker, "worker").await?);
+    let publishing = broker::connect(&settings.broker, "worker-publish").await?;
+    let names: Vec<String> = runners.iter().map(|r| r.sink.name().to_owned()).collect();
+    topology
+        .declare_sinks(&connection, &names, &settings.sinks.retry_delays())
+        .await?;
+    let channel = connection.create_channel().await?;
+    channel
+        .basic_qos(settings.worker.prefetch, BasicQosOptions::default())
+        .await?;
+    let publish = broker::Publisher::open(&publishing).await?;
+
+    // Each sink's queue runner runs beside the raw consumer; any of them failing ends the
+    // session. The lanes end once the raw deliveries in hand are settled.
+    let session_stop = stop.child_token();
+    let mut sink_tasks = JoinSet::new();
+    for runner in runners {
+        let (runner, topology, connection, publish, session_stop) = (
+            runner.clone(),
+            topology.clone(),
+            connection.clone(),
+            publish.clone(),
+            session_stop.clone(),
+        );
+        sink_tasks.spawn(async move {
+            let result = runner
+                .run(&topology, &connection, &publish, &session_stop)
+                .await;
+            session_stop.cancel();
+            result
+        });
+    }
+    let durable: Arc<dyn Durable> = Arc::new(publish.clone());
+    let lanes_stop = CancellationToken::new();
+    let (fanout, mut lanes) = Fanout::start(runners, topology, durable, &lanes_stop);
+    let shared = Arc::new(Session {
+        publish: publish.clone(),
+        fanout,
+        connection: connection.clone(),
+        sinks: names.clone(),
+        retry_delays: settings.sinks.retry_delays(),
+        topology: topology.clone(),
+        last_declared: tokio::sync::Mutex::new(None),
+    });
+    let tag = format!("worker-{}", uuid::Uuid::new_v4());
+    let mut consumer = channel
+        .basic_consume(
+            topology.raw().into(),
+            tag.as_str().into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    tracing::info!(queue = %topology.raw(), prefetch = settings.worker.prefetch, sinks = ?names, "consuming");
+    context.health.set_consuming(true);
+
+    let mut acks = Acks::new(channel.clone());
+    let mut tasks = JoinSet::new();
+    let mut health = tokio::time::interval(Duration::from_secs(1));
+    let mut lost = loop {
+        tokio::select! {
+            () = session_stop.cancelled() => break !stop.is_cancelled(),
+            // A sink task that ended (error or panic) ends the session: it reconnects whole.
+            Some(ended) = sink_tasks.join_next(), if !sink_tasks.is_empty() => {
+                match ended {
+                    Ok(Ok(())) => {}
+                    Ok(Err(error)) => tracing::warn!(error = format!("{error:#}"), "a sink stopped"),
+                    Err(error) => tracing::error!(%error, "a sink task panicked"),
+                }
+                break !stop.is_cancelled();
+            }
+            _ = health.tick() => {
+                if !publishing.status().connected() || !publish.channel().status().connected() {
+                    tracing::warn!("the publishing connection is gone");
+                    break true;
+                }
+            }
+            next = consumer.next() => match next {
+                Some(Ok(delivery)) => {
+                    let delivery_tag = delivery.delivery_tag;
+                    let work = handle(delivery, context.clone(), shared.clone());
+                    tasks.spawn(async move { (delivery_tag, settled_on_panic(work).await) });
+                }
+                Some(Err(error)) => {
+                    tracing::warn!(%error, "consumer failed");
+                    break true;
+                }
+                None => break true,
+            },
+            Some(joined) = tasks.join_next(), if !tasks.is_empty() => {
+                if !settle_joined(&mut acks, joined, &mut tasks).await {
+                    break true;
+                }
+            }
+        }
+    };
+    context.health.set_consuming(false);
+    if !lost {
+        let cancel = channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default());
+        let _ = tokio::time::timeout(BROKER_CALL_TIMEOUT, cancel).await;
+    }
+    let in_hand = tasks.len();
+    let grace = Duration::from_millis(settings.worker.shutdown_timeout_ms);
+    let drained = tokio::time::timeout(grace, async {
+        while let Some(joined) = tasks.join_next().await {
+            if !lost && !settle_joined(&mut acks, joined, &mut tasks).await {
+                lost = true;
+            }
+        }
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(
+            ?grace,
+            left = tasks.len(),
+            "deliveries not finished in time; they return to the queue"
+        );
+        tasks.abort_all();
+    }
+    // Raw deliveries are settled: the lanes finish what they hold, then the runners stop.
+    drop(shared);
+    if tokio::time::timeout(grace, async { while lanes.join_next().await.is_some() {} })
+        .await
+        .is_err()
+    {
+        lanes_stop.cancel();
+        lanes.abort_all();
+    }
+    session_stop.cancel();
+    if tokio::time::timeout(grace, async {
+        while let Some(joined) = sink_tasks.join_next().await {
+            if let Ok(Err(error)) = joined {
+                tracing::warn!(error = format!("{error:#}"), "sink stopped");
+            }
+        }
+    })
+    .await
+    .is_err()
+    {
+        sink_tasks.abort_all();
+    }
+    tracing::info!(in_hand, lost, "closing the broker connections");
+    for c in [&*connection, &publishing] {
+        let _ =
+            tokio::time::timeout(BROKER_CALL_TIMEOUT, c.close(200, "worker stopping".into())).await;
+    }
+    if lost {
+        anyhow::bail!("connection to the broker lost");
+    }
+    Ok(())
+}
+
+/// Settles a finished delivery and every other one already finished, so that one `multiple`
+/// ack covers them all; `false` if the channel is gone.
+async fn settle_joined(
+    acks: &mut Acks,
+    first: Result<(u64, Settled), tokio::task::JoinError>,
+    tasks: &mut JoinSet<(u64, Settled)>,
+) -> bool {
+    let mut finished = vec![first];
+    while let Some(more) = tasks.try_join_next() {
+        finished.push(more);
+    }
+    let mut settled = Vec::with_capacity(finished.len());
+    for joined in finished {
+        match joined {
+            Ok(done) => settled.push(done),
+            // Only an abort gets here (a panic is caught in the task): the channel's close
+            // returns the delivery.
+            Err(error) => tracing::warn!(%error, "a delivery task ended without settling"),
+        }
+    }
+    match acks.settle_all(settled).await {
+        Ok(()) => true,
+        Err(error) => {
+            tracing::warn!(%error, "cannot ack: the channel is gone");
+            false
+        }
+    }
+}
+
+/// Runs the work on one delivery. A panic in it must not keep the delivery's prefetch slot
+/// until the channel closes (after `prefetch` panics the worker would stop consuming while it
+/// still looked ready): it counts as `Requeue`, so the delivery goes back to its queue at
+/// once, and the queue's delivery limit ends a loop in its dead-letter queue.
+pub async fn settled_on_panic(work: impl Future<Output = Settled>) -> Settled {
+    match std::panic::AssertUnwindSafe(work).catch_unwind().await {
+        Ok(settled) => settled,
+        Err(_) => {
+            metrics::counter!("worker_deliveries_total", "outcome" => "panicked").increment(1);
+            tracing::error!("handling a delivery panicked; it returns to the queue");
+            Settled::Requeue
+        }
+    }
+}
+
+async fn handle(delivery: Delivery, context: Arc<Context>, session: Arc<Session>) -> Settled {
+    let outcome = process::process(
+        &context.registry,
+        &delivery.properties,
+        &delivery.data,
+        context.limits,
+    );
+    let (valid, invalid) = (outcome.valid.len(), outcome.invalid.len());
+    metrics::counter!("worker_events_total", "result" => "valid").increment(valid as u64);
+    metrics::counter!("worker_events_total", "result" => "invalid").increment(invalid as u64);
+    let waited = chrono::Utc::now().signed_duration_since(outcome.meta.received_at);
+    metrics::histogram!("worker_queue_lag_seconds")
+        .record(waited.num_milliseconds().max(0) as f64 / 1000.0);
+    let events: Vec<Arc<Event>> = outcome.valid.into_iter().map(Arc::new).collect();
+    let stored = async {
+        publish_invalid(&context, &session, &outcome.invalid).await?;
+        if !events.is_empty() {
+            session.fanout.deliver(&events).await?;
+        }
+        Ok::<(), String>(())
+    }
+    .await;
+    match stored {
+        Ok(()) => {
+            metrics::counter!("worker_deliveries_total", "outcome" => "acked").increment(1);
+            Settled::Done
+        }
+        Err(error) => {
+            metrics::counter!("worker_deliveries_total", "outcome" => "requeued").increment(1);
+            tracing::warn!(%error, "delivery not settled; returning it to the queue");
+            // Do not spin on a persistent failure.
+            tokio::time::sleep(Duration::from_millis(500 + fastrand::u64(0..1000))).await;
+            Settled::Requeue
+        }
+    }
+}
+
+/// Publishes into a queue until the broker has it. A late confirm is waited for, never
+/// answered with a second copy (`Publisher::publish_and_wait`); a nack is tried again after a
+/// pause; an unroutable publish (a deleted queue) declares the topology again first. After
+/// `PUBLISH_ATTEMPTS` refusals it gives up, and the delivery goes back to its queue (where the
+/// delivery limit ends a loop).
+async fn publish_until_taken(
+    context: &Context,
+    session: &Session,
+    queue: &str,
+    body: &[u8],
+    properties: BasicProperties,
+) -> Result<(), String> {
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
+    for _ in 0..PUBLISH_ATTEMPTS {
+        let answer = session
+            .publish
+            .publish_and_wait("", queue, body, properties.clone(), context.confirm_timeout)
+            .await
+            .map_err(|error| format!("{queue}: {error}"))?;
+        match answer {
+            Answer::Confirmed => return Ok(()),
+            Answer::Returned => {
+                metrics::counter!("worker_publish_returned_total", "target" => queue.to_owned())
+                    .increment(1);
+                tracing::warn!(
+                    queue,
+                    "the broker could not route a publish; declaring the queues again"
+                );
+                session.redeclare().await;
+            }
+            Answer::Nacked => {
+                metrics::counter!("worker_publish_nacked_total", "target" => queue.to_owned())
+                    .increment(1);
+                tracing::warn!(queue, "the broker refused a publish; trying again");
+            }
+        }
+        tokio::time::sleep(backoff.next_delay()).await;
+    }
+    Err(format!("{queue} refused {PUBLISH_ATTEMPTS} publishes"))
+}
+
+/// Each record once, into the invalid queue; a record is published again only after the
+/// broker refused it, never because its confirm was late.
+async fn publish_invalid(
+    context: &Context,
+    session: &Session,
+    records: &[InvalidRecord],
+) -> Result<(), String> {
+    let queue = context.topology.invalid();
+    for chunk in records.chunks(INVALID_PUBLISH_CONCURRENCY) {
+        futures_util::future::try_join_all(chunk.iter().map(|record| async {
+            let (body, properties) = invalid::message(record).map_err(|e| e.to_string())?;
+            publish_until_taken(context, session, &queue, &body, properties).await
+        }))
+        .await?;
+    }
+    Ok(())
+}
+
+/// What a session's delivery tasks share: the publishing channel, the sinks' lanes, and the
+/// connection to declare the topology again on (a queue deleted under a running worker).
+struct Session {
+    publish: Publisher,
+    fanout: Fanout,
+    connection: Arc<lapin::Connection>,
+    sinks: Vec<String>,
+    retry_delays: Vec<Duration>,
+    topology: Topology,
+    last_declared: tokio::sync::Mutex<Option<tokio::time::Instant>>,
+}
+
+impl Session {
+    /// Declares every queue again, at most once a second however many tasks ask.
+    async fn redeclare(&self) {
+        let mut last = self.last_declared.lock().await;
+        if last.is_some_and(|at| at.elapsed() < Duration::from_secs(1)) {
+            return;
+        }
+        *last = Some(tokio::time::Instant::now());
+        let declared = tokio::time::timeout(
+            BROKER_CALL_TIMEOUT,
+            self.topology
+                .declare_sinks(&self.connection, &self.sinks, &self.retry_delays),
+        )
+        .await;
+        match declared {
+            Ok(Ok(())) => tracing::info!("declared the queues again"),
+            Ok(Err(error)) => tracing::warn!(%error, "declaring the queues again failed"),
+            Err(_) => tracing::warn!("declaring the queues again timed out"),
+        }
+    }
+}

@@ -1,0 +1,190 @@
+//! The happy path: a raw delivery's valid events go to every sink in this process, without
+//! crossing the broker again. Each sink has a lane: a bounded queue of jobs and a batcher that
+//! takes every job waiting when one of the sink's `max_in_flight` slots is free (so batches
+//! grow with load, up to `batch_max_events`), delivers, and answers each job once its events
+//! are in the sink or confirmed into the sink's own queue:
+//!
+//! - delivered (after inline retries if needed): done;
+//! - still failing, circuit open: the batch goes to the sink's delay queue (as the queue path
+//!   does), and its runner takes it from there;
+//! - not finished within `spill_after_ms`: the batch goes whole to `<prefix>.sink.<name>`;
+//! - refused events: to the sink's dead-letter queue.
+//!
+//! So a slow or failing sink holds a raw delivery at most `spill_after_ms` (plus a confirmed
+//! publish), never blocks another sink, and a publish into one sink's queue concerns that sink
+//! alone.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ingest_pipeline::{Backoff, Topology};
+use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::settle::{batch_key, decide, Decision, Durable, Outcome, SinkRunner};
+use crate::sinks::{Batch, Event};
+
+/// Jobs waiting per sink beyond those being delivered; with the raw prefetch this bounds
+/// memory (a full lane makes deliveries wait, which stops the consumer at its prefetch).
+const LANE_DEPTH: usize = 1024;
+/// Tries to place a batch in the sink's queues before its deliveries go back to raw.
+const PLACE_ATTEMPTS: u32 = 5;
+
+struct Job {
+    events: Vec<Arc<Event>>,
+    done: oneshot::Sender<Result<(), String>>,
+}
+
+/// Hands valid events to every sink's lane.
+pub struct Fanout {
+    lanes: Vec<(Arc<SinkRunner>, mpsc::Sender<Job>)>,
+}
+
+impl Fanout {
+    /// Starts a batcher per sink; they end once the `Fanout` is dropped and their work is
+    /// done, or at once when `stop` is cancelled.
+    pub fn start(
+        runners: &[Arc<SinkRunner>],
+        topology: &Topology,
+        out: Arc<dyn Durable>,
+        stop: &CancellationToken,
+    ) -> (Self, JoinSet<()>) {
+        let mut tasks = JoinSet::new();
+        let lanes = runners
+            .iter()
+            .map(|runner| {
+                let (tx, rx) = mpsc::channel(LANE_DEPTH);
+                tasks.spawn(lane(
+                    runner.clone(),
+                    rx,
+                    topology.clone(),
+                    out.clone(),
+                    stop.clone(),
+                ));
+                (runner.clone(), tx)
+            })
+            .collect();
+        (Self { lanes }, tasks)
+    }
+
+    /// Gives each sink the events it wants; `Ok` once every sink has them or has them in its
+    /// own queue. `Err` means at least one sink has neither: the caller returns the delivery
+    /// to its queue (the sinks that had it get it again: at least once).
+    pub async fn deliver(&self, events: &[Arc<Event>]) -> Result<(), String> {
+        let mut waiting = Vec::with_capacity(self.lanes.len());
+        for (runner, lane) in &self.lanes {
+            let wanted: Vec<Arc<Event>> = events
+                .iter()
+                .filter(|e| runner.delivery.wants(e))
+                .cloned()
+                .collect();
+            runner.count(Outcome::FilteredOut, events.len() - wanted.len());
+            if wanted.is_empty() {
+                continue;
+            }
+            let (done, answer) = oneshot::channel();
+            let job = Job {
+                events: wanted,
+                done,
+            };
+            lane.send(job)
+                .await
+                .map_err(|_| format!("sink {} is stopping", runner.sink.name()))?;
+            waiting.push((runner.sink.name(), answer));
+        }
+        for (name, answer) in waiting {
+            match answer.await {
+                Ok(Ok(())) => {}
+                Ok(Err(error)) => return Err(format!("sink {name}: {error}")),
+                Err(_) => return Err(format!("sink {name} stopped before answering")),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One sink's batcher.
+async fn lane(
+    runner: Arc<SinkRunner>,
+    mut jobs: mpsc::Receiver<Job>,
+    topology: Topology,
+    out: Arc<dyn Durable>,
+    stop: CancellationToken,
+) {
+    let slots = Arc::new(Semaphore::new(runner.delivery.max_in_flight));
+    let mut deliveries = JoinSet::new();
+    loop {
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            break;
+        };
+        let first = tokio::select! {
+            job = jobs.recv() => job,
+            () = stop.cancelled() => None,
+        };
+        let Some(first) = first else { break };
+        let mut events = first.events;
+        let mut dones = vec![first.done];
+        while events.len() < runner.delivery.batch_max_events {
+            match jobs.try_recv() {
+                Ok(job) => {
+                    events.extend(job.events);
+                    dones.push(job.done);
+                }
+                Err(_) => break,
+            }
+        }
+        let (runner, topology, out, stop) =
+            (runner.clone(), topology.clone(), out.clone(), stop.clone());
+        deliveries.spawn(async move {
+            let placed = deliver_batch(&runner, events, &topology, &*out, &stop).await;
+            for done in dones {
+                let _ = done.send(placed.clone());
+            }
+            drop(slot);
+        });
+        while deliveries.try_join_next().is_some() {}
+    }
+    while deliveries.join_next().await.is_some() {}
+}
+
+/// Delivers one batch, or places it in the sink's queues; see the module's documentation.
+async fn deliver_batch(
+    runner: &SinkRunner,
+    events: Vec<Arc<Event>>,
+    topology: &Topology,
+    out: &dyn Durable,
+    stop: &CancellationToken,
+) -> Result<(), String> {
+    let batch = Batch {
+        key: batch_key(runner.sink.name(), &events),
+        events,
+    };
+    let spill_after = Duration::from_millis(runner.delivery.spill_after_ms);
+    let decision =
+        match tokio::time::timeout(spill_after, runner.attempt(&batch, false, stop)).await {
+            Ok(result) => decide(result, 0, runner.max_attempts),
+            Err(_) => Decision::Spill {
+                attempts: 0,
+                reason: format!("not taken within spill_after_ms ({spill_after:?})"),
+            },
+        };
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(2));
+    let mut last = String::new();
+    for _ in 0..PLACE_ATTEMPTS {
+        match runner.place(&batch, decision.clone(), topology, out).await {
+            Ok(()) => return Ok(()),
+            Err(error) if decision == Decision::Release => return Err(error),
+            Err(error) => last = error,
+        }
+        tokio::select! {
+            () = tokio::time::sleep(backoff.next_delay()) => {}
+            () = stop.cancelled() => break,
+        }
+    }
+    Err(last)
+}
+
+#[cfg(test)]
+#[path = "fanout/tests.rs"]
+mod tests;

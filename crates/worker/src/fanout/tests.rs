@@ -1,0 +1,149 @@
+use std::collections::VecDeque;
+
+use serde_json::json;
+
+use super::*;
+use crate::delivery::DeliverySettings;
+use crate::sinks::testing::{Recorder, Scripted};
+use crate::sinks::Sink;
+
+fn events(ids: &[&str], kind: &str) -> Vec<Arc<Event>> {
+    ids.iter()
+        .map(|m| {
+            let v = json!({"messageId": m, "type": kind, "event": "E"});
+            Arc::new(v.as_object().cloned().unwrap_or_default())
+        })
+        .collect()
+}
+
+fn runner(sink: Arc<dyn Sink>, delivery: DeliverySettings) -> Arc<SinkRunner> {
+    Arc::new(SinkRunner::new(
+        sink,
+        delivery,
+        vec![Duration::from_secs(1)],
+        3,
+    ))
+}
+
+#[tokio::test(start_paused = true)]
+async fn each_sink_gets_the_events_it_wants_in_process() {
+    let all = Arc::new(Scripted::new("all", VecDeque::new()));
+    let tracks = Arc::new(Scripted::new("tracks", VecDeque::new()));
+    let only_tracks = DeliverySettings {
+        types: vec!["track".into()],
+        ..DeliverySettings::default()
+    };
+    let runners = [
+        runner(all.clone(), DeliverySettings::default()),
+        runner(tracks.clone(), only_tracks),
+    ];
+    let out = Arc::new(Recorder::default());
+    let stop = CancellationToken::new();
+    let (fanout, _tasks) = Fanout::start(&runners, &Topology::new("t"), out.clone(), &stop);
+    let mut mixed = events(&["t1"], "track");
+    mixed.extend(events(&["s1"], "screen"));
+    fanout.deliver(&mixed).await.expect("delivered");
+    assert_eq!(all.delivered(), vec!["t1", "s1"]);
+    assert_eq!(tracks.delivered(), vec!["t1"]);
+    assert!(out.stored().is_empty());
+    assert_eq!(runners[1].stats.snapshot()[3], 1, "one filtered out");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failing_sink_takes_its_delay_queue_and_never_holds_back_a_healthy_one() {
+    let healthy = Arc::new(Scripted::new("healthy", VecDeque::new()));
+    let down = Arc::new(Scripted::failing("down"));
+    let quick = DeliverySettings {
+        inline_attempts: 2,
+        ..DeliverySettings::default()
+    };
+    let runners = [
+        runner(healthy.clone(), DeliverySettings::default()),
+        runner(down.clone(), quick),
+    ];
+    let out = Arc::new(Recorder::default());
+    let stop = CancellationToken::new();
+    let (fanout, _tasks) = Fanout::start(&runners, &Topology::new("t"), out.clone(), &stop);
+    fanout
+        .deliver(&events(&["m1", "m2"], "track"))
+        .await
+        .expect("settled");
+    assert_eq!(healthy.delivered(), vec!["m1", "m2"]);
+    let stored = out.stored();
+    assert_eq!(stored.len(), 1);
+    assert_eq!(stored[0].queue, "t.sink.down.retry.1000ms");
+    assert_eq!(stored[0].message_ids, vec!["m1", "m2"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_sink_that_does_not_finish_in_time_spills_to_its_own_queue() {
+    let stalled = Arc::new(Scripted::stalled("slow"));
+    let bound = DeliverySettings {
+        spill_after_ms: 2_000,
+        ..DeliverySettings::default()
+    };
+    let runners = [runner(stalled.clone(), bound)];
+    let out = Arc::new(Recorder::default());
+    let stop = CancellationToken::new();
+    let (fanout, _tasks) = Fanout::start(&runners, &Topology::new("t"), out.clone(), &stop);
+    let started = tokio::time::Instant::now();
+    fanout
+        .deliver(&events(&["m1"], "track"))
+        .await
+        .expect("spilled");
+    assert_eq!(started.elapsed(), Duration::from_millis(2_000));
+    let stored = out.stored();
+    assert_eq!(stored.len(), 1);
+    assert_eq!(stored[0].queue, "t.sink.slow");
+    assert_eq!(stored[0].attempts, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn deliveries_waiting_for_a_busy_sink_share_one_batch() {
+    let sink = Arc::new(Scripted::new("busy", VecDeque::new()));
+    let one_at_a_time = DeliverySettings {
+        max_in_flight: 1,
+        ..DeliverySettings::default()
+    };
+    let runners = [runner(sink.clone(), one_at_a_time)];
+    let out = Arc::new(Recorder::default());
+    let stop = CancellationToken::new();
+    let (fanout, _tasks) = Fanout::start(&runners, &Topology::new("t"), out.clone(), &stop);
+    let fanout = Arc::new(fanout);
+    let ids: Vec<String> = (0..20).map(|i| format!("m{i}")).collect();
+    let all = futures_util::future::join_all(ids.iter().map(|id| {
+        let fanout = fanout.clone();
+        let batch = events(&[id.as_str()], "track");
+        async move { fanout.deliver(&batch).await }
+    }))
+    .await;
+    assert!(all.iter().all(Result::is_ok));
+    let mut delivered = sink.delivered();
+    delivered.sort();
+    let mut expected = ids.clone();
+    expected.sort();
+    assert_eq!(delivered, expected);
+    assert!(
+        sink.calls() < 20,
+        "{} calls for 20 deliveries",
+        sink.calls()
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_batch_that_cannot_be_placed_anywhere_fails_its_deliveries() {
+    let down = Arc::new(Scripted::failing("down"));
+    let quick = DeliverySettings {
+        inline_attempts: 1,
+        ..DeliverySettings::default()
+    };
+    let runners = [runner(down, quick)];
+    let out = Arc::new(Recorder::refusing());
+    let stop = CancellationToken::new();
+    let (fanout, _tasks) = Fanout::start(&runners, &Topology::new("t"), out, &stop);
+    let error = fanout
+        .deliver(&events(&["m1"], "track"))
+        .await
+        .expect_err("nowhere durable");
+    assert!(error.contains("down"), "{error}");
+}
