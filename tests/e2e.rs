@@ -6,6 +6,7 @@ mod e2e {
     pub mod bench_smoke;
     pub mod chaos;
     pub mod compat;
+    pub mod fanout;
     pub mod fixtures;
     pub mod harden;
     pub mod hostile;
