@@ -995,6 +995,73 @@ async fn drain_into(
     Ok(())
 }
 
+/// Publishes `body` once to `queue` (persistent, mandatory, confirmed) on a connection of its
+/// own, for a client that must go on while the broker is down. `Ok` only if the broker
+/// confirmed it and routed it to the queue; otherwise what happened (a refused connection, a
+/// nack, a return, no confirm within `within`). An `Err` may still have been stored.
+pub async fn publish_once(
+    url: &str,
+    queue: &str,
+    body: &[u8],
+    properties: lapin::BasicProperties,
+    within: Duration,
+) -> Result<(), String> {
+    let attempt = async {
+        let connection = lapin::Connection::connect(url, lapin::ConnectionProperties::default())
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
+        let confirmed = async {
+            let ch = connection.create_channel().await?;
+            ch.confirm_select(lapin::options::ConfirmSelectOptions::default())
+                .await?;
+            let mandatory = lapin::options::BasicPublishOptions {
+                mandatory: true,
+                ..lapin::options::BasicPublishOptions::default()
+            };
+            ch.basic_publish("".into(), queue.into(), mandatory, body, properties)
+                .await?
+                .await
+        }
+        .await;
+        let _ = connection.close(200, "".into()).await;
+        match confirmed.map_err(|e| format!("publish: {e}"))? {
+            lapin::Confirmation::Ack(None) => Ok(()),
+            other => Err(format!("not confirmed: {other:?}")),
+        }
+    };
+    tokio::time::timeout(within, attempt)
+        .await
+        .unwrap_or_else(|_| Err(format!("no confirm within {within:?}")))
+}
+
+impl Process {
+    /// Like `memory_kib`, `None` once the process is gone (no panic on a process that died).
+    pub fn try_memory_kib(&mut self) -> Option<(u64, u64)> {
+        if !self.is_running() {
+            return None;
+        }
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).ok()?;
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.split_whitespace().next())
+                .and_then(|v| v.parse().ok())
+        };
+        Some((field("VmRSS:")?, field("VmHWM:")?))
+    }
+}
+
+/// The bytes gunzipped if they are gzip (by their magic number), else as they are.
+pub fn gunzip_if_gzip(bytes: &[u8]) -> std::io::Result<Vec<u8>> {
+    if !bytes.starts_with(&[0x1f, 0x8b]) {
+        return Ok(bytes.to_vec());
+    }
+    let mut out = Vec::new();
+    std::io::Read::read_to_end(&mut flate2::read::MultiGzDecoder::new(bytes), &mut out)?;
+    Ok(out)
+}
+
 /// A TCP proxy in front of a server (e.g. SecantusDB) that forwards both ways until told to
 /// stall. Stalled, it holds every byte a client sends, on open and new connections alike,
 /// without forwarding it: the server never sees the request, as with a store that stopped
