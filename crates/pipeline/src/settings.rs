@@ -191,6 +191,15 @@ pub struct MongoSettings {
     pub uri: Secret,
     pub database: String,
     pub collection: String,
+    /// The bound on every MongoDB operation of the worker (an insert, its readiness ping, the
+    /// index set-up): past it, a store that stopped answering is a retryable failure.
+    pub timeout_ms: u64,
+}
+
+impl MongoSettings {
+    pub fn timeout(&self) -> Duration {
+        Duration::from_millis(self.timeout_ms)
+    }
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
@@ -410,6 +419,7 @@ impl Settings {
             "mongo.collection",
             "must not be empty",
         )?;
+        check(self.mongo.timeout_ms > 0, "mongo.timeout_ms", "must be > 0")?;
         Ok(())
     }
 }

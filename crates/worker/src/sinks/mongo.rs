@@ -10,6 +10,10 @@
 //! A write error that passes (a primary stepping down, by code or label) is no refusal: the
 //! batch is retried (`verdict`).
 //!
+//! Every operation is bounded by `mongo.timeout_ms`: the driver notices a server whose monitor
+//! connection stops answering, but not one that still answers its heartbeats while an insert
+//! waits for ever (a stuck disk, a lock), and there the bound turns a hang into a retry.
+//!
 //! SecantusDB, which the tests run against, has no `configureFailPoint`, so a stepdown cannot
 //! be staged end to end; the classification is unit-tested from the driver's own error types.
 
@@ -120,6 +124,7 @@ struct Written {
 #[derive(Clone)]
 pub struct MongoSink {
     collection: Collection<RawDocumentBuf>,
+    timeout: Duration,
 }
 
 impl MongoSink {
@@ -145,34 +150,51 @@ impl MongoSink {
             collection: client
                 .database(&settings.database)
                 .collection(&settings.collection),
+            timeout: settings.timeout(),
         })
     }
 
+    /// `ensure_indexes`, within `mongo.timeout_ms`.
     pub async fn ensure_indexes(&self) -> Result<(), mongodb::error::Error> {
-        ensure_indexes(&self.collection).await
+        match tokio::time::timeout(self.timeout, ensure_indexes(&self.collection)).await {
+            Ok(result) => result,
+            Err(_) => Err(ErrorKind::Io(std::sync::Arc::new(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                self.no_answer(),
+            )))
+            .into()),
+        }
     }
 
+    /// Whether MongoDB answers a ping within `mongo.timeout_ms`.
     pub async fn ping(&self) -> bool {
-        self.collection
-            .client()
-            .database("admin")
-            .run_command(doc! {"ping": 1})
-            .await
-            .is_ok()
+        let admin = self.collection.client().database("admin");
+        let ping = admin.run_command(doc! {"ping": 1});
+        matches!(tokio::time::timeout(self.timeout, ping).await, Ok(Ok(_)))
     }
 
-    /// One unordered `insert_many` of the very bytes `to_document` made.
+    /// One unordered `insert_many` of the very bytes `to_document` made, within
+    /// `mongo.timeout_ms`. An insert cut short may still be applied: retried, it is a duplicate.
     async fn write(&self, documents: &[RawDocumentBuf]) -> Result<Written, SinkError> {
         if documents.is_empty() {
             return Ok(Written::default());
         }
-        match self.collection.insert_many(documents).ordered(false).await {
-            Ok(_) => Ok(Written {
+        let insert = self.collection.insert_many(documents).ordered(false);
+        match tokio::time::timeout(self.timeout, insert).await {
+            Ok(Ok(_)) => Ok(Written {
                 inserted: documents.len(),
                 ..Written::default()
             }),
-            Err(error) => written_despite(&error, documents.len()),
+            Ok(Err(error)) => written_despite(&error, documents.len()),
+            Err(_) => Err(SinkError::Retryable(self.no_answer())),
         }
+    }
+
+    fn no_answer(&self) -> String {
+        format!(
+            "MongoDB did not answer within {} ms (mongo.timeout_ms)",
+            self.timeout.as_millis()
+        )
     }
 }
 
