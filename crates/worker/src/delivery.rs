@@ -95,7 +95,7 @@ mod tests {
     use serde_json::json;
 
     fn event(v: Value) -> Event {
-        v.as_object().cloned().unwrap_or_default()
+        v.as_object().cloned().unwrap_or_default().into()
     }
 
     #[test]

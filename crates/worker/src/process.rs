@@ -115,7 +115,9 @@ fn process_payload(
                 enrich::enrich(&mut event, &meta, &seed, index, split.sent_at.as_ref());
                 match registry.validate(event) {
                     Ok(valid) => match to_document(valid.as_map()) {
-                        Ok(_) => valid_events.push(valid.into_map()),
+                        Ok(document) => {
+                            valid_events.push(Event::with_document(valid.into_map(), document))
+                        }
                         Err(error) => {
                             let event = Value::Object(valid.into_map());
                             invalid.push(storage_error(error, Some(event), &meta));
@@ -218,6 +220,17 @@ mod tests {
         assert_eq!(outcome.invalid[0].reason, "decode");
         assert!(outcome.invalid[0].raw_base64.is_some());
         assert!(outcome.invalid[0].errors[0].message.contains("more than 3"));
+    }
+
+    /// The storability check makes the event's BSON bytes once; the MongoDB sink sends those.
+    #[test]
+    fn a_valid_event_carries_the_bson_bytes_its_check_made() {
+        let payload =
+            br#"{"batch":[{"type":"track","event":"Custom","userId":"u","messageId":"m1"}]}"#;
+        let outcome = process(&registry(), &BasicProperties::default(), payload, LIMITS);
+        let event = &outcome.valid[0];
+        let made = to_document(event).expect("storable");
+        assert_eq!(event.document(), Some(&made));
     }
 
     /// Segment's API reads a null optional field as absent; the Python SDKs send

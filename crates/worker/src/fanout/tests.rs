@@ -11,7 +11,7 @@ fn events(ids: &[&str], kind: &str) -> Vec<Arc<Event>> {
     ids.iter()
         .map(|m| {
             let v = json!({"messageId": m, "type": kind, "event": "E"});
-            Arc::new(v.as_object().cloned().unwrap_or_default())
+            Arc::new(Event::from(v.as_object().cloned().unwrap_or_default()))
         })
         .collect()
 }

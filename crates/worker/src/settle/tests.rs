@@ -6,7 +6,7 @@ use super::*;
 use crate::sinks::testing::{Recorder, Scripted};
 
 fn event(v: serde_json::Value) -> Event {
-    v.as_object().cloned().unwrap_or_default()
+    v.as_object().cloned().unwrap_or_default().into()
 }
 
 fn batch(ids: &[&str]) -> Batch {

@@ -494,7 +494,7 @@ mod tests {
 
     fn event(value: Value) -> Arc<Event> {
         match value {
-            Value::Object(map) => Arc::new(map),
+            Value::Object(map) => Arc::new(Event::from(map)),
             other => panic!("not an object: {other}"),
         }
     }

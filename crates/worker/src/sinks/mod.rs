@@ -11,10 +11,68 @@ pub mod testing;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bson::RawDocumentBuf;
 use serde_json::{Map, Value};
 
-/// An enriched event that passed validation.
-pub type Event = Map<String, Value>;
+/// An enriched event that passed validation: its fields, and, when the worker made them, the
+/// BSON bytes of its MongoDB document (made once, when the event's storability was checked,
+/// and sent as they are). Reads as its fields; serialises as its fields only.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Event {
+    fields: Map<String, Value>,
+    document: Option<RawDocumentBuf>,
+}
+
+impl Event {
+    pub fn with_document(fields: Map<String, Value>, document: RawDocumentBuf) -> Self {
+        Self {
+            fields,
+            document: Some(document),
+        }
+    }
+
+    /// The MongoDB document made for this event, if one was.
+    pub fn document(&self) -> Option<&RawDocumentBuf> {
+        self.document.as_ref()
+    }
+
+    pub fn fields(&self) -> &Map<String, Value> {
+        &self.fields
+    }
+
+    pub fn into_fields(self) -> Map<String, Value> {
+        self.fields
+    }
+}
+
+impl From<Map<String, Value>> for Event {
+    fn from(fields: Map<String, Value>) -> Self {
+        Self {
+            fields,
+            document: None,
+        }
+    }
+}
+
+impl std::ops::Deref for Event {
+    type Target = Map<String, Value>;
+
+    fn deref(&self) -> &Self::Target {
+        &self.fields
+    }
+}
+
+impl serde::Serialize for Event {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.fields.serialize(serializer)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Event {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        Map::deserialize(deserializer).map(Self::from)
+    }
+}
 
 /// What a sink is asked to take at once. `key` is the same every time this exact batch is
 /// retried (HTTP sinks send it as `Idempotency-Key`).

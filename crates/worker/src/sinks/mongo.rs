@@ -258,7 +258,13 @@ impl Sink for MongoSink {
         let mut documents = Vec::with_capacity(batch.events.len());
         let mut positions = Vec::with_capacity(batch.events.len());
         for (index, event) in batch.events.iter().enumerate() {
-            match to_document(event) {
+            // The bytes made when the worker checked the event, if it made them here; an event
+            // read back from a queue is converted again, by the same function.
+            let document = match event.document() {
+                Some(document) => Ok(document.clone()),
+                None => to_document(event),
+            };
+            match document {
                 Ok(document) => {
                     documents.push(document);
                     positions.push(index);

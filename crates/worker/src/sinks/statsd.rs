@@ -359,7 +359,7 @@ mod tests {
 
     fn event(value: Value) -> Event {
         match value {
-            Value::Object(map) => map,
+            Value::Object(map) => map.into(),
             other => panic!("test event must be an object, got {other}"),
         }
     }
@@ -847,7 +847,7 @@ mod tests {
                     format!("analytics.{source_segment}.track.product_v2_1_viewed"),
                 ),
             };
-            let mut event = event(value);
+            let mut event = event(value).into_fields();
             event.insert("source".into(), json!(source));
             let duration = i as f64 * 1.25;
             let cart = i - 100;
@@ -868,7 +868,7 @@ mod tests {
                     .push(duration);
             }
             expected_gauges.insert(format!("{base}.cart_size"), cart as f64);
-            events.push(Arc::new(event));
+            events.push(Arc::new(Event::from(event)));
         }
         let expected_lines =
             200 + expected_timers.values().map(Vec::len).sum::<usize>() + 200 + 100;
