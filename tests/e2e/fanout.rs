@@ -18,13 +18,13 @@ async fn a_sink_slower_than_spill_after_ms_spills_to_its_queue_and_mongodb_does_
     let mut s = settings("spill");
     s.sinks.retry_delays_ms = vec![300];
     s.sinks.max_attempts = 50;
-    s.sinks.http = vec![json!({
+    s.sinks.http = vec![http_sink(json!({
         "name": "slow",
         "url": receiver.url,
         // The vendor would be waited for 20 s; the raw delivery waits at most 300 ms.
         "request_timeout_ms": 20_000,
         "delivery": {"spill_after_ms": 300, "inline_attempts": 1, "breaker_failures": 0, "linger_ms": 20},
-    })];
+    }))];
     let collector = Collector::start(&s).await;
     let worker = Worker::start(&s);
     let client = http();

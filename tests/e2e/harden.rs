@@ -220,12 +220,12 @@ async fn a_sink_message_with_the_largest_attempt_count_is_dead_lettered_not_a_pa
     let mut s = settings("attemptmax");
     s.sinks.retry_delays_ms = vec![300];
     s.sinks.max_attempts = 5;
-    s.sinks.http = vec![json!({
+    s.sinks.http = vec![http_sink(json!({
         "name": "vendor",
         "url": receiver.url,
         "request_timeout_ms": 500,
         "delivery": {"linger_ms": 20, "inline_attempts": 1, "breaker_failures": 0},
-    })];
+    }))];
     let url = amqp_url();
     let worker = Worker::start(&s);
     let client = http();

@@ -45,8 +45,7 @@ async fn post_batches(
 #[tokio::test]
 async fn a_worker_killed_with_sigkill_mid_batch_loses_nothing_and_duplicates_nothing() {
     let mut s = settings("sigkill");
-    s.sinks.mongo =
-        serde_json::json!({"enabled": true, "delivery": {"batch_max_events": 50, "linger_ms": 20}});
+    s.sinks.mongo = mongo_sink(serde_json::json!({"batch_max_events": 50, "linger_ms": 20}));
     s.worker.prefetch = 64;
     let collector = Collector::start(&s).await;
     let total = 600 * 5;
@@ -98,8 +97,7 @@ async fn count_reaches(s: &Settings, n: u64, within: Duration) -> bool {
 #[tokio::test]
 async fn graceful_worker_shutdown_acks_only_what_is_stored_and_leaves_the_rest_for_the_next() {
     let mut s = settings("graceful");
-    s.sinks.mongo =
-        serde_json::json!({"enabled": true, "delivery": {"batch_max_events": 20, "linger_ms": 20}});
+    s.sinks.mongo = mongo_sink(serde_json::json!({"batch_max_events": 20, "linger_ms": 20}));
     s.worker.prefetch = 32;
     let collector = Collector::start(&s).await;
     let deliveries = 400;

@@ -20,13 +20,13 @@ fn with_vendor(name: &str, url: &str, delivery: Value) -> Settings {
     let mut s = settings(name);
     s.sinks.retry_delays_ms = vec![300, 600];
     s.sinks.max_attempts = 50;
-    s.sinks.http = vec![json!({
+    s.sinks.http = vec![http_sink(json!({
         "name": "vendor",
         "url": url,
         "headers": {"Authorization": "Bearer test-token"},
         "request_timeout_ms": 500,
         "delivery": delivery,
-    })];
+    }))];
     s
 }
 
@@ -71,11 +71,14 @@ async fn events_land_in_mongo_statsd_and_http() {
     let receiver = Receiver::start(Mode::Ok).await;
     let statsd = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
     let mut s = with_vendor("all3", &receiver.url, quick());
-    s.sinks.statsd = Some(json!({
-        "address": statsd.local_addr().unwrap().to_string(),
-        "timers": ["total"],
-        "delivery": {"linger_ms": 20},
-    }));
+    s.sinks.statsd = Some(
+        serde_json::from_value(json!({
+            "address": statsd.local_addr().unwrap().to_string(),
+            "timers": ["total"],
+            "delivery": {"linger_ms": 20},
+        }))
+        .unwrap(),
+    );
     let collector = Collector::start(&s).await;
     let _worker = Worker::start(&s);
     let ids = post_mixed(&collector, "a", 5).await;
@@ -494,8 +497,8 @@ async fn a_stalled_mongodb_makes_the_worker_unready_and_its_batch_a_retry_not_a_
     s.sinks.retry_delays_ms = vec![5000];
     s.sinks.max_attempts = 50;
     // The runner's own bound on a sink call is put out of the way: this is about MongoDB's.
-    s.sinks.mongo = json!({"enabled": true, "delivery": {"linger_ms": 20, "inline_attempts": 1,
-        "breaker_failures": 0, "timeout_ms": 3_600_000}});
+    s.sinks.mongo = mongo_sink(json!({"linger_ms": 20, "inline_attempts": 1,
+        "breaker_failures": 0, "timeout_ms": 3_600_000}));
     let collector = Collector::start(&s).await;
     let worker = Worker::start(&s);
     let post = |tag: &'static str| {

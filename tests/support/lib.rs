@@ -12,6 +12,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use futures_util::TryStreamExt;
+use ingest_pipeline::settings::{HttpSinkSettings, MongoSinkSettings};
 use ingest_pipeline::{Secret, Settings};
 use lapin::options::{BasicAckOptions, BasicGetOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
@@ -78,7 +79,7 @@ pub fn settings(name: &str) -> Settings {
     .into_iter()
     .collect();
     s.worker.schemas_dir = root().join("schemas");
-    s.sinks.mongo = serde_json::json!({"enabled": true, "delivery": {"batch_max_events": 1000, "linger_ms": 20}});
+    s.sinks.mongo = mongo_sink(serde_json::json!({"batch_max_events": 1000, "linger_ms": 20}));
     s.worker.shutdown_timeout_ms = 10_000;
     s.worker.listen = "127.0.0.1:0".parse().unwrap();
     // Off in tests: on a loaded 2-core CI machine the runtime can run late for reasons that
@@ -87,6 +88,19 @@ pub fn settings(name: &str) -> Settings {
     s.validate_collector().unwrap();
     s.validate_worker().unwrap();
     s
+}
+
+/// An HTTP sink's settings from JSON, as a config file holds them.
+pub fn http_sink(value: serde_json::Value) -> HttpSinkSettings {
+    serde_json::from_value(value).unwrap()
+}
+
+/// The MongoDB sink, enabled, with this `delivery` table.
+pub fn mongo_sink(delivery: serde_json::Value) -> MongoSinkSettings {
+    MongoSinkSettings {
+        enabled: true,
+        delivery: serde_json::from_value(delivery).unwrap(),
+    }
 }
 
 /// The settings as the binaries read them from the environment.
@@ -315,7 +329,8 @@ impl Process {
                 "retry_delays_ms": settings.sinks.retry_delays_ms,
                 "max_attempts": settings.sinks.max_attempts,
                 "mongo": settings.sinks.mongo,
-                "http": settings.sinks.http,
+                "statsd": settings.sinks.statsd,
+                "http": settings.sinks.http.iter().map(http_sink_json).collect::<Vec<_>>(),
             },
             "collector": collector_json(settings),
         });
@@ -371,6 +386,32 @@ impl Drop for Process {
 }
 
 /// The collector settings a spawned collector needs that the environment does not carry.
+/// An HTTP sink's settings as its config file holds them, header values included.
+fn http_sink_json(sink: &HttpSinkSettings) -> serde_json::Value {
+    let HttpSinkSettings {
+        name,
+        url,
+        headers,
+        format,
+        connect_timeout_ms,
+        request_timeout_ms,
+        delivery,
+    } = sink;
+    let headers: serde_json::Map<String, serde_json::Value> = headers
+        .iter()
+        .map(|(name, value)| (name.clone(), value.expose().into()))
+        .collect();
+    serde_json::json!({
+        "name": name,
+        "url": url,
+        "headers": headers,
+        "format": format,
+        "connect_timeout_ms": connect_timeout_ms,
+        "request_timeout_ms": request_timeout_ms,
+        "delivery": delivery,
+    })
+}
+
 fn collector_json(settings: &Settings) -> serde_json::Value {
     let c = &settings.collector;
     let keys: serde_json::Map<String, serde_json::Value> = c

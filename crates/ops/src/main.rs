@@ -248,35 +248,11 @@ async fn main() -> ExitCode {
     }
 }
 
-fn sink_names(settings: &Settings) -> Vec<String> {
-    let mut names = Vec::new();
-    if settings
-        .sinks
-        .mongo
-        .get("enabled")
-        .and_then(|e| e.as_bool())
-        == Some(true)
-    {
-        names.push("mongo".to_owned());
-    }
-    if settings.sinks.statsd.is_some() {
-        names.push("statsd".to_owned());
-    }
-    names.extend(
-        settings
-            .sinks
-            .http
-            .iter()
-            .filter_map(|h| h.get("name").and_then(|n| n.as_str()).map(str::to_owned)),
-    );
-    names
-}
-
 async fn queues(settings: &Settings, json: bool) -> ExitCode {
     let topology = Topology::new(settings.broker.prefix.clone());
     let names = pipeline_queues(
         &topology,
-        &sink_names(settings),
+        &settings.sinks.names(),
         &settings.sinks.retry_delays(),
     );
     let states = match queue_states(&settings.broker, &names).await {
@@ -544,7 +520,7 @@ async fn dlq(settings: &Settings, command: DlqCommand) -> anyhow::Result<ExitCod
     match command {
         DlqCommand::List => {
             let mut names = vec![topology.invalid(), topology.raw_dlq()];
-            names.extend(sink_names(settings).iter().map(|s| topology.sink_dlq(s)));
+            names.extend(settings.sinks.names().iter().map(|s| topology.sink_dlq(s)));
             for state in queue_states(&settings.broker, &names).await? {
                 println!("{:<50} {:>10}", state.name, state.depth);
             }

@@ -3,7 +3,8 @@
 //! Order (later wins): the compiled-in `config/default.toml` → `config/$APP_ENV.toml` (APP_ENV
 //! defaults to `local`; the directory is `$INGEST_CONFIG_DIR`, default `config`; `.toml` or `.json`) → environment
 //! variables `INGEST__SECTION__KEY`. Lists from the environment are comma separated. `validate`
-//! names the bad setting; secrets never appear in `Debug` output.
+//! names the bad setting; secrets never appear in `Debug` output. Each sink's settings are
+//! typed too (`sinks`).
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -14,6 +15,13 @@ use std::time::Duration;
 use config::{Config, Environment, File, FileFormat};
 use ingest_schema::UnknownEventPolicy;
 use serde::Deserialize;
+
+mod sinks;
+
+pub use sinks::{
+    BodyFormat, DeliverySettings, HttpSinkSettings, MongoSinkSettings, SinksSettings,
+    StatsdSinkSettings,
+};
 
 const DEFAULTS: &str = include_str!("../../../config/default.toml");
 
@@ -78,43 +86,6 @@ pub struct MetricsSettings {
 impl MetricsSettings {
     pub fn statsd_interval(&self) -> Duration {
         Duration::from_millis(self.statsd_interval_ms)
-    }
-}
-
-/// Which sinks the worker feeds, and their shared retry policy. Each sink's own settings stay
-/// raw here and are parsed by the worker, which owns the sink types.
-#[derive(Clone, Deserialize)]
-pub struct SinksSettings {
-    /// One delay queue per entry; a batch's n-th failure waits in the n-th (the last repeats).
-    pub retry_delays_ms: Vec<u64>,
-    /// Failed deliveries of a batch before it goes to the sink's dead-letter queue.
-    pub max_attempts: u32,
-    pub mongo: serde_json::Value,
-    #[serde(default)]
-    pub statsd: Option<serde_json::Value>,
-    #[serde(default)]
-    pub http: Vec<serde_json::Value>,
-}
-
-impl fmt::Debug for SinksSettings {
-    /// Names only: sink settings hold secrets (HTTP headers).
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let http: Vec<_> = self.http.iter().map(|h| h.get("name")).collect();
-        f.debug_struct("SinksSettings")
-            .field("retry_delays_ms", &self.retry_delays_ms)
-            .field("max_attempts", &self.max_attempts)
-            .field("statsd", &self.statsd.is_some())
-            .field("http", &http)
-            .finish_non_exhaustive()
-    }
-}
-
-impl SinksSettings {
-    pub fn retry_delays(&self) -> Vec<Duration> {
-        self.retry_delays_ms
-            .iter()
-            .map(|ms| Duration::from_millis(*ms))
-            .collect()
     }
 }
 
@@ -515,6 +486,9 @@ mod tests {
             ),
             ("INGEST__COLLECTOR__TRUSTED_PROXIES", "10.0.0.1,10.0.0.2"),
             ("INGEST__WORKER__UNKNOWN_EVENTS", "reject"),
+            ("INGEST__SINKS__MONGO__DELIVERY__LINGER_MS", "5"),
+            ("INGEST__SINKS__STATSD__ADDRESS", "statsd.internal:8125"),
+            ("INGEST__SINKS__STATSD__SAMPLE_RATE", "0.5"),
         ];
         for (k, v) in vars {
             std::env::set_var(k, v);
@@ -533,6 +507,17 @@ mod tests {
         );
         assert_eq!(s.collector.trusted_proxies.len(), 2);
         assert_eq!(s.worker.unknown_events, UnknownEventPolicy::Reject);
+        // A sink's settings, typed, from the file beneath and the environment.
+        assert!(s.sinks.mongo.enabled);
+        assert_eq!(s.sinks.mongo.delivery.linger_ms, 5);
+        assert_eq!(s.sinks.mongo.delivery.batch_max_events, 1000);
+        let statsd = s
+            .sinks
+            .statsd
+            .as_ref()
+            .expect("statsd from the environment");
+        assert_eq!(statsd.address, "statsd.internal:8125");
+        assert_eq!(statsd.sample_rate, 0.5);
         s.validate_collector().expect("valid");
     }
 

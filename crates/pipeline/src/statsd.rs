@@ -24,6 +24,8 @@ use metrics_util::registry::{AtomicStorage, Registry};
 
 /// Bytes per datagram: fits an Ethernet MTU with IP and UDP headers.
 pub const MTU: usize = 1432;
+/// The largest payload a UDP datagram can carry over IPv4.
+pub const MAX_DATAGRAM: usize = 65_507;
 /// Values a histogram sends per interval at most.
 pub const MAX_SAMPLES: usize = 100;
 /// Sends between two lookups of the statsd address (a daemon's address can change).

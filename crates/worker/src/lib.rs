@@ -9,7 +9,6 @@ pub mod acks;
 pub mod breaker;
 pub mod consume;
 pub mod decode;
-pub mod delivery;
 pub mod enrich;
 pub mod fanout;
 pub mod health;
@@ -25,19 +24,17 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use ingest_pipeline::metrics::SchedulingDelay;
-use ingest_pipeline::settings::BrokerSettings;
+use ingest_pipeline::settings::{BrokerSettings, DeliverySettings};
 use ingest_pipeline::{broker, Backoff, Settings, Topology};
 use ingest_schema::Registry;
-use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::consume::BROKER_CALL_TIMEOUT;
-use crate::delivery::DeliverySettings;
 use crate::process::PayloadLimits;
 use crate::settle::SinkRunner;
-use crate::sinks::http::{HttpSink, HttpSinkSettings};
+use crate::sinks::http::HttpSink;
 use crate::sinks::mongo::MongoSink;
-use crate::sinks::statsd::{StatsdSettings, StatsdSink};
+use crate::sinks::statsd::StatsdSink;
 use crate::sinks::Sink;
 
 const STATS_EVERY: Duration = Duration::from_secs(10);
@@ -50,60 +47,32 @@ pub(crate) struct Context {
     confirm_timeout: Duration,
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct MongoSinkEntry {
-    enabled: bool,
-    #[serde(default)]
-    delivery: DeliverySettings,
-}
-
-/// A sink's settings with its `delivery` table taken out.
-fn split_delivery(
-    mut value: serde_json::Value,
-) -> anyhow::Result<(serde_json::Value, DeliverySettings)> {
-    let delivery = match value.as_object_mut().and_then(|o| o.remove("delivery")) {
-        Some(d) => serde_json::from_value(d).context("delivery")?,
-        None => DeliverySettings::default(),
-    };
-    Ok((value, delivery))
-}
-
 /// Builds every enabled sink from the settings, checking each.
 pub async fn build_sinks(
     settings: &Settings,
 ) -> anyhow::Result<Vec<(Arc<dyn Sink>, DeliverySettings)>> {
     let mut sinks: Vec<(Arc<dyn Sink>, DeliverySettings)> = Vec::new();
-    let mongo: MongoSinkEntry = serde_json::from_value(settings.sinks.mongo.clone())
-        .context("invalid setting `sinks.mongo`")?;
+    let mongo = &settings.sinks.mongo;
     if mongo.enabled {
         let sink = MongoSink::connect(&settings.mongo)
             .await
             .context("MongoDB settings")?;
-        sinks.push((Arc::new(sink), mongo.delivery));
+        sinks.push((Arc::new(sink), mongo.delivery.clone()));
     }
     if let Some(statsd) = &settings.sinks.statsd {
-        let (value, delivery) =
-            split_delivery(statsd.clone()).context("invalid setting `sinks.statsd`")?;
-        let statsd: StatsdSettings =
-            serde_json::from_value(value).context("invalid setting `sinks.statsd`")?;
-        statsd
-            .validate()
+        sinks::statsd::validate(statsd)
             .map_err(|e| anyhow::anyhow!("invalid setting `sinks.statsd`: {e}"))?;
-        let sink = StatsdSink::connect("statsd", statsd)
+        let sink = StatsdSink::connect("statsd", statsd.clone())
             .await
             .context("sinks.statsd")?;
-        sinks.push((Arc::new(sink), delivery));
+        sinks.push((Arc::new(sink), statsd.delivery.clone()));
     }
     for (i, http) in settings.sinks.http.iter().enumerate() {
-        let (value, delivery) = split_delivery(http.clone())
-            .with_context(|| format!("invalid setting `sinks.http[{i}]`"))?;
-        let http: HttpSinkSettings = serde_json::from_value(value)
-            .with_context(|| format!("invalid setting `sinks.http[{i}]`"))?;
-        http.validate()
+        sinks::http::validate(http)
             .map_err(|e| anyhow::anyhow!("invalid setting `sinks.http[{i}]`: {e}"))?;
-        let sink = HttpSink::new(http).map_err(|e| anyhow::anyhow!("sinks.http[{i}]: {e}"))?;
-        sinks.push((Arc::new(sink), delivery));
+        let sink =
+            HttpSink::new(http.clone()).map_err(|e| anyhow::anyhow!("sinks.http[{i}]: {e}"))?;
+        sinks.push((Arc::new(sink), http.delivery.clone()));
     }
     anyhow::ensure!(
         !sinks.is_empty(),

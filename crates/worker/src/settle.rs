@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ingest_pipeline::broker::{long_string, Answer, Publisher};
+use ingest_pipeline::settings::DeliverySettings;
 use ingest_pipeline::{Backoff, Topology};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::BasicProperties;
@@ -21,7 +22,6 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::breaker::Breaker;
-use crate::delivery::DeliverySettings;
 use crate::sinks::{Batch, Event, Sink, SinkError};
 
 pub const KEY_HEADER: &str = "x-batch-key";

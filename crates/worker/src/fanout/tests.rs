@@ -1,9 +1,9 @@
 use std::collections::VecDeque;
 
+use ingest_pipeline::settings::DeliverySettings;
 use serde_json::json;
 
 use super::*;
-use crate::delivery::DeliverySettings;
 use crate::sinks::testing::{Recorder, Scripted};
 use crate::sinks::Sink;
 

@@ -4,17 +4,17 @@
 //! the runner. Configured header values are secrets: they never reach `Debug`, logs or errors,
 //! and are scrubbed from response bodies quoted in errors.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 use std::error::Error as _;
 use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use ingest_pipeline::settings::{BodyFormat, HttpSinkSettings};
 use ingest_pipeline::Secret;
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE, RETRY_AFTER};
 use reqwest::redirect::Policy;
 use reqwest::{Client, Response, StatusCode, Url};
-use serde::Deserialize;
 
 use super::{Batch, Event, Sink, SinkError};
 
@@ -35,134 +35,58 @@ const EXCERPT_READ_BYTES: usize = 4096;
 /// A 2xx body is drained up to this much so the connection can go back to the pool.
 const DRAIN_BYTES: usize = 64 * 1024;
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum BodyFormat {
-    /// One JSON array holding every event of the batch.
-    #[default]
-    Json,
-    /// One event per line, each line ending in `\n`.
-    Ndjson,
+/// Every check of an HTTP sink's settings: the URL and the headers here (they need reqwest),
+/// the name and the timeouts in the settings themselves. Names the first bad setting; never
+/// quotes a header value.
+pub fn validate(settings: &HttpSinkSettings) -> Result<(), String> {
+    parse_url(settings)?;
+    header_map(settings)?;
+    settings.validate()
 }
 
-impl BodyFormat {
-    pub fn content_type(self) -> &'static str {
-        match self {
-            Self::Json => "application/json",
-            Self::Ndjson => "application/x-ndjson",
-        }
+fn parse_url(settings: &HttpSinkSettings) -> Result<Url, String> {
+    let name = &settings.name;
+    let url = Url::parse(&settings.url)
+        .map_err(|e| format!("http sink `{name}`: url is invalid: {e}"))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(format!(
+            "http sink `{name}`: url scheme must be http or https, not `{}`",
+            url.scheme()
+        ));
     }
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct HttpSinkSettings {
-    pub name: String,
-    pub url: String,
-    /// Sent with every request, e.g. `Authorization`.
-    #[serde(default)]
-    pub headers: BTreeMap<String, Secret>,
-    #[serde(default)]
-    pub format: BodyFormat,
-    #[serde(default = "default_connect_timeout_ms")]
-    pub connect_timeout_ms: u64,
-    /// Covers the whole exchange: connect, send, response headers and body.
-    #[serde(default = "default_request_timeout_ms")]
-    pub request_timeout_ms: u64,
-}
-
-fn default_connect_timeout_ms() -> u64 {
-    2_000
-}
-
-fn default_request_timeout_ms() -> u64 {
-    10_000
-}
-
-impl HttpSinkSettings {
-    /// Names the first bad setting. Never quotes a header value.
-    pub fn validate(&self) -> Result<(), String> {
-        self.parse_url()?;
-        self.header_map()?;
-        if self.name.is_empty()
-            || !self
-                .name
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
-        {
-            return Err(format!(
-                "http sink name `{}` must match [a-z0-9_-]+",
-                self.name
-            ));
-        }
-        if self.connect_timeout_ms == 0 {
-            return Err(format!(
-                "http sink `{}`: connect_timeout_ms must be > 0",
-                self.name
-            ));
-        }
-        if self.request_timeout_ms == 0 {
-            return Err(format!(
-                "http sink `{}`: request_timeout_ms must be > 0",
-                self.name
-            ));
-        }
-        Ok(())
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(format!(
+            "http sink `{name}`: url must not carry credentials (they would be logged); \
+             put them in `headers`"
+        ));
     }
+    Ok(url)
+}
 
-    fn parse_url(&self) -> Result<Url, String> {
-        let url = Url::parse(&self.url)
-            .map_err(|e| format!("http sink `{}`: url is invalid: {e}", self.name))?;
-        if !matches!(url.scheme(), "http" | "https") {
+fn header_map(settings: &HttpSinkSettings) -> Result<HeaderMap, String> {
+    let sink = &settings.name;
+    let mut map = HeaderMap::new();
+    let mut seen = HashSet::new();
+    for (name, value) in &settings.headers {
+        let header = HeaderName::from_bytes(name.as_bytes())
+            .map_err(|_| format!("http sink `{sink}`: `{name}` is not a valid header name"))?;
+        if RESERVED_HEADERS.contains(&header.as_str()) {
             return Err(format!(
-                "http sink `{}`: url scheme must be http or https, not `{}`",
-                self.name,
-                url.scheme()
+                "http sink `{sink}`: header `{name}` is set by the sink and cannot be configured"
             ));
         }
-        if !url.username().is_empty() || url.password().is_some() {
+        if !seen.insert(header.clone()) {
             return Err(format!(
-                "http sink `{}`: url must not carry credentials (they would be logged); \
-                 put them in `headers`",
-                self.name
+                "http sink `{sink}`: header `{name}` is configured more than once"
             ));
         }
-        Ok(url)
+        let mut header_value = HeaderValue::from_str(value.expose()).map_err(|_| {
+            format!("http sink `{sink}`: the value of header `{name}` is not a valid header value")
+        })?;
+        header_value.set_sensitive(true);
+        map.insert(header, header_value);
     }
-
-    fn header_map(&self) -> Result<HeaderMap, String> {
-        let mut map = HeaderMap::new();
-        let mut seen = HashSet::new();
-        for (name, value) in &self.headers {
-            let header = HeaderName::from_bytes(name.as_bytes()).map_err(|_| {
-                format!(
-                    "http sink `{}`: `{name}` is not a valid header name",
-                    self.name
-                )
-            })?;
-            if RESERVED_HEADERS.contains(&header.as_str()) {
-                return Err(format!(
-                    "http sink `{}`: header `{name}` is set by the sink and cannot be configured",
-                    self.name
-                ));
-            }
-            if !seen.insert(header.clone()) {
-                return Err(format!(
-                    "http sink `{}`: header `{name}` is configured more than once",
-                    self.name
-                ));
-            }
-            let mut header_value = HeaderValue::from_str(value.expose()).map_err(|_| {
-                format!(
-                    "http sink `{}`: the value of header `{name}` is not a valid header value",
-                    self.name
-                )
-            })?;
-            header_value.set_sensitive(true);
-            map.insert(header, header_value);
-        }
-        Ok(map)
-    }
+    Ok(map)
 }
 
 /// Serializes a batch body. Serializing a JSON object into memory cannot fail in practice; the
@@ -212,9 +136,9 @@ impl fmt::Debug for HttpSink {
 impl HttpSink {
     /// Validates the settings and builds one pooled client for all deliveries.
     pub fn new(settings: HttpSinkSettings) -> Result<Self, String> {
-        settings.validate()?;
-        let url = settings.parse_url()?;
-        let headers = settings.header_map()?;
+        validate(&settings)?;
+        let url = parse_url(&settings)?;
+        let headers = header_map(&settings)?;
         let client = Client::builder()
             .user_agent(concat!("ingest-worker/", env!("CARGO_PKG_VERSION")))
             .default_headers(headers)
@@ -394,6 +318,7 @@ async fn read_prefix(mut response: Response, limit: usize) -> Option<Vec<u8>> {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
     use std::sync::Mutex;
     use std::time::Instant;
 
@@ -401,6 +326,7 @@ mod tests {
     use axum::extract::State;
     use axum::response::{IntoResponse, Response as AxumResponse};
     use axum::Router;
+    use ingest_pipeline::settings::DeliverySettings;
     use serde_json::{json, Value};
     use tokio::net::TcpListener;
     use tokio::task::JoinHandle;
@@ -485,6 +411,7 @@ mod tests {
             format: BodyFormat::Json,
             connect_timeout_ms: 2_000,
             request_timeout_ms: 5_000,
+            delivery: DeliverySettings::default(),
         }
     }
 
@@ -551,41 +478,9 @@ mod tests {
     }
 
     #[test]
-    fn settings_defaults_and_unknown_fields() {
-        let parsed: HttpSinkSettings = serde_json::from_value(json!({
-            "name": "warehouse",
-            "url": "https://example.com/events",
-        }))
-        .expect("minimal settings");
-        assert_eq!(parsed.format, BodyFormat::Json);
-        assert_eq!(parsed.connect_timeout_ms, 2_000);
-        assert_eq!(parsed.request_timeout_ms, 10_000);
-        assert!(parsed.headers.is_empty());
-
-        let ndjson: HttpSinkSettings = serde_json::from_value(json!({
-            "name": "warehouse",
-            "url": "https://example.com/events",
-            "format": "ndjson",
-            "headers": {"Authorization": SECRET},
-        }))
-        .expect("settings with format and headers");
-        assert_eq!(ndjson.format, BodyFormat::Ndjson);
-
-        let retries = serde_json::from_value::<HttpSinkSettings>(json!({
-            "name": "warehouse",
-            "url": "https://example.com/events",
-            "max_retries": 3,
-        }));
-        assert!(
-            retries.is_err(),
-            "retries belong to the runner, not the sink"
-        );
-    }
-
-    #[test]
     fn validate_names_each_bad_setting() {
         let good = settings("https://example.com/events");
-        assert_eq!(good.validate(), Ok(()));
+        assert_eq!(validate(&good), Ok(()));
 
         type Mutation = fn(&mut HttpSinkSettings);
         let cases: [(&str, Mutation); 10] = [
@@ -613,7 +508,7 @@ mod tests {
         for (expected, mutate) in cases {
             let mut bad = good.clone();
             mutate(&mut bad);
-            let error = bad.validate().expect_err(expected);
+            let error = validate(&bad).expect_err(expected);
             assert!(
                 error.contains(expected),
                 "{error:?} should mention {expected}"
@@ -631,9 +526,7 @@ mod tests {
         let value = format!("{SECRET}\r\nX-Injected: 1");
         bad.headers
             .insert("Authorization".to_owned(), Secret::new(value));
-        let error = bad
-            .validate()
-            .expect_err("CR/LF is not a valid header value");
+        let error = validate(&bad).expect_err("CR/LF is not a valid header value");
         assert!(error.contains("Authorization"), "{error}");
         assert!(!error.contains(SECRET), "{error}");
     }
