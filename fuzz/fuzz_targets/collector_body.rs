@@ -4,7 +4,8 @@
 //! reads as a JSON object, so an accepted request never becomes an undecodable payload.
 #![no_main]
 
-use collector::body::{gunzip_limited, inspect, Endpoint, Limits};
+use collector::body::{gunzip_limited, inspect, Limits};
+use ingest_pipeline::message::Endpoint;
 use libfuzzer_sys::fuzz_target;
 
 const ENDPOINTS: [&str; 7] = [

@@ -11,18 +11,15 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use ingest_pipeline::broker::long_string;
-use ingest_pipeline::headers;
+use ingest_pipeline::message::{Endpoint, RequestMeta};
 use ingest_pipeline::metrics::SchedulingDelay;
 use ingest_pipeline::settings::CollectorSettings;
-use lapin::types::FieldTable;
-use lapin::BasicProperties;
 use serde_json::json;
 use tokio::sync::{Semaphore, SemaphorePermit};
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
 use crate::auth::{basic_username, WriteKeys};
-use crate::body::{gunzip_limited, inspect, read_limited, Endpoint, Limits};
+use crate::body::{gunzip_limited, inspect, read_limited, Limits};
 use crate::error::CaptureError;
 use crate::publisher::Publisher;
 
@@ -329,17 +326,17 @@ async fn accept(
     };
 
     let client_ip = client_ip(peer, request_headers, &state.trusted_proxies);
-    let properties = message_properties(MessageMeta {
-        request_id,
-        source: &source,
+    let meta = RequestMeta {
+        request_id: request_id.to_owned(),
+        received_at: chrono::Utc::now(),
+        source,
         endpoint,
-        client_ip,
+        client_ip: Some(client_ip.to_string()),
         user_agent: request_headers
             .get(header::USER_AGENT)
             .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned()),
-        content_type,
-        gzip,
-    });
+    };
+    let properties = meta.properties(content_type, gzip);
     state
         .publisher
         .publish(&raw, properties)
@@ -422,60 +419,6 @@ pub fn client_ip(peer: IpAddr, request_headers: &HeaderMap, trusted: &[IpAddr]) 
     client
 }
 
-struct MessageMeta<'a> {
-    request_id: &'a str,
-    source: &'a str,
-    endpoint: Endpoint,
-    client_ip: IpAddr,
-    user_agent: Option<String>,
-    content_type: &'static str,
-    gzip: bool,
-}
-
-fn message_properties(meta: MessageMeta<'_>) -> BasicProperties {
-    let now = chrono::Utc::now();
-    let mut table = FieldTable::default();
-    table.insert(
-        headers::RECEIVED_AT.into(),
-        long_string(&now.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)),
-    );
-    table.insert(headers::SOURCE.into(), long_string(meta.source));
-    table.insert(
-        headers::ENDPOINT.into(),
-        long_string(meta.endpoint.as_str()),
-    );
-    table.insert(
-        headers::CLIENT_IP.into(),
-        long_string(&meta.client_ip.to_string()),
-    );
-    if let Some(agent) = meta.user_agent {
-        let agent: String = agent.chars().take(512).collect();
-        table.insert(headers::USER_AGENT.into(), long_string(&agent));
-    }
-    let mut properties = BasicProperties::default()
-        .with_delivery_mode(2)
-        .with_content_type(meta.content_type.into())
-        .with_message_id(meta.request_id.into())
-        .with_timestamp(u64::try_from(now.timestamp()).unwrap_or(0))
-        .with_app_id(truncate(meta.source, 255).into())
-        .with_headers(table);
-    if meta.gzip {
-        properties = properties.with_content_encoding("gzip".into());
-    }
-    properties
-}
-
-fn truncate(s: &str, max: usize) -> &str {
-    if s.len() <= max {
-        return s;
-    }
-    let mut end = max;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    &s[..end]
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -537,11 +480,5 @@ mod tests {
         let all: Vec<_> = (0..4).filter_map(|_| slots.try_enter(false)).collect();
         assert_eq!(all.len(), 4);
         assert!(slots.try_enter(true).is_none());
-    }
-
-    #[test]
-    fn truncate_respects_char_boundaries() {
-        assert_eq!(truncate("héllo", 2), "h");
-        assert_eq!(truncate("abc", 10), "abc");
     }
 }

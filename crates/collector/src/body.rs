@@ -7,50 +7,12 @@ use std::collections::HashMap;
 use axum::body::Body;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use ingest_pipeline::gzip::{inflate_capped, InflateError};
+use ingest_pipeline::message::Endpoint;
 use serde::de::IgnoredAny;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use crate::error::CaptureError;
-
-/// The tracking API's endpoints: `batch`, or one event of the named type.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Endpoint {
-    Batch,
-    Track,
-    Identify,
-    Page,
-    Screen,
-    Group,
-    Alias,
-}
-
-impl Endpoint {
-    pub fn parse(path: &str) -> Option<Self> {
-        Some(match path {
-            "batch" | "import" => Self::Batch,
-            "track" | "t" => Self::Track,
-            "identify" | "i" => Self::Identify,
-            "page" | "p" => Self::Page,
-            "screen" | "s" => Self::Screen,
-            "group" | "g" => Self::Group,
-            "alias" | "a" => Self::Alias,
-            _ => return None,
-        })
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Batch => "batch",
-            Self::Track => "track",
-            Self::Identify => "identify",
-            Self::Page => "page",
-            Self::Screen => "screen",
-            Self::Group => "group",
-            Self::Alias => "alias",
-        }
-    }
-}
 
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
@@ -764,12 +726,5 @@ mod tests {
                 "{body}: reckoned {got}, merged {merged}"
             );
         }
-    }
-
-    #[test]
-    fn endpoints_parse_including_short_aliases() {
-        assert_eq!(Endpoint::parse("batch"), Some(Endpoint::Batch));
-        assert_eq!(Endpoint::parse("t"), Some(Endpoint::Track));
-        assert_eq!(Endpoint::parse("nope"), None);
     }
 }

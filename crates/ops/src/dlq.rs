@@ -10,8 +10,10 @@
 
 use std::collections::BTreeMap;
 
-use ingest_pipeline::broker::{header_str, long_string, Publisher};
-use ingest_pipeline::headers;
+use ingest_pipeline::broker::{long_string, Publisher};
+use ingest_pipeline::message::{
+    headers, is_death_record, mark_replayed, read_batch_key, Endpoint, RequestMeta,
+};
 use ingest_pipeline::Topology;
 use ingest_schema::Registry;
 use lapin::message::BasicGetMessage;
@@ -125,15 +127,23 @@ pub fn plan(
                 return Err(format!("still invalid ({first})"));
             }
             let text = |key: &str| body.get(key).and_then(Value::as_str).unwrap_or_default();
-            let mut table = FieldTable::default();
-            table.insert(headers::RECEIVED_AT.into(), long_string(text("receivedAt")));
-            table.insert(headers::SOURCE.into(), long_string(text("source")));
-            table.insert(headers::ENDPOINT.into(), long_string("batch"));
-            table.insert("x-replayed".into(), long_string("invalid"));
+            // The record's own receive time; a record without one is taken as received now.
+            let received_at = chrono::DateTime::parse_from_rfc3339(text("receivedAt"))
+                .map_or_else(|_| chrono::Utc::now(), |t| t.with_timezone(&chrono::Utc));
+            let meta = RequestMeta {
+                request_id: text("requestId").to_owned(),
+                received_at,
+                source: text("source").to_owned(),
+                endpoint: Endpoint::Batch,
+                client_ip: None,
+                user_agent: None,
+            };
+            let mut table = meta.headers();
+            mark_replayed(&mut table, "invalid");
             let properties = BasicProperties::default()
                 .with_delivery_mode(2)
                 .with_content_type("application/json".into())
-                .with_message_id(text("requestId").into())
+                .with_message_id(meta.request_id.into())
                 .with_headers(table);
             let payload = serde_json::to_vec(&json!({"batch": [Value::Object(event)]}))
                 .map_err(|e| e.to_string())?;
@@ -153,10 +163,10 @@ pub fn plan(
             }
             let mut table = FieldTable::default();
             let old = message.delivery.properties.headers().as_ref();
-            if let Some(key) = header_str(old, "x-batch-key") {
-                table.insert("x-batch-key".into(), long_string(key));
+            if let Some(key) = read_batch_key(old) {
+                table.insert(headers::BATCH_KEY.into(), long_string(key));
             }
-            table.insert("x-replayed".into(), long_string("dlq"));
+            mark_replayed(&mut table, "dlq");
             let properties = BasicProperties::default()
                 .with_delivery_mode(2)
                 .with_content_type("application/json".into())
@@ -176,16 +186,12 @@ fn raw_back(topology: &Topology, message: &BasicGetMessage) -> (String, Vec<u8>,
     let mut table = FieldTable::default();
     if let Some(old) = message.delivery.properties.headers() {
         for (key, value) in old.inner() {
-            let key_text = key.as_str();
-            let death = ["x-death", "x-first-death", "x-last-death"]
-                .iter()
-                .any(|prefix| key_text.starts_with(prefix));
-            if !death {
+            if !is_death_record(key.as_str()) {
                 table.insert(key.clone(), value.clone());
             }
         }
     }
-    table.insert("x-replayed".into(), long_string("raw.dlq"));
+    mark_replayed(&mut table, "raw.dlq");
     let properties = message.delivery.properties.clone().with_headers(table);
     (topology.raw(), message.delivery.data.clone(), properties)
 }

@@ -1,9 +1,11 @@
-//! What the collector and the worker share: settings, the broker topology and connection,
-//! backoff, telemetry and the shutdown signal.
+//! What the collector and the worker share: settings, the broker topology and connection, the
+//! message contract (header names, endpoints, request metadata), backoff, telemetry and the
+//! shutdown signal.
 
 pub mod backoff;
 pub mod broker;
 pub mod gzip;
+pub mod message;
 pub mod metrics;
 pub mod settings;
 pub mod shutdown;
@@ -12,13 +14,5 @@ pub mod telemetry;
 
 pub use backoff::Backoff;
 pub use broker::Topology;
+pub use message::headers;
 pub use settings::{Secret, Settings, SettingsError};
-
-/// AMQP header names the collector writes and the worker reads.
-pub mod headers {
-    pub const RECEIVED_AT: &str = "received_at";
-    pub const SOURCE: &str = "source";
-    pub const CLIENT_IP: &str = "client_ip";
-    pub const USER_AGENT: &str = "user_agent";
-    pub const ENDPOINT: &str = "endpoint";
-}

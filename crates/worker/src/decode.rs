@@ -1,69 +1,24 @@
-//! From a raw delivery to events: request metadata from the AMQP headers, a capped gunzip,
-//! JSON parsing, and the split of a batch into events (batch-level `context`, `integrations`
-//! and `sentAt` apply to every event; `writeKey` is dropped so no secret is ever stored).
+//! From a raw delivery's body to events: a capped gunzip, JSON parsing, and the split of a batch
+//! into events (batch-level `context`, `integrations` and `sentAt` apply to every event;
+//! `writeKey` is dropped so no secret is ever stored). The request's metadata comes from its
+//! properties (`ingest_pipeline::message::RequestMeta`).
 
-use chrono::{DateTime, Utc};
-use ingest_pipeline::broker::header_str;
 use ingest_pipeline::gzip::{inflate_capped, InflateError};
-use ingest_pipeline::headers;
-use lapin::BasicProperties;
+use ingest_pipeline::message::{Endpoint, RequestMeta, REQUEST_ID_NAMESPACE};
 use serde_json::{Map, Value};
-
-use crate::enrich::RequestMeta;
-
-const REQUEST_ID_NAMESPACE: uuid::Uuid =
-    uuid::Uuid::from_u128(0x0b5e_77d2_51a4_4c39_8e0f_9a61_c2d4_e5f1);
-
-pub fn request_meta(properties: &BasicProperties, body: &[u8]) -> RequestMeta {
-    let h = properties.headers().as_ref();
-    let received_at = header_str(h, headers::RECEIVED_AT)
-        .and_then(|s| DateTime::parse_from_rfc3339(s).ok())
-        .map(|t| t.with_timezone(&Utc))
-        .or_else(|| {
-            properties
-                .timestamp()
-                .and_then(|secs| i64::try_from(secs).ok())
-                .and_then(|secs| DateTime::from_timestamp(secs, 0))
-        })
-        .unwrap_or_else(Utc::now);
-    // Without the collector's id, the body itself names the request, so redeliveries agree.
-    let request_id = properties
-        .message_id()
-        .as_ref()
-        .map(|id| id.to_string())
-        .unwrap_or_else(|| uuid::Uuid::new_v5(&REQUEST_ID_NAMESPACE, body).to_string());
-    RequestMeta {
-        request_id,
-        received_at,
-        source: header_str(h, headers::SOURCE)
-            .unwrap_or("unknown")
-            .to_owned(),
-        endpoint: header_str(h, headers::ENDPOINT)
-            .unwrap_or("batch")
-            .to_owned(),
-        client_ip: header_str(h, headers::CLIENT_IP).map(str::to_owned),
-        user_agent: header_str(h, headers::USER_AGENT).map(str::to_owned),
-    }
-}
 
 /// Names a request by its content: the source, the endpoint and the decoded payload. A client
 /// that retries a request sends the same content under a new request id; events without a
 /// `messageId` get theirs from this, so the retry is stored once.
 pub fn content_seed(meta: &RequestMeta, json: &[u8]) -> String {
-    let mut material = Vec::with_capacity(meta.source.len() + meta.endpoint.len() + json.len() + 2);
+    let endpoint = meta.endpoint.as_str();
+    let mut material = Vec::with_capacity(meta.source.len() + endpoint.len() + json.len() + 2);
     material.extend_from_slice(meta.source.as_bytes());
     material.push(b'\n');
-    material.extend_from_slice(meta.endpoint.as_bytes());
+    material.extend_from_slice(endpoint.as_bytes());
     material.push(b'\n');
     material.extend_from_slice(json);
     uuid::Uuid::new_v5(&REQUEST_ID_NAMESPACE, &material).to_string()
-}
-
-pub fn is_gzip(properties: &BasicProperties) -> bool {
-    properties
-        .content_encoding()
-        .as_ref()
-        .is_some_and(|e| e.as_str().eq_ignore_ascii_case("gzip"))
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -128,7 +83,7 @@ pub struct Split {
 /// the batch's shared fields are merged into each and the worker's own fields are added
 /// (`per_event` bytes each): the bound is checked before anything is copied.
 pub fn split(
-    endpoint: &str,
+    endpoint: Endpoint,
     json: &[u8],
     budget: usize,
     per_event: usize,
@@ -141,13 +96,13 @@ pub fn split(
         ));
     };
     body.remove("writeKey");
-    if endpoint != "batch" {
+    if endpoint != Endpoint::Batch {
         if json.len().saturating_add(per_event) > budget {
             return Err(DecodeError::Expands(budget));
         }
         drop_nulls(&mut body);
         body.entry("type")
-            .or_insert_with(|| Value::String(endpoint.to_owned()));
+            .or_insert_with(|| Value::String(endpoint.as_str().to_owned()));
         return Ok(Split {
             elements: vec![Element::Event(body)],
             sent_at: None,
@@ -292,7 +247,7 @@ mod tests {
                 7
             ]
         });
-        let split = split("batch", body.to_string().as_bytes(), 1 << 20, 0).expect("split");
+        let split = split(Endpoint::Batch, body.to_string().as_bytes(), 1 << 20, 0).expect("split");
         assert_eq!(split.sent_at, Some(json!("2026-11-21T12:00:00Z")));
         let Element::Event(first) = &split.elements[0] else {
             panic!("not an event")
@@ -305,7 +260,13 @@ mod tests {
 
     #[test]
     fn single_event_endpoints_get_their_type() {
-        let split = split("track", br#"{"event":"A","writeKey":"k"}"#, 1 << 20, 0).expect("split");
+        let split = split(
+            Endpoint::Track,
+            br#"{"event":"A","writeKey":"k"}"#,
+            1 << 20,
+            0,
+        )
+        .expect("split");
         let Element::Event(event) = &split.elements[0] else {
             panic!("not an event")
         };
@@ -316,15 +277,15 @@ mod tests {
     #[test]
     fn shape_and_json_errors() {
         assert!(matches!(
-            split("batch", b"[1]", 1 << 20, 0),
+            split(Endpoint::Batch, b"[1]", 1 << 20, 0),
             Err(DecodeError::Shape(_))
         ));
         assert!(matches!(
-            split("batch", b"{}", 1 << 20, 0),
+            split(Endpoint::Batch, b"{}", 1 << 20, 0),
             Err(DecodeError::Shape(_))
         ));
         assert!(matches!(
-            split("batch", b"{", 1 << 20, 0),
+            split(Endpoint::Batch, b"{", 1 << 20, 0),
             Err(DecodeError::Json(_))
         ));
     }
@@ -341,9 +302,9 @@ mod tests {
         })
         .to_string();
         let fits = body.len() + 2 * 1000 + 3 * 100 + 200;
-        assert!(split("batch", body.as_bytes(), fits + 2000, 100).is_ok());
+        assert!(split(Endpoint::Batch, body.as_bytes(), fits + 2000, 100).is_ok());
         assert_eq!(
-            split("batch", body.as_bytes(), fits - 1000, 100),
+            split(Endpoint::Batch, body.as_bytes(), fits - 1000, 100),
             Err(DecodeError::Expands(fits - 1000))
         );
         // Events with their own context add nothing from the batch's.
@@ -352,7 +313,7 @@ mod tests {
             "batch": [{"type": "track", "context": {"big": "own"}}]
         })
         .to_string();
-        assert!(split("batch", own.as_bytes(), own.len() + 10, 0).is_ok());
+        assert!(split(Endpoint::Batch, own.as_bytes(), own.len() + 10, 0).is_ok());
     }
 
     #[test]

@@ -3,18 +3,8 @@
 //! (in particular the same generated `messageId`), which is what makes MongoDB writes idempotent.
 
 use chrono::{DateTime, SecondsFormat, Utc};
+use ingest_pipeline::message::RequestMeta;
 use serde_json::{Map, Value};
-
-/// What the collector recorded about the request (AMQP headers).
-#[derive(Debug, Clone, PartialEq)]
-pub struct RequestMeta {
-    pub request_id: String,
-    pub received_at: DateTime<Utc>,
-    pub source: String,
-    pub endpoint: String,
-    pub client_ip: Option<String>,
-    pub user_agent: Option<String>,
-}
 
 const MESSAGE_ID_NAMESPACE: uuid::Uuid =
     uuid::Uuid::from_u128(0x6c1f_3a2e_9b8d_4f70_a5e1_20c4_7d9b_13aa);
@@ -117,8 +107,10 @@ pub fn enrich(
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use ingest_pipeline::message::Endpoint;
     use serde_json::json;
+
+    use super::*;
 
     fn t(s: &str) -> DateTime<Utc> {
         DateTime::parse_from_rfc3339(s)
@@ -131,7 +123,7 @@ mod tests {
             request_id: "req-1".into(),
             received_at: t("2026-11-21T12:00:00.000Z"),
             source: "shop-ios".into(),
-            endpoint: "batch".into(),
+            endpoint: Endpoint::Batch,
             client_ip: Some("203.0.113.9".into()),
             user_agent: Some("ShopApp/1.0".into()),
         }

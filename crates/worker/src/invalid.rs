@@ -2,14 +2,13 @@
 //! every error and the original event (or, if it never parsed, the raw payload in base64).
 
 use base64::Engine;
-use ingest_pipeline::broker::long_string;
+use ingest_pipeline::message::{invalid_headers, RequestMeta};
 use ingest_schema::Issue;
-use lapin::types::FieldTable;
 use lapin::BasicProperties;
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::enrich::{format_time, RequestMeta};
+use crate::enrich::format_time;
 
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -117,10 +116,7 @@ fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
 /// reason, source and request id as headers.
 pub fn message(record: &InvalidRecord) -> Result<(Vec<u8>, BasicProperties), serde_json::Error> {
     let body = serde_json::to_vec(record)?;
-    let mut headers = FieldTable::default();
-    headers.insert("reason".into(), long_string(record.reason));
-    headers.insert("source".into(), long_string(&record.source));
-    headers.insert("request_id".into(), long_string(&record.request_id));
+    let headers = invalid_headers(record.reason, &record.source, &record.request_id);
     let properties = BasicProperties::default()
         .with_delivery_mode(2)
         .with_content_type("application/json".into())

@@ -1,12 +1,13 @@
 //! One delivery's CPU work, with no I/O: decode, split, enrich, validate, convert. Every event
 //! ends either as a document for the sinks or as an invalid record; none is dropped.
 
+use ingest_pipeline::message::{is_gzip, RequestMeta};
 use ingest_schema::{Issue, Registry};
 use lapin::BasicProperties;
 use serde_json::Value;
 
 use crate::decode::{self, DecodeError, Element};
-use crate::enrich::{self, RequestMeta};
+use crate::enrich;
 use crate::invalid::InvalidRecord;
 use crate::sinks::mongo::to_document;
 use crate::sinks::Event;
@@ -48,7 +49,7 @@ pub fn process(
     body: &[u8],
     limits: PayloadLimits,
 ) -> Outcome {
-    let meta = decode::request_meta(properties, body);
+    let meta = RequestMeta::from_properties(properties, body);
     let run =
         std::panic::AssertUnwindSafe(|| process_payload(registry, properties, body, limits, &meta));
     match std::panic::catch_unwind(run) {
@@ -84,13 +85,13 @@ fn process_payload(
     meta: &RequestMeta,
 ) -> Outcome {
     let meta = meta.clone();
-    let json = match decode::payload(body, decode::is_gzip(properties), limits.max_bytes) {
+    let json = match decode::payload(body, is_gzip(properties), limits.max_bytes) {
         Ok(json) => json,
         Err(error) => return undecodable(meta, &error, body),
     };
     let per_event = enrichment_bytes(&meta);
     let split =
-        decode::split(&meta.endpoint, &json, limits.max_built_bytes, per_event).and_then(|split| {
+        decode::split(meta.endpoint, &json, limits.max_built_bytes, per_event).and_then(|split| {
             match split.elements.len() {
                 n if n > limits.max_events => Err(DecodeError::Shape(format!(
                     "the payload has {n} events, more than {}",
@@ -321,7 +322,7 @@ mod tests {
         let payload = br#"{"batch":[{"type":"track","event":"Custom","userId":"u"}]}"#;
         let mut headers = lapin::types::FieldTable::default();
         headers.insert(
-            "received_at".into(),
+            ingest_pipeline::headers::RECEIVED_AT.into(),
             ingest_pipeline::broker::long_string("2026-11-21T12:00:00.000Z"),
         );
         let properties = BasicProperties::default()

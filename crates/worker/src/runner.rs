@@ -10,20 +10,19 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use ingest_pipeline::broker::{header_str, Publisher};
+use ingest_pipeline::broker::Publisher;
+use ingest_pipeline::message::{batch_headers, read_attempts, read_batch_key};
 use ingest_pipeline::Topology;
 use lapin::message::Delivery;
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
 };
-use lapin::types::{AMQPValue, FieldTable};
+use lapin::types::FieldTable;
 use lapin::Connection;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::settle::{
-    batch_headers, batch_key, decide, Durable, Outcome, SinkRunner, ATTEMPT_HEADER, KEY_HEADER,
-};
+use crate::settle::{batch_key, decide, Durable, Outcome, SinkRunner};
 use crate::sinks::{Batch, Event};
 
 struct Pending {
@@ -72,7 +71,7 @@ impl SinkRunner {
                 }
                 next = consumer.next() => match next {
                     Some(Ok(delivery)) => {
-                        if header_str(delivery.properties.headers().as_ref(), KEY_HEADER).is_some() {
+                        if read_batch_key(delivery.properties.headers().as_ref()).is_some() {
                             // A retried batch comes back whole and is delivered alone.
                             self.flush(&mut pending, topology, publish, stop).await;
                             self.retry(delivery, topology, publish, stop).await;
@@ -176,11 +175,9 @@ impl SinkRunner {
         stop: &CancellationToken,
     ) {
         let headers = delivery.properties.headers().as_ref();
-        let key = header_str(headers, KEY_HEADER)
-            .unwrap_or_default()
-            .to_owned();
+        let key = read_batch_key(headers).unwrap_or_default().to_owned();
         // From a header: any value, u32::MAX included, must survive `+ 1`.
-        let attempts = header_u32(headers, ATTEMPT_HEADER);
+        let attempts = read_attempts(headers);
         let events: Vec<Event> = match serde_json::from_slice(&delivery.data) {
             Ok(events) => events,
             Err(error) => return self.undecodable(delivery, &error, topology, publish).await,
@@ -241,33 +238,5 @@ async fn sleep_until_opt(deadline: Option<Instant>) {
     match deadline {
         Some(deadline) => tokio::time::sleep_until(deadline).await,
         None => std::future::pending().await,
-    }
-}
-
-fn header_u32(headers: Option<&FieldTable>, key: &str) -> u32 {
-    match headers.and_then(|h| h.inner().get(key)) {
-        Some(AMQPValue::LongUInt(n)) => *n,
-        Some(AMQPValue::LongInt(n)) => u32::try_from(*n).unwrap_or(0),
-        Some(AMQPValue::LongLongInt(n)) => u32::try_from(*n).unwrap_or(0),
-        Some(AMQPValue::ShortUInt(n)) => u32::from(*n),
-        _ => 0,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use ingest_pipeline::broker::long_string;
-
-    #[test]
-    fn attempt_counts_are_read_from_any_integer_header() {
-        let mut h = FieldTable::default();
-        h.insert("a".into(), AMQPValue::LongUInt(3));
-        h.insert("b".into(), AMQPValue::LongLongInt(4));
-        h.insert("c".into(), long_string("x"));
-        assert_eq!(header_u32(Some(&h), "a"), 3);
-        assert_eq!(header_u32(Some(&h), "b"), 4);
-        assert_eq!(header_u32(Some(&h), "c"), 0);
-        assert_eq!(header_u32(None, "a"), 0);
     }
 }

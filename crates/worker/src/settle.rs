@@ -12,10 +12,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use ingest_pipeline::broker::{long_string, Answer, Publisher};
+use ingest_pipeline::broker::{Answer, Publisher};
+use ingest_pipeline::message::batch_headers;
 use ingest_pipeline::settings::DeliverySettings;
 use ingest_pipeline::{Backoff, Topology};
-use lapin::types::{AMQPValue, FieldTable};
+use lapin::types::FieldTable;
 use lapin::BasicProperties;
 use serde_json::Value;
 use tokio::time::Instant;
@@ -24,10 +25,6 @@ use tokio_util::sync::CancellationToken;
 use crate::breaker::Breaker;
 use crate::sinks::{Batch, Event, Sink, SinkError};
 
-pub const KEY_HEADER: &str = "x-batch-key";
-pub const ATTEMPT_HEADER: &str = "x-attempt";
-pub const ERROR_HEADER: &str = "x-last-error";
-pub const SINK_HEADER: &str = "x-sink";
 const KEY_NAMESPACE: uuid::Uuid = uuid::Uuid::from_u128(0x3d0a_91e4_7c25_4b8e_b6f3_5e1d_0a7c_9f42);
 
 /// The same events in the same order always get the same key.
@@ -144,17 +141,6 @@ impl Durable for Publisher {
             other => Err(format!("{queue} did not take the batch: {other:?}")),
         }
     }
-}
-
-/// The headers a batch travels under in a sink's queues.
-pub fn batch_headers(sink: &str, key: &str, attempts: u32, error: &str) -> FieldTable {
-    let mut headers = FieldTable::default();
-    headers.insert(KEY_HEADER.into(), long_string(key));
-    headers.insert(ATTEMPT_HEADER.into(), AMQPValue::LongUInt(attempts));
-    let error: String = error.chars().take(1000).collect();
-    headers.insert(ERROR_HEADER.into(), long_string(&error));
-    headers.insert(SINK_HEADER.into(), long_string(sink));
-    headers
 }
 
 #[derive(Debug, Clone, Copy)]

@@ -5,10 +5,11 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
-use lapin::types::{AMQPValue, FieldTable};
+use ingest_pipeline::message::{read_attempts, read_batch_key};
+use lapin::types::FieldTable;
 
 use super::{Batch, Sink, SinkError};
-use crate::settle::{Durable, ATTEMPT_HEADER, KEY_HEADER};
+use crate::settle::Durable;
 
 /// Answers each call with the next scripted result; after the script, with `then`.
 pub struct Scripted {
@@ -119,14 +120,10 @@ impl Durable for Recorder {
         }
         let events: Vec<serde_json::Value> =
             serde_json::from_slice(body).map_err(|e| e.to_string())?;
-        let key = match headers.inner().get(KEY_HEADER) {
-            Some(AMQPValue::LongString(s)) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
-            _ => String::new(),
-        };
-        let attempts = match headers.inner().get(ATTEMPT_HEADER) {
-            Some(AMQPValue::LongUInt(n)) => *n,
-            _ => 0,
-        };
+        let key = read_batch_key(Some(&headers))
+            .unwrap_or_default()
+            .to_owned();
+        let attempts = read_attempts(Some(&headers));
         let message_ids = events
             .iter()
             .map(|e| e["messageId"].as_str().unwrap_or_default().to_owned())

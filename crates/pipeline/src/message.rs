@@ -1,0 +1,447 @@
+//! The message contract: every AMQP header a service writes or reads, the tracking API's
+//! endpoints, and a request's metadata to and from the properties of its raw message. The
+//! collector, the worker and `ingestctl` all go through here, so the names and values are
+//! written in one place. They are the wire format: a worker of the previous release reads
+//! what this one writes (and the other way round) during a rolling upgrade, so a change here
+//! is a migration.
+//!
+//! Three kinds of message carry headers:
+//! - a raw message (`<prefix>.raw`): the request body as the client sent it, with what only
+//!   the collector knew (receive time, source, endpoint, client address, user agent) as
+//!   headers and the request id as `message_id`;
+//! - a batch in a sink's queues (`<prefix>.sink.<name>…`): a JSON array of events with its
+//!   `Idempotency-Key`, the failed attempts so far, the last error and the sink;
+//! - an invalid record (`<prefix>.invalid`): with its reason, source and request id.
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::BasicProperties;
+
+use crate::broker::{header_str, long_string};
+
+/// Header names.
+pub mod headers {
+    /// Raw message: when the collector received the request (RFC 3339, milliseconds, UTC).
+    pub const RECEIVED_AT: &str = "received_at";
+    /// Raw message and invalid record: the app that owns the write key (never the key).
+    pub const SOURCE: &str = "source";
+    /// Raw message: the client's address.
+    pub const CLIENT_IP: &str = "client_ip";
+    /// Raw message: the client's `User-Agent`, if it sent one.
+    pub const USER_AGENT: &str = "user_agent";
+    /// Raw message: the endpoint posted to ([`Endpoint`](super::Endpoint)).
+    pub const ENDPOINT: &str = "endpoint";
+    /// Sink batch: its `Idempotency-Key`, the same for every retry of the same events.
+    pub const BATCH_KEY: &str = "x-batch-key";
+    /// Sink batch: deliveries that failed so far.
+    pub const ATTEMPT: &str = "x-attempt";
+    /// Sink batch: why the last delivery failed (at most [`LAST_ERROR_CHARS`](super::LAST_ERROR_CHARS)).
+    pub const LAST_ERROR: &str = "x-last-error";
+    /// Sink batch: the sink's name.
+    pub const SINK: &str = "x-sink";
+    /// Invalid record: `decode`, `schema`, `storage`, `too_large` or `internal`.
+    pub const REASON: &str = "reason";
+    /// Invalid record: the request it came from.
+    pub const REQUEST_ID: &str = "request_id";
+    /// A message `ingestctl dlq replay` sent back: the queue it came from (`invalid`, `dlq`,
+    /// `raw.dlq`).
+    pub const REPLAYED: &str = "x-replayed";
+    /// The broker's own dead-letter records start with these (`x-death`,
+    /// `x-first-death-reason`, …).
+    pub const DEATH_PREFIXES: [&str; 3] = ["x-death", "x-first-death", "x-last-death"];
+}
+
+/// Characters of a user agent that travel; the rest is cut.
+pub const USER_AGENT_CHARS: usize = 512;
+/// Characters of a batch's last error that travel; the rest is cut.
+pub const LAST_ERROR_CHARS: usize = 1000;
+
+/// The tracking API's endpoints: `batch`, or one event of the named type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    Batch,
+    Track,
+    Identify,
+    Page,
+    Screen,
+    Group,
+    Alias,
+}
+
+impl Endpoint {
+    const ALL: [Self; 7] = [
+        Self::Batch,
+        Self::Track,
+        Self::Identify,
+        Self::Page,
+        Self::Screen,
+        Self::Group,
+        Self::Alias,
+    ];
+
+    /// The endpoint of a path segment after `/v1/`, with `import` and analytics.js' short forms.
+    pub fn parse(path: &str) -> Option<Self> {
+        Some(match path {
+            "batch" | "import" => Self::Batch,
+            "track" | "t" => Self::Track,
+            "identify" | "i" => Self::Identify,
+            "page" | "p" => Self::Page,
+            "screen" | "s" => Self::Screen,
+            "group" | "g" => Self::Group,
+            "alias" | "a" => Self::Alias,
+            _ => return None,
+        })
+    }
+
+    /// Its name in the `endpoint` header, and an event's `type` for a single-event endpoint.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Batch => "batch",
+            Self::Track => "track",
+            Self::Identify => "identify",
+            Self::Page => "page",
+            Self::Screen => "screen",
+            Self::Group => "group",
+            Self::Alias => "alias",
+        }
+    }
+
+    /// The endpoint an `endpoint` header names ([`as_str`](Self::as_str), nothing else).
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|e| e.as_str() == name)
+    }
+}
+
+/// The UUIDv5 namespace of the ids the worker derives for a request from its content: its id
+/// when the message has none, and the seed of its events' missing `messageId`s. Changing it
+/// changes those ids, so a redelivery across the change would be stored twice.
+pub const REQUEST_ID_NAMESPACE: uuid::Uuid =
+    uuid::Uuid::from_u128(0x0b5e_77d2_51a4_4c39_8e0f_9a61_c2d4_e5f1);
+
+/// What the collector knew about a request, carried in its raw message's properties.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RequestMeta {
+    /// The collector's request id (`message_id`).
+    pub request_id: String,
+    pub received_at: DateTime<Utc>,
+    pub source: String,
+    pub endpoint: Endpoint,
+    pub client_ip: Option<String>,
+    pub user_agent: Option<String>,
+}
+
+impl RequestMeta {
+    /// Reads a raw message's properties. What is missing gets a stand-in that a redelivery
+    /// gets too: no receive time is the AMQP timestamp (then now), no request id a UUIDv5 of
+    /// the body, no source `unknown`, and no endpoint, or one this release does not know, is
+    /// `batch`.
+    pub fn from_properties(properties: &BasicProperties, body: &[u8]) -> Self {
+        let h = properties.headers().as_ref();
+        let received_at = header_str(h, headers::RECEIVED_AT)
+            .and_then(|s| DateTime::parse_from_rfc3339(s).ok())
+            .map(|t| t.with_timezone(&Utc))
+            .or_else(|| {
+                properties
+                    .timestamp()
+                    .and_then(|secs| i64::try_from(secs).ok())
+                    .and_then(|secs| DateTime::from_timestamp(secs, 0))
+            })
+            .unwrap_or_else(Utc::now);
+        // Without the collector's id, the body itself names the request, so redeliveries agree.
+        let request_id = properties
+            .message_id()
+            .as_ref()
+            .map(|id| id.to_string())
+            .unwrap_or_else(|| uuid::Uuid::new_v5(&REQUEST_ID_NAMESPACE, body).to_string());
+        Self {
+            request_id,
+            received_at,
+            source: header_str(h, headers::SOURCE)
+                .unwrap_or("unknown")
+                .to_owned(),
+            endpoint: header_str(h, headers::ENDPOINT)
+                .and_then(Endpoint::from_name)
+                .unwrap_or(Endpoint::Batch),
+            client_ip: header_str(h, headers::CLIENT_IP).map(str::to_owned),
+            user_agent: header_str(h, headers::USER_AGENT).map(str::to_owned),
+        }
+    }
+
+    /// The headers that carry it: the client's address and user agent only when known, the
+    /// user agent cut to [`USER_AGENT_CHARS`].
+    pub fn headers(&self) -> FieldTable {
+        let mut table = FieldTable::default();
+        table.insert(
+            headers::RECEIVED_AT.into(),
+            long_string(
+                &self
+                    .received_at
+                    .to_rfc3339_opts(SecondsFormat::Millis, true),
+            ),
+        );
+        table.insert(headers::SOURCE.into(), long_string(&self.source));
+        table.insert(
+            headers::ENDPOINT.into(),
+            long_string(self.endpoint.as_str()),
+        );
+        if let Some(ip) = &self.client_ip {
+            table.insert(headers::CLIENT_IP.into(), long_string(ip));
+        }
+        if let Some(agent) = &self.user_agent {
+            let agent: String = agent.chars().take(USER_AGENT_CHARS).collect();
+            table.insert(headers::USER_AGENT.into(), long_string(&agent));
+        }
+        table
+    }
+
+    /// The properties the collector publishes a request's body with: persistent, its content
+    /// type and encoding as received, the request id, the receive time (also in whole seconds
+    /// as the AMQP timestamp), and the source as the app id (at most 255 bytes).
+    pub fn properties(&self, content_type: &str, gzip: bool) -> BasicProperties {
+        let mut properties = BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_content_type(content_type.into())
+            .with_message_id(self.request_id.as_str().into())
+            .with_timestamp(u64::try_from(self.received_at.timestamp()).unwrap_or(0))
+            .with_app_id(truncate(&self.source, 255).into())
+            .with_headers(self.headers());
+        if gzip {
+            properties = properties.with_content_encoding("gzip".into());
+        }
+        properties
+    }
+}
+
+/// Whether a raw message's body is gzip (its content encoding).
+pub fn is_gzip(properties: &BasicProperties) -> bool {
+    properties
+        .content_encoding()
+        .as_ref()
+        .is_some_and(|e| e.as_str().eq_ignore_ascii_case("gzip"))
+}
+
+/// The headers a batch travels under in a sink's queues; the error is cut to
+/// [`LAST_ERROR_CHARS`].
+pub fn batch_headers(sink: &str, key: &str, attempts: u32, last_error: &str) -> FieldTable {
+    let mut table = FieldTable::default();
+    table.insert(headers::BATCH_KEY.into(), long_string(key));
+    table.insert(headers::ATTEMPT.into(), AMQPValue::LongUInt(attempts));
+    let last_error: String = last_error.chars().take(LAST_ERROR_CHARS).collect();
+    table.insert(headers::LAST_ERROR.into(), long_string(&last_error));
+    table.insert(headers::SINK.into(), long_string(sink));
+    table
+}
+
+/// A batch's key, if the message is a batch the worker wrote (spilled, retried or
+/// dead-lettered); a previous release's messages of fresh events have none.
+pub fn read_batch_key(table: Option<&FieldTable>) -> Option<&str> {
+    header_str(table, headers::BATCH_KEY)
+}
+
+/// A batch's failed attempts so far, from any integer type the header may hold; 0 if absent or
+/// not a count.
+pub fn read_attempts(table: Option<&FieldTable>) -> u32 {
+    match table.and_then(|t| t.inner().get(headers::ATTEMPT)) {
+        Some(AMQPValue::LongUInt(n)) => *n,
+        Some(AMQPValue::LongInt(n)) => u32::try_from(*n).unwrap_or(0),
+        Some(AMQPValue::LongLongInt(n)) => u32::try_from(*n).unwrap_or(0),
+        Some(AMQPValue::ShortUInt(n)) => u32::from(*n),
+        _ => 0,
+    }
+}
+
+/// The headers of an invalid record.
+pub fn invalid_headers(reason: &str, source: &str, request_id: &str) -> FieldTable {
+    let mut table = FieldTable::default();
+    table.insert(headers::REASON.into(), long_string(reason));
+    table.insert(headers::SOURCE.into(), long_string(source));
+    table.insert(headers::REQUEST_ID.into(), long_string(request_id));
+    table
+}
+
+/// Marks a message `ingestctl dlq replay` sends back with the queue it came from.
+pub fn mark_replayed(table: &mut FieldTable, from: &str) {
+    table.insert(headers::REPLAYED.into(), long_string(from));
+}
+
+/// Whether a header is one of the broker's dead-letter records.
+pub fn is_death_record(name: &str) -> bool {
+    headers::DEATH_PREFIXES
+        .iter()
+        .any(|prefix| name.starts_with(prefix))
+}
+
+fn truncate(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn text(table: &FieldTable, name: &str) -> Option<String> {
+        header_str(Some(table), name).map(str::to_owned)
+    }
+
+    fn meta() -> RequestMeta {
+        RequestMeta {
+            request_id: "req-1".into(),
+            received_at: DateTime::parse_from_rfc3339("2026-11-21T12:00:00.250Z")
+                .expect("time")
+                .with_timezone(&Utc),
+            source: "shop-ios".into(),
+            endpoint: Endpoint::Track,
+            client_ip: Some("203.0.113.9".into()),
+            user_agent: Some("ShopApp/1.0".into()),
+        }
+    }
+
+    /// The wire format, spelled out: a change here breaks a rolling upgrade.
+    #[test]
+    fn header_names_and_values_are_the_wire_format() {
+        let properties = meta().properties("text/plain", true);
+        let table = properties.headers().clone().expect("headers");
+        let names: Vec<&str> = table.inner().keys().map(|k| k.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "client_ip",
+                "endpoint",
+                "received_at",
+                "source",
+                "user_agent"
+            ]
+        );
+        assert_eq!(
+            text(&table, "received_at").as_deref(),
+            Some("2026-11-21T12:00:00.250Z")
+        );
+        assert_eq!(text(&table, "endpoint").as_deref(), Some("track"));
+        assert_eq!(properties.delivery_mode(), &Some(2));
+        assert_eq!(properties.timestamp(), &Some(1_795_262_400));
+        assert_eq!(
+            properties.message_id().as_ref().map(|s| s.as_str()),
+            Some("req-1")
+        );
+        assert_eq!(
+            properties.app_id().as_ref().map(|s| s.as_str()),
+            Some("shop-ios")
+        );
+        assert!(is_gzip(&properties));
+        assert!(!is_gzip(&meta().properties("application/json", false)));
+
+        let batch = batch_headers("crm", "key-1", 3, "HTTP 503");
+        let names: Vec<&str> = batch.inner().keys().map(|k| k.as_str()).collect();
+        assert_eq!(
+            names,
+            ["x-attempt", "x-batch-key", "x-last-error", "x-sink"]
+        );
+        assert_eq!(
+            batch.inner().get("x-attempt"),
+            Some(&AMQPValue::LongUInt(3))
+        );
+        let invalid = invalid_headers("schema", "shop-ios", "req-1");
+        let names: Vec<&str> = invalid.inner().keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, ["reason", "request_id", "source"]);
+    }
+
+    #[test]
+    fn a_request_reads_back_as_it_was_written() {
+        let written = meta();
+        let properties = written.properties("application/json", false);
+        assert_eq!(RequestMeta::from_properties(&properties, b"{}"), written);
+        let long = RequestMeta {
+            user_agent: Some("é".repeat(600)),
+            source: "s".repeat(300),
+            ..meta()
+        };
+        let properties = long.properties("application/json", false);
+        let read = RequestMeta::from_properties(&properties, b"{}");
+        assert_eq!(read.user_agent.map(|a| a.chars().count()), Some(512));
+        assert_eq!(read.source.len(), 300, "the header keeps the whole source");
+        assert_eq!(
+            properties.app_id().as_ref().map(|a| a.as_str().len()),
+            Some(255)
+        );
+    }
+
+    #[test]
+    fn what_is_missing_gets_a_stand_in_that_a_redelivery_gets_too() {
+        let bare = BasicProperties::default().with_timestamp(1_795_262_400);
+        let a = RequestMeta::from_properties(&bare, b"{\"batch\":[]}");
+        let b = RequestMeta::from_properties(&bare, b"{\"batch\":[]}");
+        assert_eq!(a, b);
+        assert_eq!(a.source, "unknown");
+        assert_eq!(a.endpoint, Endpoint::Batch);
+        assert_eq!(a.received_at.timestamp(), 1_795_262_400);
+        assert_eq!((a.client_ip, a.user_agent), (None, None));
+        let mut table = FieldTable::default();
+        table.insert(headers::ENDPOINT.into(), long_string("t"));
+        let short = BasicProperties::default().with_headers(table);
+        assert_eq!(
+            RequestMeta::from_properties(&short, b"").endpoint,
+            Endpoint::Batch,
+            "a header holds an endpoint's name, never a path's short form"
+        );
+    }
+
+    #[test]
+    fn endpoints_from_paths_and_from_names() {
+        assert_eq!(Endpoint::parse("batch"), Some(Endpoint::Batch));
+        assert_eq!(Endpoint::parse("import"), Some(Endpoint::Batch));
+        assert_eq!(Endpoint::parse("t"), Some(Endpoint::Track));
+        assert_eq!(Endpoint::parse("nope"), None);
+        for endpoint in Endpoint::ALL {
+            assert_eq!(Endpoint::from_name(endpoint.as_str()), Some(endpoint));
+            assert_eq!(Endpoint::parse(endpoint.as_str()), Some(endpoint));
+        }
+        assert_eq!(Endpoint::from_name("import"), None);
+    }
+
+    #[test]
+    fn attempt_counts_are_read_from_any_integer_header() {
+        for (value, want) in [
+            (AMQPValue::LongUInt(3), 3),
+            (AMQPValue::LongLongInt(4), 4),
+            (AMQPValue::LongInt(-1), 0),
+            (AMQPValue::ShortUInt(5), 5),
+            (long_string("x"), 0),
+        ] {
+            let mut table = FieldTable::default();
+            table.insert(headers::ATTEMPT.into(), value);
+            assert_eq!(read_attempts(Some(&table)), want);
+        }
+        assert_eq!(read_attempts(None), 0);
+        let table = batch_headers("s", "k", u32::MAX, &"e".repeat(5000));
+        assert_eq!(read_attempts(Some(&table)), u32::MAX);
+        assert_eq!(read_batch_key(Some(&table)), Some("k"));
+        assert_eq!(
+            text(&table, headers::LAST_ERROR).map(|e| e.len()),
+            Some(1000)
+        );
+        assert_eq!(read_batch_key(None), None);
+    }
+
+    #[test]
+    fn truncate_respects_char_boundaries() {
+        assert_eq!(truncate("héllo", 2), "h");
+        assert_eq!(truncate("abc", 10), "abc");
+    }
+
+    #[test]
+    fn the_brokers_death_records_are_told_apart() {
+        for name in ["x-death", "x-first-death-reason", "x-last-death-queue"] {
+            assert!(is_death_record(name), "{name}");
+        }
+        for name in ["x-batch-key", "source", "x-replayed"] {
+            assert!(!is_death_record(name), "{name}");
+        }
+    }
+}
