@@ -329,4 +329,65 @@ mod tests {
         let long = vec!["x".repeat(MTU + 10), "p.a:1|c".to_owned()];
         assert_eq!(pack(&long, MTU).len(), 2);
     }
+
+    #[test]
+    fn pack_never_exceeds_mtu_never_splits_and_keeps_order() {
+        let mut rng = fastrand::Rng::with_seed(7);
+        for _ in 0..500 {
+            let mtu = rng.usize(16..600);
+            let lines: Vec<String> = (0..rng.usize(0..60))
+                .map(|_| {
+                    let len = rng.usize(1..=mtu + mtu / 4);
+                    (0..len).map(|_| rng.alphanumeric()).collect()
+                })
+                .collect();
+            let datagrams = pack(&lines, mtu);
+
+            let rejoined: Vec<&str> = datagrams.iter().flat_map(|d| d.split('\n')).collect();
+            assert_eq!(rejoined, lines, "mtu {mtu}");
+            for (i, datagram) in datagrams.iter().enumerate() {
+                assert!(
+                    datagram.len() <= mtu || !datagram.contains('\n'),
+                    "datagram {i} of {} bytes over mtu {mtu} holds several lines",
+                    datagram.len()
+                );
+                if let Some(next) = datagrams.get(i + 1) {
+                    let first = next.split('\n').next().unwrap_or_default();
+                    assert!(
+                        datagram.len() + 1 + first.len() > mtu,
+                        "datagram {i} could hold more"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn pack_sends_an_oversize_line_alone() {
+        let lines = [
+            "a".repeat(10),
+            "b".repeat(100),
+            "c".repeat(10),
+            "d".repeat(10),
+        ]
+        .map(String::from);
+        let datagrams = pack(&lines, 30);
+        assert_eq!(
+            datagrams,
+            [
+                lines[0].clone(),
+                lines[1].clone(),
+                format!("{}\n{}", lines[2], lines[3])
+            ]
+        );
+        assert!(pack(&[], 30).is_empty());
+    }
+
+    #[test]
+    fn pack_keeps_a_negative_gauge_pair_in_one_datagram() {
+        let pair = "a.g:0|g\na.g:-5|g".to_owned();
+        let lines = ["x".repeat(40), pair.clone()].map(String::from);
+        let datagrams = pack(&lines, 50);
+        assert_eq!(datagrams, [lines[0].clone(), pair]);
+    }
 }

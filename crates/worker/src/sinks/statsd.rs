@@ -273,3 +273,6 @@ fn segment(raw: &str) -> String {
 #[cfg(test)]
 #[path = "statsd/tests.rs"]
 mod tests;
+#[cfg(test)]
+#[path = "statsd/udp_tests.rs"]
+mod udp_tests;
