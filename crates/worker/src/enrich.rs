@@ -44,6 +44,11 @@ pub fn parse_time(value: Option<&Value>) -> Option<DateTime<Utc>> {
         .map(|t| t.with_timezone(&Utc))
 }
 
+/// Whether [`enrich`] will derive this event's `messageId` (it has none).
+pub fn needs_message_id(event: &Map<String, Value>) -> bool {
+    !event.contains_key("messageId")
+}
+
 /// Adds `messageId` (if absent), `receivedAt`, `sentAt` (from the batch, if the event has none),
 /// `originalTimestamp` + corrected `timestamp`, `source`, `requestId`, and `context.ip` /
 /// `context.userAgent` when the SDK did not set them.
@@ -54,8 +59,7 @@ pub fn enrich(
     index: usize,
     batch_sent_at: Option<&Value>,
 ) {
-    let has_id = matches!(event.get("messageId"), Some(Value::String(s)) if !s.is_empty());
-    if !has_id && !event.contains_key("messageId") {
+    if needs_message_id(event) {
         event.insert(
             "messageId".into(),
             Value::String(derived_message_id(id_seed, index)),

@@ -107,13 +107,18 @@ fn process_payload(
     };
     // Ids for events that came without one: from the request's content, so a client's retry
     // of the same request (a new request id) gets the same ids.
-    let seed = decode::content_seed(&meta, &json);
+    // Hashing a 500 KB payload costs as much as validating it: only when an event needs it.
+    let mut seed: Option<String> = None;
     let mut valid_events = Vec::new();
     let mut invalid = Vec::new();
     for (index, element) in split.elements.into_iter().enumerate() {
         match element {
             Element::Event(mut event) => {
-                enrich::enrich(&mut event, &meta, &seed, index, split.sent_at.as_ref());
+                if enrich::needs_message_id(&event) && seed.is_none() {
+                    seed = Some(decode::content_seed(&meta, &json));
+                }
+                let seed = seed.as_deref().unwrap_or_default();
+                enrich::enrich(&mut event, &meta, seed, index, split.sent_at.as_ref());
                 match registry.validate(event) {
                     Ok(valid) => match to_document(valid.as_map()) {
                         Ok(document) => {

@@ -175,11 +175,17 @@ impl MongoSink {
 
     /// One unordered `insert_many` of the very bytes `to_document` made, within
     /// `mongo.timeout_ms`. An insert cut short may still be applied: retried, it is a duplicate.
-    async fn write(&self, documents: &[RawDocumentBuf]) -> Result<Written, SinkError> {
+    async fn write(
+        &self,
+        documents: &[std::borrow::Cow<'_, RawDocumentBuf>],
+    ) -> Result<Written, SinkError> {
         if documents.is_empty() {
             return Ok(Written::default());
         }
-        let insert = self.collection.insert_many(documents).ordered(false);
+        let insert = self
+            .collection
+            .insert_many(documents.iter().map(|d| &**d))
+            .ordered(false);
         match tokio::time::timeout(self.timeout, insert).await {
             Ok(Ok(_)) => Ok(Written {
                 inserted: documents.len(),
@@ -261,8 +267,8 @@ impl Sink for MongoSink {
             // The bytes made when the worker checked the event, if it made them here; an event
             // read back from a queue is converted again, by the same function.
             let document = match event.document() {
-                Some(document) => Ok(document.clone()),
-                None => to_document(event),
+                Some(document) => Ok(std::borrow::Cow::Borrowed(document)),
+                None => to_document(event).map(std::borrow::Cow::Owned),
             };
             match document {
                 Ok(document) => {
@@ -294,6 +300,35 @@ impl Sink for MongoSink {
     }
 }
 
+/// An event as MongoDB stores it, for the BSON serialiser.
+struct Stored<'a> {
+    source: &'a str,
+    message_id: &'a str,
+    event: &'a Map<String, Value>,
+}
+
+impl serde::Serialize for Stored<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = serializer.serialize_map(Some(self.event.len() + 1))?;
+        map.serialize_entry(
+            "_id",
+            &doc! {"source": self.source, "messageId": self.message_id},
+        )?;
+        for (key, value) in self.event {
+            let time = DATE_FIELDS
+                .contains(&key.as_str())
+                .then(|| crate::enrich::parse_time(Some(value)))
+                .flatten();
+            match time {
+                Some(time) => map.serialize_entry(key, &bson::DateTime::from_chrono(time))?,
+                None => map.serialize_entry(key, value)?,
+            }
+        }
+        map.end()
+    }
+}
+
 /// The bytes stored for an event, exactly as the sink sends them: `_id` = `{source, messageId}`,
 /// then the event itself, with its times as BSON dates. Keys MongoDB reserves (`_id`, a leading
 /// `$`) are refused, not rewritten, and so is anything BSON cannot encode (a NUL byte in a key,
@@ -309,16 +344,13 @@ pub fn to_document(event: &Map<String, Value>) -> Result<RawDocumentBuf, String>
     else {
         return Err("no string source and messageId".into());
     };
-    let mut document = doc! {"_id": {"source": source, "messageId": message_id}};
-    document.extend(bson::to_document(event).map_err(|e| e.to_string())?);
-    for field in DATE_FIELDS {
-        let parsed = crate::enrich::parse_time(event.get(field));
-        if let Some(time) = parsed {
-            document.insert(field, bson::DateTime::from_chrono(time));
-        }
-    }
-    // The driver would encode a `Document` this very way; encoding it here decides storability
-    // by the bytes that are sent.
+    // Straight to bytes: the same document a `Document` would encode to (`_id` first, then
+    // the event's fields in order, its times as BSON dates), without building one.
+    let document = Stored {
+        source,
+        message_id,
+        event,
+    };
     bson::to_vec(&document)
         .map_err(|e| e.to_string())
         .and_then(|bytes| RawDocumentBuf::from_bytes(bytes).map_err(|e| e.to_string()))
@@ -328,6 +360,37 @@ pub fn to_document(event: &Map<String, Value>) -> Result<RawDocumentBuf, String>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The document the sink stored before it wrote bytes directly: built as a `Document`.
+    fn through_a_document(event: &Map<String, Value>) -> RawDocumentBuf {
+        let source = event["source"].as_str().expect("source");
+        let message_id = event["messageId"].as_str().expect("messageId");
+        let mut document = doc! {"_id": {"source": source, "messageId": message_id}};
+        document.extend(bson::to_document(event).expect("to_document"));
+        for field in DATE_FIELDS {
+            if let Some(time) = crate::enrich::parse_time(event.get(field)) {
+                document.insert(field, bson::DateTime::from_chrono(time));
+            }
+        }
+        RawDocumentBuf::from_document(&document).expect("encodes")
+    }
+
+    #[test]
+    fn the_bytes_written_directly_are_those_a_document_would_encode_to() {
+        let event = serde_json::json!({
+            "type": "track", "event": "Order Completed", "source": "shop-ios",
+            "messageId": "m-1", "timestamp": "2026-11-21T12:00:00.000Z",
+            "receivedAt": "2026-11-21T12:00:01.000Z", "sentAt": "not a time",
+            "properties": {"total": 19.9, "qty": 3, "big": -9_007_199_254_740_993_i64,
+                           "items": [{"sku": "a", "ok": true}, null], "a.b": 1, "$x": {"c": "d"}},
+            "context": {"ip": "203.0.113.9", "library": {"name": "analytics-python"}}
+        });
+        let event = event.as_object().expect("object");
+        assert_eq!(
+            to_document(event).expect("storable").as_bytes(),
+            through_a_document(event).as_bytes()
+        );
+    }
     use serde_json::json;
 
     #[test]
