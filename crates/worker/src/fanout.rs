@@ -7,7 +7,8 @@
 //! - delivered (after inline retries if needed): done;
 //! - still failing, circuit open: the batch goes to the sink's delay queue (as the queue path
 //!   does), and its runner takes it from there;
-//! - not finished within `spill_after_ms`: the batch goes whole to `<prefix>.sink.<name>`;
+//! - not finished within `spill_after_ms` of its oldest job's arrival (waiting for a free
+//!   slot included): the batch goes whole to `<prefix>.sink.<name>`;
 //! - refused events: to the sink's dead-letter queue.
 //!
 //! So a slow or failing sink holds a raw delivery at most `spill_after_ms` (plus a confirmed
@@ -20,6 +21,7 @@ use std::time::Duration;
 use ingest_pipeline::{Backoff, Topology};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio::task::JoinSet;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::settle::{batch_key, decide, Decision, Durable, Outcome, SinkRunner};
@@ -33,6 +35,9 @@ const PLACE_ATTEMPTS: u32 = 5;
 
 struct Job {
     events: Vec<Arc<Event>>,
+    /// When the job entered the lane: `spill_after_ms` counts from here, waiting for a slot
+    /// included.
+    at: Instant,
     done: oneshot::Sender<Result<(), String>>,
 }
 
@@ -86,6 +91,7 @@ impl Fanout {
             let (done, answer) = oneshot::channel();
             let job = Job {
                 events: wanted,
+                at: Instant::now(),
                 done,
             };
             lane.send(job)
@@ -104,7 +110,9 @@ impl Fanout {
     }
 }
 
-/// One sink's batcher.
+/// One sink's batcher. A batch is the oldest waiting job and whatever else waits behind it (up
+/// to `batch_max_events`); it goes to the sink once a slot is free, and to the sink's queue if
+/// no slot frees, or the sink does not answer, before the oldest job's `spill_after_ms` is up.
 async fn lane(
     runner: Arc<SinkRunner>,
     mut jobs: mpsc::Receiver<Job>,
@@ -113,16 +121,15 @@ async fn lane(
     stop: CancellationToken,
 ) {
     let slots = Arc::new(Semaphore::new(runner.delivery.max_in_flight));
+    let spill_after = Duration::from_millis(runner.delivery.spill_after_ms);
     let mut deliveries = JoinSet::new();
     loop {
-        let Ok(slot) = slots.clone().acquire_owned().await else {
-            break;
-        };
         let first = tokio::select! {
             job = jobs.recv() => job,
             () = stop.cancelled() => None,
         };
         let Some(first) = first else { break };
+        let deadline = first.at + spill_after;
         let mut events = first.events;
         let mut dones = vec![first.done];
         while events.len() < runner.delivery.batch_max_events {
@@ -134,45 +141,83 @@ async fn lane(
                 Err(_) => break,
             }
         }
+        // Past the bound, spill even if a slot is free: the raw delivery has waited enough.
+        let slot = tokio::select! {
+            biased;
+            () = tokio::time::sleep_until(deadline) => None,
+            slot = slots.clone().acquire_owned() => slot.ok(),
+        };
         let (runner, topology, out, stop) =
             (runner.clone(), topology.clone(), out.clone(), stop.clone());
         deliveries.spawn(async move {
-            let placed = deliver_batch(&runner, events, &topology, &*out, &stop).await;
+            let placed = match slot {
+                Some(_slot) => {
+                    deliver_batch(&runner, events, deadline, &topology, &*out, &stop).await
+                }
+                // Every slot stayed busy until the bound: the sink is slower than arrivals.
+                None => {
+                    let batch = batch_of(&runner, events);
+                    let decision = Decision::Spill {
+                        attempts: 0,
+                        reason: format!("the sink was busy for spill_after_ms ({spill_after:?})"),
+                    };
+                    place(&runner, &batch, decision, &topology, &*out, &stop).await
+                }
+            };
             for done in dones {
                 let _ = done.send(placed.clone());
             }
-            drop(slot);
         });
         while deliveries.try_join_next().is_some() {}
     }
     while deliveries.join_next().await.is_some() {}
 }
 
-/// Delivers one batch, or places it in the sink's queues; see the module's documentation.
+fn batch_of(runner: &SinkRunner, events: Vec<Arc<Event>>) -> Batch {
+    Batch {
+        key: batch_key(runner.sink.name(), &events),
+        events,
+    }
+}
+
+/// Delivers one batch before `deadline`, or places it in the sink's queues; see the module's
+/// documentation.
 async fn deliver_batch(
     runner: &SinkRunner,
     events: Vec<Arc<Event>>,
+    deadline: Instant,
     topology: &Topology,
     out: &dyn Durable,
     stop: &CancellationToken,
 ) -> Result<(), String> {
-    let batch = Batch {
-        key: batch_key(runner.sink.name(), &events),
-        events,
+    let batch = batch_of(runner, events);
+    let attempt = runner.attempt(&batch, false, stop);
+    let decision = match tokio::time::timeout_at(deadline, attempt).await {
+        Ok(result) => decide(result, 0, runner.max_attempts),
+        Err(_) => Decision::Spill {
+            attempts: 0,
+            reason: format!(
+                "not taken within spill_after_ms ({} ms)",
+                runner.delivery.spill_after_ms
+            ),
+        },
     };
-    let spill_after = Duration::from_millis(runner.delivery.spill_after_ms);
-    let decision =
-        match tokio::time::timeout(spill_after, runner.attempt(&batch, false, stop)).await {
-            Ok(result) => decide(result, 0, runner.max_attempts),
-            Err(_) => Decision::Spill {
-                attempts: 0,
-                reason: format!("not taken within spill_after_ms ({spill_after:?})"),
-            },
-        };
+    place(runner, &batch, decision, topology, out, stop).await
+}
+
+/// Carries out a decision, trying again a few times if the broker refuses.
+async fn place(
+    runner: &SinkRunner,
+    batch: &Batch,
+    decision: Decision,
+    topology: &Topology,
+    out: &dyn Durable,
+    stop: &CancellationToken,
+) -> Result<(), String> {
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(2));
     let mut last = String::new();
     for _ in 0..PLACE_ATTEMPTS {
-        match runner.place(&batch, decision.clone(), topology, out).await {
+        match runner.place(batch, decision.clone(), topology, out).await {
             Ok(()) => return Ok(()),
             Err(error) if decision == Decision::Release => return Err(error),
             Err(error) => last = error,

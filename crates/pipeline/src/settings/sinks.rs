@@ -275,7 +275,7 @@ impl Default for DeliverySettings {
             breaker_failures: 5,
             breaker_cooldown_ms: 10_000,
             max_in_flight: 2,
-            spill_after_ms: 10_000,
+            spill_after_ms: 1_000,
             timeout_ms: 30_000,
             types: Vec::new(),
             events: Vec::new(),

@@ -147,3 +147,38 @@ async fn a_batch_that_cannot_be_placed_anywhere_fails_its_deliveries() {
         .expect_err("nowhere durable");
     assert!(error.contains("down"), "{error}");
 }
+
+/// A sink slower than the arrivals: deliveries that wait for one of its slots past
+/// `spill_after_ms` hand their share to its queue, so none waits longer than that bound.
+#[tokio::test(start_paused = true)]
+async fn a_sink_busy_past_spill_after_ms_spills_what_waits_for_it() {
+    let sink = Arc::new(Scripted::slow("slow", Duration::from_millis(1_500)));
+    let bound = DeliverySettings {
+        max_in_flight: 1,
+        batch_max_events: 1,
+        spill_after_ms: 1_000,
+        ..DeliverySettings::default()
+    };
+    let runners = [runner(sink.clone(), bound)];
+    let out = Arc::new(Recorder::default());
+    let stop = CancellationToken::new();
+    let (fanout, _tasks) = Fanout::start(&runners, &Topology::new("t"), out.clone(), &stop);
+    let fanout = Arc::new(fanout);
+    let started = tokio::time::Instant::now();
+    let waits = futures_util::future::join_all((0..4).map(|i| {
+        let fanout = fanout.clone();
+        let batch = events(&[format!("m{i}").as_str()], "track");
+        async move {
+            fanout.deliver(&batch).await.expect("settled");
+            started.elapsed()
+        }
+    }))
+    .await;
+    assert!(
+        waits.iter().all(|w| *w <= Duration::from_millis(1_000)),
+        "{waits:?}"
+    );
+    // The first batch took the one slot and was spilled at the bound too (1.5 s > 1 s).
+    assert_eq!(out.stored().len(), 4);
+    assert!(out.stored().iter().all(|s| s.queue == "t.sink.slow"));
+}

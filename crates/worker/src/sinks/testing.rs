@@ -18,6 +18,7 @@ pub struct Scripted {
     then: Option<Result<(), SinkError>>,
     calls: AtomicUsize,
     delivered: Mutex<Vec<String>>,
+    delay: Option<std::time::Duration>,
 }
 
 impl Scripted {
@@ -28,6 +29,7 @@ impl Scripted {
             then: Some(Ok(())),
             calls: AtomicUsize::new(0),
             delivered: Mutex::new(Vec::new()),
+            delay: None,
         }
     }
 
@@ -35,6 +37,14 @@ impl Scripted {
     pub fn failing(name: &str) -> Self {
         Self {
             then: Some(Err(SinkError::Retryable("scripted failure".into()))),
+            ..Self::new(name, VecDeque::new())
+        }
+    }
+
+    /// Answers `Ok` after `delay`.
+    pub fn slow(name: &str, delay: std::time::Duration) -> Self {
+        Self {
+            delay: Some(delay),
             ..Self::new(name, VecDeque::new())
         }
     }
@@ -65,6 +75,9 @@ impl Sink for Scripted {
 
     async fn deliver(&self, batch: &Batch) -> Result<(), SinkError> {
         self.calls.fetch_add(1, Ordering::SeqCst);
+        if let Some(delay) = self.delay {
+            tokio::time::sleep(delay).await;
+        }
         let next = self.script.lock().ok().and_then(|mut s| s.pop_front());
         let Some(answer) = next.or_else(|| self.then.clone()) else {
             return std::future::pending().await;
