@@ -12,7 +12,7 @@ use futures_util::StreamExt;
 use ingest_pipeline::broker::long_string;
 use ingest_pipeline::headers;
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicPublishOptions, BasicQosOptions,
     ConfirmSelectOptions, QueueDeclareOptions,
 };
 use lapin::types::FieldTable;
@@ -314,4 +314,86 @@ pub async fn prefill(
     while tasks.join_next().await.is_some() {}
     ids.finish();
     Ok(ids.report("prefill"))
+}
+
+/// What one of a sink's queues held: messages, and the events in them (each message of a
+/// sink's queue is a JSON array of events).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Held {
+    pub queue: String,
+    pub messages: u64,
+    pub events: u64,
+}
+
+/// The order a sink's queues are read in: its retry queues first, its dead-letter queue last.
+/// While they are read, a batch can only move from a retry queue (its TTL over) to the sink's
+/// queue, so it is read in one place or the other, never missed.
+pub fn reading_order(queues: &[String]) -> Vec<String> {
+    let rank = |q: &str| {
+        if q.contains(".retry.") {
+            0
+        } else if q.ends_with(".dlq") {
+            2
+        } else {
+            1
+        }
+    };
+    let mut ordered = queues.to_vec();
+    ordered.sort_by_key(|q| rank(q));
+    ordered
+}
+
+/// Reads every message of `queues` (in [`reading_order`]) with `basic.get`, without acking,
+/// and returns what each held and the `messageId`s of every event. The messages stay where
+/// they were: the channel closes with them unacked and the broker requeues them (each counts
+/// one delivery towards its queue's delivery limit). Meant for a stopped worker's queues.
+pub async fn read_held(url: &str, queues: &[String]) -> anyhow::Result<(Vec<Held>, Vec<String>)> {
+    let connection = connect(url, "loadgen-account").await?;
+    let channel = connection.create_channel().await?;
+    let mut held = Vec::new();
+    let mut ids = Vec::new();
+    for queue in reading_order(queues) {
+        let mut found = Held {
+            queue: queue.clone(),
+            messages: 0,
+            events: 0,
+        };
+        while let Some(message) = channel
+            .basic_get(queue.as_str().into(), BasicGetOptions { no_ack: false })
+            .await?
+        {
+            let data = &message.delivery.data;
+            found.messages += 1;
+            found.events += crate::receiver::count_events(data);
+            ids.extend(crate::receiver::message_ids(data));
+        }
+        held.push(found);
+    }
+    let _ = channel.close(200, "read".into()).await;
+    let _ = connection.close(200, "".into()).await;
+    Ok((held, ids))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn retry_queues_are_read_before_the_sink_queue_and_the_dlq_last() {
+        let queues: Vec<String> = [
+            "b7.sink.slow.dlq",
+            "b7.sink.slow",
+            "b7.sink.slow.retry.1000ms",
+            "b7.sink.slow.retry.60000ms",
+        ]
+        .map(String::from)
+        .into();
+        assert_eq!(
+            super::reading_order(&queues),
+            [
+                "b7.sink.slow.retry.1000ms",
+                "b7.sink.slow.retry.60000ms",
+                "b7.sink.slow",
+                "b7.sink.slow.dlq"
+            ]
+        );
+    }
 }

@@ -158,9 +158,19 @@ enum Command {
         metrics: Option<String>,
         #[arg(long, default_value = "mongo")]
         sink: String,
-        /// The worker's pid, for its memory.
+        /// The worker's pid, for its memory and its CPU time (user + system from
+        /// `/proc/PID/stat`, read when the clock starts and when it stops).
         #[arg(long)]
         pid: Option<u32>,
+        /// Queues whose ready messages are read twice a second while the clock runs (AMQP
+        /// passive declare, the broker's current figure), comma-separated: their highest and
+        /// their last depth are reported.
+        #[arg(long, value_delimiter = ',')]
+        watch: Vec<String>,
+        /// Created once the queue's starting depth (and the worker's CPU time) has been read:
+        /// start the worker's consumer only then, or the clock starts late.
+        #[arg(long)]
+        ready_file: Option<PathBuf>,
         #[arg(long, default_value_t = 900)]
         timeout: u64,
         #[arg(long)]
@@ -197,7 +207,36 @@ enum Command {
         #[arg(long)]
         http: SocketAddr,
         #[arg(long)]
-        udp: SocketAddr,
+        udp: Option<SocketAddr>,
+        /// A slow sink: answer each request after this many milliseconds.
+        #[arg(long, default_value_t = 0)]
+        delay_ms: u64,
+        /// A failing sink: answer this status instead of 200 (e.g. 503).
+        #[arg(long, default_value_t = 200)]
+        status: u16,
+        /// Keep the messageId of every delivered event (GET /ids), for `account`.
+        #[arg(long)]
+        record_ids: bool,
+    },
+    /// Where a sink's events are: delivered (a receiver's GET /ids) or held in the sink's
+    /// queues (every message read and left there). Exit 1 if an event of --ids is in neither.
+    Account {
+        #[arg(long)]
+        amqp: String,
+        /// The sink's queues, comma-separated: `<prefix>.sink.<name>`, its `.retry.*` and `.dlq`.
+        /// Read with the worker stopped.
+        #[arg(long, value_delimiter = ',', required = true)]
+        queues: Vec<String>,
+        /// The messageIds the sink should have, one per line.
+        #[arg(long)]
+        ids: PathBuf,
+        /// Base URL of the sink's `receiver` (started with --record-ids).
+        #[arg(long)]
+        delivered: Option<String>,
+        #[arg(long, default_value = "sink")]
+        name: String,
+        #[arg(long)]
+        json: bool,
     },
     /// Hold many idle keep-alive connections to a collector and read its memory meanwhile.
     Connections {
@@ -436,10 +475,14 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             metrics,
             sink,
             pid,
+            watch,
+            ready_file,
             timeout,
             json,
         } => {
             let result = drain(DrainArgs {
+                watch,
+                ready_file,
                 metrics,
                 sink,
                 url,
@@ -455,8 +498,15 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             })
             .await?;
             print(json, &result, || {
+                let cpu = match (result.cpu, result.events_per_cpu_s) {
+                    (Some(cpu), Some(rate)) => format!(
+                        "; worker CPU {:.2} s (user {:.2}, system {:.2}): {rate:.0} events per CPU-second",
+                        cpu.total_s(), cpu.user_s, cpu.system_s
+                    ),
+                    _ => String::new(),
+                };
                 format!(
-                    "worker drain: {} events ({} messages) in {:.2} s: {:.0} events/s, {:.0} msg/s; worker RSS {} KiB, peak {} KiB; complete: {}\n",
+                    "worker drain: {} events ({} messages) in {:.2} s: {:.0} events/s, {:.0} msg/s{cpu}; worker RSS {} KiB, peak {} KiB; complete: {}\n",
                     result.events, result.messages, result.seconds, result.events_per_s,
                     result.messages_per_s, result.memory.rss_kb, result.memory.hwm_kb, result.complete
                 )
@@ -512,7 +562,46 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                 return Ok(ExitCode::from(1));
             }
         }
-        Command::Receiver { http, udp } => receiver::serve(http, udp).await?,
+        Command::Receiver {
+            http,
+            udp,
+            delay_ms,
+            status,
+            record_ids,
+        } => {
+            let behaviour = receiver::Behaviour {
+                delay: Duration::from_millis(delay_ms),
+                status: axum::http::StatusCode::from_u16(status)
+                    .with_context(|| format!("--status {status}"))?,
+                record_ids,
+            };
+            receiver::serve(http, udp, behaviour).await?;
+        }
+        Command::Account {
+            amqp: url,
+            queues,
+            ids,
+            delivered,
+            name,
+            json,
+        } => {
+            let result = account(&url, &queues, &ids, delivered.as_deref(), name).await?;
+            print(json, &result, || {
+                let held: Vec<String> = result
+                    .held
+                    .iter()
+                    .map(|h| format!("{} {} messages / {} events", h.queue, h.messages, h.events))
+                    .collect();
+                format!(
+                    "sink {}: {} events expected, {} delivered, {} held in its queues ({}), {} missing {:?}\n",
+                    result.sink, result.expected, result.delivered, result.held_events,
+                    held.join(", "), result.missing, result.missing_examples
+                )
+            });
+            if result.missing > 0 {
+                return Ok(ExitCode::from(1));
+            }
+        }
         Command::Connections {
             addr,
             count,
@@ -590,7 +679,68 @@ impl MongoTarget {
     }
 }
 
+#[derive(serde::Serialize)]
+struct Account {
+    sink: String,
+    expected: usize,
+    /// Distinct expected events the receiver answered 2xx for.
+    delivered: usize,
+    held: Vec<amqp::Held>,
+    /// Distinct expected events in the sink's queues.
+    held_events: usize,
+    /// Delivered and also held (a batch spilled or retried after a delivery the worker did
+    /// not see succeed: at least once, not a loss).
+    delivered_and_held: usize,
+    missing: usize,
+    missing_examples: Vec<String>,
+}
+
+async fn account(
+    url: &str,
+    queues: &[String],
+    ids: &std::path::Path,
+    delivered: Option<&str>,
+    sink: String,
+) -> anyhow::Result<Account> {
+    let expected: Vec<String> = std::fs::read_to_string(ids)
+        .with_context(|| format!("reading {}", ids.display()))?
+        .lines()
+        .filter(|l| !l.is_empty())
+        .map(str::to_owned)
+        .collect();
+    let delivered: std::collections::HashSet<String> = match delivered {
+        Some(base) => receiver::fetch_ids(&reqwest::Client::new(), base)
+            .await?
+            .into_iter()
+            .collect(),
+        None => std::collections::HashSet::new(),
+    };
+    let (held, held_ids) = amqp::read_held(url, queues).await?;
+    let held_ids: std::collections::HashSet<String> = held_ids.into_iter().collect();
+    let was_delivered = |id: &&String| delivered.contains(*id);
+    let in_queues = |id: &&String| held_ids.contains(*id);
+    let missing: Vec<&String> = expected
+        .iter()
+        .filter(|id| !was_delivered(id) && !in_queues(id))
+        .collect();
+    Ok(Account {
+        sink,
+        expected: expected.len(),
+        delivered: expected.iter().filter(was_delivered).count(),
+        held,
+        held_events: expected.iter().filter(in_queues).count(),
+        delivered_and_held: expected
+            .iter()
+            .filter(|id| was_delivered(id) && in_queues(id))
+            .count(),
+        missing: missing.len(),
+        missing_examples: missing.iter().take(5).map(|s| (*s).clone()).collect(),
+    })
+}
+
 struct DrainArgs {
+    watch: Vec<String>,
+    ready_file: Option<PathBuf>,
     metrics: Option<String>,
     sink: String,
     url: String,
@@ -605,6 +755,15 @@ struct DrainArgs {
     timeout: Duration,
 }
 
+/// Ready messages of a watched queue while a drain's clock ran.
+#[derive(serde::Serialize)]
+struct Watched {
+    queue: String,
+    max_ready: u64,
+    /// When the clock stopped.
+    end_ready: Option<u64>,
+}
+
 #[derive(serde::Serialize)]
 struct DrainResult {
     events: u64,
@@ -616,12 +775,22 @@ struct DrainResult {
     memory: proc::Memory,
     /// Sampled RSS maximum during the drain, KiB.
     rss_max_kb: u64,
+    /// The worker's CPU time (user + system) while the clock ran; `None` without `--pid`.
+    cpu: Option<proc::CpuTime>,
+    /// `events` / the worker's CPU seconds while the clock ran.
+    events_per_cpu_s: Option<f64>,
+    /// The queue was already shorter than `messages` at the first look: the clock started late.
+    late_start: bool,
     complete: bool,
     delivered: u64,
+    watched: Vec<Watched>,
 }
 
 /// Clock starts when the queue first gets shorter (the worker took something) and stops when
-/// the last expected event has arrived at the sink being watched.
+/// the last expected event has arrived at the sink being watched. The worker's CPU time is read
+/// at the same two moments; the start is the reading taken just before the first look that saw
+/// the queue shorter (so nothing the drain cost is left out, at most one poll of idle time is
+/// counted in).
 async fn drain(args: DrainArgs) -> anyhow::Result<DrainResult> {
     let mut probe = DepthProbe::new(&args.url);
     let target = match &args.mongo {
@@ -647,14 +816,35 @@ async fn drain(args: DrainArgs) -> anyhow::Result<DrainResult> {
     };
     let deadline = Instant::now() + args.timeout;
     let initial = probe.depth(&args.queue).await.unwrap_or(args.messages);
+    // The worker had taken messages before the first look: the clock (and the CPU reading)
+    // start late, by however long that was.
+    let late_start = initial < args.messages;
+    if let Some(path) = &args.ready_file {
+        std::fs::write(path, b"").with_context(|| format!("writing {}", path.display()))?;
+    }
     let mut started = None;
     let mut rss_max = 0;
     let mut last = 0;
+    let mut cpu_before = args.pid.and_then(proc::cpu);
+    let mut cpu_start = None;
+    let mut watched: Vec<Watched> = args
+        .watch
+        .iter()
+        .map(|queue| Watched {
+            queue: queue.clone(),
+            max_ready: 0,
+            end_ready: None,
+        })
+        .collect();
+    let mut last_watch = Instant::now();
     while Instant::now() < deadline {
         if started.is_none() {
             let depth = probe.depth(&args.queue).await.unwrap_or(initial);
-            if depth < initial || delivered().await > 0 {
+            if depth < initial || depth < args.messages || delivered().await > 0 {
                 started = Some(Instant::now());
+                cpu_start = cpu_before;
+            } else {
+                cpu_before = args.pid.and_then(proc::cpu);
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
             continue;
@@ -666,13 +856,29 @@ async fn drain(args: DrainArgs) -> anyhow::Result<DrainResult> {
         if last >= args.expect_events {
             break;
         }
+        if !watched.is_empty() && last_watch.elapsed() >= Duration::from_millis(500) {
+            last_watch = Instant::now();
+            for w in &mut watched {
+                if let Some(depth) = probe.depth(&w.queue).await {
+                    w.max_ready = w.max_ready.max(depth);
+                }
+            }
+        }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let seconds = started
         .map_or(Duration::ZERO, |s| s.elapsed())
         .as_secs_f64()
         .max(1e-3);
+    let cpu = match (cpu_start, args.pid.and_then(proc::cpu)) {
+        (Some(start), Some(end)) => Some(end.since(start)),
+        _ => None,
+    };
     let memory = args.pid.and_then(proc::memory).unwrap_or_default();
+    for w in &mut watched {
+        w.end_ready = probe.depth(&w.queue).await;
+        w.max_ready = w.max_ready.max(w.end_ready.unwrap_or(0));
+    }
     // Timed by the worker's metric: check once, after the clock, that MongoDB holds them all.
     let stored = match (&args.metrics, &target) {
         (Some(_), Some(target)) => Some(target.estimated_document_count().await.unwrap_or(0)),
@@ -686,7 +892,13 @@ async fn drain(args: DrainArgs) -> anyhow::Result<DrainResult> {
         messages_per_s: args.messages as f64 / seconds,
         memory,
         rss_max_kb: rss_max.max(memory.rss_kb),
+        cpu,
+        events_per_cpu_s: cpu
+            .filter(|c| c.total_s() > 0.0)
+            .map(|c| args.expect_events as f64 / c.total_s()),
+        late_start,
         complete: last >= args.expect_events && stored.is_none_or(|n| n >= args.expect_events),
         delivered: last,
+        watched,
     })
 }

@@ -1,30 +1,70 @@
-//! Stand-ins for the worker's statsd daemon (a UDP socket) and HTTP sink (a webhook that
-//! answers 200), counting what arrives. `GET /stats` on the HTTP port reports the counts, so a
-//! benchmark can tell when the worker has delivered everything.
+//! Stand-ins for the worker's statsd daemon (a UDP socket) and HTTP sink (a webhook), counting
+//! what arrives. `GET /stats` on the HTTP port reports the counts, so a benchmark can tell when
+//! the worker has delivered everything.
+//!
+//! The webhook answers 200 at once by default. A [`Behaviour`] makes it a slow sink (answer
+//! after a delay) or a failing one (answer another status, e.g. 503); only the events of
+//! requests answered 2xx count as delivered. With `record_ids` it also keeps the `messageId`
+//! of every delivered event (`GET /ids`), so a benchmark can check that nothing was lost.
 
+use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 
+/// How the webhook answers.
+#[derive(Debug, Clone, Copy)]
+pub struct Behaviour {
+    /// Waits this long before answering each request.
+    pub delay: Duration,
+    /// Answers this status (200 unless told otherwise).
+    pub status: StatusCode,
+    /// Keeps the `messageId` of every delivered event.
+    pub record_ids: bool,
+}
+
+impl Default for Behaviour {
+    fn default() -> Self {
+        Self {
+            delay: Duration::ZERO,
+            status: StatusCode::OK,
+            record_ids: false,
+        }
+    }
+}
+
 #[derive(Default)]
 pub struct Counts {
     pub http_requests: AtomicU64,
     pub http_events: AtomicU64,
     pub http_bytes: AtomicU64,
+    pub http_refused_requests: AtomicU64,
+    pub http_refused_events: AtomicU64,
     pub udp_datagrams: AtomicU64,
     pub udp_lines: AtomicU64,
+    /// Events delivered whose `messageId` had been delivered before (with `record_ids`).
+    pub http_repeated_events: AtomicU64,
 }
 
 #[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
 pub struct Snapshot {
+    /// Requests answered 2xx, and their events and bytes.
     pub http_requests: u64,
     pub http_events: u64,
     pub http_bytes: u64,
+    /// Requests answered with another status, and their events.
+    #[serde(default)]
+    pub http_refused_requests: u64,
+    #[serde(default)]
+    pub http_refused_events: u64,
+    #[serde(default)]
+    pub http_repeated_events: u64,
     pub udp_datagrams: u64,
     pub udp_lines: u64,
 }
@@ -35,6 +75,9 @@ impl Counts {
             http_requests: self.http_requests.load(Ordering::Relaxed),
             http_events: self.http_events.load(Ordering::Relaxed),
             http_bytes: self.http_bytes.load(Ordering::Relaxed),
+            http_refused_requests: self.http_refused_requests.load(Ordering::Relaxed),
+            http_refused_events: self.http_refused_events.load(Ordering::Relaxed),
+            http_repeated_events: self.http_repeated_events.load(Ordering::Relaxed),
             udp_datagrams: self.udp_datagrams.load(Ordering::Relaxed),
             udp_lines: self.udp_lines.load(Ordering::Relaxed),
         }
@@ -42,7 +85,7 @@ impl Counts {
 }
 
 /// Counts the events of a JSON array body (or NDJSON lines) without building it.
-fn count_events(body: &[u8]) -> u64 {
+pub fn count_events(body: &[u8]) -> u64 {
     match serde_json::from_slice::<Vec<serde::de::IgnoredAny>>(body) {
         Ok(events) => events.len() as u64,
         Err(_) => body
@@ -52,44 +95,125 @@ fn count_events(body: &[u8]) -> u64 {
     }
 }
 
-async fn hook(State(counts): State<Arc<Counts>>, body: axum::body::Bytes) -> StatusCode {
+#[derive(serde::Deserialize)]
+struct IdOnly {
+    #[serde(rename = "messageId")]
+    message_id: Option<String>,
+}
+
+/// The `messageId`s of a JSON array body (or NDJSON lines); events without one are skipped.
+pub fn message_ids(body: &[u8]) -> Vec<String> {
+    let events: Vec<IdOnly> = match serde_json::from_slice(body) {
+        Ok(events) => events,
+        Err(_) => body
+            .split(|b| *b == b'\n')
+            .filter_map(|l| serde_json::from_slice(l).ok())
+            .collect(),
+    };
+    events.into_iter().filter_map(|e| e.message_id).collect()
+}
+
+struct Receiver {
+    counts: Counts,
+    behaviour: Behaviour,
+    ids: Mutex<HashSet<String>>,
+}
+
+async fn hook(State(receiver): State<Arc<Receiver>>, body: axum::body::Bytes) -> StatusCode {
+    let behaviour = receiver.behaviour;
+    if !behaviour.delay.is_zero() {
+        // A client that gives up meanwhile drops this future: nothing is counted.
+        tokio::time::sleep(behaviour.delay).await;
+    }
+    let counts = &receiver.counts;
+    let events = count_events(&body);
+    if !behaviour.status.is_success() {
+        counts.http_refused_requests.fetch_add(1, Ordering::Relaxed);
+        counts
+            .http_refused_events
+            .fetch_add(events, Ordering::Relaxed);
+        return behaviour.status;
+    }
+    if behaviour.record_ids {
+        let ids = message_ids(&body);
+        let mut seen = receiver
+            .ids
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let repeated = ids
+            .into_iter()
+            .filter(|id| !seen.insert(id.clone()))
+            .count();
+        counts
+            .http_repeated_events
+            .fetch_add(repeated as u64, Ordering::Relaxed);
+    }
     counts.http_requests.fetch_add(1, Ordering::Relaxed);
-    counts
-        .http_events
-        .fetch_add(count_events(&body), Ordering::Relaxed);
+    counts.http_events.fetch_add(events, Ordering::Relaxed);
     counts
         .http_bytes
         .fetch_add(body.len() as u64, Ordering::Relaxed);
-    StatusCode::OK
+    behaviour.status
 }
 
-async fn stats(State(counts): State<Arc<Counts>>) -> Json<Snapshot> {
-    Json(counts.snapshot())
+async fn stats(State(receiver): State<Arc<Receiver>>) -> Json<Snapshot> {
+    Json(receiver.counts.snapshot())
 }
 
-/// Serves the HTTP receiver on `http` (POST anywhere but `/stats`) and the UDP one on `udp`,
-/// until the process ends.
-pub async fn serve(http: SocketAddr, udp: SocketAddr) -> anyhow::Result<()> {
-    let counts = Arc::new(Counts::default());
-    let socket = tokio::net::UdpSocket::bind(udp).await?;
-    let udp_counts = counts.clone();
-    tokio::spawn(async move {
-        let mut buffer = vec![0u8; 65_536];
-        while let Ok(n) = socket.recv(&mut buffer).await {
-            udp_counts.udp_datagrams.fetch_add(1, Ordering::Relaxed);
-            let lines = buffer[..n].split(|b| *b == b'\n').filter(|l| !l.is_empty());
-            udp_counts
-                .udp_lines
-                .fetch_add(lines.count() as u64, Ordering::Relaxed);
-        }
+async fn ids(State(receiver): State<Arc<Receiver>>) -> Json<Vec<String>> {
+    let seen = receiver
+        .ids
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    Json(seen.iter().cloned().collect())
+}
+
+/// Serves the HTTP receiver on `http` (POST anywhere but `/stats` and `/ids`) and, if given,
+/// the UDP one on `udp`, until the process ends.
+pub async fn serve(
+    http: SocketAddr,
+    udp: Option<SocketAddr>,
+    behaviour: Behaviour,
+) -> anyhow::Result<()> {
+    let receiver = Arc::new(Receiver {
+        counts: Counts::default(),
+        behaviour,
+        ids: Mutex::new(HashSet::new()),
     });
+    if let Some(udp) = udp {
+        let socket = tokio::net::UdpSocket::bind(udp).await?;
+        let udp_receiver = receiver.clone();
+        tokio::spawn(async move {
+            let counts = &udp_receiver.counts;
+            let mut buffer = vec![0u8; 65_536];
+            while let Ok(n) = socket.recv(&mut buffer).await {
+                counts.udp_datagrams.fetch_add(1, Ordering::Relaxed);
+                let lines = buffer[..n].split(|b| *b == b'\n').filter(|l| !l.is_empty());
+                counts
+                    .udp_lines
+                    .fetch_add(lines.count() as u64, Ordering::Relaxed);
+            }
+        });
+    }
     let app = Router::new()
         .route("/stats", get(stats))
+        .route("/ids", get(ids))
         .route("/{*path}", post(hook))
-        .with_state(counts);
+        .with_state(receiver);
     let listener = tokio::net::TcpListener::bind(http).await?;
     axum::serve(listener, app).await?;
     Ok(())
+}
+
+/// Reads the `messageId`s a running receiver (started with `record_ids`) has had delivered.
+pub async fn fetch_ids(client: &reqwest::Client, base: &str) -> anyhow::Result<Vec<String>> {
+    Ok(client
+        .get(format!("{}/ids", base.trim_end_matches('/')))
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?)
 }
 
 /// Reads a running receiver's counts.
@@ -109,5 +233,15 @@ mod tests {
     fn events_are_counted_in_arrays_and_lines() {
         assert_eq!(super::count_events(br#"[{"a":1},{"b":[1,2]}]"#), 2);
         assert_eq!(super::count_events(b"{\"a\":1}\n{\"b\":2}\n"), 2);
+    }
+
+    #[test]
+    fn message_ids_are_read_from_arrays_and_lines() {
+        let array = br#"[{"messageId":"a","x":{"messageId":"nested"}},{"y":1},{"messageId":"b"}]"#;
+        assert_eq!(super::message_ids(array), ["a", "b"]);
+        assert_eq!(
+            super::message_ids(b"{\"messageId\":\"c\"}\n{\"messageId\":\"d\"}\n"),
+            ["c", "d"]
+        );
     }
 }
