@@ -15,6 +15,7 @@
 //! publish), never blocks another sink, and a publish into one sink's queue concerns that sink
 //! alone.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -113,6 +114,11 @@ impl Fanout {
 /// One sink's batcher. A batch is the oldest waiting job and whatever else waits behind it (up
 /// to `batch_max_events`); it goes to the sink once a slot is free, and to the sink's queue if
 /// no slot frees, or the sink does not answer, before the oldest job's `spill_after_ms` is up.
+///
+/// A sink that just missed that bound is *slow*: from then on a job goes to the sink only if a
+/// slot is free at once, alone (a probe), and every other job goes straight to the sink's
+/// queue without waiting, so a slow sink costs raw deliveries nothing beyond a publish. The
+/// first probe the sink takes within the bound ends it.
 async fn lane(
     runner: Arc<SinkRunner>,
     mut jobs: mpsc::Receiver<Job>,
@@ -122,6 +128,7 @@ async fn lane(
 ) {
     let slots = Arc::new(Semaphore::new(runner.delivery.max_in_flight));
     let spill_after = Duration::from_millis(runner.delivery.spill_after_ms);
+    let slow = Arc::new(AtomicBool::new(false));
     let mut deliveries = JoinSet::new();
     loop {
         let first = tokio::select! {
@@ -132,30 +139,53 @@ async fn lane(
         let deadline = first.at + spill_after;
         let mut events = first.events;
         let mut dones = vec![first.done];
-        while events.len() < runner.delivery.batch_max_events {
-            match jobs.try_recv() {
-                Ok(job) => {
-                    events.extend(job.events);
-                    dones.push(job.done);
+        let is_slow = slow.load(Ordering::Relaxed);
+        let probe = if is_slow {
+            slots.clone().try_acquire_owned().ok()
+        } else {
+            None
+        };
+        if probe.is_none() {
+            while events.len() < runner.delivery.batch_max_events {
+                match jobs.try_recv() {
+                    Ok(job) => {
+                        events.extend(job.events);
+                        dones.push(job.done);
+                    }
+                    Err(_) => break,
                 }
-                Err(_) => break,
             }
         }
-        // Past the bound, spill even if a slot is free: the raw delivery has waited enough.
-        let slot = tokio::select! {
-            biased;
-            () = tokio::time::sleep_until(deadline) => None,
-            slot = slots.clone().acquire_owned() => slot.ok(),
+        let slot = if is_slow {
+            probe
+        } else {
+            // Past the bound, spill even if a slot is free: the raw delivery has waited enough.
+            tokio::select! {
+                biased;
+                () = tokio::time::sleep_until(deadline) => None,
+                slot = slots.clone().acquire_owned() => slot.ok(),
+            }
         };
-        let (runner, topology, out, stop) =
-            (runner.clone(), topology.clone(), out.clone(), stop.clone());
+        let (runner, topology, out, stop, slow) = (
+            runner.clone(),
+            topology.clone(),
+            out.clone(),
+            stop.clone(),
+            slow.clone(),
+        );
         deliveries.spawn(async move {
             let placed = match slot {
                 Some(_slot) => {
-                    deliver_batch(&runner, events, deadline, &topology, &*out, &stop).await
+                    let (placed, in_time) =
+                        deliver_batch(&runner, events, deadline, &topology, &*out, &stop).await;
+                    slow.store(!in_time, Ordering::Relaxed);
+                    placed
                 }
-                // Every slot stayed busy until the bound: the sink is slower than arrivals.
+                // No slot in time: the sink is slower than the arrivals.
                 None => {
+                    slow.store(true, Ordering::Relaxed);
+                    metrics::counter!("sink_spilled_batches_total", "sink" => runner.sink.name().to_owned())
+                        .increment(1);
                     let batch = batch_of(&runner, events);
                     let decision = Decision::Spill {
                         attempts: 0,
@@ -189,20 +219,29 @@ async fn deliver_batch(
     topology: &Topology,
     out: &dyn Durable,
     stop: &CancellationToken,
-) -> Result<(), String> {
+) -> (Result<(), String>, bool) {
     let batch = batch_of(runner, events);
     let attempt = runner.attempt(&batch, false, stop);
+    let mut in_time = true;
     let decision = match tokio::time::timeout_at(deadline, attempt).await {
         Ok(result) => decide(result, 0, runner.max_attempts),
-        Err(_) => Decision::Spill {
-            attempts: 0,
-            reason: format!(
-                "not taken within spill_after_ms ({} ms)",
-                runner.delivery.spill_after_ms
-            ),
-        },
+        Err(_) => {
+            in_time = false;
+            metrics::counter!("sink_spilled_batches_total", "sink" => runner.sink.name().to_owned())
+                .increment(1);
+            Decision::Spill {
+                attempts: 0,
+                reason: format!(
+                    "not taken within spill_after_ms ({} ms)",
+                    runner.delivery.spill_after_ms
+                ),
+            }
+        }
     };
-    place(runner, &batch, decision, topology, out, stop).await
+    (
+        place(runner, &batch, decision, topology, out, stop).await,
+        in_time,
+    )
 }
 
 /// Carries out a decision, trying again a few times if the broker refuses.

@@ -182,3 +182,42 @@ async fn a_sink_busy_past_spill_after_ms_spills_what_waits_for_it() {
     assert_eq!(out.stored().len(), 4);
     assert!(out.stored().iter().all(|s| s.queue == "t.sink.slow"));
 }
+
+/// Once a sink has missed the bound, a delivery does not wait for it at all unless a slot is
+/// free for it alone: the slow sink's share goes straight to its queue.
+#[tokio::test(start_paused = true)]
+async fn after_a_sink_misses_the_bound_its_share_goes_to_its_queue_without_waiting() {
+    let sink = Arc::new(Scripted::slow("slow", Duration::from_millis(1_500)));
+    let bound = DeliverySettings {
+        max_in_flight: 2,
+        spill_after_ms: 1_000,
+        ..DeliverySettings::default()
+    };
+    let runners = [runner(sink.clone(), bound)];
+    let out = Arc::new(Recorder::default());
+    let stop = CancellationToken::new();
+    let (fanout, _tasks) = Fanout::start(&runners, &Topology::new("t"), out.clone(), &stop);
+    let fanout = Arc::new(fanout);
+    // The first delivery finds the sink slow: it waits the bound, then spills.
+    fanout
+        .deliver(&events(&["first"], "track"))
+        .await
+        .expect("spilled");
+    let started = tokio::time::Instant::now();
+    let waits = futures_util::future::join_all((0..10).map(|i| {
+        let fanout = fanout.clone();
+        let batch = events(&[format!("m{i}").as_str()], "track");
+        async move {
+            fanout.deliver(&batch).await.expect("settled");
+            started.elapsed()
+        }
+    }))
+    .await;
+    let at_once = waits.iter().filter(|w| w.is_zero()).count();
+    // At most one probe per slot waits for the sink; the rest go at once.
+    assert!(at_once >= 8, "{waits:?}");
+    assert!(
+        waits.iter().all(|w| *w <= Duration::from_millis(1_000)),
+        "{waits:?}"
+    );
+}
