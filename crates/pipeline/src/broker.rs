@@ -357,19 +357,30 @@ impl Publisher {
         body: &[u8],
         properties: BasicProperties,
     ) -> lapin::Result<Confirmation> {
-        let confirm = {
-            let _in_order = self.send.lock().await;
-            self.channel
-                .basic_publish(
-                    exchange.into(),
-                    routing_key.into(),
-                    options,
-                    body,
-                    properties,
-                )
-                .await?
-        };
-        confirm.await
+        self.send(exchange, routing_key, options, body, properties)
+            .await?
+            .await
+    }
+
+    /// Hands the publish to lapin in order with the others; the returned confirm is its answer.
+    async fn send(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        options: BasicPublishOptions,
+        body: &[u8],
+        properties: BasicProperties,
+    ) -> lapin::Result<lapin::PublisherConfirm> {
+        let _in_order = self.send.lock().await;
+        self.channel
+            .basic_publish(
+                exchange.into(),
+                routing_key.into(),
+                options,
+                body,
+                properties,
+            )
+            .await
     }
 }
 
@@ -403,18 +414,9 @@ impl Publisher {
             mandatory: true,
             ..BasicPublishOptions::default()
         };
-        let confirm = {
-            let _in_order = self.send.lock().await;
-            self.channel
-                .basic_publish(
-                    exchange.into(),
-                    routing_key.into(),
-                    options,
-                    body,
-                    properties,
-                )
-                .await?
-        };
+        let confirm = self
+            .send(exchange, routing_key, options, body, properties)
+            .await?;
         let mut confirm = std::pin::pin!(confirm);
         let confirmation = match tokio::time::timeout(patience, &mut confirm).await {
             Ok(answer) => answer?,
