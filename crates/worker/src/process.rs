@@ -49,12 +49,16 @@ pub fn process(
     body: &[u8],
     limits: PayloadLimits,
 ) -> Outcome {
-    let meta = RequestMeta::from_properties(properties, body);
-    let run =
-        std::panic::AssertUnwindSafe(|| process_payload(registry, properties, body, limits, &meta));
+    let run = std::panic::AssertUnwindSafe(|| {
+        let meta = RequestMeta::from_properties(properties, body);
+        process_payload(registry, properties, body, limits, meta)
+    });
     match std::panic::catch_unwind(run) {
         Ok(outcome) => outcome,
         Err(panic) => {
+            // Read again: the panic took the first reading with it (the rare path pays, not
+            // every delivery).
+            let meta = RequestMeta::from_properties(properties, body);
             let what = panic
                 .downcast_ref::<&str>()
                 .map(|s| (*s).to_owned())
@@ -82,9 +86,8 @@ fn process_payload(
     properties: &BasicProperties,
     body: &[u8],
     limits: PayloadLimits,
-    meta: &RequestMeta,
+    meta: RequestMeta,
 ) -> Outcome {
-    let meta = meta.clone();
     let json = match decode::payload(body, is_gzip(properties), limits.max_bytes) {
         Ok(json) => json,
         Err(error) => return undecodable(meta, &error, body),
