@@ -30,13 +30,7 @@ async fn a_sink_slower_than_spill_after_ms_spills_to_its_queue_and_mongodb_does_
     let client = http();
     let ids: Vec<String> = (0..10).map(|i| format!("spill-{i}")).collect();
     for id in &ids {
-        let r = client
-            .post(format!("{}/v1/batch", collector.url))
-            .basic_auth(IOS_KEY, Some(""))
-            .json(&batch(vec![product_viewed(id)]))
-            .send()
-            .await
-            .unwrap();
+        let r = post_batch(&client, &collector.url, &batch(vec![product_viewed(id)])).await;
         assert_eq!(r.status(), 200);
     }
     // MongoDB and the raw queue do not wait for the hanging vendor.

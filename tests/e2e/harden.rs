@@ -337,23 +337,7 @@ async fn a_payload_in_the_raw_dlq_is_listed_and_replayed_into_mongodb() {
         .await
     );
 
-    let ctl = |args: &'static [&'static str]| {
-        let s = s.clone();
-        async move {
-            let out = tokio::process::Command::new(binary("ingestctl"))
-                .envs(settings_env(&s))
-                .current_dir(root())
-                .args(args)
-                .output()
-                .await
-                .unwrap();
-            (
-                out.status.code().unwrap_or(-1),
-                String::from_utf8_lossy(&out.stdout).into_owned(),
-            )
-        }
-    };
-    let (status, out) = ctl(&["dlq", "list"]).await;
+    let (status, out) = ingestctl_async(&s, &["dlq", "list"]).await;
     assert_eq!(status, 0, "{out}");
     let line = out
         .lines()
@@ -362,7 +346,7 @@ async fn a_payload_in_the_raw_dlq_is_listed_and_replayed_into_mongodb() {
     assert!(line.trim_end().ends_with(" 1"), "{out}");
 
     let worker = Worker::start(&s);
-    let (status, out) = ctl(&["dlq", "replay", "raw.dlq"]).await;
+    let (status, out) = ingestctl_async(&s, &["dlq", "replay", "raw.dlq"]).await;
     assert_eq!(status, 0, "{out}");
     assert!(out.contains("looked at 1, replayed 1"), "{out}");
     assert_eq!(

@@ -690,14 +690,7 @@ async fn a_small_batch_whose_shared_context_would_expand_to_660_mb_is_refused_wi
 
 /// Requests the collector has taken in on `/v1/batch`: in a slot now, or answered.
 async fn batch_requests_seen(url: &str) -> u64 {
-    let text = http()
-        .get(format!("{url}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = metrics_of(&http(), url).await;
     let sum = |prefix: &str| -> f64 {
         text.lines()
             .filter_map(|l| l.strip_prefix(prefix))

@@ -10,16 +10,6 @@ use serde_json::Value;
 
 use super::fixtures::{batch, ids, product_viewed};
 
-async fn post(client: &reqwest::Client, url: &str, body: &Value) -> reqwest::Response {
-    client
-        .post(format!("{url}/v1/batch"))
-        .basic_auth(IOS_KEY, Some(""))
-        .json(body)
-        .send()
-        .await
-        .unwrap()
-}
-
 /// A batch of `n` events of about 300 bytes each.
 fn events(prefix: &str, n: usize) -> Value {
     batch(ids(prefix, n).iter().map(|id| product_viewed(id)).collect())
@@ -36,7 +26,9 @@ async fn a_broker_memory_alarm_turns_into_503s_with_bounded_collector_memory_and
     let client = http();
     assert!(status_becomes(&client, format!("{url}/readyz"), 200).await);
     assert_eq!(
-        post(&client, &url, &events("before", 1)).await.status(),
+        post_batch(&client, &url, &events("before", 1))
+            .await
+            .status(),
         200
     );
 
@@ -44,7 +36,7 @@ async fn a_broker_memory_alarm_turns_into_503s_with_bounded_collector_memory_and
     // tells a connection it is blocked when it next publishes, and holds that publish: its
     // client gets 503 when the confirm times out; every later request is refused at once.
     node.ctl(&["set_vm_memory_high_watermark", "0.00001"]);
-    let first = post(&client, &url, &events("caught", 1)).await;
+    let first = post_batch(&client, &url, &events("caught", 1)).await;
     assert_eq!(first.status(), 503);
     assert!(first.headers().contains_key("retry-after"));
     assert!(
@@ -55,7 +47,7 @@ async fn a_broker_memory_alarm_turns_into_503s_with_bounded_collector_memory_and
     let body = events("blocked", 60); // about 18 KB
     let mut statuses = std::collections::BTreeMap::new();
     for _ in 0..300 {
-        let r = post(&client, &url, &body).await;
+        let r = post_batch(&client, &url, &body).await;
         if r.status() == 503 {
             assert!(r.headers().contains_key("retry-after"));
         }
@@ -80,7 +72,12 @@ async fn a_broker_memory_alarm_turns_into_503s_with_bounded_collector_memory_and
 
     node.ctl(&["set_vm_memory_high_watermark", "0.4"]);
     assert!(status_becomes(&client, format!("{url}/readyz"), 200).await);
-    assert_eq!(post(&client, &url, &events("after", 1)).await.status(), 200);
+    assert_eq!(
+        post_batch(&client, &url, &events("after", 1))
+            .await
+            .status(),
+        200
+    );
     // The held publish is enqueued once the broker reads again. Its client got a 503 and
     // retries; the worker stores the retry's events once (same messageIds).
     assert_eq!(
@@ -130,7 +127,10 @@ async fn a_raw_queue_declared_without_the_cap_by_an_earlier_release_is_used_as_i
     let worker = Worker::start(&s);
     let client = http();
     let body = events("upgrade", 3);
-    assert_eq!(post(&client, &collector.url, &body).await.status(), 200);
+    assert_eq!(
+        post_batch(&client, &collector.url, &body).await.status(),
+        200
+    );
     assert_eq!(
         wait_for_count(&s, doc! {}, 3, Duration::from_secs(30)).await,
         3
@@ -172,7 +172,9 @@ async fn a_raw_queue_that_differs_in_more_than_the_cap_is_refused_and_the_collec
     let client = http();
     assert!(status_becomes(&client, format!("{url}/readyz"), 503).await);
     assert_eq!(
-        post(&client, &url, &events("classic", 1)).await.status(),
+        post_batch(&client, &url, &events("classic", 1))
+            .await
+            .status(),
         503
     );
     assert_eq!(depth(&amqp_url(), &raw).await, 0);
@@ -189,7 +191,7 @@ async fn a_full_raw_queue_nacks_publishes_so_clients_get_503_and_every_200_is_ke
     while refused == 0 && accepted < 100 {
         // 30 events, about 9 KB, with messageIds of their own
         let body = events(&format!("cap-{accepted}"), 30);
-        let r = post(&client, &collector.url, &body).await;
+        let r = post_batch(&client, &collector.url, &body).await;
         match r.status().as_u16() {
             200 => accepted += 1,
             503 => {
@@ -212,7 +214,10 @@ async fn a_full_raw_queue_nacks_publishes_so_clients_get_503_and_every_200_is_ke
     let landed = wait_for_count(&s, doc! {}, want, Duration::from_secs(60)).await;
     assert_eq!(landed, want, "accepted events did not all land");
     let body = events("cap-after", 30);
-    assert_eq!(post(&client, &collector.url, &body).await.status(), 200);
+    assert_eq!(
+        post_batch(&client, &collector.url, &body).await.status(),
+        200
+    );
     worker.stop().await;
 }
 
@@ -244,7 +249,7 @@ async fn a_late_runtime_sheds_load_with_503_and_recovers_when_it_catches_up() {
         rt.block_on(async {
             let client = http();
             for i in 0..100 {
-                let r = post(&client, &client_url, &events(&format!("lag-{i}"), 1)).await;
+                let r = post_batch(&client, &client_url, &events(&format!("lag-{i}"), 1)).await;
                 if r.status() == 503 {
                     assert!(r.headers().contains_key("retry-after"));
                     let error: Value = r.json().await.unwrap();
@@ -271,7 +276,12 @@ async fn a_late_runtime_sheds_load_with_503_and_recovers_when_it_catches_up() {
     assert!(
         eventually(Duration::from_secs(30), || {
             let (client, url) = (client.clone(), url.clone());
-            async move { post(&client, &url, &events("caught-up", 1)).await.status() == 200 }
+            async move {
+                post_batch(&client, &url, &events("caught-up", 1))
+                    .await
+                    .status()
+                    == 200
+            }
         })
         .await
     );
@@ -283,26 +293,6 @@ async fn a_late_runtime_sheds_load_with_503_and_recovers_when_it_catches_up() {
         ) >= 1.0,
         "{metrics}"
     );
-}
-
-/// The value of one sample line `name{labels} value` in Prometheus text format (0 if absent).
-/// `GET {base}/metrics`, as text.
-async fn metrics_of(client: &reqwest::Client, base: &str) -> String {
-    client
-        .get(format!("{base}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
-}
-
-fn metric_value(text: &str, series: &str) -> f64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
-        .unwrap_or(0.0)
 }
 
 /// Every sample line must be `name{labels} value` with a known metric type declared before it.
@@ -356,7 +346,9 @@ async fn both_services_export_prometheus_metrics_for_requests_publishes_and_sink
     assert!(status_becomes(&client, format!("{worker}/readyz"), 200).await);
 
     assert_eq!(
-        post(&client, &collector, &events("m", 5)).await.status(),
+        post_batch(&client, &collector, &events("m", 5))
+            .await
+            .status(),
         200
     );
     let bad = client
@@ -521,7 +513,9 @@ async fn with_a_statsd_address_both_services_mirror_their_metrics_to_statsd() {
     let client = http();
     assert!(status_becomes(&client, format!("{url}/readyz"), 200).await);
     assert_eq!(
-        post(&client, &url, &events("mirror", 4)).await.status(),
+        post_batch(&client, &url, &events("mirror", 4))
+            .await
+            .status(),
         200
     );
 

@@ -163,21 +163,6 @@ async fn schema_check_prints_every_error_with_its_pointer() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
-/// `ingestctl` without blocking the runtime that serves in-process services it talks to.
-async fn ingestctl_async(s: &Settings, args: &[&str]) -> (i32, String) {
-    let out = tokio::process::Command::new(binary("ingestctl"))
-        .envs(settings_env(s))
-        .current_dir(root())
-        .args(args)
-        .output()
-        .await
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-    )
-}
-
 /// `ingestctl canary` against a collector with a write key, plus `args`.
 async fn canary(s: &Settings, url: &str, write_key: &str, args: &[&str]) -> (i32, String) {
     let mut all = vec!["canary", "--url", url, "--write-key", write_key];

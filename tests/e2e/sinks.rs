@@ -380,18 +380,11 @@ async fn an_event_the_driver_cannot_encode_is_invalid_and_never_holds_other_even
 
 /// The worker's `mongo_documents_total{outcome="…"}`, 0 until it is first counted.
 async fn mongo_documents(worker: &Worker, outcome: &str) -> f64 {
-    let text = http()
-        .get(format!("{}/metrics", worker.url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let series = format!("mongo_documents_total{{outcome=\"{outcome}\"}}");
-    text.lines()
-        .find_map(|l| l.strip_prefix(series.as_str())?.trim().parse().ok())
-        .unwrap_or(0.0)
+    let text = metrics_of(&http(), &worker.url).await;
+    metric_value(
+        &text,
+        &format!("mongo_documents_total{{outcome=\"{outcome}\"}}"),
+    )
 }
 
 #[tokio::test]

@@ -357,16 +357,7 @@ impl Process {
 
     /// Resident memory now and at its peak, in KiB, from /proc.
     pub fn memory_kib(&self) -> (u64, u64) {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
-        let field = |name: &str| {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix(name))
-                .and_then(|v| v.split_whitespace().next())
-                .and_then(|v| v.parse().ok())
-                .unwrap_or_else(|| panic!("{name} missing in /proc status"))
-        };
-        (field("VmRSS:"), field("VmHWM:"))
+        proc_memory_kib(self.pid()).expect("VmRSS and VmHWM in /proc/<pid>/status")
     }
 
     pub fn is_running(&mut self) -> bool {
@@ -1081,16 +1072,72 @@ impl Process {
         if !self.is_running() {
             return None;
         }
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).ok()?;
-        let field = |name: &str| {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix(name))
-                .and_then(|v| v.split_whitespace().next())
-                .and_then(|v| v.parse().ok())
-        };
-        Some((field("VmRSS:")?, field("VmHWM:")?))
+        proc_memory_kib(self.pid())
     }
+}
+
+/// Resident memory of a process now and at its peak, in KiB (`VmRSS`, `VmHWM` from /proc).
+fn proc_memory_kib(pid: u32) -> Option<(u64, u64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+    };
+    Some((field("VmRSS:")?, field("VmHWM:")?))
+}
+
+/// `POST {collector}/v1/batch` with the iOS test key.
+pub async fn post_batch(
+    client: &reqwest::Client,
+    collector: &str,
+    body: &serde_json::Value,
+) -> reqwest::Response {
+    client
+        .post(format!("{collector}/v1/batch"))
+        .basic_auth(IOS_KEY, Some(""))
+        .json(body)
+        .send()
+        .await
+        .unwrap()
+}
+
+/// `GET {base}/metrics`, as text.
+pub async fn metrics_of(client: &reqwest::Client, base: &str) -> String {
+    client
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+/// The value of one sample line `name{labels} value` in Prometheus text format (0 if absent).
+pub fn metric_value(text: &str, series: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// `ingestctl` with the test's settings, without blocking the runtime that serves in-process
+/// services it talks to; its exit code and stdout.
+pub async fn ingestctl_async(s: &Settings, args: &[&str]) -> (i32, String) {
+    let out = tokio::process::Command::new(binary("ingestctl"))
+        .envs(settings_env(s))
+        .current_dir(root())
+        .args(args)
+        .output()
+        .await
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
 }
 
 /// The bytes gunzipped if they are gzip (by their magic number), else as they are.

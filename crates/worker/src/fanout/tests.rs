@@ -25,6 +25,28 @@ fn runner(sink: Arc<dyn Sink>, delivery: DeliverySettings) -> Arc<SinkRunner> {
     ))
 }
 
+/// Lanes for `runners`, placing what they do not deliver into `out` (prefix `t`).
+fn lanes(runners: &[Arc<SinkRunner>], out: &Arc<Recorder>) -> (Arc<Fanout>, JoinSet<()>) {
+    let stop = CancellationToken::new();
+    let durable: Arc<dyn Durable> = out.clone();
+    let (fanout, tasks) = Fanout::start(runners, &Topology::new("t"), durable, &stop);
+    (Arc::new(fanout), tasks)
+}
+
+/// `n` one-event deliveries at once (messageIds `m0`…); how long each took to settle.
+async fn deliver_at_once(fanout: &Arc<Fanout>, n: usize) -> Vec<Duration> {
+    let started = tokio::time::Instant::now();
+    futures_util::future::join_all((0..n).map(|i| {
+        let fanout = fanout.clone();
+        let batch = events(&[format!("m{i}").as_str()], "track");
+        async move {
+            fanout.deliver(&batch).await.expect("settled");
+            started.elapsed()
+        }
+    }))
+    .await
+}
+
 #[tokio::test(start_paused = true)]
 async fn each_sink_gets_the_events_it_wants_in_process() {
     let all = Arc::new(Scripted::new("all", VecDeque::new()));
@@ -38,8 +60,7 @@ async fn each_sink_gets_the_events_it_wants_in_process() {
         runner(tracks.clone(), only_tracks),
     ];
     let out = Arc::new(Recorder::default());
-    let stop = CancellationToken::new();
-    let (fanout, _tasks) = Fanout::start(&runners, &Topology::new("t"), out.clone(), &stop);
+    let (fanout, _tasks) = lanes(&runners, &out);
     let mut mixed = events(&["t1"], "track");
     mixed.extend(events(&["s1"], "screen"));
     fanout.deliver(&mixed).await.expect("delivered");
@@ -62,8 +83,7 @@ async fn a_failing_sink_takes_its_delay_queue_and_never_holds_back_a_healthy_one
         runner(down.clone(), quick),
     ];
     let out = Arc::new(Recorder::default());
-    let stop = CancellationToken::new();
-    let (fanout, _tasks) = Fanout::start(&runners, &Topology::new("t"), out.clone(), &stop);
+    let (fanout, _tasks) = lanes(&runners, &out);
     fanout
         .deliver(&events(&["m1", "m2"], "track"))
         .await
@@ -84,8 +104,7 @@ async fn a_sink_that_does_not_finish_in_time_spills_to_its_own_queue() {
     };
     let runners = [runner(stalled.clone(), bound)];
     let out = Arc::new(Recorder::default());
-    let stop = CancellationToken::new();
-    let (fanout, _tasks) = Fanout::start(&runners, &Topology::new("t"), out.clone(), &stop);
+    let (fanout, _tasks) = lanes(&runners, &out);
     let started = tokio::time::Instant::now();
     fanout
         .deliver(&events(&["m1"], "track"))
@@ -107,17 +126,9 @@ async fn deliveries_waiting_for_a_busy_sink_share_one_batch() {
     };
     let runners = [runner(sink.clone(), one_at_a_time)];
     let out = Arc::new(Recorder::default());
-    let stop = CancellationToken::new();
-    let (fanout, _tasks) = Fanout::start(&runners, &Topology::new("t"), out.clone(), &stop);
-    let fanout = Arc::new(fanout);
+    let (fanout, _tasks) = lanes(&runners, &out);
     let ids: Vec<String> = (0..20).map(|i| format!("m{i}")).collect();
-    let all = futures_util::future::join_all(ids.iter().map(|id| {
-        let fanout = fanout.clone();
-        let batch = events(&[id.as_str()], "track");
-        async move { fanout.deliver(&batch).await }
-    }))
-    .await;
-    assert!(all.iter().all(Result::is_ok));
+    deliver_at_once(&fanout, ids.len()).await;
     let mut delivered = sink.delivered();
     delivered.sort();
     let mut expected = ids.clone();
@@ -139,8 +150,7 @@ async fn a_batch_that_cannot_be_placed_anywhere_fails_its_deliveries() {
     };
     let runners = [runner(down, quick)];
     let out = Arc::new(Recorder::refusing());
-    let stop = CancellationToken::new();
-    let (fanout, _tasks) = Fanout::start(&runners, &Topology::new("t"), out, &stop);
+    let (fanout, _tasks) = lanes(&runners, &out);
     let error = fanout
         .deliver(&events(&["m1"], "track"))
         .await
@@ -161,19 +171,8 @@ async fn a_sink_busy_past_spill_after_ms_spills_what_waits_for_it() {
     };
     let runners = [runner(sink.clone(), bound)];
     let out = Arc::new(Recorder::default());
-    let stop = CancellationToken::new();
-    let (fanout, _tasks) = Fanout::start(&runners, &Topology::new("t"), out.clone(), &stop);
-    let fanout = Arc::new(fanout);
-    let started = tokio::time::Instant::now();
-    let waits = futures_util::future::join_all((0..4).map(|i| {
-        let fanout = fanout.clone();
-        let batch = events(&[format!("m{i}").as_str()], "track");
-        async move {
-            fanout.deliver(&batch).await.expect("settled");
-            started.elapsed()
-        }
-    }))
-    .await;
+    let (fanout, _tasks) = lanes(&runners, &out);
+    let waits = deliver_at_once(&fanout, 4).await;
     assert!(
         waits.iter().all(|w| *w <= Duration::from_millis(1_000)),
         "{waits:?}"
@@ -195,24 +194,13 @@ async fn after_a_sink_misses_the_bound_its_share_goes_to_its_queue_without_waiti
     };
     let runners = [runner(sink.clone(), bound)];
     let out = Arc::new(Recorder::default());
-    let stop = CancellationToken::new();
-    let (fanout, _tasks) = Fanout::start(&runners, &Topology::new("t"), out.clone(), &stop);
-    let fanout = Arc::new(fanout);
+    let (fanout, _tasks) = lanes(&runners, &out);
     // The first delivery finds the sink slow: it waits the bound, then spills.
     fanout
         .deliver(&events(&["first"], "track"))
         .await
         .expect("spilled");
-    let started = tokio::time::Instant::now();
-    let waits = futures_util::future::join_all((0..10).map(|i| {
-        let fanout = fanout.clone();
-        let batch = events(&[format!("m{i}").as_str()], "track");
-        async move {
-            fanout.deliver(&batch).await.expect("settled");
-            started.elapsed()
-        }
-    }))
-    .await;
+    let waits = deliver_at_once(&fanout, 10).await;
     let at_once = waits.iter().filter(|w| w.is_zero()).count();
     // At most one probe per slot waits for the sink; the rest go at once.
     assert!(at_once >= 8, "{waits:?}");

@@ -29,6 +29,18 @@ fn runner(sink: Arc<dyn Sink>, delivery: DeliverySettings) -> SinkRunner {
     )
 }
 
+/// One batch through the whole path: attempt, decide (a first try), place into a recorder.
+async fn settle_once(runner: &SinkRunner, b: &Batch) -> (Decision, Recorder) {
+    let out = Recorder::default();
+    let stop = CancellationToken::new();
+    let decision = decide(runner.attempt(b, true, &stop).await, 0, runner.max_attempts);
+    runner
+        .place(b, decision.clone(), &Topology::new("t"), &out)
+        .await
+        .expect("placed");
+    (decision, out)
+}
+
 #[test]
 fn batch_keys_depend_on_sink_and_events_only() {
     let a = batch(&["m1", "m2"]).events;
@@ -137,17 +149,8 @@ async fn inline_retries_recover_a_flaky_sink_without_a_queue() {
         VecDeque::from([Err(SinkError::Retryable("blip".into())), Ok(())]),
     ));
     let runner = runner(sink.clone(), DeliverySettings::default());
-    let out = Recorder::default();
-    let topology = Topology::new("t");
-    let b = batch(&["m1", "m2"]);
-    let stop = CancellationToken::new();
-    let result = runner.attempt(&b, true, &stop).await;
-    let decision = decide(result, 0, runner.max_attempts);
+    let (decision, out) = settle_once(&runner, &batch(&["m1", "m2"])).await;
     assert_eq!(decision, Decision::Delivered);
-    runner
-        .place(&b, decision, &topology, &out)
-        .await
-        .expect("placed");
     assert_eq!(sink.calls(), 2);
     assert!(out.stored().is_empty());
     assert_eq!(runner.stats.snapshot()[0], 2);
@@ -161,15 +164,8 @@ async fn a_failing_sink_sends_its_batch_to_the_first_delay_queue_with_its_key() 
         ..DeliverySettings::default()
     };
     let runner = runner(sink.clone(), delivery);
-    let out = Recorder::default();
-    let topology = Topology::new("t");
     let b = batch(&["m1"]);
-    let stop = CancellationToken::new();
-    let decision = decide(runner.attempt(&b, true, &stop).await, 0, 3);
-    runner
-        .place(&b, decision, &topology, &out)
-        .await
-        .expect("placed");
+    let (_, out) = settle_once(&runner, &b).await;
     let stored = out.stored();
     assert_eq!(stored.len(), 1);
     assert_eq!(stored[0].queue, "t.sink.down.retry.1000ms");
@@ -185,15 +181,7 @@ async fn refused_events_alone_are_dead_lettered_and_the_rest_count_as_delivered(
         VecDeque::from([Err(SinkError::Refused(vec![(0, "no".into())]))]),
     ));
     let runner = runner(sink, DeliverySettings::default());
-    let out = Recorder::default();
-    let topology = Topology::new("t");
-    let b = batch(&["bad", "good"]);
-    let stop = CancellationToken::new();
-    let decision = decide(runner.attempt(&b, true, &stop).await, 0, 3);
-    runner
-        .place(&b, decision, &topology, &out)
-        .await
-        .expect("placed");
+    let (_, out) = settle_once(&runner, &batch(&["bad", "good"])).await;
     let stored = out.stored();
     assert_eq!(stored.len(), 1);
     assert_eq!(stored[0].queue, "t.sink.picky.dlq");
