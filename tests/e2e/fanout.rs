@@ -55,3 +55,39 @@ async fn a_sink_slower_than_spill_after_ms_spills_to_its_queue_and_mongodb_does_
     );
     worker.stop().await;
 }
+
+/// A delivery held by one sink (here a vendor that never answers its first request, with a
+/// `spill_after_ms` far away) must not hold the raw deliveries finished after it: they are
+/// acked although an earlier one is not, so the consumer never stops at its prefetch.
+#[tokio::test]
+async fn one_delivery_held_by_a_sink_does_not_stop_the_consumer_at_its_prefetch() {
+    let receiver = Receiver::start(Mode::HangFirst).await;
+    let mut s = settings("held");
+    s.worker.prefetch = 4;
+    s.sinks.http = vec![http_sink(json!({
+        "name": "held",
+        "url": receiver.url,
+        "request_timeout_ms": 600_000,
+        // One delivery per request; the first request is held for ten minutes.
+        "delivery": {"spill_after_ms": 600_000, "timeout_ms": 600_000, "batch_max_events": 1,
+                     "inline_attempts": 1, "breaker_failures": 0},
+    }))];
+    let collector = Collector::start(&s).await;
+    let worker = Worker::start(&s);
+    let client = http();
+    let ids: Vec<String> = (0..20).map(|i| format!("held-{i}")).collect();
+    for id in &ids {
+        let r = post_batch(&client, &collector.url, &batch(vec![product_viewed(id)])).await;
+        assert_eq!(r.status(), 200);
+    }
+    // With the held delivery unacked, the other 19 still go through: MongoDB has all 20 and
+    // the vendor answered every request but the first.
+    assert_eq!(wait_for_count(&s, doc! {}, 20, LAND).await, 20);
+    let vendor_got_the_rest = eventually(LAND, || async { receiver.receipts().len() == 19 }).await;
+    assert!(
+        vendor_got_the_rest,
+        "the vendor got {} of the 19 it answers",
+        receiver.receipts().len()
+    );
+    worker.stop().await;
+}

@@ -845,6 +845,8 @@ pub enum Mode {
     Status(u16),
     /// Accept the request and never answer.
     Hang,
+    /// Never answer the first request; answer every later one as `Ok`.
+    HangFirst,
 }
 
 /// A batch the receiver accepted (answered 200).
@@ -881,10 +883,14 @@ impl Receiver {
             headers: HeaderMap,
             body: axum::body::Bytes,
         ) -> StatusCode {
-            state.hits.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            let mode = state.mode.lock().unwrap().unwrap_or(Mode::Ok);
+            let earlier = state.hits.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let mode = match state.mode.lock().unwrap().unwrap_or(Mode::Ok) {
+                Mode::HangFirst if earlier == 0 => Mode::Hang,
+                Mode::HangFirst => Mode::Ok,
+                mode => mode,
+            };
             match mode {
-                Mode::Hang => {
+                Mode::Hang | Mode::HangFirst => {
                     std::future::pending::<()>().await;
                     StatusCode::OK
                 }
