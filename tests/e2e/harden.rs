@@ -302,7 +302,7 @@ async fn a_delivery_whose_handling_panics_returns_to_the_queue_and_frees_its_pre
     .await
     .unwrap();
     assert_eq!(settled, worker::acks::Settled::Requeue);
-    let mut acks = worker::acks::Acks::new(ch.clone());
+    let mut acks = worker::acks::Acks::new(ch.clone(), 1);
     acks.settle_all([(tag, settled)]).await.unwrap();
     // With prefetch 1, the message comes again only if the panicked task gave its slot back.
     let again = tokio::time::timeout(Duration::from_secs(10), consumer.next())

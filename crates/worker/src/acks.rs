@@ -3,6 +3,12 @@
 //! `multiple`). The tracker acks the longest settled prefix of delivery tags with one
 //! `multiple` ack, so a frame covers every delivery finished since the last one. A delivery
 //! to be returned (requeued) is nacked alone at once; it never holds the prefix back.
+//!
+//! A delivery finished behind an unfinished one still counts towards the channel's prefetch
+//! until it is acked. One delivery held long (a probe to a slow sink waits up to its
+//! `spill_after_ms`) would otherwise stop the consumer once `prefetch` deliveries finished
+//! behind it: the worker would drain one prefetch per hold. So once more than half the
+//! prefetch waits behind the prefix, every waiting delivery is acked alone.
 
 use std::collections::BTreeMap;
 
@@ -21,10 +27,21 @@ pub enum Settled {
 /// What to send the broker now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Frame {
-    /// `basic.ack` with `multiple`: every delivery up to this tag.
+    /// `basic.ack` with `multiple`: every delivery up to this tag not settled before.
     AckUpTo(u64),
+    /// `basic.ack` of this one delivery, finished behind an unfinished one.
+    Ack(u64),
     /// `basic.nack` of this one delivery, requeued.
     Requeue(u64),
+}
+
+/// Where a delivery settled out of order stands with the broker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ahead {
+    /// Done, not acked yet: the next `multiple` ack covers it.
+    Waiting,
+    /// Acked alone, or nacked: nothing more to send for it.
+    Sent,
 }
 
 /// Delivery tags of one channel start at 1 and grow by one per delivery.
@@ -32,47 +49,71 @@ pub enum Frame {
 pub struct AckTracker {
     /// Every tag below this one is settled (acked or nacked) with the broker.
     next: u64,
-    /// Tags settled out of order, waiting for the ones before them.
-    ahead: BTreeMap<u64, Settled>,
-}
-
-impl Default for AckTracker {
-    fn default() -> Self {
-        Self {
-            next: 1,
-            ahead: BTreeMap::new(),
-        }
-    }
+    /// Tags settled out of order, before the ones below them.
+    ahead: BTreeMap<u64, Ahead>,
+    /// How many of `ahead` are `Waiting`.
+    waiting: usize,
+    /// Beyond this many waiting, each is acked alone.
+    hold_at_most: usize,
 }
 
 impl AckTracker {
-    /// Records one delivery's fate; returns the frames that become due (a requeue at once,
-    /// and an ack of the prefix if it grew).
+    /// For a channel with this prefetch: at most half of it waits behind an unfinished
+    /// delivery.
+    pub fn new(prefetch: u16) -> Self {
+        Self {
+            next: 1,
+            ahead: BTreeMap::new(),
+            waiting: 0,
+            hold_at_most: usize::from(prefetch / 2),
+        }
+    }
+
+    /// Records one delivery's fate; returns the frames that become due: a requeue at once, an
+    /// ack of the prefix if it grew, and single acks when too many wait behind it.
     pub fn settle(&mut self, tag: u64, settled: Settled) -> Vec<Frame> {
         let mut frames = Vec::new();
         if tag < self.next || self.ahead.contains_key(&tag) {
             return frames; // already settled: never ack or nack twice
         }
-        if settled == Settled::Requeue {
-            frames.push(Frame::Requeue(tag));
+        match settled {
+            Settled::Requeue => {
+                frames.push(Frame::Requeue(tag));
+                self.ahead.insert(tag, Ahead::Sent);
+            }
+            Settled::Done => {
+                self.ahead.insert(tag, Ahead::Waiting);
+                self.waiting += 1;
+            }
         }
-        self.ahead.insert(tag, settled);
-        let mut last_done = None;
-        while let Some(settled) = self.ahead.remove(&self.next) {
-            if settled == Settled::Done {
-                last_done = Some(self.next);
+        let mut last_waiting = None;
+        while let Some(ahead) = self.ahead.remove(&self.next) {
+            if ahead == Ahead::Waiting {
+                last_waiting = Some(self.next);
+                self.waiting -= 1;
             }
             self.next += 1;
         }
-        if let Some(up_to) = last_done {
+        // A `multiple` ack names a tag the broker still holds unacked; those acked alone
+        // below it are skipped by the broker.
+        if let Some(up_to) = last_waiting {
             frames.push(Frame::AckUpTo(up_to));
+        }
+        if self.waiting > self.hold_at_most {
+            for (tag, ahead) in &mut self.ahead {
+                if *ahead == Ahead::Waiting {
+                    frames.push(Frame::Ack(*tag));
+                    *ahead = Ahead::Sent;
+                }
+            }
+            self.waiting = 0;
         }
         frames
     }
 
-    /// Deliveries settled out of order, still waiting for an earlier one.
+    /// Deliveries done out of order and not acked yet.
     pub fn waiting(&self) -> usize {
-        self.ahead.len()
+        self.waiting
     }
 }
 
@@ -83,15 +124,16 @@ pub struct Acks {
 }
 
 impl Acks {
-    pub fn new(channel: Channel) -> Self {
+    pub fn new(channel: Channel, prefetch: u16) -> Self {
         Self {
             channel,
-            tracker: AckTracker::default(),
+            tracker: AckTracker::new(prefetch),
         }
     }
 
     /// Settles every `(tag, settled)`, then sends one `multiple` ack for the longest settled
-    /// prefix (and a nack for each requeue, at once).
+    /// prefix (a nack for each requeue and a single ack for each delivery the tracker no
+    /// longer holds back, at once).
     pub async fn settle_all(
         &mut self,
         settled: impl IntoIterator<Item = (u64, Settled)>,
@@ -101,6 +143,11 @@ impl Acks {
             for frame in self.tracker.settle(tag, settled) {
                 match frame {
                     Frame::AckUpTo(tag) => ack_up_to = Some(tag),
+                    Frame::Ack(tag) => {
+                        self.channel
+                            .basic_ack(tag, BasicAckOptions { multiple: false })
+                            .await?;
+                    }
                     Frame::Requeue(tag) => {
                         let requeue = BasicNackOptions {
                             multiple: false,
@@ -126,14 +173,14 @@ mod tests {
 
     #[test]
     fn in_order_deliveries_are_acked_as_they_finish() {
-        let mut t = AckTracker::default();
+        let mut t = AckTracker::new(64);
         assert_eq!(t.settle(1, Settled::Done), vec![Frame::AckUpTo(1)]);
         assert_eq!(t.settle(2, Settled::Done), vec![Frame::AckUpTo(2)]);
     }
 
     #[test]
     fn out_of_order_deliveries_wait_and_go_in_one_multiple_ack() {
-        let mut t = AckTracker::default();
+        let mut t = AckTracker::new(64);
         assert_eq!(t.settle(3, Settled::Done), vec![]);
         assert_eq!(t.settle(2, Settled::Done), vec![]);
         assert_eq!(t.waiting(), 2);
@@ -143,7 +190,7 @@ mod tests {
 
     #[test]
     fn a_requeue_goes_at_once_and_never_holds_the_prefix_back() {
-        let mut t = AckTracker::default();
+        let mut t = AckTracker::new(64);
         assert_eq!(t.settle(2, Settled::Done), vec![]);
         assert_eq!(
             t.settle(1, Settled::Requeue),
@@ -155,8 +202,41 @@ mod tests {
     }
 
     #[test]
+    fn past_half_the_prefetch_waiting_behind_the_prefix_each_is_acked_alone() {
+        let mut t = AckTracker::new(4);
+        assert_eq!(t.settle(2, Settled::Done), vec![]);
+        assert_eq!(t.settle(3, Settled::Done), vec![]);
+        assert_eq!(t.waiting(), 2);
+        // A third would fill the prefetch (4) with delivery 1 held: 2, 3 and 4 go alone.
+        assert_eq!(
+            t.settle(4, Settled::Done),
+            vec![Frame::Ack(2), Frame::Ack(3), Frame::Ack(4)]
+        );
+        assert_eq!(t.waiting(), 0);
+        assert_eq!(t.settle(6, Settled::Done), vec![]);
+        // Delivery 1 finishes: the multiple ack names it (2 to 4 are acked already), then
+        // the prefix goes on to 6, still unacked.
+        assert_eq!(t.settle(5, Settled::Requeue), vec![Frame::Requeue(5)]);
+        assert_eq!(t.settle(1, Settled::Done), vec![Frame::AckUpTo(6)]);
+        assert_eq!(t.settle(7, Settled::Done), vec![Frame::AckUpTo(7)]);
+    }
+
+    #[test]
+    fn a_prefix_of_deliveries_acked_alone_sends_no_multiple_ack() {
+        let mut t = AckTracker::new(2);
+        assert_eq!(t.settle(2, Settled::Done), vec![]);
+        assert_eq!(
+            t.settle(3, Settled::Done),
+            vec![Frame::Ack(2), Frame::Ack(3)]
+        );
+        // 1 was requeued: nothing below 4 is left unacked, so no multiple ack is due.
+        assert_eq!(t.settle(1, Settled::Requeue), vec![Frame::Requeue(1)]);
+        assert_eq!(t.settle(4, Settled::Done), vec![Frame::AckUpTo(4)]);
+    }
+
+    #[test]
     fn a_tag_settled_twice_sends_nothing_the_second_time() {
-        let mut t = AckTracker::default();
+        let mut t = AckTracker::new(64);
         assert_eq!(t.settle(1, Settled::Done), vec![Frame::AckUpTo(1)]);
         assert_eq!(t.settle(1, Settled::Requeue), vec![]);
         assert_eq!(t.settle(3, Settled::Done), vec![]);

@@ -99,7 +99,7 @@ pub(crate) async fn session(
     tracing::info!(queue = %topology.raw(), prefetch = settings.worker.prefetch, sinks = ?names, "consuming");
     context.health.set_consuming(true);
 
-    let mut acks = Acks::new(channel.clone());
+    let mut acks = Acks::new(channel.clone(), settings.worker.prefetch);
     let mut tasks = JoinSet::new();
     let mut health = tokio::time::interval(Duration::from_secs(1));
     let mut lost = loop {
