@@ -85,7 +85,9 @@ impl Fanout {
                 .filter(|e| runner.delivery.wants(e))
                 .cloned()
                 .collect();
-            runner.count(Outcome::FilteredOut, events.len() - wanted.len());
+            if wanted.len() < events.len() {
+                runner.count(Outcome::FilteredOut, events.len() - wanted.len());
+            }
             if wanted.is_empty() {
                 continue;
             }
