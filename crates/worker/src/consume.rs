@@ -102,6 +102,9 @@ pub(crate) async fn session(
     let mut acks = Acks::new(channel.clone(), settings.worker.prefetch);
     let mut tasks = JoinSet::new();
     let mut health = tokio::time::interval(Duration::from_secs(1));
+    // Finished deliveries held behind an unfinished one are acked alone after `acks::HOLD`.
+    let mut overdue = tokio::time::interval(crate::acks::HOLD / 2);
+    overdue.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut lost = loop {
         tokio::select! {
             () = session_stop.cancelled() => break !stop.is_cancelled(),
@@ -117,6 +120,12 @@ pub(crate) async fn session(
             _ = health.tick() => {
                 if !publishing.status().connected() || !publish.channel().status().connected() {
                     tracing::warn!("the publishing connection is gone");
+                    break true;
+                }
+            }
+            _ = overdue.tick(), if acks.waiting() > 0 => {
+                if let Err(error) = acks.ack_overdue().await {
+                    tracing::warn!(%error, "cannot ack: the channel is gone");
                     break true;
                 }
             }
