@@ -17,6 +17,17 @@ ensure_rabbitmq() {
   fi
 }
 
+# ensure_promtool: the Prometheus project's own linter for /metrics (tests/e2e/exposition.rs).
+# Debian ships it in the prometheus package; its server is never started here.
+ensure_promtool() {
+  if ! command -v promtool >/dev/null 2>&1; then
+    log "installing promtool (Debian package prometheus)"
+    local sudo=""; [ "$(id -u)" -ne 0 ] && sudo="sudo"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+  fi
+}
+
 ensure_secantus() {
   if ! "$VENV/bin/python" -c "import secantus" >/dev/null 2>&1; then
     log "installing SecantusDB $SECANTUS_VERSION into $VENV"

@@ -29,6 +29,63 @@ const PROBE_EVERY: Duration = Duration::from_millis(100);
 
 static RECORDER: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
 
+/// What a metric is, for its `# TYPE` line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Counter,
+    Gauge,
+    Histogram,
+}
+
+/// Every metric either service records, with its HELP text. A metric recorded without an
+/// entry here has no HELP line (`promtool check metrics` flags it); a test keeps the two in
+/// step.
+pub const CATALOGUE: &[(&str, Kind, &str)] = &[
+    // Both services.
+    ("runtime_scheduling_delay_seconds", Kind::Histogram, "How late the runtime woke a task that slept 100 ms: what every other task waits too."),
+    ("broker_confirm_waits_total", Kind::Counter, "Publishes whose confirm took longer than the caller's patience; they are waited for, never sent again."),
+    ("broker_raw_queue_without_cap_total", Kind::Counter, "Declares that found the raw queue without the configured length cap (declared by an older release)."),
+    ("broker_queue_kept_with_old_arguments_total", Kind::Counter, "Declares that kept an existing queue whose arguments differ from this release's."),
+    // Collector.
+    ("http_requests_total", Kind::Counter, "HTTP requests answered, by route and status."),
+    ("http_request_duration_seconds", Kind::Histogram, "Time from a request's head to its answer, by route and status."),
+    ("collector_events_accepted_total", Kind::Counter, "Events in requests answered 2xx (confirmed by the broker)."),
+    ("collector_load_shed_total", Kind::Counter, "Requests refused to protect the collector or the broker, by reason."),
+    ("collector_in_flight_requests", Kind::Gauge, "Requests being read or published now."),
+    ("collector_in_flight_bytes", Kind::Gauge, "Bytes reserved by requests being read or published now (collector.max_in_flight_bytes bounds it)."),
+    ("collector_publish_confirm_seconds", Kind::Histogram, "Time from handing a request's body to the broker to its confirm, by outcome: the broker's share of a request's latency."),
+    ("collector_request_own_seconds", Kind::Histogram, "Time a published request spent in the collector outside the broker's confirm: the collector's own share of its latency."),
+    ("collector_connections_open", Kind::Gauge, "Open client connections."),
+    ("collector_connections_rejected_total", Kind::Counter, "Connections closed at accept, by reason."),
+    ("collector_connections_timed_out_total", Kind::Counter, "Connections closed for a request head or an idle spell that took too long, by reason."),
+    ("collector_accept_errors_total", Kind::Counter, "Failed accepts (out of file descriptors, for example)."),
+    // Worker.
+    ("worker_consuming", Kind::Gauge, "1 while the worker consumes the raw queue, 0 otherwise."),
+    ("worker_deliveries_total", Kind::Counter, "Raw deliveries settled, by outcome (acked, requeued, panicked)."),
+    ("worker_events_total", Kind::Counter, "Events taken from raw deliveries, by result (valid, invalid)."),
+    ("worker_queue_lag_seconds", Kind::Histogram, "Time from the collector's receipt of a request to the worker's handling of it."),
+    ("worker_processing_panics_total", Kind::Counter, "Payloads whose processing panicked; each is kept as an invalid record."),
+    ("worker_publish_returned_total", Kind::Counter, "Worker publishes returned unroutable (the target queue was missing), by target."),
+    ("worker_publish_nacked_total", Kind::Counter, "Worker publishes refused by the broker, by target."),
+    ("sink_events_total", Kind::Counter, "Events by sink and outcome (delivered, retried, dead_lettered, filtered_out)."),
+    ("sink_deliver_seconds", Kind::Histogram, "Time of one delivery attempt to a sink, by sink and result."),
+    ("sink_batch_size", Kind::Histogram, "Events per delivery attempt, by sink."),
+    ("sink_lag_seconds", Kind::Histogram, "Time from the collector's receipt of an event to its delivery to a sink, by sink."),
+    ("sink_spilled_batches_total", Kind::Counter, "Batches a sink did not take within spill_after_ms, put in its own queue instead, by sink."),
+    ("mongo_documents_total", Kind::Counter, "Documents sent to MongoDB, by outcome (inserted, duplicate: already there, refused)."),
+];
+
+/// Gives every metric in [`CATALOGUE`] its HELP text, in the recorder just installed.
+fn describe_all() {
+    for &(name, kind, help) in CATALOGUE {
+        match kind {
+            Kind::Counter => metrics::describe_counter!(name, help),
+            Kind::Gauge => metrics::describe_gauge!(name, help),
+            Kind::Histogram => metrics::describe_histogram!(name, help),
+        }
+    }
+}
+
 /// Installs the process's recorder once (later calls get the same handle): Prometheus, and
 /// beside it the statsd mirror when `metrics.statsd_address` is set, its names starting with
 /// `<statsd_prefix>.<service>`. `None` if another recorder was installed first; the services
@@ -62,6 +119,7 @@ pub fn install(service: &str, settings: &MetricsSettings) -> Option<PrometheusHa
                 });
             match handle {
                 Ok(handle) => {
+                    describe_all();
                     let upkeep = handle.clone();
                     // A thread, not a task: it must outlive whichever runtime installed it.
                     let spawned = std::thread::Builder::new()
@@ -143,5 +201,82 @@ impl SchedulingDelay {
 
     pub fn current(&self) -> Duration {
         Duration::from_micros(self.micros.load(Ordering::Relaxed))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every metric name recorded anywhere in the services' sources, by its macro.
+    fn recorded_names() -> Vec<(String, Kind, String)> {
+        let crates = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let mut found = Vec::new();
+        let mut dirs = vec![crates];
+        while let Some(dir) = dirs.pop() {
+            for entry in std::fs::read_dir(&dir)
+                .expect("readable source tree")
+                .flatten()
+            {
+                let path = entry.path();
+                if path.is_dir() {
+                    if !path.ends_with("target") {
+                        dirs.push(path);
+                    }
+                    continue;
+                }
+                if path.extension().is_none_or(|e| e != "rs") {
+                    continue;
+                }
+                let text = std::fs::read_to_string(&path).expect("readable source");
+                for (macro_name, kind) in [
+                    ("counter!(", Kind::Counter),
+                    ("gauge!(", Kind::Gauge),
+                    ("histogram!(", Kind::Histogram),
+                ] {
+                    for (at, _) in text.match_indices(macro_name) {
+                        let rest = text[at + macro_name.len()..].trim_start();
+                        let Some(rest) = rest.strip_prefix('"') else {
+                            continue;
+                        };
+                        let Some(end) = rest.find('"') else { continue };
+                        found.push((rest[..end].to_owned(), kind, path.display().to_string()));
+                    }
+                }
+            }
+        }
+        found
+    }
+
+    #[test]
+    fn every_metric_the_services_record_has_a_help_text_of_its_kind() {
+        let found = recorded_names();
+        assert!(
+            found.iter().any(|(name, _, _)| name == "sink_events_total"),
+            "the scan finds the services' metrics"
+        );
+        for (name, kind, file) in found {
+            if file.contains("statsd") || file.ends_with("metrics.rs") {
+                continue; // the statsd mirror's tests record throwaway names; this file scans
+            }
+            let entry = CATALOGUE.iter().find(|(n, _, _)| *n == name);
+            assert!(
+                entry.is_some_and(|(_, k, _)| *k == kind),
+                "{name} ({kind:?}, in {file}) is not in metrics::CATALOGUE as a {kind:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_catalogue_names_each_metric_once_and_every_help_text_is_a_sentence() {
+        let mut names: Vec<_> = CATALOGUE.iter().map(|(n, _, _)| *n).collect();
+        names.sort_unstable();
+        let before = names.len();
+        names.dedup();
+        assert_eq!(names.len(), before, "a metric is described twice");
+        for (name, kind, help) in CATALOGUE {
+            assert!(help.ends_with('.') && help.len() > 20, "{name}: {help:?}");
+            assert_eq!(*kind == Kind::Counter, name.ends_with("_total"), "{name}");
+        }
     }
 }
