@@ -6,9 +6,11 @@
 //! - [`drive`]: open loop at a scheduled rate (coordinated-omission safe) or closed loop.
 //! - [`record`]: HdrHistogram latency, outcomes by status, per-second series, accepted ids.
 //! - [`amqp`], [`mongo`]: the bare publisher / consumer / `insert_many` ceilings.
+//! - [`bare`]: the bare axum + lapin service the collector is measured against.
 //! - [`receiver`], [`proc`], [`plot`]: sink stand-ins, process memory, PNG plots.
 
 pub mod amqp;
+pub mod bare;
 pub mod drive;
 pub mod mongo;
 pub mod payload;

@@ -93,6 +93,19 @@ enum Command {
         #[command(flatten)]
         load: LoadArgs,
     },
+    /// The bare axum + lapin service: POST /v1/* publishes the body to a quorum queue with
+    /// confirms and answers 200 after the ack; nothing else. Runs until killed.
+    BareCollector {
+        #[arg(long)]
+        listen: SocketAddr,
+        #[arg(long)]
+        amqp: String,
+        #[arg(long)]
+        queue: String,
+        /// Confirm channels on the connection.
+        #[arg(long, default_value_t = 4)]
+        channels: usize,
+    },
     /// Fill a queue with `requests` payloads the way a collector publishes them.
     Prefill {
         #[arg(long)]
@@ -561,6 +574,14 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             if result.missing > 0 || result.duplicates > 0 {
                 return Ok(ExitCode::from(1));
             }
+        }
+        Command::BareCollector {
+            listen,
+            amqp,
+            queue,
+            channels,
+        } => {
+            ingest_loadgen::bare::serve(listen, &amqp, &queue, channels).await?;
         }
         Command::Receiver {
             http,
