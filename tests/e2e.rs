@@ -6,6 +6,7 @@ mod e2e {
     pub mod bench_smoke;
     pub mod chaos;
     pub mod compat;
+    pub mod exposition;
     pub mod fanout;
     pub mod fixtures;
     pub mod harden;
@@ -15,4 +16,5 @@ mod e2e {
     pub mod ops;
     pub mod resilience;
     pub mod sinks;
+    pub mod stall;
 }

@@ -151,6 +151,18 @@ pub fn settings_env(s: &Settings) -> Vec<(String, String)> {
             "INGEST__COLLECTOR__MAX_SCHEDULING_DELAY_MS".into(),
             s.collector.max_scheduling_delay_ms.to_string(),
         ),
+        (
+            "INGEST__COLLECTOR__MAX_IN_FLIGHT".into(),
+            s.collector.max_in_flight.to_string(),
+        ),
+        (
+            "INGEST__COLLECTOR__MAX_IN_FLIGHT_BYTES".into(),
+            s.collector.max_in_flight_bytes.to_string(),
+        ),
+        (
+            "INGEST__BROKER__CONFIRM_TIMEOUT_MS".into(),
+            s.broker.confirm_timeout_ms.to_string(),
+        ),
         ("INGEST__MONGO__URI".into(), s.mongo.uri.expose().to_owned()),
         ("INGEST__MONGO__DATABASE".into(), s.mongo.database.clone()),
         (
@@ -551,6 +563,26 @@ impl RabbitNode {
 
     pub fn is_running(&self) -> bool {
         self.running
+    }
+
+    /// SIGSTOP: the node keeps its connections open and answers nothing (a confirm stall, as
+    /// a disk that stops answering makes one) until [`RabbitNode::thaw`].
+    pub fn freeze(&self) {
+        self.signal("-STOP");
+    }
+
+    /// SIGCONT after [`RabbitNode::freeze`].
+    pub fn thaw(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, signal: &str) {
+        let pid = std::fs::read_to_string(self.dir.join("pid")).unwrap();
+        let status = Command::new("kill")
+            .args([signal, pid.trim()])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill {signal} {pid}");
     }
 
     /// Runs `rabbitmqctl` against this node (e.g. to set its memory watermark).

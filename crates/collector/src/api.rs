@@ -38,52 +38,97 @@ pub struct AppState {
     pub max_scheduling_delay: Option<Duration>,
 }
 
-/// Slots for requests being read or published. Every request takes one of `max` slots. One
-/// without an Authorization header, whose write key is known only once its body is read, first
-/// takes one of a smaller pool: such requests, slow or anonymous, can never hold every slot and
-/// lock out clients whose key was checked from the header.
+/// Slots for requests being read or published: a count and a budget of body bytes, and for
+/// requests without an Authorization header (their write key is known only once the body is
+/// read) a smaller pool of each, so that such requests, slow or anonymous, can never hold every
+/// slot or every byte and lock out clients whose key was checked from the header.
 pub struct InFlight {
     all: Semaphore,
     body_keyed: Semaphore,
+    bytes: Semaphore,
+    body_keyed_bytes: Semaphore,
 }
 
-/// A request's slot: its permits and its count in `collector_in_flight_requests`, given back
-/// when dropped (also when the client goes away mid-request).
+/// Which budget a refused request found full, for `collector_load_shed_total{reason}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Full {
+    Requests,
+    Bytes,
+}
+
+/// A request's slot: its permits and its count in `collector_in_flight_requests` and
+/// `collector_in_flight_bytes`, given back when dropped (also when the client goes away
+/// mid-request).
 pub struct Slot<'a> {
     _all: SemaphorePermit<'a>,
     _body_keyed: Option<SemaphorePermit<'a>>,
-    gauge: metrics::Gauge,
+    bytes: SemaphorePermit<'a>,
+    body_keyed_bytes: Option<SemaphorePermit<'a>>,
+    requests_gauge: metrics::Gauge,
+    bytes_gauge: metrics::Gauge,
 }
 
 impl InFlight {
-    pub fn new(max: usize, max_body_keyed: usize) -> Self {
+    pub fn new(max: usize, max_body_keyed: usize, bytes: usize, body_keyed_bytes: usize) -> Self {
+        let cap = |n: usize| n.min(Semaphore::MAX_PERMITS);
         Self {
-            all: Semaphore::new(max),
-            body_keyed: Semaphore::new(max_body_keyed),
+            all: Semaphore::new(cap(max)),
+            body_keyed: Semaphore::new(cap(max_body_keyed)),
+            bytes: Semaphore::new(cap(bytes)),
+            body_keyed_bytes: Semaphore::new(cap(body_keyed_bytes)),
         }
     }
 
-    /// A slot, or `None` when the request's pool is full.
-    pub fn try_enter(&self, body_keyed: bool) -> Option<Slot<'_>> {
-        let body_keyed = if body_keyed {
-            Some(self.body_keyed.try_acquire().ok()?)
+    /// A slot holding `bytes` of the byte budget, or which budget is full.
+    pub fn try_enter(&self, body_keyed: bool, bytes: usize) -> Result<Slot<'_>, Full> {
+        let n = u32::try_from(bytes).map_err(|_| Full::Bytes)?;
+        let (body_keyed, body_keyed_bytes) = if body_keyed {
+            let slot = self.body_keyed.try_acquire().map_err(|_| Full::Requests)?;
+            let held = self
+                .body_keyed_bytes
+                .try_acquire_many(n)
+                .map_err(|_| Full::Bytes)?;
+            (Some(slot), Some(held))
         } else {
-            None
+            (None, None)
         };
-        let all = self.all.try_acquire().ok()?;
-        let gauge = metrics::gauge!("collector_in_flight_requests");
-        gauge.increment(1.0);
-        Some(Slot {
+        let all = self.all.try_acquire().map_err(|_| Full::Requests)?;
+        let held = self.bytes.try_acquire_many(n).map_err(|_| Full::Bytes)?;
+        let requests_gauge = metrics::gauge!("collector_in_flight_requests");
+        requests_gauge.increment(1.0);
+        let bytes_gauge = metrics::gauge!("collector_in_flight_bytes");
+        bytes_gauge.increment(bytes as f64);
+        Ok(Slot {
             _all: all,
             _body_keyed: body_keyed,
-            gauge,
+            bytes: held,
+            body_keyed_bytes,
+            requests_gauge,
+            bytes_gauge,
         })
+    }
+}
+
+impl Slot<'_> {
+    /// Gives back what the slot holds beyond `bytes` (the body turned out smaller than the
+    /// reservation).
+    pub fn shrink_to(&mut self, bytes: usize) {
+        let excess = self.bytes.num_permits().saturating_sub(bytes);
+        if excess == 0 {
+            return;
+        }
+        drop(self.bytes.split(excess));
+        if let Some(held) = self.body_keyed_bytes.as_mut() {
+            drop(held.split(excess.min(held.num_permits())));
+        }
+        self.bytes_gauge.decrement(excess as f64);
     }
 }
 
 impl Drop for Slot<'_> {
     fn drop(&mut self) {
-        self.gauge.decrement(1.0);
+        self.requests_gauge.decrement(1.0);
+        self.bytes_gauge.decrement(self.bytes.num_permits() as f64);
     }
 }
 
@@ -178,6 +223,7 @@ async fn capture(
         )
             .into_response();
     };
+    let started = std::time::Instant::now();
     let request_id = uuid::Uuid::new_v4().to_string();
     let result = admit(
         &state,
@@ -189,8 +235,13 @@ async fn capture(
     )
     .await;
     let mut response = match result {
-        Ok(events) => {
+        Ok(Accepted {
+            events,
+            confirm_wait,
+        }) => {
             metrics::counter!("collector_events_accepted_total").increment(events as u64);
+            metrics::histogram!("collector_request_own_seconds")
+                .record(started.elapsed().saturating_sub(confirm_wait).as_secs_f64());
             Json(json!({"success": true})).into_response()
         }
         Err(error) => {
@@ -211,6 +262,13 @@ async fn capture(
     response
 }
 
+/// A request the broker confirmed.
+struct Accepted {
+    events: usize,
+    /// From handing the body to the broker to its confirm: the broker's share of the latency.
+    confirm_wait: Duration,
+}
+
 /// Sheds load, checks the head, takes a slot, then reads and publishes the body.
 async fn admit(
     state: &AppState,
@@ -219,7 +277,7 @@ async fn admit(
     request_headers: &HeaderMap,
     body: Body,
     request_id: &str,
-) -> Result<usize, CaptureError> {
+) -> Result<Accepted, CaptureError> {
     let late = state.scheduling_delay.current();
     if state.max_scheduling_delay.is_some_and(|max| late > max) {
         return Err(CaptureError::Lagging {
@@ -228,11 +286,14 @@ async fn admit(
         });
     }
     let head = check_head(state, endpoint, request_headers)?;
-    let Some(_slot) = state.in_flight.try_enter(head.source.is_none()) else {
-        return Err(CaptureError::Overloaded {
+    let reserve = head.declared_length.unwrap_or(head.limit);
+    let mut slot = state
+        .in_flight
+        .try_enter(head.source.is_none(), reserve)
+        .map_err(|full| CaptureError::Overloaded {
+            full,
             retry_after_secs: state.retry_after_secs,
-        });
-    };
+        })?;
     accept(
         state,
         peer,
@@ -241,6 +302,7 @@ async fn admit(
         request_headers,
         body,
         request_id,
+        &mut slot,
     )
     .await
 }
@@ -253,6 +315,8 @@ struct Head {
     gzip: bool,
     /// Bytes the body may have, before and after gunzip.
     limit: usize,
+    /// The Content-Length, when the client sent one (at most `limit`).
+    declared_length: Option<usize>,
 }
 
 /// A malformed Authorization header, an unknown header key, a wrong content type or encoding,
@@ -272,19 +336,20 @@ fn check_head(
     let content_type = content_type(request_headers)?;
     let gzip = is_gzip(request_headers)?;
     let limit = state.limits.for_endpoint(endpoint);
-    if let Some(length) = content_length(request_headers) {
-        if length > limit {
-            return Err(CaptureError::BatchTooLarge { limit });
-        }
+    let declared_length = content_length(request_headers);
+    if declared_length.is_some_and(|length| length > limit) {
+        return Err(CaptureError::BatchTooLarge { limit });
     }
     Ok(Head {
         source,
         content_type,
         gzip,
         limit,
+        declared_length,
     })
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn accept(
     state: &AppState,
     peer: IpAddr,
@@ -293,12 +358,14 @@ async fn accept(
     request_headers: &HeaderMap,
     body: Body,
     request_id: &str,
-) -> Result<usize, CaptureError> {
+    slot: &mut Slot<'_>,
+) -> Result<Accepted, CaptureError> {
     let Head {
         source: header_source,
         content_type,
         gzip,
         limit,
+        declared_length: _,
     } = head;
     // A header key's source is rate-limited before its body is read.
     if let Some(source) = &header_source {
@@ -307,14 +374,13 @@ async fn accept(
     let raw = tokio::time::timeout(state.body_timeout, read_limited(body, limit))
         .await
         .map_err(|_| CaptureError::BodyTimeout)??;
-    let decoded;
-    let json: &[u8] = if gzip {
-        decoded = gunzip_limited(&raw, limit)?;
-        &decoded
+    slot.shrink_to(raw.len());
+    // The gunzipped copy lives only while it is checked, not while the confirm is awaited.
+    let inspected = if gzip {
+        inspect(endpoint, &gunzip_limited(&raw, limit)?, &state.limits)?
     } else {
-        &raw
+        inspect(endpoint, &raw, &state.limits)?
     };
-    let inspected = inspect(endpoint, json, &state.limits)?;
     let source = match header_source {
         Some(source) => source,
         None => {
@@ -337,6 +403,7 @@ async fn accept(
             .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned()),
     };
     let properties = meta.properties(content_type, gzip);
+    let handed = std::time::Instant::now();
     state
         .publisher
         .publish(&raw, properties)
@@ -345,7 +412,10 @@ async fn accept(
             source,
             retry_after_secs: state.retry_after_secs,
         })?;
-    Ok(inspected.events)
+    Ok(Accepted {
+        events: inspected.events,
+        confirm_wait: handed.elapsed(),
+    })
 }
 
 fn rate_limit(state: &AppState, source: &str) -> Result<(), CaptureError> {
@@ -467,18 +537,46 @@ mod tests {
 
     #[test]
     fn requests_without_a_header_key_never_take_the_slots_kept_for_header_keys() {
-        let slots = InFlight::new(4, 1);
-        let anonymous = slots.try_enter(true).expect("the body-keyed slot");
-        assert!(slots.try_enter(true).is_none(), "a second body-keyed slot");
-        let keyed: Vec<_> = (0..3).map(|_| slots.try_enter(false)).collect();
-        assert!(keyed.iter().all(Option::is_some), "header-keyed slots");
-        assert!(slots.try_enter(false).is_none(), "past max_in_flight");
+        let slots = InFlight::new(4, 1, 1000, 1000);
+        let anonymous = slots.try_enter(true, 1).expect("the body-keyed slot");
+        assert_eq!(
+            slots.try_enter(true, 1).err(),
+            Some(Full::Requests),
+            "a second body-keyed slot"
+        );
+        let keyed: Vec<_> = (0..3).map(|_| slots.try_enter(false, 1)).collect();
+        assert!(keyed.iter().all(Result::is_ok), "header-keyed slots");
+        assert!(slots.try_enter(false, 1).is_err(), "past max_in_flight");
         drop(keyed);
         drop(anonymous);
-        assert!(slots.try_enter(true).is_some(), "given back on drop");
+        assert!(slots.try_enter(true, 1).is_ok(), "given back on drop");
         // Header-keyed requests can fill every slot, and then a body-keyed one waits too.
-        let all: Vec<_> = (0..4).filter_map(|_| slots.try_enter(false)).collect();
+        let all: Vec<_> = (0..4)
+            .filter_map(|_| slots.try_enter(false, 1).ok())
+            .collect();
         assert_eq!(all.len(), 4);
-        assert!(slots.try_enter(true).is_none());
+        assert!(slots.try_enter(true, 1).is_err());
+    }
+
+    #[test]
+    fn the_byte_budget_binds_before_the_count_and_a_read_body_gives_back_its_excess() {
+        let slots = InFlight::new(100, 25, 1000, 400);
+        let mut big = slots.try_enter(false, 700).expect("700 of 1000 bytes");
+        assert_eq!(slots.try_enter(false, 301).err(), Some(Full::Bytes));
+        let small = slots.try_enter(false, 300).expect("the last 300 bytes");
+        assert_eq!(slots.try_enter(false, 1).err(), Some(Full::Bytes));
+        // The body was 200 bytes, not the 700 reserved: 500 come back.
+        big.shrink_to(200);
+        let after = slots.try_enter(false, 500).expect("the 500 given back");
+        drop((big, small, after));
+        // Body-keyed requests have their own share of the bytes too.
+        let anonymous = slots.try_enter(true, 400).expect("the body-keyed bytes");
+        assert_eq!(slots.try_enter(true, 1).err(), Some(Full::Bytes));
+        let keyed = slots.try_enter(false, 600).expect("the header-keyed bytes");
+        drop((anonymous, keyed));
+        assert!(
+            slots.try_enter(false, 1000).is_ok(),
+            "all given back on drop"
+        );
     }
 }

@@ -38,8 +38,11 @@ pub enum CaptureError {
     BodyTimeout,
     #[error("could not read the request body: {0}")]
     BodyRead(String),
-    #[error("too many requests in flight; retry later")]
-    Overloaded { retry_after_secs: u64 },
+    #[error("too many requests or bytes in flight; retry later")]
+    Overloaded {
+        full: crate::api::Full,
+        retry_after_secs: u64,
+    },
     #[error("the collector is overloaded (scheduling delay {delay_ms} ms); retry later")]
     Lagging {
         delay_ms: u128,
@@ -108,7 +111,14 @@ impl CaptureError {
     /// itself was at fault.
     pub fn shed_reason(&self) -> Option<&'static str> {
         Some(match self {
-            Self::Overloaded { .. } => "in_flight",
+            Self::Overloaded {
+                full: crate::api::Full::Requests,
+                ..
+            } => "in_flight",
+            Self::Overloaded {
+                full: crate::api::Full::Bytes,
+                ..
+            } => "max_in_flight_bytes",
             Self::Lagging { .. } => "scheduling_delay",
             Self::RateLimited { .. } => "rate_limit",
             Self::Unavailable { source, .. } => match source {
@@ -136,7 +146,9 @@ impl IntoResponse for CaptureError {
         if let Self::Unavailable {
             retry_after_secs, ..
         }
-        | Self::Overloaded { retry_after_secs }
+        | Self::Overloaded {
+            retry_after_secs, ..
+        }
         | Self::Lagging {
             retry_after_secs, ..
         }

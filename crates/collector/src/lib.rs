@@ -37,7 +37,12 @@ pub async fn serve(
     let publisher = Publisher::start(settings.broker.clone());
     let state = Arc::new(AppState {
         publisher: publisher.clone(),
-        in_flight: api::InFlight::new(c.max_in_flight, c.unauthenticated_in_flight()),
+        in_flight: api::InFlight::new(
+            c.max_in_flight,
+            c.unauthenticated_in_flight(),
+            c.max_in_flight_bytes,
+            c.unauthenticated_in_flight_bytes(),
+        ),
         limiter: ratelimit::RateLimiter::new(
             c.write_keys.keys(),
             c.rate_limit_per_second,

@@ -115,7 +115,11 @@ pub struct CollectorSettings {
     pub max_event_bytes: usize,
     pub max_batch_bytes: usize,
     pub max_batch_events: usize,
+    /// Requests being read or published at once, whatever their size.
     pub max_in_flight: usize,
+    /// Body bytes those requests may hold at once (each reserves its Content-Length, or its
+    /// endpoint's limit until its body is read): what binds while confirms stall. Past it, 503.
+    pub max_in_flight_bytes: usize,
     /// Of `max_in_flight`, how many may be requests without an Authorization header (their key
     /// is only known once the body is read); unset: a quarter of `max_in_flight`, at least 1.
     #[serde(default)]
@@ -310,6 +314,11 @@ impl Settings {
             "must be > 0",
         )?;
         check(
+            c.max_in_flight_bytes >= c.max_batch_bytes.max(c.max_event_bytes),
+            "collector.max_in_flight_bytes",
+            "must be >= collector.max_batch_bytes, or a batch at the limit could never be taken",
+        )?;
+        check(
             c.max_unauthenticated_in_flight
                 .is_none_or(|n| n > 0 && n < c.max_in_flight),
             "collector.max_unauthenticated_in_flight",
@@ -401,6 +410,14 @@ impl CollectorSettings {
     pub fn unauthenticated_in_flight(&self) -> usize {
         self.max_unauthenticated_in_flight
             .unwrap_or((self.max_in_flight / 4).max(1))
+    }
+
+    /// Of `max_in_flight_bytes`, what requests without an Authorization header may hold: a
+    /// quarter, and at least one batch at the limit.
+    pub fn unauthenticated_in_flight_bytes(&self) -> usize {
+        (self.max_in_flight_bytes / 4)
+            .max(self.max_batch_bytes.max(self.max_event_bytes))
+            .min(self.max_in_flight_bytes)
     }
 }
 
