@@ -6,12 +6,15 @@ import os
 import platform
 import subprocess
 import sys
+import tomllib
 
 r = sys.argv[1]
 env = os.environ
 
-# Targets (issue #11 for the worker's).
+# Targets (issue #11 for the worker's, issue #12 for the collector beside the bare stack).
 T_COLLECTOR = 0.8
+T_BARE_RATE = 1.0        # collector / bare stack (axum + lapin), requests/s at each one's best
+T_BARE_CPU = 1.2         # collector CPU per request / the bare stack's
 T_FANOUT = 0.5           # worker statsd + HTTP / bare consumer
 T_MONGO = 0.9            # worker MongoDB / bare insert_many
 T_CPU = 100_000          # events per worker CPU-second, statsd + HTTP
@@ -66,6 +69,68 @@ def cpu_cols(d):
     return f"{d['cpu']['user_s'] + d['cpu']['system_s']:.2f} | {d['events_per_cpu_s']:.0f}"
 
 
+def cpu_us(name):
+    """CPU microseconds per accepted request of the service over the point NAME."""
+    cpu = maybe(f"{name}.cpu.json").get("cpu_s")
+    d = load(f"{name}.json")
+    return cpu * 1e6 / d["accepted_requests"] if cpu is not None and d["accepted_requests"] else None
+
+
+def us(v):
+    return "-" if v is None else f"{v:.0f}"
+
+
+def ratio_of(a, b):
+    return a / b if a is not None and b else None
+
+
+def ratio_cell(v):
+    return "-" if v is None else f"{v:.2f}"
+
+
+def histogram(lines, name, labels=""):
+    """A Prometheus histogram from /metrics text: ({le: cumulative count}, sum, count)."""
+    buckets, total, count = {}, 0.0, 0
+    for line in lines:
+        if not line.startswith(name) or labels not in line:
+            continue
+        key, value = line.rsplit(" ", 1)
+        if key.startswith(name + "_bucket"):
+            le = key.split('le="', 1)[1].split('"', 1)[0]
+            buckets[float(le)] = float(value)
+        elif key.startswith(name + "_sum"):
+            total = float(value)
+        elif key.startswith(name + "_count"):
+            count = int(float(value))
+    return buckets, total, count
+
+
+def histogram_between(name, labels=""):
+    """The histogram NAME over the 50% run: the reading after it minus the one before."""
+    readings = []
+    for f in ("lat-metrics-before.txt", "lat-metrics-after.txt"):
+        try:
+            readings.append(histogram(text(f).splitlines(), name, labels))
+        except OSError:
+            return None
+    (b0, s0, c0), (b1, s1, c1) = readings
+    return {le: n - b0.get(le, 0) for le, n in b1.items()}, s1 - s0, c1 - c0
+
+
+def bucket_quantile(buckets, count, q):
+    """q's value estimated from cumulative buckets, linearly within its bucket (as Prometheus'
+    histogram_quantile does); a string, "> x" when it lies past the last finite bound."""
+    rank, lower, below = q * count, 0.0, 0.0
+    for le in sorted(buckets):
+        if buckets[le] >= rank:
+            if le == float("inf"):
+                return f"> {lower * 1000:g}"
+            inside = buckets[le] - below
+            return f"{1000 * (lower + (le - lower) * ((rank - below) / inside if inside else 1)):.2f}"
+        lower, below = le, buckets[le]
+    return "?"
+
+
 def verdict(ratio, target, higher=True):
     met = ratio >= target if higher else ratio <= target
     if met:
@@ -79,6 +144,14 @@ http_sweep = env["BENCH_HTTP_SWEEP"].split()
 pub_sweep = env["BENCH_PUB_SWEEP"].split()
 pubs = {c: load(f"publish-c{c}.json") for c in pub_sweep}
 https = {c: load(f"http-c{c}.json") for c in http_sweep}
+bares = {c: load(f"barehttp-c{c}.json") for c in http_sweep}
+coll_best_c = max(http_sweep, key=lambda c: https[c]["requests_per_s"])
+bare_best_c = max(http_sweep, key=lambda c: bares[c]["requests_per_s"])
+r_bare = https[coll_best_c]["requests_per_s"] / bares[bare_best_c]["requests_per_s"]
+coll_cpu = {c: cpu_us(f"http-c{c}") for c in http_sweep}
+bare_cpu = {c: cpu_us(f"barehttp-c{c}") for c in http_sweep}
+r_bare_cpu = ratio_of(coll_cpu[coll_best_c], bare_cpu[bare_best_c])
+r_bare_cpu_128 = ratio_of(coll_cpu.get("128"), bare_cpu.get("128"))
 bare_pub = max(pubs.values(), key=lambda d: d["events_per_s"])
 coll = max(https.values(), key=lambda d: d["events_per_s"])
 r1 = coll["events_per_s"] / bare_pub["events_per_s"]
@@ -108,6 +181,9 @@ recv_slow = load("receiver-slow.json")
 recv_failing = load("receiver-failing.json")
 
 lat = {p: (load(f"lat-http-{p}.json"), load(f"lat-pub-{p}.json")) for p in (25, 50, 75)}
+lat_bare = {p: load(f"lat-barehttp-{p}.json") for p in (25, 50, 75)}
+confirm_50 = histogram_between("collector_publish_confirm_seconds", 'outcome="ack"')
+own_50 = histogram_between("collector_request_own_seconds")
 r4 = lat[50][0]["latency_ms"]["p99"] / max(lat[50][1]["latency_ms"]["p99"], 1e-9)
 
 peak = load("peak.json")
@@ -119,6 +195,9 @@ drain_after = text("drain-after-load.txt")
 queues_after = text("queues-after-peak.txt")
 peak_rss = max((p.get("rss_kb") or 0) for p in peak["series"]) if peak["series"] else 0
 max_depth = max((p.get("depth") or 0) for p in peak["series"]) if peak["series"] else 0
+peak_503 = peak["refused"].get("503", 0)
+with open(os.path.join(os.getcwd(), "config", "default.toml"), "rb") as f:
+    collector_defaults = tomllib.load(f)["collector"]
 
 json.dump(
     [
@@ -165,8 +244,11 @@ w("")
 w(f"Command: `{env['BENCH_COMMAND']}`")
 w("")
 w("Services: `target/release/{collector,worker}` with `config/default.toml` and nothing changed but")
-w("addresses, prefix and write key (`collector.max_in_flight` stays 1024: the largest concurrency swept")
-w(f"is {max(int(c) for c in http_sweep)}, so it never limited; `broker.publish_channels` = 4, `worker.prefetch` = 64).")
+w("addresses, prefix and write key (`broker.publish_channels` = 4, `worker.prefetch` = 64). The collector's")
+w(f"in-flight work is bounded by body bytes, `collector.max_in_flight_bytes` = {collector_defaults['max_in_flight_bytes'] / 2**20:.0f} MiB, beside")
+w(f"`collector.max_in_flight` = {collector_defaults['max_in_flight']} requests; the largest concurrency swept is {max(int(c) for c in http_sweep)}.")
+w("Bare stack: `ingest-loadgen bare-collector` (`crates/loadgen/src/bare.rs`), axum reading the body and lapin")
+w("publishing it persistent and mandatory to a quorum queue on 4 confirm channels, 200 after the ack, nothing else.")
 w("Payloads: Segment-style mobile batches from `ingest-loadgen` (1-50 events, ~0.4-20 KB of JSON, 20% gzip;")
 w("track/screen/identify from the sample tracking plan; every event valid, every `messageId` unique).")
 w("")
@@ -175,6 +257,10 @@ w("")
 w("| what | measured | ceiling | ratio | target | |")
 w("|---|---|---|---|---|---|")
 w(f"| 1. collector vs bare publisher with confirms (events/s) | {coll['events_per_s']:.0f} | {bare_pub['events_per_s']:.0f} | {r1:.2f} | >= {T_COLLECTOR} | {verdict(r1, T_COLLECTOR)} |")
+at_128 = f" (at c=128: {r_bare_cpu_128:.2f})" if r_bare_cpu_128 is not None else ""
+w(f"| 1. collector vs bare stack (axum + lapin), each at its best concurrency (req/s) | {https[coll_best_c]['requests_per_s']:.0f} (c={coll_best_c}) | {bares[bare_best_c]['requests_per_s']:.0f} (c={bare_best_c}) | {r_bare:.2f} | >= {T_BARE_RATE} | {verdict(r_bare, T_BARE_RATE)} |")
+bare_cpu_verdict = verdict(r_bare_cpu, T_BARE_CPU, higher=False) if r_bare_cpu is not None else "not measured"
+w(f"| 1. collector vs bare stack: CPU µs per request (user + system), each at its best concurrency | {us(coll_cpu[coll_best_c])} | {us(bare_cpu[bare_best_c])} | {ratio_cell(r_bare_cpu)}{at_128} | <= {T_BARE_CPU} | {bare_cpu_verdict} |")
 w(f"| 2a. worker (statsd + HTTP) vs bare consumer with acks (events/s) | {fanout['events_per_s']:.0f} | {consume['events_per_s']:.0f} | {r2:.2f} | >= {T_FANOUT} | {verdict(r2, T_FANOUT)} |")
 w(f"| 2b. worker (MongoDB) vs bare insert_many (events/s) | {wmongo['events_per_s']:.0f} | {bare_ins['documents_per_s']:.0f} | {r3:.2f} | >= {T_MONGO} | {verdict(r3, T_MONGO)} |")
 cpu_verdict = verdict(fanout_cpu, T_CPU) if fanout_cpu else "not measured"
@@ -183,6 +269,7 @@ w(f"| 3. collector p99 at 50% of max vs bare publish-to-confirm p99 (ms) | {lat[
 ok = verify["missing"] == 0 and verify["duplicates"] == 0
 drained = all(l.split()[1:3] == ["0", "0"] for l in queues_after.splitlines() if l.startswith("b6.raw"))
 w(f"| 4. peak run: 2xx'd events missing from MongoDB / duplicated | {verify['missing']} / {verify['duplicates']} of {verify['expected']} | | | 0 | {'**met**' if ok else '**missed**'} |")
+w(f"| 4. peak run: requests refused (503) | {peak_503} of {peak['sent']} | | | 0 | {'**met**' if peak_503 == 0 else '**missed**'} |")
 w(f"| 4. backlog drained after the peak (raw queue empty, every 2xx'd event in MongoDB) | {'yes' if drained else 'no'}, {drain_after} s after the load ended | | | drains | {'**met**' if drained else '**missed**'} |")
 w(f"| 6. MongoDB's drain beside a slow ({env['BENCH_SLOW_MS']} ms) and a failing (503) HTTP sink vs MongoDB alone (events/s) | {slow['events_per_s']:.0f} | {wmongo['events_per_s']:.0f} | {r_slow:.2f} | >= {T_SLOW} | {verdict(r_slow, T_SLOW)} |")
 lost_cell = (f"MongoDB {slow_checks[0]}, slow {slow_checks[1]}, failing {slow_checks[2]}, of {slow['events']} each"
@@ -206,6 +293,24 @@ for c in sorted(set(pub_sweep) | set(http_sweep), key=int):
     w(f"| {c} | {ps} | {hs} |")
 w("")
 w(f"Best: collector {coll['events_per_s']:.0f} events/s ({coll['name']}) / bare {bare_pub['events_per_s']:.0f} events/s ({bare_pub['name']}) = **{r1:.2f}**.")
+w("")
+w("### Collector vs the bare stack")
+w("")
+w("The same sweep, client and bodies against the bare stack (axum + lapin, above), right after the collector's,")
+w("each on its own queue, purged after every point. CPU is the service process's user + system time")
+w("(`/proc/<pid>/stat` fields 14 and 15 over `getconf CLK_TCK`), read just before and just after each point,")
+w("divided by the requests it accepted.")
+w("")
+w("| concurrency | collector req/s | p99 ms | CPU µs/request | bare stack req/s | p99 ms | CPU µs/request | req/s collector / bare | CPU collector / bare |")
+w("|---|---|---|---|---|---|---|---|---|")
+for c in sorted(http_sweep, key=int):
+    h, b = https[c], bares[c]
+    cpu_r = ratio_of(coll_cpu[c], bare_cpu[c])
+    w(f"| {c} | {h['requests_per_s']:.0f} | {h['latency_ms']['p99']:.1f} | {us(coll_cpu[c])} | {b['requests_per_s']:.0f} | {b['latency_ms']['p99']:.1f} | {us(bare_cpu[c])} | {h['requests_per_s'] / b['requests_per_s']:.2f} | {ratio_cell(cpu_r)} |")
+w("")
+w(f"Best points: collector {https[coll_best_c]['requests_per_s']:.0f} req/s (c={coll_best_c}) / bare stack {bares[bare_best_c]['requests_per_s']:.0f} req/s (c={bare_best_c}) = **{r_bare:.2f}** (target >= {T_BARE_RATE});")
+w(f"CPU per request there {us(coll_cpu[coll_best_c])} µs / {us(bare_cpu[bare_best_c])} µs = **{ratio_cell(r_bare_cpu)}** (target <= {T_BARE_CPU})"
+  + (f", at c=128 **{r_bare_cpu_128:.2f}**." if r_bare_cpu_128 is not None else "."))
 w("")
 w("## 2. Consumer ceilings: bare consumer vs worker, bare insert_many vs worker")
 w("")
@@ -238,15 +343,40 @@ w("")
 w("## 3. Latency at 25/50/75% of the collector's maximum rate")
 w("")
 w(f"Open loop at a constant arrival rate, {env['BENCH_LAT_SECS']} s each, latency from each request's intended send time")
-w("(coordinated-omission safe, HdrHistogram). The bare publisher runs at the same rates with the same bodies.")
+w("(coordinated-omission safe, HdrHistogram). The bare publisher (no HTTP) and the bare stack (axum + lapin, over")
+w("HTTP with the collector's client) run at the same rates with the same bodies, one after the other. Milliseconds.")
 w("")
-w("| load | rate req/s | collector p50 | p90 | p99 | p99.9 | bare p50 | p90 | p99 | p99.9 | non-2xx |")
-w("|---|---|---|---|---|---|---|---|---|---|---|")
+w("| load | rate req/s | collector p50 | p90 | p99 | p99.9 | bare stack p50 | p99 | bare publish p50 | p90 | p99 | p99.9 | collector non-2xx | bare stack non-2xx |")
+w("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 for p, (h, b) in lat.items():
-    hl, bl = h["latency_ms"], b["latency_ms"]
-    w(f"| {p}% | {h['sent'] / h['seconds']:.0f} | {hl['p50']:.2f} | {hl['p90']:.2f} | {hl['p99']:.2f} | {hl['p999']:.2f} | {bl['p50']:.2f} | {bl['p90']:.2f} | {bl['p99']:.2f} | {bl['p999']:.2f} | {h['refused'] or 'none'} |")
+    hl, bl, sl = h["latency_ms"], b["latency_ms"], lat_bare[p]["latency_ms"]
+    w(f"| {p}% | {h['sent'] / h['seconds']:.0f} | {hl['p50']:.2f} | {hl['p90']:.2f} | {hl['p99']:.2f} | {hl['p999']:.2f} | {sl['p50']:.2f} | {sl['p99']:.2f} | {bl['p50']:.2f} | {bl['p90']:.2f} | {bl['p99']:.2f} | {bl['p999']:.2f} | {h['refused'] or 'none'} | {lat_bare[p]['refused'] or 'none'} |")
 w("")
-w(f"At 50%: collector p99 / bare p99 = **{r4:.2f}x** (target <= 1.5x).")
+w("CPU per accepted request of each service over its run (user + system, as in section 1):")
+w("")
+w("| load | collector CPU µs/request | bare stack CPU µs/request | collector / bare |")
+w("|---|---|---|---|")
+for p in lat:
+    a, b = cpu_us(f"lat-http-{p}"), cpu_us(f"lat-barehttp-{p}")
+    cpu_r = ratio_of(a, b)
+    w(f"| {p}% | {us(a)} | {us(b)} | {ratio_cell(cpu_r)} |")
+w("")
+w("Where the collector's time went in the 50% run: the broker's confirm wait (`collector_publish_confirm_seconds`,")
+w("outcome ack) beside the collector's own time per request (`collector_request_own_seconds`: the request's time")
+w("less its confirm wait), from its `/metrics` read before and after the run (the difference, since the histograms")
+w("add up over the process's life). p50 and p99 are estimates from the histogram buckets (linear within a bucket;")
+w("bounds 0.5, 1, 2.5, 5, 10, 25 ms...), so they are only as fine as the buckets; the mean is exact.")
+w("")
+w("| | observations | mean ms | p50 ms (bucket estimate) | p99 ms (bucket estimate) |")
+w("|---|---|---|---|---|")
+for label, hist in (("confirm wait (broker)", confirm_50), ("collector's own time", own_50)):
+    if not hist or not hist[2]:
+        w(f"| {label} | not read | | | |")
+        continue
+    buckets, total, count = hist
+    w(f"| {label} | {count} | {1000 * total / count:.2f} | {bucket_quantile(buckets, count, 0.5)} | {bucket_quantile(buckets, count, 0.99)} |")
+w("")
+w(f"At 50%: collector p99 / bare publish p99 = **{r4:.2f}x** (target <= 1.5x).")
 w("")
 w("![latency](bench/plots/latency.png)")
 w("")
@@ -261,6 +391,8 @@ w("```")
 w(open(os.path.join(r, "peak.txt")).read().strip())
 w("```")
 w("")
+w(f"- refused (503): {peak_503} of {peak['sent']} requests; the collector's in-flight budget is `collector.max_in_flight_bytes` ="
+  f" {collector_defaults['max_in_flight_bytes'] / 2**20:.0f} MiB of bodies awaiting their confirm (past it, 503)")
 w(f"- highest backlog sampled (raw + sink.mongo, messages ready, once a second): {max_depth} messages; drained {drain_after} s after the load ended")
 w("- the backlog of a peak sits in the sink queue when MongoDB is the slower stage: the worker moves requests from the raw queue to the sink queues faster than one MongoDB takes them (section 2)")
 w(f"- every 2xx'd event in MongoDB exactly once: expected {verify['expected']}, found {verify['found']}, missing {verify['missing']}, duplicates {verify['duplicates']}")
