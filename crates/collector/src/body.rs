@@ -97,12 +97,7 @@ pub fn inspect(
             limit: limits.for_endpoint(endpoint),
         });
     }
-    // serde skips the fields it ignores without checking them, so these two are checked here.
-    if let Err(error) = std::str::from_utf8(json) {
-        return Err(CaptureError::MalformedJson(format!(
-            "invalid UTF-8: {error}"
-        )));
-    }
+    // serde's recursion limit is not the worker's, so the depth is checked here.
     if nesting_depth_exceeds(json, MAX_DEPTH) {
         return Err(CaptureError::BadRequest(format!(
             "JSON nested deeper than {MAX_DEPTH} levels"
@@ -115,8 +110,14 @@ pub fn inspect(
     }
     // The structs below skim what they ignore (serde's IgnoredAny, RawValue): a number out of
     // f64 range or a lone surrogate escape passes them, while the worker's parse refuses it.
-    serde_json::from_slice::<ParsedLikeTheWorker>(json)
-        .map_err(|e| CaptureError::MalformedJson(e.to_string()))?;
+    // Decoding every string and key checks their UTF-8, and JSON has none outside them: a
+    // body this takes is valid UTF-8 throughout. A separate pass only words the refusal.
+    serde_json::from_slice::<ParsedLikeTheWorker>(json).map_err(|e| {
+        match std::str::from_utf8(json) {
+            Err(utf8) => CaptureError::MalformedJson(format!("invalid UTF-8: {utf8}")),
+            Ok(_) => CaptureError::MalformedJson(e.to_string()),
+        }
+    })?;
     match endpoint {
         Endpoint::Batch => {
             let body: BatchBody<'_> = serde_json::from_slice(json)
