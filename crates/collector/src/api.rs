@@ -47,6 +47,10 @@ pub struct InFlight {
     body_keyed: Semaphore,
     bytes: Semaphore,
     body_keyed_bytes: Semaphore,
+    /// `collector_in_flight_requests` and `collector_in_flight_bytes`, looked up once here
+    /// rather than in the metrics registry on every request.
+    requests_gauge: metrics::Gauge,
+    bytes_gauge: metrics::Gauge,
 }
 
 /// Which budget a refused request found full, for `collector_load_shed_total{reason}`.
@@ -64,8 +68,8 @@ pub struct Slot<'a> {
     _body_keyed: Option<SemaphorePermit<'a>>,
     bytes: SemaphorePermit<'a>,
     body_keyed_bytes: Option<SemaphorePermit<'a>>,
-    requests_gauge: metrics::Gauge,
-    bytes_gauge: metrics::Gauge,
+    requests_gauge: &'a metrics::Gauge,
+    bytes_gauge: &'a metrics::Gauge,
 }
 
 impl InFlight {
@@ -76,6 +80,8 @@ impl InFlight {
             body_keyed: Semaphore::new(cap(max_body_keyed)),
             bytes: Semaphore::new(cap(bytes)),
             body_keyed_bytes: Semaphore::new(cap(body_keyed_bytes)),
+            requests_gauge: metrics::gauge!("collector_in_flight_requests"),
+            bytes_gauge: metrics::gauge!("collector_in_flight_bytes"),
         }
     }
 
@@ -94,17 +100,15 @@ impl InFlight {
         };
         let all = self.all.try_acquire().map_err(|_| Full::Requests)?;
         let held = self.bytes.try_acquire_many(n).map_err(|_| Full::Bytes)?;
-        let requests_gauge = metrics::gauge!("collector_in_flight_requests");
-        requests_gauge.increment(1.0);
-        let bytes_gauge = metrics::gauge!("collector_in_flight_bytes");
-        bytes_gauge.increment(bytes as f64);
+        self.requests_gauge.increment(1.0);
+        self.bytes_gauge.increment(bytes as f64);
         Ok(Slot {
             _all: all,
             _body_keyed: body_keyed,
             bytes: held,
             body_keyed_bytes,
-            requests_gauge,
-            bytes_gauge,
+            requests_gauge: &self.requests_gauge,
+            bytes_gauge: &self.bytes_gauge,
         })
     }
 }
