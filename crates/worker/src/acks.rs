@@ -183,22 +183,20 @@ impl Acks {
     /// Sends `frames`, the `multiple` acks folded into the last one.
     async fn send(&mut self, frames: Vec<Frame>) -> lapin::Result<()> {
         let mut ack_up_to = None;
-        {
-            for frame in frames {
-                match frame {
-                    Frame::AckUpTo(tag) => ack_up_to = Some(tag),
-                    Frame::Ack(tag) => {
-                        self.channel
-                            .basic_ack(tag, BasicAckOptions { multiple: false })
-                            .await?;
-                    }
-                    Frame::Requeue(tag) => {
-                        let requeue = BasicNackOptions {
-                            multiple: false,
-                            requeue: true,
-                        };
-                        self.channel.basic_nack(tag, requeue).await?;
-                    }
+        for frame in frames {
+            match frame {
+                Frame::AckUpTo(tag) => ack_up_to = Some(tag),
+                Frame::Ack(tag) => {
+                    self.channel
+                        .basic_ack(tag, BasicAckOptions { multiple: false })
+                        .await?;
+                }
+                Frame::Requeue(tag) => {
+                    let requeue = BasicNackOptions {
+                        multiple: false,
+                        requeue: true,
+                    };
+                    self.channel.basic_nack(tag, requeue).await?;
                 }
             }
         }

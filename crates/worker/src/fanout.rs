@@ -186,8 +186,7 @@ async fn lane(
                 // No slot in time: the sink is slower than the arrivals.
                 None => {
                     slow.store(true, Ordering::Relaxed);
-                    metrics::counter!("sink_spilled_batches_total", "sink" => runner.sink.name().to_owned())
-                        .increment(1);
+                    count_spill(&runner);
                     let batch = batch_of(&runner, events);
                     let decision = Decision::Spill {
                         attempts: 0,
@@ -203,6 +202,12 @@ async fn lane(
         while deliveries.try_join_next().is_some() {}
     }
     while deliveries.join_next().await.is_some() {}
+}
+
+/// One batch the sink did not take within `spill_after_ms`, whichever way it missed it.
+fn count_spill(runner: &SinkRunner) {
+    metrics::counter!("sink_spilled_batches_total", "sink" => runner.sink.name().to_owned())
+        .increment(1);
 }
 
 fn batch_of(runner: &SinkRunner, events: Vec<Arc<Event>>) -> Batch {
@@ -229,8 +234,7 @@ async fn deliver_batch(
         Ok(result) => decide(result, 0, runner.max_attempts),
         Err(_) => {
             in_time = false;
-            metrics::counter!("sink_spilled_batches_total", "sink" => runner.sink.name().to_owned())
-                .increment(1);
+            count_spill(runner);
             Decision::Spill {
                 attempts: 0,
                 reason: format!(
