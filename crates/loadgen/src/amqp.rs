@@ -93,6 +93,22 @@ pub fn collector_properties(source: &str, gzip: bool) -> BasicProperties {
     properties
 }
 
+/// At least one channel in confirm mode, `count` if more.
+pub async fn confirm_channels(
+    connection: &Connection,
+    count: usize,
+) -> lapin::Result<Vec<Channel>> {
+    let mut open = Vec::with_capacity(count.max(1));
+    for _ in 0..count.max(1) {
+        let channel = connection.create_channel().await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        open.push(channel);
+    }
+    Ok(open)
+}
+
 /// Publishes to one queue with confirms over `channels` confirm channels on one connection;
 /// each send waits for its confirm, so the concurrency of the caller is the in-flight window.
 pub struct PublishTarget {
@@ -107,17 +123,10 @@ pub struct PublishTarget {
 impl PublishTarget {
     pub async fn open(url: &str, queue: &str, channels: usize) -> anyhow::Result<Self> {
         let connection = connect(url, "loadgen-publish").await?;
-        let mut open = Vec::with_capacity(channels.max(1));
-        for _ in 0..channels.max(1) {
-            let channel = connection.create_channel().await?;
-            channel
-                .confirm_select(ConfirmSelectOptions::default())
-                .await?;
-            open.push(channel);
-        }
+        let channels = confirm_channels(&connection, channels).await?;
         Ok(Self {
             _connection: connection,
-            channels: open,
+            channels,
             next: AtomicUsize::new(0),
             queue: queue.to_owned(),
             source: "shop-ios".into(),

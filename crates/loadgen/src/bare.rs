@@ -12,7 +12,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::post;
 use axum::Router;
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::options::BasicPublishOptions;
 use lapin::{BasicProperties, Channel, Confirmation, Connection};
 
 struct Bare {
@@ -31,17 +31,10 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     crate::amqp::declare_quorum(amqp, queue).await?;
     let connection = crate::amqp::connect(amqp, "bare-collector").await?;
-    let mut open = Vec::with_capacity(channels.max(1));
-    for _ in 0..channels.max(1) {
-        let channel = connection.create_channel().await?;
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await?;
-        open.push(channel);
-    }
+    let channels = crate::amqp::confirm_channels(&connection, channels).await?;
     let bare = Arc::new(Bare {
         _connection: connection,
-        channels: open,
+        channels,
         next: AtomicUsize::new(0),
         queue: queue.to_owned(),
     });
