@@ -1,18 +1,17 @@
 //! Reading and cheaply checking a request body: bounded read, bounded gunzip, JSON well-formed,
-//! the right top-level shape, per-event size. No schema validation here: that is the worker's.
+//! the right top-level shape, per-event size, the size a batch grows to in the worker. No schema
+//! validation here: that is the worker's.
 
-use std::borrow::Cow;
 use std::collections::HashMap;
 
 use axum::body::Body;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use ingest_pipeline::gzip::{inflate_capped, InflateError};
 use ingest_pipeline::message::Endpoint;
-use serde::de::IgnoredAny;
-use serde::Deserialize;
-use serde_json::value::RawValue;
 
 use crate::error::CaptureError;
+pub use crate::scan::MAX_DEPTH;
+use crate::scan::{scan, starts_with_object, EventFields, Key, OwnContext};
 
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
@@ -49,36 +48,6 @@ pub fn gunzip_limited(compressed: &[u8], limit: usize) -> Result<Vec<u8>, Captur
     })
 }
 
-#[derive(Deserialize)]
-struct BatchBody<'a> {
-    #[serde(rename = "writeKey")]
-    write_key: Option<String>,
-    #[serde(borrow)]
-    batch: Option<Vec<&'a RawValue>>,
-    /// Copied by the worker into every event, so read here too (a duplicate is refused, as for
-    /// `writeKey` and `batch`: the collector and the worker must read the same one).
-    #[serde(borrow, default)]
-    context: Present<'a>,
-    #[serde(borrow, default)]
-    integrations: Present<'a>,
-}
-
-/// A field as raw JSON, `null` included (an `Option` would read `null` as absent).
-#[derive(Default)]
-struct Present<'a>(Option<&'a RawValue>);
-
-impl<'de: 'a, 'a> Deserialize<'de> for Present<'a> {
-    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        <&'a RawValue>::deserialize(deserializer).map(|raw| Self(Some(raw)))
-    }
-}
-
-#[derive(Deserialize)]
-struct EventBody {
-    #[serde(rename = "writeKey")]
-    write_key: Option<String>,
-}
-
 /// What the collector needs from a well-formed body.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Inspected {
@@ -86,85 +55,49 @@ pub struct Inspected {
     pub events: usize,
 }
 
-/// Checks the decoded body's shape and sizes; returns the body's `writeKey`, if any.
+/// Checks the decoded body's shape and sizes, in one pass over its JSON (see [`scan`]); returns
+/// the body's `writeKey`, if any, and its number of events.
 pub fn inspect(
     endpoint: Endpoint,
     json: &[u8],
     limits: &Limits,
 ) -> Result<Inspected, CaptureError> {
-    if json.len() > limits.for_endpoint(endpoint) {
-        return Err(CaptureError::BatchTooLarge {
-            limit: limits.for_endpoint(endpoint),
-        });
+    let limit = limits.for_endpoint(endpoint);
+    if json.len() > limit {
+        return Err(CaptureError::BatchTooLarge { limit });
     }
-    // serde's recursion limit is not the worker's, so the depth is checked here.
-    if nesting_depth_exceeds(json, MAX_DEPTH) {
-        return Err(CaptureError::BadRequest(format!(
-            "JSON nested deeper than {MAX_DEPTH} levels"
-        )));
-    }
-    if !starts_with_object(json) {
+    let json = std::str::from_utf8(json)
+        .map_err(|utf8| CaptureError::MalformedJson(format!("invalid UTF-8: {utf8}")))?;
+    if !starts_with_object(json.as_bytes()) {
         return Err(CaptureError::BadRequest(
             "the body must be a JSON object".into(),
         ));
     }
-    // The structs below skim what they ignore (serde's IgnoredAny, RawValue): a number out of
-    // f64 range or a lone surrogate escape passes them, while the worker's parse refuses it.
-    // Decoding every string and key checks their UTF-8, and JSON has none outside them: a
-    // body this takes is valid UTF-8 throughout. A separate pass only words the refusal.
-    serde_json::from_slice::<ParsedLikeTheWorker>(json).map_err(|e| {
-        match std::str::from_utf8(json) {
-            Err(utf8) => CaptureError::MalformedJson(format!("invalid UTF-8: {utf8}")),
-            Ok(_) => CaptureError::MalformedJson(e.to_string()),
-        }
-    })?;
-    match endpoint {
-        Endpoint::Batch => {
-            let body: BatchBody<'_> = serde_json::from_slice(json)
-                .map_err(|e| CaptureError::MalformedJson(e.to_string()))?;
-            let batch = body
-                .batch
-                .ok_or_else(|| CaptureError::BadRequest("missing `batch` array".into()))?;
-            if batch.len() > limits.max_batch_events {
-                return Err(CaptureError::TooManyEvents {
-                    limit: limits.max_batch_events,
-                });
-            }
-            for (index, event) in batch.iter().enumerate() {
-                let raw = event.get();
-                if !starts_with_object(raw.as_bytes()) {
-                    return Err(CaptureError::BadRequest(format!(
-                        "batch[{index}] is not a JSON object"
-                    )));
-                }
-                if raw.len() > limits.max_event_bytes {
-                    return Err(CaptureError::EventTooLarge {
-                        index,
-                        limit: limits.max_event_bytes,
-                    });
-                }
-            }
-            let expanded =
-                expanded_events_bytes(&batch, body.context.0, body.integrations.0, limits)?;
-            if expanded > limits.max_batch_bytes {
-                return Err(CaptureError::BatchExpandsTooLarge {
-                    limit: limits.max_batch_bytes,
-                });
-            }
-            Ok(Inspected {
-                write_key: body.write_key,
-                events: batch.len(),
-            })
-        }
-        _ => {
-            let body: EventBody = serde_json::from_slice(json)
-                .map_err(|e| CaptureError::MalformedJson(e.to_string()))?;
-            Ok(Inspected {
-                write_key: body.write_key,
-                events: 1,
-            })
-        }
+    let scanned = scan(json, endpoint == Endpoint::Batch, limits)?;
+    if endpoint != Endpoint::Batch {
+        return Ok(Inspected {
+            write_key: scanned.write_key,
+            events: 1,
+        });
     }
+    let batch = scanned
+        .batch
+        .ok_or_else(|| CaptureError::BadRequest("missing `batch` array".into()))?;
+    let expanded = expanded_events_bytes(
+        &batch,
+        scanned.shared_context.as_ref(),
+        scanned.shared_integrations,
+        limits,
+    );
+    if expanded > limits.max_batch_bytes {
+        return Err(CaptureError::BatchExpandsTooLarge {
+            limit: limits.max_batch_bytes,
+        });
+    }
+    Ok(Inspected {
+        write_key: scanned.write_key,
+        events: batch.len(),
+    })
 }
 
 /// `"context":{}` and its comma: what an event without a `context` gains before the keys.
@@ -173,266 +106,53 @@ const CONTEXT_WRAPPER_BYTES: usize = r#""context":{},"#.len();
 const INTEGRATIONS_KEY_BYTES: usize = r#""integrations":,"#.len();
 
 /// An upper bound on the bytes of the batch's events once the worker has copied into each the
-/// batch-level `context` keys it lacks, and the batch-level `integrations` if it has none. Each
-/// event counts as sent, plus for each copy its key, its value as sent and the separators: for
-/// compact JSON a few bytes per event over the worker's output, more if the shared values carry
-/// whitespace or escapes. An event's `null` field counts as absent (the copy is counted); of
-/// duplicate keys the last counts, as in the worker. Linear in the body: an event's own context
-/// keys are looked up among the shared ones, never the other way round. Stops adding once past
-/// `limits.max_batch_bytes`.
+/// batch-level `context` keys it lacks (`shared`: each key with what one copy costs), and the
+/// batch-level `integrations` (`shared_integrations` bytes as sent) if it has none. Each event
+/// counts as sent, plus for each copy its key, its value as sent and the separators: for compact
+/// JSON a few bytes per event over the worker's output, more if the shared values carry
+/// whitespace or escapes. An event's `null` field counts as absent (the copy is counted). Linear
+/// in the body: an event's own context keys are looked up among the shared ones, never the other
+/// way round. Stops adding once past `limits.max_batch_bytes`.
 pub fn expanded_events_bytes(
-    events: &[&RawValue],
-    context: Option<&RawValue>,
-    integrations: Option<&RawValue>,
+    events: &[EventFields<'_>],
+    shared: Option<&HashMap<Key<'_>, usize>>,
+    shared_integrations: Option<usize>,
     limits: &Limits,
-) -> Result<usize, CaptureError> {
-    let malformed = |e: serde_json::Error| CaptureError::MalformedJson(e.to_string());
+) -> usize {
     let own_bytes = events
         .iter()
-        .fold(0usize, |sum, e| sum.saturating_add(e.get().len()));
-    // Only an object context is merged (an empty one still gives each event a `context`): its
-    // keys, with what each copy costs.
-    let shared: Option<HashMap<Key<'_>, usize>> = match context {
-        Some(raw) if starts_with_object(raw.get().as_bytes()) => {
-            let entries: HashMap<Key<'_>, &RawValue> =
-                serde_json::from_str(raw.get()).map_err(malformed)?;
-            let costs = entries.into_iter().map(|(key, value)| {
-                let bytes = key.quoted_len() + 1 + value.get().len() + 1;
-                (key, bytes)
-            });
-            Some(costs.collect())
-        }
-        _ => None,
-    };
-    let integrations_bytes = integrations.map_or(0, |raw| INTEGRATIONS_KEY_BYTES + raw.get().len());
+        .fold(0usize, |sum, e| sum.saturating_add(e.bytes));
+    let integrations_bytes = shared_integrations.map_or(0, |bytes| INTEGRATIONS_KEY_BYTES + bytes);
     if shared.is_none() && integrations_bytes == 0 {
-        return Ok(own_bytes);
+        return own_bytes;
     }
     let all_shared = shared
         .iter()
-        .flat_map(HashMap::values)
+        .flat_map(|costs| costs.values())
         .fold(0usize, |sum, b| sum.saturating_add(*b));
     let mut total = own_bytes;
     for event in events {
-        let fields: EventFields<'_> = serde_json::from_str(event.get()).map_err(malformed)?;
-        let context_bytes = match (&shared, fields.context) {
+        let context_bytes = match (shared, &event.context) {
             (None, _) => 0,
-            (Some(_), None) => CONTEXT_WRAPPER_BYTES.saturating_add(all_shared),
-            (Some(shared), Some(own)) if starts_with_object(own.get().as_bytes()) => {
-                let own: HashMap<Key<'_>, IgnoredAny> =
-                    serde_json::from_str(own.get()).map_err(malformed)?;
+            (Some(_), OwnContext::Absent) => CONTEXT_WRAPPER_BYTES.saturating_add(all_shared),
+            (Some(shared), OwnContext::Object(own)) => {
                 let kept = own
-                    .keys()
+                    .iter()
                     .filter_map(|k| shared.get(k))
                     .fold(0usize, |sum, b| sum.saturating_add(*b));
                 all_shared.saturating_sub(kept)
             }
-            // Not an object: the worker copies nothing into it.
-            (Some(_), Some(_)) => 0,
+            (Some(_), OwnContext::Other) => 0,
         };
         total = total.saturating_add(context_bytes);
-        if !fields.has_integrations {
+        if !event.has_integrations {
             total = total.saturating_add(integrations_bytes);
         }
         if total > limits.max_batch_bytes {
             break;
         }
     }
-    Ok(total)
-}
-
-/// A JSON object key, decoded, borrowed from the body when it has no escapes.
-#[derive(PartialEq, Eq, Hash)]
-struct Key<'a>(Cow<'a, str>);
-
-impl Key<'_> {
-    /// Its length as a JSON string, quotes and escapes included.
-    fn quoted_len(&self) -> usize {
-        serde_json::to_string(self.0.as_ref()).map_or(self.0.len() * 6 + 2, |s| s.len())
-    }
-}
-
-impl<'de> Deserialize<'de> for Key<'de> {
-    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct Visitor;
-        impl<'de> serde::de::Visitor<'de> for Visitor {
-            type Value = Key<'de>;
-            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str("an object key")
-            }
-            fn visit_borrowed_str<E>(self, key: &'de str) -> Result<Key<'de>, E> {
-                Ok(Key(Cow::Borrowed(key)))
-            }
-            fn visit_str<E>(self, key: &str) -> Result<Key<'de>, E> {
-                Ok(Key(Cow::Owned(key.to_owned())))
-            }
-        }
-        deserializer.deserialize_str(Visitor)
-    }
-}
-
-/// What the worker's merge looks at in one event: its own `context` (the last one, `null` as
-/// absent) and whether it has non-null `integrations`.
-struct EventFields<'a> {
-    context: Option<&'a RawValue>,
-    has_integrations: bool,
-}
-
-impl<'de> Deserialize<'de> for EventFields<'de> {
-    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct Visitor;
-        impl<'de> serde::de::Visitor<'de> for Visitor {
-            type Value = EventFields<'de>;
-            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str("an event object")
-            }
-            fn visit_map<A: serde::de::MapAccess<'de>>(
-                self,
-                mut map: A,
-            ) -> Result<EventFields<'de>, A::Error> {
-                let mut fields = EventFields {
-                    context: None,
-                    has_integrations: false,
-                };
-                while let Some(key) = map.next_key::<Key<'de>>()? {
-                    match key.0.as_ref() {
-                        "context" => {
-                            let value: &'de RawValue = map.next_value()?;
-                            fields.context = (value.get() != "null").then_some(value);
-                        }
-                        "integrations" => {
-                            let value: &'de RawValue = map.next_value()?;
-                            fields.has_integrations = value.get() != "null";
-                        }
-                        _ => {
-                            map.next_value::<IgnoredAny>()?;
-                        }
-                    }
-                }
-                Ok(fields)
-            }
-        }
-        deserializer.deserialize_map(Visitor)
-    }
-}
-
-/// Any JSON value, parsed the way the worker parses it into a `serde_json::Value` (every number
-/// and string decoded), and kept nowhere: the collector's check costs no allocation per value.
-struct ParsedLikeTheWorker;
-
-impl<'de> Deserialize<'de> for ParsedLikeTheWorker {
-    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        deserializer.deserialize_any(ParsedLikeTheWorker)
-    }
-}
-
-impl<'de> serde::de::Visitor<'de> for ParsedLikeTheWorker {
-    type Value = ParsedLikeTheWorker;
-
-    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("any JSON value")
-    }
-
-    fn visit_bool<E>(self, _: bool) -> Result<Self, E> {
-        Ok(self)
-    }
-
-    fn visit_i64<E>(self, _: i64) -> Result<Self, E> {
-        Ok(self)
-    }
-
-    fn visit_u64<E>(self, _: u64) -> Result<Self, E> {
-        Ok(self)
-    }
-
-    fn visit_f64<E>(self, _: f64) -> Result<Self, E> {
-        Ok(self)
-    }
-
-    fn visit_str<E>(self, _: &str) -> Result<Self, E> {
-        Ok(self)
-    }
-
-    fn visit_unit<E>(self) -> Result<Self, E> {
-        Ok(self)
-    }
-
-    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self, A::Error> {
-        while seq.next_element::<ParsedLikeTheWorker>()?.is_some() {}
-        Ok(self)
-    }
-
-    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self, A::Error> {
-        while map.next_key::<ObjectKey>()?.is_some() {
-            map.next_value::<ParsedLikeTheWorker>()?;
-        }
-        Ok(self)
-    }
-}
-
-/// serde_json's marker for a `RawValue`: a `Value` reads an object whose first key is this as
-/// raw JSON text, not as an object. No beacon has such a key; it is refused wherever it is.
-const RAW_VALUE_TOKEN: &str = "$serde_json::private::RawValue";
-
-/// An object key, decoded (escapes included) and checked against [`RAW_VALUE_TOKEN`].
-struct ObjectKey;
-
-impl<'de> Deserialize<'de> for ObjectKey {
-    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        deserializer.deserialize_str(ObjectKey)
-    }
-}
-
-impl serde::de::Visitor<'_> for ObjectKey {
-    type Value = ObjectKey;
-
-    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("an object key")
-    }
-
-    fn visit_str<E: serde::de::Error>(self, key: &str) -> Result<Self, E> {
-        if key == RAW_VALUE_TOKEN {
-            return Err(E::custom(format!(
-                "the key `{RAW_VALUE_TOKEN}` is reserved"
-            )));
-        }
-        Ok(self)
-    }
-}
-
-/// Deeper than this is refused: the worker's parser (serde_json) stops at 128 levels.
-pub const MAX_DEPTH: usize = 100;
-
-/// One pass over the bytes, counting brackets outside strings.
-fn nesting_depth_exceeds(json: &[u8], max: usize) -> bool {
-    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
-    for &b in json {
-        if in_string {
-            match (escaped, b) {
-                (true, _) => escaped = false,
-                (false, b'\\') => escaped = true,
-                (false, b'"') => in_string = false,
-                _ => {}
-            }
-            continue;
-        }
-        match b {
-            b'"' => in_string = true,
-            b'{' | b'[' => {
-                depth += 1;
-                if depth > max {
-                    return true;
-                }
-            }
-            b'}' | b']' => depth = depth.saturating_sub(1),
-            _ => {}
-        }
-    }
-    false
-}
-
-fn starts_with_object(json: &[u8]) -> bool {
-    json.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{')
+    total
 }
 
 #[cfg(test)]
@@ -522,6 +242,41 @@ mod tests {
             &limits
         )
         .is_err());
+    }
+
+    /// A batch's own fields are read once (as the worker must read the same one), and depth
+    /// counts from the body's first bracket through the batch into each event.
+    #[test]
+    fn batch_fields_given_twice_and_events_nested_too_deep_are_refused() {
+        let limits = Limits {
+            max_event_bytes: 1 << 20,
+            max_batch_bytes: 1 << 20,
+            max_batch_events: 10,
+        };
+        for body in [
+            r#"{"batch":[],"batch":[]}"#,
+            r#"{"context":{},"batch":[],"context":{}}"#,
+            r#"{"integrations":1,"batch":[],"integrations":2}"#,
+        ] {
+            let err = inspect(Endpoint::Batch, body.as_bytes(), &limits).expect_err(body);
+            assert!(
+                matches!(err, CaptureError::MalformedJson(_)),
+                "{body}: {err}"
+            );
+        }
+        // The body, the batch and the event are three levels.
+        let event = |levels: usize| {
+            let nested = format!("{}{}", "[".repeat(levels), "]".repeat(levels));
+            format!(r#"{{"batch":[{{"a":{nested}}}]}}"#)
+        };
+        assert!(inspect(Endpoint::Batch, event(MAX_DEPTH - 3).as_bytes(), &limits).is_ok());
+        let err = inspect(Endpoint::Batch, event(MAX_DEPTH - 2).as_bytes(), &limits)
+            .expect_err("too deep");
+        assert!(matches!(err, CaptureError::BadRequest(_)), "{err}");
+        let nested = format!("{}{}", "[".repeat(200), "]".repeat(200));
+        let context = format!(r#"{{"context":{{"a":{nested}}},"batch":[]}}"#);
+        let err = inspect(Endpoint::Batch, context.as_bytes(), &limits).expect_err("too deep");
+        assert!(matches!(err, CaptureError::BadRequest(_)), "{err}");
     }
 
     #[test]
@@ -693,6 +448,19 @@ mod tests {
             .sum()
     }
 
+    /// What `inspect` reckons a batch's events grow to, and how many there are.
+    fn reckoned(body: &str, limits: &Limits) -> (usize, usize) {
+        let scanned = scan(body, true, limits).expect(body);
+        let events = scanned.batch.expect("batch");
+        let bytes = expanded_events_bytes(
+            &events,
+            scanned.shared_context.as_ref(),
+            scanned.shared_integrations,
+            limits,
+        );
+        (bytes, events.len())
+    }
+
     #[test]
     fn expanded_size_is_an_upper_bound_within_a_few_bytes_per_event_of_the_merge() {
         let limits = Limits {
@@ -703,10 +471,7 @@ mod tests {
         // `null` fields are counted as sent: an event's own, though the merge drops them, and
         // shared `integrations`, which a worker may copy as they are.
         let with_nulls = r#"{"context":{"a":1},"integrations":null,"batch":[{"context":null},{"integrations":null}]}"#;
-        let parsed: BatchBody<'_> = serde_json::from_str(with_nulls).expect("json");
-        let events = parsed.batch.expect("batch");
-        let got = expanded_events_bytes(&events, parsed.context.0, parsed.integrations.0, &limits);
-        assert!(got.expect("reckoned") >= merged_events_bytes(with_nulls));
+        assert!(reckoned(with_nulls, &limits).0 >= merged_events_bytes(with_nulls));
         let bodies = [
             r#"{"context":{"a":1,"b":{"c":[1,2]},"\u00e9":"x"},"batch":[{},{"context":{"a":2}},{"context":{"x":1}},{"context":"s"}]}"#,
             r#"{"integrations":{"All":false},"batch":[{},{"integrations":{}},{"type":"track"}]}"#,
@@ -715,15 +480,11 @@ mod tests {
             r#"{"batch":[{"context":{"a":1}},{"type":"page"}]}"#,
         ];
         for body in bodies {
-            let parsed: BatchBody<'_> = serde_json::from_str(body).expect(body);
-            let events = parsed.batch.expect("batch");
-            let got =
-                expanded_events_bytes(&events, parsed.context.0, parsed.integrations.0, &limits)
-                    .expect(body);
+            let (got, events) = reckoned(body, &limits);
             let merged = merged_events_bytes(body);
             assert!(got >= merged, "{body}: reckoned {got} < merged {merged}");
             assert!(
-                got <= merged + 3 * events.len(),
+                got <= merged + 3 * events,
                 "{body}: reckoned {got}, merged {merged}"
             );
         }

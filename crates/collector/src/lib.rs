@@ -7,6 +7,7 @@ pub mod body;
 pub mod error;
 pub mod publisher;
 pub mod ratelimit;
+pub mod scan;
 pub mod server;
 
 use std::future::Future;

@@ -1,0 +1,540 @@
+//! One pass over a request body's JSON: parses every value the way the worker will (into
+//! nothing: no allocation per value), and picks up on the way what the collector checks: the
+//! `writeKey`, and for a batch each event's size and shape, and what the worker's merge of the
+//! batch-level `context` and `integrations` into the events will add.
+//!
+//! The worker's parse is `serde_json` into a `Value`. The collector must refuse whatever that
+//! refuses (a number out of `f64` range, a lone surrogate escape, serde_json's reserved
+//! `RawValue` key), and deeper nesting than MongoDB stores ([`MAX_DEPTH`]), so every value is
+//! decoded here, not skimmed. Each batch event is read once as raw text (its size as sent), then
+//! parsed from that text.
+
+use std::borrow::Cow;
+use std::cell::RefCell;
+use std::collections::HashMap;
+
+use serde::de::{DeserializeSeed, Error as _, MapAccess, SeqAccess, Visitor};
+use serde_json::value::RawValue;
+
+use crate::body::Limits;
+use crate::error::CaptureError;
+
+/// Deeper than this is refused: MongoDB stores documents nested 100 levels deep at most, and
+/// the worker's parser stops at 128.
+pub const MAX_DEPTH: usize = 100;
+
+/// serde_json's marker for a `RawValue`: a `Value` reads an object whose first key is this as
+/// raw JSON text, not as an object. No beacon has such a key; it is refused wherever it is.
+const RAW_VALUE_TOKEN: &str = "$serde_json::private::RawValue";
+
+/// What one pass found in a body that parses.
+#[derive(Default)]
+pub struct Scanned<'a> {
+    pub write_key: Option<String>,
+    /// A batch's events; `None` when the body has no `batch` (or it is `null`).
+    pub batch: Option<Vec<EventFields<'a>>>,
+    /// The batch-level `context`: for an object, each key with what one copy of it costs.
+    pub shared_context: Option<HashMap<Key<'a>, usize>>,
+    /// The batch-level `integrations` as sent (`null` included), in bytes.
+    pub shared_integrations: Option<usize>,
+}
+
+/// What the worker's merge looks at in one event, and its size as sent.
+pub struct EventFields<'a> {
+    pub bytes: usize,
+    /// Its own `context` (the last one; `null` as absent).
+    pub context: OwnContext<'a>,
+    /// Whether it has non-null `integrations`.
+    pub has_integrations: bool,
+}
+
+pub enum OwnContext<'a> {
+    Absent,
+    /// Its keys, sorted, each once.
+    Object(Vec<Key<'a>>),
+    /// Not an object: the worker copies nothing into it.
+    Other,
+}
+
+/// A JSON object key, decoded, borrowed from the body when it has no escapes.
+#[derive(Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Key<'a>(pub Cow<'a, str>);
+
+impl Key<'_> {
+    /// Its length as a JSON string, quotes and escapes included.
+    pub fn quoted_len(&self) -> usize {
+        serde_json::to_string(self.0.as_ref()).map_or(self.0.len() * 6 + 2, |s| s.len())
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Key<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct KeyVisitor;
+        impl<'de> Visitor<'de> for KeyVisitor {
+            type Value = Key<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an object key")
+            }
+            fn visit_borrowed_str<E: serde::de::Error>(self, key: &'de str) -> Result<Key<'de>, E> {
+                checked(Key(Cow::Borrowed(key)))
+            }
+            fn visit_str<E: serde::de::Error>(self, key: &str) -> Result<Key<'de>, E> {
+                checked(Key(Cow::Owned(key.to_owned())))
+            }
+        }
+        deserializer.deserialize_str(KeyVisitor)
+    }
+}
+
+fn checked<E: serde::de::Error>(key: Key<'_>) -> Result<Key<'_>, E> {
+    if key.0 == RAW_VALUE_TOKEN {
+        return Err(E::custom(format!(
+            "the key `{RAW_VALUE_TOKEN}` is reserved"
+        )));
+    }
+    Ok(key)
+}
+
+/// Parses `json` (a whole body, known to be UTF-8) in one pass. `batch` reads the batch
+/// fields; otherwise only `writeKey` is picked up. Duplicate `writeKey`, `batch`, `context` and
+/// `integrations` are refused: the collector and the worker must read the same one.
+pub fn scan<'a>(json: &'a str, batch: bool, limits: &Limits) -> Result<Scanned<'a>, CaptureError> {
+    let refusal = RefCell::new(None);
+    let mut deserializer = serde_json::Deserializer::from_str(json);
+    let seed = Top {
+        batch,
+        limits,
+        refusal: &refusal,
+    };
+    let scanned = seed
+        .deserialize(&mut deserializer)
+        .and_then(|scanned| deserializer.end().map(|()| scanned));
+    scanned.map_err(|error| match refusal.take() {
+        Some(refusal) => refusal,
+        None => CaptureError::MalformedJson(error.to_string()),
+    })
+}
+
+/// A check of the collector's own failed inside the parse: the specific error is kept here and
+/// the parse stopped with a generic one.
+type Refusal<'s> = &'s RefCell<Option<CaptureError>>;
+
+fn refuse<E: serde::de::Error>(refusal: Refusal<'_>, error: CaptureError) -> E {
+    let message = error.to_string();
+    refusal.replace(Some(error));
+    E::custom(message)
+}
+
+struct Top<'s> {
+    batch: bool,
+    limits: &'s Limits,
+    refusal: Refusal<'s>,
+}
+
+impl<'de> DeserializeSeed<'de> for Top<'_> {
+    type Value = Scanned<'de>;
+
+    fn deserialize<D: serde::Deserializer<'de>>(
+        self,
+        deserializer: D,
+    ) -> Result<Self::Value, D::Error> {
+        deserializer.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Top<'_> {
+    type Value = Scanned<'de>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Scanned<'de>, A::Error> {
+        let top_level = Any {
+            depth: 1,
+            refusal: self.refusal,
+        };
+        let mut scanned = Scanned::default();
+        let mut seen = [false; 4];
+        let mut once = |field: usize, name: &str| {
+            if std::mem::replace(&mut seen[field], true) {
+                return Err(A::Error::custom(format!("duplicate field `{name}`")));
+            }
+            Ok(())
+        };
+        while let Some(key) = map.next_key::<Key<'de>>()? {
+            match (key.0.as_ref(), self.batch) {
+                ("writeKey", _) => {
+                    once(0, "writeKey")?;
+                    scanned.write_key = map.next_value()?;
+                }
+                ("batch", true) => {
+                    once(1, "batch")?;
+                    scanned.batch = map.next_value_seed(Events {
+                        limits: self.limits,
+                        refusal: self.refusal,
+                    })?;
+                }
+                ("context", true) => {
+                    once(2, "context")?;
+                    let raw: &'de RawValue = map.next_value()?;
+                    scanned.shared_context =
+                        shared_context(raw.get(), top_level).map_err(A::Error::custom)?;
+                }
+                ("integrations", true) => {
+                    once(3, "integrations")?;
+                    let raw: &'de RawValue = map.next_value()?;
+                    parse_any(raw.get(), top_level).map_err(A::Error::custom)?;
+                    scanned.shared_integrations = Some(raw.get().len());
+                }
+                _ => map.next_value_seed(top_level)?,
+            }
+        }
+        Ok(scanned)
+    }
+}
+
+/// Parses `json`, a value found where `any` is, as the worker would.
+fn parse_any(json: &str, any: Any<'_>) -> serde_json::Result<()> {
+    let mut deserializer = serde_json::Deserializer::from_str(json);
+    any.deserialize(&mut deserializer)?;
+    deserializer.end()
+}
+
+/// The batch-level `context`, parsed; for an object, what one copy of each key costs in an event
+/// that lacks it: the key, its value as sent and the separators. Of duplicate keys the last
+/// counts, as in the worker.
+fn shared_context<'a>(
+    json: &'a str,
+    any: Any<'_>,
+) -> serde_json::Result<Option<HashMap<Key<'a>, usize>>> {
+    parse_any(json, any)?;
+    if !starts_with_object(json.as_bytes()) {
+        return Ok(None);
+    }
+    let entries: Vec<(Key<'_>, &RawValue)> = serde_json::from_str::<RawEntries<'_>>(json)?.0;
+    let costs = entries.into_iter().map(|(key, value)| {
+        let bytes = key.quoted_len() + 1 + value.get().len() + 1;
+        (key, bytes)
+    });
+    Ok(Some(costs.collect()))
+}
+
+/// An object's entries in order, values as raw text.
+struct RawEntries<'a>(Vec<(Key<'a>, &'a RawValue)>);
+
+impl<'de> serde::Deserialize<'de> for RawEntries<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct EntriesVisitor;
+        impl<'de> Visitor<'de> for EntriesVisitor {
+            type Value = RawEntries<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<RawEntries<'de>, A::Error> {
+                let mut entries = Vec::new();
+                while let Some(entry) = map.next_entry()? {
+                    entries.push(entry);
+                }
+                Ok(RawEntries(entries))
+            }
+        }
+        deserializer.deserialize_map(EntriesVisitor)
+    }
+}
+
+/// The `batch` array: `null` reads as absent.
+struct Events<'s> {
+    limits: &'s Limits,
+    refusal: Refusal<'s>,
+}
+
+impl<'de> DeserializeSeed<'de> for Events<'_> {
+    type Value = Option<Vec<EventFields<'de>>>;
+
+    fn deserialize<D: serde::Deserializer<'de>>(
+        self,
+        deserializer: D,
+    ) -> Result<Self::Value, D::Error> {
+        deserializer.deserialize_option(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Events<'_> {
+    type Value = Option<Vec<EventFields<'de>>>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("an array of events")
+    }
+
+    fn visit_none<E>(self) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+
+    fn visit_unit<E>(self) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+
+    fn visit_some<D: serde::Deserializer<'de>>(
+        self,
+        deserializer: D,
+    ) -> Result<Self::Value, D::Error> {
+        deserializer.deserialize_seq(self)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let limits = self.limits;
+        let mut events = Vec::new();
+        while let Some(raw) = seq.next_element::<&'de RawValue>()? {
+            let index = events.len();
+            if index == limits.max_batch_events {
+                let limit = limits.max_batch_events;
+                return Err(refuse(self.refusal, CaptureError::TooManyEvents { limit }));
+            }
+            let json = raw.get();
+            if !starts_with_object(json.as_bytes()) {
+                let refusal =
+                    CaptureError::BadRequest(format!("batch[{index}] is not a JSON object"));
+                return Err(refuse(self.refusal, refusal));
+            }
+            let mut deserializer = serde_json::Deserializer::from_str(json);
+            let event = Event {
+                bytes: json.len(),
+                refusal: self.refusal,
+            };
+            let fields = event
+                .deserialize(&mut deserializer)
+                .and_then(|fields| deserializer.end().map(|()| fields))
+                .map_err(A::Error::custom)?;
+            // After the parse: an event wrong in its JSON is a 400 whatever its size.
+            if json.len() > limits.max_event_bytes {
+                let limit = limits.max_event_bytes;
+                return Err(refuse(
+                    self.refusal,
+                    CaptureError::EventTooLarge { index, limit },
+                ));
+            }
+            events.push(fields);
+        }
+        Ok(Some(events))
+    }
+}
+
+/// One batch event, three containers deep (the body, the batch, the event).
+struct Event<'s> {
+    bytes: usize,
+    refusal: Refusal<'s>,
+}
+
+impl<'de> DeserializeSeed<'de> for Event<'_> {
+    type Value = EventFields<'de>;
+
+    fn deserialize<D: serde::Deserializer<'de>>(
+        self,
+        deserializer: D,
+    ) -> Result<Self::Value, D::Error> {
+        deserializer.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Event<'_> {
+    type Value = EventFields<'de>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("an event object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<EventFields<'de>, A::Error> {
+        let inside = Any {
+            depth: 3,
+            refusal: self.refusal,
+        };
+        let mut fields = EventFields {
+            bytes: self.bytes,
+            context: OwnContext::Absent,
+            has_integrations: false,
+        };
+        while let Some(key) = map.next_key::<Key<'de>>()? {
+            match key.0.as_ref() {
+                "context" => fields.context = map.next_value_seed(ContextKeys(inside))?,
+                "integrations" => {
+                    fields.has_integrations = map.next_value_seed(NotNull(inside))?;
+                }
+                _ => map.next_value_seed(inside)?,
+            }
+        }
+        Ok(fields)
+    }
+}
+
+/// An event's own `context`, parsed; an object's keys are kept.
+struct ContextKeys<'s>(Any<'s>);
+
+impl<'de> DeserializeSeed<'de> for ContextKeys<'_> {
+    type Value = OwnContext<'de>;
+
+    fn deserialize<D: serde::Deserializer<'de>>(
+        self,
+        deserializer: D,
+    ) -> Result<Self::Value, D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for ContextKeys<'_> {
+    type Value = OwnContext<'de>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_unit<E>(self) -> Result<Self::Value, E> {
+        Ok(OwnContext::Absent)
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+        Ok(OwnContext::Other)
+    }
+
+    fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+        Ok(OwnContext::Other)
+    }
+
+    fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+        Ok(OwnContext::Other)
+    }
+
+    fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+        Ok(OwnContext::Other)
+    }
+
+    fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
+        Ok(OwnContext::Other)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Self::Value, A::Error> {
+        self.0.visit_seq(seq)?;
+        Ok(OwnContext::Other)
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let inner = self.0.deeper()?;
+        let mut keys = Vec::new();
+        while let Some(key) = map.next_key::<Key<'de>>()? {
+            map.next_value_seed(inner)?;
+            keys.push(key);
+        }
+        keys.sort_unstable();
+        keys.dedup();
+        Ok(OwnContext::Object(keys))
+    }
+}
+
+/// Any value, parsed; whether it was anything but `null`.
+struct NotNull<'s>(Any<'s>);
+
+impl<'de> DeserializeSeed<'de> for NotNull<'_> {
+    type Value = bool;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, deserializer: D) -> Result<bool, D::Error> {
+        deserializer.deserialize_option(self)
+    }
+}
+
+impl<'de> Visitor<'de> for NotNull<'_> {
+    type Value = bool;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_none<E>(self) -> Result<bool, E> {
+        Ok(false)
+    }
+
+    fn visit_some<D: serde::Deserializer<'de>>(self, deserializer: D) -> Result<bool, D::Error> {
+        self.0.deserialize(deserializer)?;
+        Ok(true)
+    }
+}
+
+/// Any JSON value found `depth` containers deep, parsed the way the worker parses it into a
+/// `serde_json::Value` (every number and string decoded) and kept nowhere.
+#[derive(Clone, Copy)]
+struct Any<'s> {
+    depth: usize,
+    refusal: Refusal<'s>,
+}
+
+impl<'s> Any<'s> {
+    /// The same inside one more container, or the refusal when that is too deep.
+    fn deeper<E: serde::de::Error>(self) -> Result<Self, E> {
+        if self.depth >= MAX_DEPTH {
+            let message = format!("JSON nested deeper than {MAX_DEPTH} levels");
+            return Err(refuse(self.refusal, CaptureError::BadRequest(message)));
+        }
+        Ok(Self {
+            depth: self.depth + 1,
+            ..self
+        })
+    }
+}
+
+impl<'de> DeserializeSeed<'de> for Any<'_> {
+    type Value = ();
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Any<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_i64<E>(self, _: i64) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_u64<E>(self, _: u64) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_f64<E>(self, _: f64) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_str<E>(self, _: &str) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_unit<E>(self) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        let inner = self.deeper()?;
+        while seq.next_element_seed(inner)?.is_some() {}
+        Ok(())
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        let inner = self.deeper()?;
+        while map.next_key::<Key<'de>>()?.is_some() {
+            map.next_value_seed(inner)?;
+        }
+        Ok(())
+    }
+}
+
+/// Whether the first non-whitespace byte opens an object.
+pub fn starts_with_object(json: &[u8]) -> bool {
+    json.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{')
+}
