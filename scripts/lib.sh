@@ -83,9 +83,14 @@ PY
   fi
 }
 
-# free_port: a TCP port nobody listens on now.
+# free_port: a TCP port nobody listens on now, outside 35672-35682 (RabbitMQ's CLI tools take
+# their own distribution ports there).
 free_port() {
-  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'
+  python3 -c '
+import socket
+while True:
+    s = socket.socket(); s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]; s.close()
+    if not 35672 <= port <= 35682: print(port); break'
 }
 
 wait_for_port() { # host port seconds

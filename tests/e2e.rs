@@ -5,6 +5,7 @@
 mod e2e {
     pub mod bench_smoke;
     pub mod chaos;
+    pub mod cluster;
     pub mod compat;
     pub mod exposition;
     pub mod fanout;

@@ -631,27 +631,6 @@ impl Places {
     }
 }
 
-/// How many documents hold each (source, messageId).
-async fn stored_keys(
-    collection: &mongodb::Collection<mongodb::bson::Document>,
-) -> HashMap<Key, usize> {
-    use futures_util::TryStreamExt;
-    let mut stored = HashMap::new();
-    let mut cursor = collection
-        .find(mongodb::bson::doc! {})
-        .projection(mongodb::bson::doc! {"source": 1, "messageId": 1, "_id": 0})
-        .batch_size(10_000)
-        .await
-        .unwrap();
-    while let Some(document) = cursor.try_next().await.unwrap() {
-        let source = document.get_str("source").unwrap_or_default().to_owned();
-        if let Ok(id) = document.get_str("messageId") {
-            *stored.entry((source, id.to_owned())).or_insert(0) += 1;
-        }
-    }
-    stored
-}
-
 /// What became of one hostile event: `Ok(label)` if that is what it should have become.
 fn judge(
     kind: Kind,

@@ -127,6 +127,10 @@ pub fn settings_env(s: &Settings) -> Vec<(String, String)> {
             ),
         ]
     });
+    let urls = (!s.broker.urls.is_empty()).then(|| {
+        let urls: Vec<&str> = s.broker.urls.iter().map(|u| u.expose()).collect();
+        ("INGEST__BROKER__URLS".to_owned(), urls.join(","))
+    });
     let mut env = vec![
         ("APP_ENV".into(), "test".into()),
         (
@@ -179,6 +183,7 @@ pub fn settings_env(s: &Settings) -> Vec<(String, String)> {
         ),
     ];
     env.extend(management);
+    env.extend(urls);
     env.extend(statsd.into_iter().flatten());
     env
 }
@@ -593,6 +598,87 @@ impl RabbitNode {
     }
 }
 
+/// Three RabbitMQ nodes owned by one test, joined in a cluster (`scripts/rabbit-cluster`). Each
+/// node is a [`RabbitNode`]: killed, frozen or restarted alone, it rejoins from its data.
+pub struct RabbitCluster {
+    pub nodes: Vec<RabbitNode>,
+}
+
+impl RabbitCluster {
+    pub fn start() -> Self {
+        let name = format!(
+            "ingest-{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..10]
+        );
+        let base = std::env::var("TEST_WORK_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|_| std::env::temp_dir())
+            .join(&name);
+        let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        let list = ports
+            .iter()
+            .map(u16::to_string)
+            .collect::<Vec<_>>()
+            .join(",");
+        let status = Command::new(root().join("scripts/rabbit-cluster"))
+            .args(["start", &name, &list, &base.display().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success(), "scripts/rabbit-cluster start failed");
+        let nodes = ports
+            .iter()
+            .enumerate()
+            .map(|(i, port)| RabbitNode {
+                name: format!("{name}-{}", i + 1),
+                port: *port,
+                dir: base.join((i + 1).to_string()),
+                management_port: None,
+                running: true,
+            })
+            .collect();
+        Self { nodes }
+    }
+
+    /// Every node's AMQP URL, with a heartbeat of `heartbeat_secs` so that a frozen node is
+    /// given up within about twice that.
+    pub fn urls(&self, heartbeat_secs: u16) -> Vec<String> {
+        self.nodes
+            .iter()
+            .map(|n| format!("{}?heartbeat={heartbeat_secs}", n.url()))
+            .collect()
+    }
+
+    /// Which node leads `queue`, and the names of its members, asked of a running node.
+    pub fn leader_and_members(&self, queue: &str) -> Option<(usize, Vec<String>)> {
+        let asked = self.nodes.iter().find(|n| n.running)?;
+        let output = Command::new(root().join("scripts/rabbit-node"))
+            .args([
+                "ctl",
+                &asked.name,
+                "list_queues",
+                "name",
+                "leader",
+                "members",
+            ])
+            .args(["--formatter", "json"])
+            .output()
+            .ok()?;
+        let rows: Vec<serde_json::Value> = serde_json::from_slice(&output.stdout).ok()?;
+        let row = rows.iter().find(|r| r["name"] == queue)?;
+        let leader = row["leader"].as_str()?;
+        let index = self
+            .nodes
+            .iter()
+            .position(|n| leader == format!("{}@localhost", n.name))?;
+        let members = row["members"]
+            .as_array()?
+            .iter()
+            .filter_map(|m| m.as_str().map(str::to_owned))
+            .collect();
+        Some((index, members))
+    }
+}
+
 impl Drop for RabbitNode {
     fn drop(&mut self) {
         if self.running {
@@ -679,12 +765,19 @@ impl Drop for Secantus {
     }
 }
 
+/// A TCP port nobody listens on now, outside 35672-35682: RabbitMQ's CLI tools take their own
+/// distribution ports there, so a node listening on one of them makes `rabbitmqctl` fail.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    loop {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        if !(35672..=35682).contains(&port) {
+            return port;
+        }
+    }
 }
 
 pub fn http() -> reqwest::Client {
@@ -1125,6 +1218,26 @@ fn proc_memory_kib(pid: u32) -> Option<(u64, u64)> {
             .and_then(|v| v.parse().ok())
     };
     Some((field("VmRSS:")?, field("VmHWM:")?))
+}
+
+/// How many documents hold each (source, messageId): what MongoDB holds an event under.
+pub async fn stored_keys(
+    collection: &mongodb::Collection<Document>,
+) -> std::collections::HashMap<(String, String), usize> {
+    let mut stored = std::collections::HashMap::new();
+    let mut cursor = collection
+        .find(doc! {})
+        .projection(doc! {"source": 1, "messageId": 1, "_id": 0})
+        .batch_size(10_000)
+        .await
+        .unwrap();
+    while let Some(document) = cursor.try_next().await.unwrap() {
+        let source = document.get_str("source").unwrap_or_default().to_owned();
+        if let Ok(id) = document.get_str("messageId") {
+            *stored.entry((source, id.to_owned())).or_insert(0) += 1;
+        }
+    }
+    stored
 }
 
 /// `POST {collector}/v1/batch` with the iOS test key.

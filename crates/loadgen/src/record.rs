@@ -72,6 +72,31 @@ struct Inner {
     outcomes: BTreeMap<String, u64>,
     seconds: Vec<Second>,
     ids: Option<Vec<u128>>,
+    timeline: Option<Vec<Ended>>,
+}
+
+/// What a fault at `fault` cost the clients: the time from it to the first 2xx of a request due
+/// after it, and the requests refused (or failed) that ended in between. `None` if no request due
+/// after the fault got a 2xx.
+pub fn recovery(timeline: &[Ended], fault: Instant) -> Option<(Duration, usize)> {
+    let first = timeline
+        .iter()
+        .filter(|e| e.accepted && e.due >= fault)
+        .map(|e| e.at)
+        .min()?;
+    let refused = timeline
+        .iter()
+        .filter(|e| !e.accepted && e.at >= fault && e.at <= first)
+        .count();
+    Some((first.saturating_duration_since(fault), refused))
+}
+
+/// One request of a kept timeline: when it was due, when it ended, and whether it got a 2xx.
+#[derive(Debug, Clone, Copy)]
+pub struct Ended {
+    pub due: Instant,
+    pub at: Instant,
+    pub accepted: bool,
 }
 
 /// The shared record of a run.
@@ -95,8 +120,20 @@ impl Recorder {
                 outcomes: BTreeMap::new(),
                 seconds: Vec::new(),
                 ids: keep_ids.then(Vec::new),
+                timeline: None,
             })),
         }
+    }
+
+    /// Also keeps every request's [`Ended`] (to tell when failures began and stopped).
+    pub fn keep_timeline(self) -> Self {
+        self.lock().timeline = Some(Vec::new());
+        self
+    }
+
+    /// Every request that ended so far, in the order they ended (empty unless kept).
+    pub fn timeline(&self) -> Vec<Ended> {
+        self.lock().timeline.clone().unwrap_or_default()
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -145,6 +182,13 @@ impl Recorder {
             if let Some(kept) = inner.ids.as_mut() {
                 kept.extend_from_slice(ids);
             }
+        }
+        if let Some(timeline) = inner.timeline.as_mut() {
+            timeline.push(Ended {
+                due: intended,
+                at: now,
+                accepted: *outcome == Outcome::Accepted,
+            });
         }
         let s = inner.second(second);
         let _ = s.latency.record(micros);
@@ -339,6 +383,35 @@ impl Report {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn recovery_counts_from_the_fault_to_the_first_2xx_of_a_request_due_after_it() {
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let ended = |due: u64, end: u64, accepted: bool| Ended {
+            due: at(due),
+            at: at(end),
+            accepted,
+        };
+        let timeline = [
+            ended(0, 5, true),
+            // due before the fault, answered 2xx after it: not a sign of recovery
+            ended(90, 120, true),
+            ended(110, 150, false),
+            ended(130, 400, false),
+            ended(300, 700, true),
+            ended(600, 650, true),
+            ended(800, 900, false),
+        ];
+        let (took, refused) = recovery(&timeline, at(100)).expect("recovered");
+        assert_eq!(took, Duration::from_millis(550));
+        assert_eq!(refused, 2);
+        assert!(recovery(&timeline, at(700)).is_none());
+        let recorder = Recorder::new(false).keep_timeline();
+        recorder.completed(at(0), &Outcome::Status(503), &[1], 1);
+        assert_eq!(recorder.timeline().len(), 1);
+        assert!(Recorder::new(false).timeline().is_empty());
+    }
 
     #[test]
     fn latency_counts_from_the_intended_time_and_ids_are_kept() {

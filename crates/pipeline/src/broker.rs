@@ -311,9 +311,53 @@ pub fn quorum_arguments() -> FieldTable {
     args
 }
 
+/// How long one node may take to accept a connection (TCP and the AMQP handshake): a frozen
+/// node accepts TCP from its kernel's backlog and then says nothing.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Connects to one of the broker's nodes (`broker.urls`, or `broker.url`): each is tried once,
+/// from a random one on, so that a fleet of services spreads over a cluster and a dead node
+/// costs one failed attempt. The last node's error if none answers.
 pub async fn connect(settings: &BrokerSettings, name: &str) -> lapin::Result<Connection> {
-    let properties = ConnectionProperties::default().with_connection_name(name.into());
-    Connection::connect(settings.url.expose(), properties).await
+    let nodes = settings.nodes();
+    let start = fastrand::usize(0..nodes.len().max(1));
+    let mut last_error = None;
+    for i in 0..nodes.len() {
+        let url = nodes[(start + i) % nodes.len()].expose();
+        let properties = ConnectionProperties::default().with_connection_name(name.into());
+        let error =
+            match tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect(url, properties)).await
+            {
+                Ok(Ok(connection)) => return Ok(connection),
+                Ok(Err(error)) => error,
+                Err(_) => lapin::Error::from(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("no AMQP handshake within {CONNECT_TIMEOUT:?}"),
+                )),
+            };
+        if nodes.len() > 1 {
+            tracing::warn!(node = node_address(url), %error, "cannot connect to this broker node; trying the next");
+        }
+        last_error = Some(error);
+    }
+    Err(last_error.unwrap_or_else(|| {
+        lapin::Error::from(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "no broker URL configured",
+        ))
+    }))
+}
+
+/// A node's host and port out of its AMQP URL, for logs: never the credentials.
+pub fn node_address(url: &str) -> &str {
+    let after_scheme = url.split_once("://").map_or(url, |(_, rest)| rest);
+    let after_credentials = after_scheme
+        .rsplit_once('@')
+        .map_or(after_scheme, |(_, rest)| rest);
+    after_credentials
+        .split(['/', '?'])
+        .next()
+        .unwrap_or(after_credentials)
 }
 
 /// A channel in confirm mode: every publish on it gets an ack or a nack from the broker.
@@ -475,6 +519,16 @@ mod tests {
                 "t1.sink.vendor.dlq"
             ]
         );
+    }
+
+    #[test]
+    fn node_addresses_in_logs_carry_no_credentials() {
+        assert_eq!(
+            node_address("amqp://user:p@ss@rabbit-1:5672/%2f?heartbeat=10"),
+            "rabbit-1:5672"
+        );
+        assert_eq!(node_address("amqps://rabbit-2"), "rabbit-2");
+        assert_eq!(node_address("127.0.0.1:5672"), "127.0.0.1:5672");
     }
 
     #[test]

@@ -91,7 +91,12 @@ impl MetricsSettings {
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct BrokerSettings {
+    /// One node's AMQP URL: the one-node form, used when `urls` is empty.
     pub url: Secret,
+    /// Every node of a cluster: a service connects to any live one (starting at a random one,
+    /// so a fleet spreads over the nodes) and, on losing it, to another.
+    #[serde(default)]
+    pub urls: Vec<Secret>,
     pub prefix: String,
     pub publish_channels: usize,
     pub confirm_timeout_ms: u64,
@@ -215,6 +220,7 @@ impl Settings {
                     .separator("__")
                     .try_parsing(true)
                     .list_separator(",")
+                    .with_list_parse_key("broker.urls")
                     .with_list_parse_key("collector.trusted_proxies")
                     .with_list_parse_key("collector.cors_allowed_origins"),
             )
@@ -227,9 +233,14 @@ impl Settings {
     pub fn validate(&self) -> Result<(), SettingsError> {
         let b = &self.broker;
         check(
-            !b.url.expose().is_empty(),
+            !b.nodes().is_empty(),
             "broker.url",
-            "must not be empty",
+            "must not be empty (or give broker.urls)",
+        )?;
+        check(
+            b.urls.iter().all(|u| !u.expose().is_empty()),
+            "broker.urls",
+            "must not hold an empty URL",
         )?;
         check(
             !b.prefix.is_empty()
@@ -422,6 +433,18 @@ impl CollectorSettings {
 }
 
 impl BrokerSettings {
+    /// The nodes to connect to: `urls`, or `url` alone when `urls` is empty.
+    pub fn nodes(&self) -> Vec<&Secret> {
+        if self.urls.is_empty() {
+            Some(&self.url)
+                .filter(|url| !url.expose().is_empty())
+                .into_iter()
+                .collect()
+        } else {
+            self.urls.iter().collect()
+        }
+    }
+
     pub fn confirm_timeout(&self) -> Duration {
         Duration::from_millis(self.confirm_timeout_ms)
     }
