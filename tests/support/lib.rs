@@ -606,6 +606,20 @@ pub struct RabbitCluster {
 
 impl RabbitCluster {
     pub fn start() -> Self {
+        Self::start_cluster(None)
+    }
+
+    /// With the management API on node 1 (it sees the whole cluster).
+    pub fn start_with_management() -> Self {
+        Self::start_cluster(Some(free_port()))
+    }
+
+    /// `http://guest:guest@127.0.0.1:PORT` of node 1, when it runs the management API.
+    pub fn management_url(&self) -> Option<String> {
+        self.nodes[0].management_url()
+    }
+
+    fn start_cluster(management_port: Option<u16>) -> Self {
         let name = format!(
             "ingest-{}",
             &uuid::Uuid::new_v4().simple().to_string()[..10]
@@ -620,7 +634,11 @@ impl RabbitCluster {
             .map(u16::to_string)
             .collect::<Vec<_>>()
             .join(",");
-        let status = Command::new(root().join("scripts/rabbit-cluster"))
+        let mut command = Command::new(root().join("scripts/rabbit-cluster"));
+        if let Some(port) = management_port {
+            command.env("MANAGEMENT_PORT", port.to_string());
+        }
+        let status = command
             .args(["start", &name, &list, &base.display().to_string()])
             .status()
             .unwrap();
@@ -632,7 +650,7 @@ impl RabbitCluster {
                 name: format!("{name}-{}", i + 1),
                 port: *port,
                 dir: base.join((i + 1).to_string()),
-                management_port: None,
+                management_port: management_port.filter(|_| i == 0),
                 running: true,
             })
             .collect();
