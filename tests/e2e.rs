@@ -15,6 +15,7 @@ mod e2e {
     pub mod ingest;
     pub mod operate;
     pub mod ops;
+    pub mod ops_cluster;
     pub mod resilience;
     pub mod sinks;
     pub mod stall;

@@ -2,9 +2,12 @@
 //! Queue depths for scaling, Nagios checks for paging, local schema checks for app teams.
 
 pub mod canary;
+pub mod cluster;
 pub mod dlq;
+pub mod management;
 pub mod range;
 pub mod scale;
+pub mod table;
 
 use std::time::Duration;
 
@@ -24,6 +27,10 @@ pub struct QueueState {
     /// management API when it is configured.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rates: Option<Rates>,
+    /// A quorum queue's leader, members and online members, from the management API when it
+    /// is configured.
+    #[serde(flatten)]
+    pub members: Option<cluster::Members>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
@@ -41,28 +48,9 @@ pub async fn management_rates(
     amqp_url: &str,
     queue: &str,
 ) -> anyhow::Result<Option<Rates>> {
-    let vhost = amqp_url
-        .parse::<lapin::uri::AMQPUri>()
-        .map_err(|e| anyhow::anyhow!("broker.url: {e}"))?
-        .vhost;
-    let mut url = reqwest::Url::parse(base)?;
-    url.path_segments_mut()
-        .map_err(|()| anyhow::anyhow!("broker.management_url is not an http(s) URL"))?
-        .pop_if_empty()
-        .extend(["api", "queues", &vhost, queue]);
-    // reqwest sends the URL's credentials (decoded) as the one Authorization header; the
-    // management API answers a doubled header with 400.
-    let client = reqwest::Client::builder()
-        .timeout(Duration::from_secs(10))
-        .build()?;
-    let body: serde_json::Value = client
-        .get(url)
-        .send()
-        .await?
-        .error_for_status()?
-        .json()
-        .await?;
-    Ok(parse_rates(&body))
+    Ok(parse_rates(
+        &management::queue(base, amqp_url, queue).await?,
+    ))
 }
 
 /// Rates out of a management API queue object: `None` without `message_stats` (the broker
@@ -115,6 +103,7 @@ pub async fn queue_states(
                 depth: queue.message_count(),
                 consumers: queue.consumer_count(),
                 rates: None,
+                members: None,
             });
         }
     }
@@ -277,6 +266,7 @@ mod tests {
             depth,
             consumers,
             rates: None,
+            members: None,
         }
     }
 

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use ingestctl::canary::{self, Canary};
 use ingestctl::dlq::{self as dead, DeadQueue};
-use ingestctl::scale;
+use ingestctl::{cluster, management, scale};
 
 use clap::{Parser, Subcommand};
 use ingest_pipeline::{Settings, Topology};
@@ -23,17 +23,26 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Every pipeline queue with its depth and consumer count.
+    /// Every pipeline queue with its depth and consumer count (and, with the management API,
+    /// rates and each quorum queue's leader and members).
     Queues {
         #[arg(long)]
         json: bool,
     },
     /// A Nagios / monitoring-plugins check on one queue's depth, or with --drain-time on the
-    /// seconds until it is empty (exit 0/1/2/3).
+    /// seconds until it is empty; with the management API also on a quorum queue's members
+    /// online. With --cluster, on the cluster's nodes instead (exit 0/1/2/3).
     Check {
         /// Full queue name, or its role under the configured prefix (`raw`, `invalid`, `sink.mongo.dlq`).
-        #[arg(long)]
-        queue: String,
+        #[arg(long, required_unless_present = "cluster")]
+        queue: Option<String>,
+        /// Check the cluster through the management API: nodes not running, network
+        /// partitions, memory and disk alarms are CRITICAL.
+        #[arg(
+            long,
+            conflicts_with_all = ["queue", "warning", "critical", "consumers", "drain_time"]
+        )]
+        cluster: bool,
         #[arg(long, short = 'w')]
         warning: Option<Range>,
         #[arg(long, short = 'c')]
@@ -161,8 +170,10 @@ async fn main() -> ExitCode {
     };
     match cli.command {
         Command::Queues { json } => queues(&settings, json).await,
+        Command::Check { cluster: true, .. } => check_cluster(&settings).await,
         Command::Check {
             queue,
+            cluster: false,
             warning,
             critical,
             consumers,
@@ -177,6 +188,10 @@ async fn main() -> ExitCode {
                 }
             } else {
                 Measure::Depth { consumers }
+            };
+            let Some(queue) = queue else {
+                println!("QUEUE UNKNOWN - give --queue or --cluster");
+                return ExitCode::from(Status::Unknown as u8);
             };
             let name = full_name(&settings, &queue);
             check(
@@ -259,16 +274,18 @@ async fn queues(settings: &Settings, json: bool) -> ExitCode {
         Ok(mut states) => {
             if let Some(base) = &settings.broker.management_url {
                 for state in &mut states {
-                    let rates = ingestctl::management_rates(
-                        base.expose(),
-                        settings.broker.url.expose(),
-                        &state.name,
-                    )
-                    .await;
-                    match rates {
-                        Ok(rates) => state.rates = rates,
+                    let queue =
+                        management::queue(base.expose(), vhost_url(settings), &state.name).await;
+                    match queue {
+                        Ok(queue) => {
+                            state.rates = ingestctl::parse_rates(&queue);
+                            state.members = cluster::parse_members(&queue);
+                        }
                         Err(error) => {
-                            eprintln!("ingestctl: no rates for {}: {error:#}", state.name)
+                            eprintln!(
+                                "ingestctl: no rates or members for {}: {error:#}",
+                                state.name
+                            )
                         }
                     }
                 }
@@ -286,26 +303,7 @@ async fn queues(settings: &Settings, json: bool) -> ExitCode {
             ExitCode::SUCCESS
         }
         Ok(states) => {
-            let width = states
-                .iter()
-                .map(|s| s.name.len())
-                .max()
-                .unwrap_or(5)
-                .max(5);
-            println!(
-                "{:<width$}  {:>10}  {:>9}  {:>10}  {:>10}  {:>10}",
-                "queue", "depth", "consumers", "publish/s", "deliver/s", "ack/s"
-            );
-            for s in states {
-                let [publish, deliver, ack] = match s.rates {
-                    Some(r) => [r.publish, r.deliver, r.ack].map(|v| format!("{v:.1}")),
-                    None => ["-", "-", "-"].map(str::to_owned),
-                };
-                println!(
-                    "{:<width$}  {:>10}  {:>9}  {:>10}  {:>10}  {:>10}",
-                    s.name, s.depth, s.consumers, publish, deliver, ack
-                );
-            }
+            print!("{}", ingestctl::table::render(&states));
             ExitCode::SUCCESS
         }
         Err(error) => {
@@ -482,8 +480,7 @@ async fn observe(
     };
     let (first, first_at) = read().await?;
     if let Some(base) = &settings.broker.management_url {
-        let rates =
-            ingestctl::management_rates(base.expose(), settings.broker.url.expose(), queue).await?;
+        let rates = ingestctl::management_rates(base.expose(), vhost_url(settings), queue).await?;
         return Ok(scale::Observed {
             depth: u64::from(first.depth),
             consumers: first.consumers,
@@ -504,6 +501,15 @@ async fn observe(
         drain_rate: None,
         net_rate: Some(net),
     })
+}
+
+/// The AMQP URL whose vhost the management API is asked about: the first node's.
+fn vhost_url(settings: &Settings) -> &str {
+    settings
+        .broker
+        .nodes()
+        .first()
+        .map_or(settings.broker.url.expose(), |url| url.expose())
 }
 
 fn full_name(settings: &Settings, queue: &str) -> String {
@@ -599,10 +605,10 @@ async fn check(
             match queue_states(&settings.broker, &[name.to_owned()]).await {
                 Ok(states) => match states.first() {
                     Some(state) => check_queue(state, warning, critical, consumers),
-                    None => (
-                        Status::Unknown,
-                        format!("QUEUE UNKNOWN - {name} does not exist"),
-                    ),
+                    None => {
+                        println!("QUEUE UNKNOWN - {name} does not exist");
+                        return ExitCode::from(Status::Unknown as u8);
+                    }
                 },
                 Err(error) => (
                     Status::Unknown,
@@ -617,6 +623,27 @@ async fn check(
                 format!("QUEUE UNKNOWN - {name}: {error:#}"),
             ),
         },
+    };
+    // With the management API: a quorum queue's members online, whatever the measure.
+    let (status, line) = match &settings.broker.management_url {
+        Some(base) => {
+            management::add_members(base.expose(), vhost_url(settings), name, status, &line).await
+        }
+        None => (status, line),
+    };
+    println!("{line}");
+    ExitCode::from(status as u8)
+}
+
+/// `check --cluster`, through the management API.
+async fn check_cluster(settings: &Settings) -> ExitCode {
+    let (status, line) = match &settings.broker.management_url {
+        Some(base) => management::check_cluster(base.expose()).await,
+        None => (
+            Status::Unknown,
+            "CLUSTER UNKNOWN - --cluster needs the RabbitMQ management API: set broker.management_url"
+                .to_owned(),
+        ),
     };
     println!("{line}");
     ExitCode::from(status as u8)
