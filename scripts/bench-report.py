@@ -275,6 +275,11 @@ w(f"| 6. MongoDB's drain beside a slow ({env['BENCH_SLOW_MS']} ms) and a failing
 lost_cell = (f"MongoDB {slow_checks[0]}, slow {slow_checks[1]}, failing {slow_checks[2]}, of {slow['events']} each"
              if slow_verified else "not verified")
 w(f"| 6. events lost in that run (MongoDB, and each HTTP sink: neither delivered nor in its own queues) | {lost_cell} | | | 0 | {'**met**' if slow_complete else '**missed**'} |")
+cl_one, cl_three = maybe("cluster-one-c128.json"), maybe("cluster-three-c128.json")
+if cl_one and cl_three:
+    w(f"| 7. collector on a three-node cluster vs one node, c=128 (req/s; the nodes share 2 cores) | {cl_three['requests_per_s']:.0f} | {cl_one['requests_per_s']:.0f} | {cl_three['requests_per_s'] / cl_one['requests_per_s']:.2f} | | measured |")
+cl_status = text("cluster-chaos-status.txt") if os.path.exists(os.path.join(r, "cluster-chaos-status.txt")) else "not run"
+w(f"| 8. cluster failover (leader, follower, frozen node, collector, worker): every 2xx'd event in MongoDB once | test {cl_status} | | | passes | {'**met**' if cl_status == 'passed' else '**missed**'} |")
 w("")
 w("![throughput](bench/plots/throughput.png)")
 w("")
@@ -480,6 +485,65 @@ w("")
 w("```")
 w(slow_metrics)
 w("```")
+w("")
+w("## 7. One node vs a three-node cluster")
+w("")
+w("The collector against this run's one RabbitMQ node and against three nodes joined in a cluster")
+w("(`scripts/rabbit-cluster`; the collector given every node in `broker.urls`), same client and bodies: closed loop at")
+w(f"128 concurrent requests for {env['BENCH_SWEEP_SECS']} s, then open loop at 50% of the collector's best rate for {env['BENCH_LAT_SECS']} s.")
+w("Each quorum queue on the cluster has three members, and the broker confirms a message once two have written it.")
+w("**On this machine the three nodes run on the same 2 cores** as the collector and the load generator: the")
+w("cluster's figures show the cost of replication on shared CPU, not what three machines would do.")
+w("")
+w("| broker | req/s at c=128 | p99 ms at c=128 | collector CPU µs/request | open loop rate | p50 ms | p99 ms | non-2xx |")
+w("|---|---|---|---|---|---|---|---|")
+for where, label in (("one", "one node"), ("three", "three-node cluster")):
+    c128, half = maybe(f"cluster-{where}-c128.json"), maybe(f"cluster-{where}-half.json")
+    if not c128 or not half:
+        w(f"| {label} | not measured | | | | | | |")
+        continue
+    refused = sum((c128.get("refused") or {}).values()) + sum((half.get("refused") or {}).values())
+    w(f"| {label} | {c128['requests_per_s']:.0f} | {c128['latency_ms']['p99']:.1f} | {us(cpu_us(f'cluster-{where}-c128'))} | "
+      f"{half['sent'] / half['seconds']:.0f} req/s | {half['latency_ms']['p50']:.1f} | {half['latency_ms']['p99']:.1f} | {refused} |")
+one, three = maybe("cluster-one-c128.json"), maybe("cluster-three-c128.json")
+if one and three:
+    w("")
+    w(f"Three nodes / one node, closed loop: **{three['requests_per_s'] / one['requests_per_s']:.2f}** of the throughput.")
+w("")
+w("## 8. Failover on the cluster")
+w("")
+w("The cluster chaos test (`tests/e2e/cluster.rs`, run here by `scripts/test` with `CLUSTER_ROUNDS`) under a steady")
+w("load of 20 requests/s: in each round it SIGKILLs the node that leads the raw queue (asked of the broker) and")
+w("restarts it 3 s later, SIGKILLs a follower likewise, SIGSTOPs a node for 12 s (past two 5 s heartbeats) and")
+w("SIGCONTs it, SIGKILLs the collector and the worker and starts them again. Per fault: the time from the fault to")
+w("the first 2xx of a request sent after it, and the requests that failed in between (503, or no connection while")
+w("the collector restarts). The test fails if a 2xx'd event is missing from MongoDB or stored twice.")
+w("")
+status = text("cluster-chaos-status.txt") if os.path.exists(os.path.join(r, "cluster-chaos-status.txt")) else "not run"
+lines = text("cluster-chaos.txt").splitlines() if os.path.exists(os.path.join(r, "cluster-chaos.txt")) else []
+faults = [l for l in lines if l.startswith("cluster fault ")]
+if faults:
+    w("| fault | node or process | first 2xx after (ms) | requests failed in between |")
+    w("|---|---|---|---|")
+    for l in faults:
+        # cluster fault KIND (VICTIM): first 2xx after N ms, M requests refused in between
+        head, _, rest = l[len("cluster fault "):].partition(": first 2xx after ")
+        kind, _, victim = head.partition(" (")
+        took, _, rest = rest.partition(" ms, ")
+        refused = rest.split(" ", 1)[0]
+        w(f"| {kind} | {victim[:-1] if victim.endswith(')') else victim} | {took} | {refused} |")
+    by_kind = {}
+    for l in faults:
+        head, _, rest = l[len("cluster fault "):].partition(": first 2xx after ")
+        by_kind.setdefault(head.split(" (")[0], []).append(int(rest.split(" ms")[0]))
+    w("")
+    w("Worst per kind: " + "; ".join(f"{k} {max(v)} ms" for k, v in by_kind.items()) + ".")
+w("")
+for l in lines:
+    if l.startswith("cluster result"):
+        w(f"Test **{status}**. {l[len('cluster result: '):]}")
+if not lines:
+    w(f"Test {status}; no figures (see the run's `cluster-chaos.log`).")
 w("")
 notes = os.path.join(os.getcwd(), "bench", "notes.md")
 if os.path.exists(notes):

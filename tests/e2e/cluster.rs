@@ -1,7 +1,8 @@
 //! A three-node RabbitMQ cluster under a steady open-loop load, with the services given every
 //! node (`broker.urls`). In turn: SIGKILL the node that leads `<prefix>.raw` (asked of the
-//! broker), SIGKILL a follower, SIGSTOP a node for longer than two heartbeats and SIGCONT it,
-//! SIGKILL the collector, SIGKILL the worker; each node restarted on its data. The invariant is
+//! broker), SIGKILL a follower, SIGSTOP a node for longer than two heartbeats and SIGCONT it
+//! (in turn each node, and then the node the collector is connected to), SIGKILL the
+//! collector, SIGKILL the worker; each node restarted on its data. The invariant is
 //! the single node's: every 2xx'd event in MongoDB exactly once. Reported per fault: the time
 //! from the fault to the first 2xx of a request sent after it, and the requests refused in
 //! between. The short form (one round) runs in CI; `CLUSTER_ROUNDS=5 scripts/test cluster` is a
@@ -26,14 +27,16 @@ enum Fault {
     KillLeader,
     KillFollower,
     FreezeNode,
+    FreezeCollectorsNode,
     KillCollector,
     KillWorker,
 }
 
-const FAULTS: [Fault; 5] = [
+const FAULTS: [Fault; 6] = [
     Fault::KillLeader,
     Fault::KillFollower,
     Fault::FreezeNode,
+    Fault::FreezeCollectorsNode,
     Fault::KillCollector,
     Fault::KillWorker,
 ];
@@ -47,43 +50,58 @@ struct Parts {
 
 impl Parts {
     /// Applies `fault` (the `round`-th of its kind), waits out its outage, and restores; returns
-    /// when the fault began and what it hit.
+    /// when the fault took effect and what it hit.
     async fn inflict(&mut self, fault: Fault, round: usize, raw: &str) -> (Instant, String) {
         let nodes = self.cluster.nodes.len();
         let leader = self.cluster.leader_and_members(raw).map(|(l, _)| l);
-        let started = Instant::now();
+        let collectors = self.cluster.node_serving("collector");
+        // When the fault has taken effect (the signal sent).
+        let started;
         let victim = match fault {
-            Fault::KillLeader | Fault::KillFollower | Fault::FreezeNode => {
+            Fault::KillLeader
+            | Fault::KillFollower
+            | Fault::FreezeNode
+            | Fault::FreezeCollectorsNode => {
                 let leader = leader.unwrap_or(0);
                 let node = match fault {
                     Fault::KillLeader => leader,
                     Fault::KillFollower => (leader + 1 + round % (nodes - 1)) % nodes,
+                    Fault::FreezeCollectorsNode => collectors.unwrap_or(round % nodes),
                     _ => round % nodes,
                 };
-                let frozen = fault == Fault::FreezeNode;
+                let frozen = matches!(fault, Fault::FreezeNode | Fault::FreezeCollectorsNode);
                 let victim = &mut self.cluster.nodes[node];
                 let name = victim.name.clone();
                 if frozen {
                     victim.freeze();
+                    started = Instant::now();
                     let pause = Duration::from_secs(u64::from(HEARTBEAT_SECS) * 2 + 2);
                     tokio::time::sleep(pause).await;
                     victim.thaw();
                 } else {
                     tokio::task::block_in_place(|| victim.kill9());
+                    started = Instant::now();
                     tokio::time::sleep(Duration::from_secs(3)).await;
                     tokio::task::block_in_place(|| victim.resume());
                 }
                 let role = if node == leader { "leader" } else { "follower" };
-                format!("{name} ({role})")
+                let serving = if collectors == Some(node) {
+                    ", the collector's"
+                } else {
+                    ""
+                };
+                format!("{name} ({role}{serving})")
             }
             Fault::KillCollector => {
                 self.collector.kill9();
+                started = Instant::now();
                 tokio::time::sleep(Duration::from_millis(500)).await;
                 self.collector = Process::spawn("collector", &self.settings);
                 "collector".into()
             }
             Fault::KillWorker => {
                 self.worker.kill9();
+                started = Instant::now();
                 tokio::time::sleep(Duration::from_millis(500)).await;
                 self.worker = Process::spawn("worker", &self.settings);
                 "worker".into()
@@ -145,8 +163,6 @@ async fn on_a_three_node_cluster_lost_and_frozen_nodes_lose_no_2xxd_event() {
     assert_eq!(members.len(), 3, "members of {raw}: {members:?}");
 
     let faults: Vec<Fault> = (0..rounds).flat_map(|_| FAULTS).collect();
-    // Three seconds of load before each fault, and about as long after the last.
-    let load_secs = faults.len() as f64 * 14.0 + 10.0;
     let recorder = Recorder::new(true).keep_timeline();
     let target = Arc::new(HttpTarget::new(&url, IOS_KEY, Duration::from_secs(10)).unwrap());
     let generator = Generator::new(&Shape {
@@ -154,7 +170,8 @@ async fn on_a_three_node_cluster_lost_and_frozen_nodes_lose_no_2xxd_event() {
         seed: fastrand::u64(..),
         ..Shape::default()
     });
-    let schedule = Schedule::constant(RATE, Duration::from_secs_f64(load_secs));
+    // Longer than the faults take: the load is stopped 10 s after the last one.
+    let schedule = Schedule::constant(RATE, Duration::from_secs(3600));
     let load = {
         let recorder = recorder.clone();
         tokio::spawn(async move {
@@ -185,7 +202,12 @@ async fn on_a_three_node_cluster_lost_and_frozen_nodes_lose_no_2xxd_event() {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
-    load.await.unwrap();
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    load.abort();
+    let _ = load.await;
+    // The requests already sent end within their 10 s timeout.
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    recorder.finish();
     let report = recorder.report("cluster");
     eprintln!("{}", report.text());
 

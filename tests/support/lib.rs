@@ -666,6 +666,28 @@ impl RabbitCluster {
             .collect()
     }
 
+    /// Which node holds the client connection named `connection_name` (lapin's
+    /// `connection_name`: `collector`, `worker`), asked of a running node.
+    pub fn node_serving(&self, connection_name: &str) -> Option<usize> {
+        let asked = self.nodes.iter().find(|n| n.running)?;
+        let output = Command::new(root().join("scripts/rabbit-node"))
+            .args(["ctl", &asked.name, "list_connections", "port"])
+            .args(["client_properties", "--formatter", "json"])
+            .output()
+            .ok()?;
+        let rows: Vec<serde_json::Value> = serde_json::from_slice(&output.stdout).ok()?;
+        let named = |row: &&serde_json::Value| {
+            row["client_properties"].as_array().is_some_and(|props| {
+                props.iter().any(|p| {
+                    p.get(0).and_then(|k| k.as_str()) == Some("connection_name")
+                        && p.get(2).and_then(|v| v.as_str()) == Some(connection_name)
+                })
+            })
+        };
+        let port = rows.iter().find(named)?["port"].as_u64()?;
+        self.nodes.iter().position(|n| u64::from(n.port) == port)
+    }
+
     /// Which node leads `queue`, and the names of its members, asked of a running node.
     pub fn leader_and_members(&self, queue: &str) -> Option<(usize, Vec<String>)> {
         let asked = self.nodes.iter().find(|n| n.running)?;

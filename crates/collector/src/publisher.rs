@@ -47,6 +47,8 @@ struct Live {
     next: AtomicUsize,
     /// Raised by a publish that failed on this connection; a later connection has its own.
     broken: Notify,
+    /// A publish on this connection got no confirm in time: the node is being left.
+    leaving: AtomicBool,
     /// Raised by a publish that came back unroutable: the raw queue is gone.
     raw_missing: Notify,
 }
@@ -140,7 +142,22 @@ impl Publisher {
         metrics::histogram!("collector_publish_confirm_seconds", "outcome" => outcome)
             .record(started.elapsed().as_secs_f64());
         match result {
-            Err(_) => Err(PublishError::ConfirmTimeout(self.confirm_timeout)),
+            Err(_) => {
+                // A node that confirms nothing for this long is stalled (frozen, its disk
+                // stuck, a queue without a majority): leave it for another node of the
+                // cluster rather than wait for its heartbeat to time out. Not while the broker
+                // has said it blocks publishing (a resource alarm): that holds on every node,
+                // and the held publishes would be given up with their connection and sent
+                // again, one round per request.
+                let blocked = self.shared.blocked.load(Ordering::SeqCst);
+                if !blocked && !live.leaving.swap(true, Ordering::SeqCst) {
+                    tracing::warn!(timeout = ?self.confirm_timeout, "no confirm from the broker in time; reconnecting (to another node if there is one)");
+                }
+                if !blocked {
+                    live.broken.notify_one();
+                }
+                Err(PublishError::ConfirmTimeout(self.confirm_timeout))
+            }
             Ok(Err(error)) => {
                 // A channel or connection error: let the supervisor rebuild this connection.
                 live.broken.notify_one();
@@ -176,9 +193,12 @@ async fn supervise(shared: Arc<Shared>, settings: BrokerSettings, topology: Topo
         Duration::from_millis(settings.reconnect_min_ms),
         Duration::from_millis(settings.reconnect_max_ms),
     );
+    // The node to try first: a random one, then the one after the node last left.
+    let mut first = fastrand::usize(..);
     while !shared.closing.load(Ordering::SeqCst) {
-        match open(&settings, &topology).await {
-            Ok(live) => {
+        match open(&settings, &topology, first).await {
+            Ok((live, node)) => {
+                first = node + 1;
                 backoff.reset();
                 let mut events = live.connection.events_listener();
                 let live = Arc::new(live);
@@ -235,8 +255,11 @@ async fn supervise(shared: Arc<Shared>, settings: BrokerSettings, topology: Topo
                     *slot = None;
                 }
                 shared.blocked.store(false, Ordering::SeqCst);
-                let closing = live.connection.close(320, "reconnecting".into());
-                let _ = tokio::time::timeout(CLOSE_TIMEOUT, closing).await;
+                // Closed aside: a node that stopped answering would hold up the reconnect.
+                tokio::spawn(async move {
+                    let closing = live.connection.close(320, "reconnecting".into());
+                    let _ = tokio::time::timeout(CLOSE_TIMEOUT, closing).await;
+                });
             }
             Err(error) => {
                 tracing::warn!(%error, "cannot connect to the broker");
@@ -286,18 +309,24 @@ async fn check_raw_queue(live: &Live, topology: &Topology, shared: &Shared) {
     }
 }
 
-async fn open(settings: &BrokerSettings, topology: &Topology) -> lapin::Result<Live> {
-    let connection = broker::connect(settings, "collector").await?;
+async fn open(
+    settings: &BrokerSettings,
+    topology: &Topology,
+    first: usize,
+) -> lapin::Result<(Live, usize)> {
+    let (connection, node) = broker::connect_from(settings, "collector", first).await?;
     let mut channels = Vec::with_capacity(settings.publish_channels);
     for _ in 0..settings.publish_channels {
         channels.push(broker::Publisher::open(&connection).await?);
     }
     topology.declare(&connection).await?;
-    Ok(Live {
+    let live = Live {
         connection,
         channels,
         next: AtomicUsize::new(0),
         broken: Notify::new(),
+        leaving: AtomicBool::new(false),
         raw_missing: Notify::new(),
-    })
+    };
+    Ok((live, node))
 }

@@ -319,16 +319,31 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// from a random one on, so that a fleet of services spreads over a cluster and a dead node
 /// costs one failed attempt. The last node's error if none answers.
 pub async fn connect(settings: &BrokerSettings, name: &str) -> lapin::Result<Connection> {
+    let first = fastrand::usize(0..settings.nodes().len().max(1));
+    connect_from(settings, name, first)
+        .await
+        .map(|(connection, _)| connection)
+}
+
+/// Like [`connect`], trying the nodes from the `first`-th on (modulo their number); also returns
+/// which node took the connection, so that a service leaving a node that failed it can start
+/// with the next one.
+pub async fn connect_from(
+    settings: &BrokerSettings,
+    name: &str,
+    first: usize,
+) -> lapin::Result<(Connection, usize)> {
     let nodes = settings.nodes();
-    let start = fastrand::usize(0..nodes.len().max(1));
+    let start = first % nodes.len().max(1);
     let mut last_error = None;
     for i in 0..nodes.len() {
-        let url = nodes[(start + i) % nodes.len()].expose();
+        let index = (start + i) % nodes.len();
+        let url = nodes[index].expose();
         let properties = ConnectionProperties::default().with_connection_name(name.into());
         let error =
             match tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect(url, properties)).await
             {
-                Ok(Ok(connection)) => return Ok(connection),
+                Ok(Ok(connection)) => return Ok((connection, index)),
                 Ok(Err(error)) => error,
                 Err(_) => lapin::Error::from(std::io::Error::new(
                     std::io::ErrorKind::TimedOut,
