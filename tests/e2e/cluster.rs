@@ -135,16 +135,8 @@ async fn on_a_three_node_cluster_lost_and_frozen_nodes_lose_no_2xxd_event() {
         settings: s.clone(),
         cluster,
     };
-    let client = http();
-    let ready = || async {
-        client
-            .get(format!("{url}/readyz"))
-            .send()
-            .await
-            .is_ok_and(|r| r.status() == 200)
-    };
     assert!(
-        eventually(Duration::from_secs(60), ready).await,
+        status_becomes(&http(), format!("{url}/readyz"), 200).await,
         "collector never ready"
     );
     let topology = Topology::new(s.broker.prefix.clone());
