@@ -5,7 +5,7 @@
 //! collector, SIGKILL the worker; each node restarted on its data. The invariant is
 //! the single node's: every 2xx'd event in MongoDB exactly once. Reported per fault: the time
 //! from the fault to the first 2xx of a request sent after it, and the requests refused in
-//! between. The short form (one round) runs in CI; `CLUSTER_ROUNDS=5 scripts/test cluster` is a
+//! between. The short form (one round) runs in CI; `CLUSTER_ROUNDS=5 scripts/test e2e::cluster::` is a
 //! long form.
 
 use std::sync::Arc;
