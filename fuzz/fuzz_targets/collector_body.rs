@@ -16,6 +16,7 @@ const LIMITS: Limits = Limits {
     max_event_bytes: 32 << 10,
     max_batch_bytes: 500 << 10,
     max_batch_events: 2000,
+    partial_batches: false,
 };
 
 fuzz_target!(|data: &[u8]| {

@@ -495,3 +495,79 @@ async fn a_source_over_its_rate_gets_429_with_retry_after_and_other_sources_do_n
         .await
     );
 }
+
+/// Segment-style SDKs drop a batch answered 413 or 400: one event over the limit, or one that
+/// is not an object, must not cost its neighbours. They are stored; the refused ones are kept
+/// in the invalid queue, and the 200 says which and why. `collector.partial_batches = false`
+/// refuses the whole batch as before, and a batch of nothing but refused events is refused.
+#[tokio::test]
+async fn a_batch_with_a_too_large_and_a_non_object_event_stores_the_rest_and_names_them() {
+    let s = settings("partial");
+    let collector = Collector::start(&s).await;
+    let _worker = Worker::start(&s);
+    let mut big = product_viewed("pe-big");
+    big["properties"]["blob"] = json!("x".repeat(40_000));
+    let body = json!({"batch": [product_viewed("pe-1"), big, 7, screen("pe-2")]});
+    let url = format!("{}/v1/batch", collector.url);
+    let post = |body: serde_json::Value| {
+        http()
+            .post(url.clone())
+            .basic_auth(IOS_KEY, Some(""))
+            .json(&body)
+            .send()
+    };
+    let r = post(body).await.unwrap();
+    assert_eq!(r.status(), 200);
+    let answer: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(answer["success"], true);
+    let refused: Vec<(u64, &str)> = answer["refused"]
+        .as_array()
+        .expect("refused")
+        .iter()
+        .map(|r| (r["index"].as_u64().unwrap(), r["code"].as_str().unwrap()))
+        .collect();
+    assert_eq!(refused, vec![(1, "event_too_large"), (2, "not_an_object")]);
+    assert!(answer["refused"][0]["message"]
+        .as_str()
+        .unwrap()
+        .contains("32768"));
+
+    let filter = doc! {"messageId": {"$in": ["pe-1", "pe-2", "pe-big"]}};
+    assert_eq!(wait_for_count(&s, filter.clone(), 2, LAND).await, 2);
+    let invalid = format!("{}.invalid", s.broker.prefix);
+    let amqp = s.broker.url.expose().to_owned();
+    assert!(eventually(LAND, || async { depth(&amqp, &invalid).await >= 2 }).await);
+    let mut records = drain_json(&amqp, &invalid).await;
+    records.sort_by_key(|r| r["reason"].as_str().unwrap_or_default().to_owned());
+    assert_eq!(records.len(), 2, "{records:?}");
+    assert_eq!(records[0]["reason"], "schema");
+    assert_eq!(records[0]["event"], 7);
+    assert_eq!(records[1]["reason"], "too_large");
+    let kept = records[1]["event"].as_str().expect("the cut JSON");
+    assert!(kept.len() < 2_000 && kept.contains("pe-big"), "{kept}");
+    assert!(records[1]["errors"][0]["message"]
+        .as_str()
+        .unwrap()
+        .contains("bytes as sent"));
+    // Only the two good events are stored.
+    assert_eq!(count(&s, filter).await, 2);
+
+    // Nothing but refused events: refused whole, as before.
+    let mut big = product_viewed("pe-big-2");
+    big["properties"]["blob"] = json!("x".repeat(40_000));
+    let r = post(json!({"batch": [big.clone(), 8]})).await.unwrap();
+    assert_eq!(r.status(), 413);
+    let mut whole = settings("partial-off");
+    whole.collector.partial_batches = false;
+    let strict = Collector::start(&whole).await;
+    let r = http()
+        .post(format!("{}/v1/batch", strict.url))
+        .basic_auth(IOS_KEY, Some(""))
+        .json(&json!({"batch": [product_viewed("pe-3"), big]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 413);
+    let raw = format!("{}.raw", whole.broker.prefix);
+    assert_eq!(depth(whole.broker.url.expose(), &raw).await, 0);
+}

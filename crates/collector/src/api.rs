@@ -11,15 +11,16 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use ingest_pipeline::message::{Endpoint, RequestMeta};
+use ingest_pipeline::broker::long_string;
+use ingest_pipeline::message::{headers, Endpoint, RefusedEvent, RequestMeta};
 use ingest_pipeline::metrics::SchedulingDelay;
 use ingest_pipeline::settings::CollectorSettings;
-use serde_json::json;
+use serde_json::{json, Value};
 use tokio::sync::{Semaphore, SemaphorePermit};
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
 use crate::auth::{basic_username, WriteKeys};
-use crate::body::{gunzip_limited, inspect, read_limited, Limits};
+use crate::body::{gunzip_limited, inspect, read_limited, Limits, Refused};
 use crate::error::CaptureError;
 use crate::publisher::Publisher;
 
@@ -241,12 +242,25 @@ async fn capture(
     let mut response = match result {
         Ok(Accepted {
             events,
+            refused,
             confirm_wait,
         }) => {
             metrics::counter!("collector_events_accepted_total").increment(events as u64);
             metrics::histogram!("collector_request_own_seconds")
                 .record(started.elapsed().saturating_sub(confirm_wait).as_secs_f64());
-            Json(json!({"success": true})).into_response()
+            if refused.is_empty() {
+                Json(json!({"success": true})).into_response()
+            } else {
+                for r in &refused {
+                    metrics::counter!("collector_events_refused_total", "code" => r.code())
+                        .increment(1);
+                }
+                let refused: Vec<Value> = refused
+                    .iter()
+                    .map(|r| json!({"index": r.index, "code": r.code(), "message": r.error.to_string()}))
+                    .collect();
+                Json(json!({"success": true, "refused": refused})).into_response()
+            }
         }
         Err(error) => {
             if let Some(reason) = error.shed_reason() {
@@ -269,6 +283,8 @@ async fn capture(
 /// A request the broker confirmed.
 struct Accepted {
     events: usize,
+    /// Events of its batch refused alone; the others were published.
+    refused: Vec<Refused>,
     /// From handing the body to the broker to its confirm: the broker's share of the latency.
     confirm_wait: Duration,
 }
@@ -406,7 +422,24 @@ async fn accept(
             .get(header::USER_AGENT)
             .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned()),
     };
-    let properties = meta.properties(content_type, gzip);
+    let mut properties = meta.properties(content_type, gzip);
+    if !inspected.refused.is_empty() {
+        let refused: Vec<RefusedEvent> = inspected
+            .refused
+            .iter()
+            .map(|r| RefusedEvent {
+                index: r.index,
+                code: r.code().to_owned(),
+                bytes: r.bytes,
+            })
+            .collect();
+        let mut table = properties.headers().clone().unwrap_or_default();
+        table.insert(
+            headers::REFUSED_EVENTS.into(),
+            long_string(&RefusedEvent::header(&refused)),
+        );
+        properties = properties.with_headers(table);
+    }
     let handed = std::time::Instant::now();
     state
         .publisher
@@ -418,6 +451,7 @@ async fn accept(
         })?;
     Ok(Accepted {
         events: inspected.events,
+        refused: inspected.refused,
         confirm_wait: handed.elapsed(),
     })
 }

@@ -10,6 +10,7 @@ use ingest_pipeline::gzip::{inflate_capped, InflateError};
 use ingest_pipeline::message::Endpoint;
 
 use crate::error::CaptureError;
+pub use crate::scan::Refused;
 pub use crate::scan::MAX_DEPTH;
 use crate::scan::{scan, starts_with_object, EventFields, Key, OwnContext};
 
@@ -18,6 +19,9 @@ pub struct Limits {
     pub max_event_bytes: usize,
     pub max_batch_bytes: usize,
     pub max_batch_events: usize,
+    /// A batch event too large or not an object is refused alone, the others accepted
+    /// (`collector.partial_batches`); otherwise it refuses the whole batch.
+    pub partial_batches: bool,
 }
 
 impl Limits {
@@ -49,10 +53,13 @@ pub fn gunzip_limited(compressed: &[u8], limit: usize) -> Result<Vec<u8>, Captur
 }
 
 /// What the collector needs from a well-formed body.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug)]
 pub struct Inspected {
     pub write_key: Option<String>,
+    /// The events accepted.
     pub events: usize,
+    /// The batch's events refused alone (with `partial_batches`), in order.
+    pub refused: Vec<Refused>,
 }
 
 /// Checks the decoded body's shape and sizes, in one pass over its JSON (see [`scan`]); returns
@@ -78,13 +85,18 @@ pub fn inspect(
         return Ok(Inspected {
             write_key: scanned.write_key,
             events: 1,
+            refused: Vec::new(),
         });
     }
-    let batch = scanned
+    let mut batch = scanned
         .batch
         .ok_or_else(|| CaptureError::BadRequest("missing `batch` array".into()))?;
+    // Every event refused: the request is, as a whole, with the first one's error.
+    if !batch.refused.is_empty() && batch.refused.len() == batch.elements {
+        return Err(batch.refused.swap_remove(0).error);
+    }
     let expanded = expanded_events_bytes(
-        &batch,
+        &batch.events,
         scanned.shared_context.as_ref(),
         scanned.shared_integrations,
         limits,
@@ -96,7 +108,8 @@ pub fn inspect(
     }
     Ok(Inspected {
         write_key: scanned.write_key,
-        events: batch.len(),
+        events: batch.elements - batch.refused.len(),
+        refused: batch.refused,
     })
 }
 
@@ -164,6 +177,7 @@ mod tests {
         max_event_bytes: 100,
         max_batch_bytes: 300,
         max_batch_events: 3,
+        partial_batches: false,
     };
 
     #[test]
@@ -174,19 +188,64 @@ mod tests {
             &LIMITS,
         )
         .expect("valid");
+        assert_eq!(got.write_key.as_deref(), Some("k"));
+        assert_eq!(got.events, 2);
+        assert!(got.refused.is_empty());
+    }
+
+    /// With partial batches, an event too large or not an object is refused alone and the
+    /// others accepted; when every event is refused, the request is, with the first error.
+    #[test]
+    fn partial_batches_refuse_bad_events_alone_and_a_batch_of_only_bad_ones_whole() {
+        let partial = Limits {
+            partial_batches: true,
+            max_batch_events: 10,
+            ..LIMITS
+        };
+        let big = format!(r#"{{"p":"{}"}}"#, "x".repeat(120));
+        let body = format!(r#"{{"batch":[{{"type":"track"}},{big},[1e300],{{"type":"page"}}]}}"#);
+        let got = inspect(Endpoint::Batch, body.as_bytes(), &partial).expect("accepted");
+        assert_eq!(got.events, 2);
+        let refused: Vec<(usize, &str, usize)> = got
+            .refused
+            .iter()
+            .map(|r| (r.index, r.code(), r.bytes))
+            .collect();
         assert_eq!(
-            got,
-            Inspected {
-                write_key: Some("k".into()),
-                events: 2
-            }
+            refused,
+            vec![(1, "event_too_large", big.len()), (2, "not_an_object", 7)]
         );
+        // All-or-nothing without the setting.
+        let whole = Limits {
+            partial_batches: false,
+            ..partial
+        };
+        let err = inspect(Endpoint::Batch, body.as_bytes(), &whole).expect_err("whole");
+        assert_eq!(err.status().as_u16(), 413);
+        // Every event refused: the first one's error.
+        for (body, status) in [
+            (format!(r#"{{"batch":[{big},1]}}"#), 413),
+            (r#"{"batch":[1,{"a":1e400}]}"#.to_owned(), 400),
+            (r#"{"batch":["s"]}"#.to_owned(), 400),
+        ] {
+            let err = inspect(Endpoint::Batch, body.as_bytes(), &partial).expect_err(&body);
+            assert_eq!(err.status().as_u16(), status, "{body}");
+        }
+        // A refused element is still parsed like the worker would: bad JSON in it is a 400.
+        let err = inspect(Endpoint::Batch, br#"{"batch":[{},[1e400]]}"#, &partial)
+            .expect_err("malformed");
+        assert!(matches!(err, CaptureError::MalformedJson(_)), "{err}");
+        // An empty batch stays accepted with no events.
+        let got = inspect(Endpoint::Batch, br#"{"batch":[]}"#, &partial).expect("empty");
+        assert_eq!((got.events, got.refused.len()), (0, 0));
     }
 
     #[test]
     fn shape_errors_are_400_and_size_errors_413() {
         let status = |endpoint, body: &[u8]| {
-            inspect(endpoint, body, &LIMITS).map_err(|e| e.status().as_u16())
+            inspect(endpoint, body, &LIMITS)
+                .map(|_| ())
+                .map_err(|e| e.status().as_u16())
         };
         assert_eq!(status(Endpoint::Batch, b"[1,2]"), Err(400));
         assert_eq!(status(Endpoint::Batch, br#"{"batch":[1]}"#), Err(400));
@@ -214,6 +273,7 @@ mod tests {
             max_event_bytes: 1 << 20,
             max_batch_bytes: 1 << 20,
             max_batch_events: 10,
+            partial_batches: false,
         };
         let err = inspect(Endpoint::Track, deep.as_bytes(), &limits).expect_err("too deep");
         assert_eq!(err.status().as_u16(), 400);
@@ -225,6 +285,7 @@ mod tests {
             max_event_bytes: 1 << 20,
             max_batch_bytes: 1 << 20,
             max_batch_events: 10,
+            partial_batches: false,
         };
         let body = format!(r#"{{"a":"{}\"{}"}}"#, "[".repeat(500), "{".repeat(500));
         assert!(inspect(Endpoint::Track, body.as_bytes(), &limits).is_ok());
@@ -252,6 +313,7 @@ mod tests {
             max_event_bytes: 1 << 20,
             max_batch_bytes: 1 << 20,
             max_batch_events: 10,
+            partial_batches: false,
         };
         for body in [
             r#"{"batch":[],"batch":[]}"#,
@@ -299,6 +361,7 @@ mod tests {
             max_event_bytes: 1 << 20,
             max_batch_bytes: 1 << 20,
             max_batch_events: 10,
+            partial_batches: false,
         };
         let long_integer = format!(r#"{{"n":{}}}"#, "9".repeat(400));
         for body in [
@@ -314,7 +377,9 @@ mod tests {
             );
             let batch = format!(r#"{{"batch":[{body}]}}"#);
             for (endpoint, json) in [(Endpoint::Track, body), (Endpoint::Batch, &batch)] {
-                let status = inspect(endpoint, json.as_bytes(), &limits).map_err(|e| e.status());
+                let status = inspect(endpoint, json.as_bytes(), &limits)
+                    .map(|_| ())
+                    .map_err(|e| e.status());
                 assert_eq!(status, Err(axum::http::StatusCode::BAD_REQUEST), "{json}");
             }
         }
@@ -330,6 +395,7 @@ mod tests {
             max_event_bytes: 1 << 20,
             max_batch_bytes: 1 << 20,
             max_batch_events: 10,
+            partial_batches: false,
         };
         for body in [
             r#"{"$serde_json::private::RawValue":[]}"#,
@@ -339,7 +405,9 @@ mod tests {
         ] {
             let batch = format!(r#"{{"batch":[{body}]}}"#);
             for (endpoint, json) in [(Endpoint::Page, body), (Endpoint::Batch, &batch)] {
-                let status = inspect(endpoint, json.as_bytes(), &limits).map_err(|e| e.status());
+                let status = inspect(endpoint, json.as_bytes(), &limits)
+                    .map(|_| ())
+                    .map_err(|e| e.status());
                 assert_eq!(status, Err(axum::http::StatusCode::BAD_REQUEST), "{json}");
             }
         }
@@ -349,6 +417,7 @@ mod tests {
         max_event_bytes: 1000,
         max_batch_bytes: 1000,
         max_batch_events: 100,
+        partial_batches: false,
     };
 
     /// `{"<shared>":…,"batch":[<event>, … n times]}`.
@@ -451,7 +520,7 @@ mod tests {
     /// What `inspect` reckons a batch's events grow to, and how many there are.
     fn reckoned(body: &str, limits: &Limits) -> (usize, usize) {
         let scanned = scan(body, true, limits).expect(body);
-        let events = scanned.batch.expect("batch");
+        let events = scanned.batch.expect("batch").events;
         let bytes = expanded_events_bytes(
             &events,
             scanned.shared_context.as_ref(),
@@ -467,6 +536,7 @@ mod tests {
             max_event_bytes: 1 << 20,
             max_batch_bytes: usize::MAX,
             max_batch_events: 1000,
+            partial_batches: false,
         };
         // `null` fields are counted as sent: an event's own, though the merge drops them, and
         // shared `integrations`, which a worker may copy as they are.

@@ -83,7 +83,8 @@ impl CaptureError {
         }
     }
 
-    fn code(&self) -> &'static str {
+    /// The error's code in the JSON answer (`event_too_large`, `malformed_json`, …).
+    pub fn code(&self) -> &'static str {
         match self {
             Self::MissingWriteKey => "missing_write_key",
             Self::UnknownWriteKey => "unknown_write_key",

@@ -54,6 +54,7 @@ pub async fn serve(
             max_event_bytes: c.max_event_bytes,
             max_batch_bytes: c.max_batch_bytes,
             max_batch_events: c.max_batch_events,
+            partial_batches: c.partial_batches,
         },
         body_timeout: Duration::from_millis(c.body_timeout_ms),
         retry_after_secs: c.retry_after_secs,

@@ -32,11 +32,41 @@ const RAW_VALUE_TOKEN: &str = "$serde_json::private::RawValue";
 pub struct Scanned<'a> {
     pub write_key: Option<String>,
     /// A batch's events; `None` when the body has no `batch` (or it is `null`).
-    pub batch: Option<Vec<EventFields<'a>>>,
+    pub batch: Option<Batch<'a>>,
     /// The batch-level `context`: for an object, each key with what one copy of it costs.
     pub shared_context: Option<HashMap<Key<'a>, usize>>,
     /// The batch-level `integrations` as sent (`null` included), in bytes.
     pub shared_integrations: Option<usize>,
+}
+
+/// A batch's elements as one pass found them.
+pub struct Batch<'a> {
+    /// Every element that is an object, refused or not (all count for the merge's size).
+    pub events: Vec<EventFields<'a>>,
+    /// Elements in the batch.
+    pub elements: usize,
+    /// With `Limits::partial_batches`, the elements refused alone, in order.
+    pub refused: Vec<Refused>,
+}
+
+/// An element of a batch refused alone, while the others are accepted.
+#[derive(Debug)]
+pub struct Refused {
+    pub index: usize,
+    /// Its size as sent.
+    pub bytes: usize,
+    pub error: CaptureError,
+}
+
+impl Refused {
+    /// Its code in the answer and in the raw message's header: `event_too_large` or
+    /// `not_an_object`.
+    pub fn code(&self) -> &'static str {
+        match self.error {
+            CaptureError::EventTooLarge { .. } => "event_too_large",
+            _ => "not_an_object",
+        }
+    }
 }
 
 /// What the worker's merge looks at in one event, and its size as sent.
@@ -250,7 +280,7 @@ struct Events<'s> {
 }
 
 impl<'de> DeserializeSeed<'de> for Events<'_> {
-    type Value = Option<Vec<EventFields<'de>>>;
+    type Value = Option<Batch<'de>>;
 
     fn deserialize<D: serde::Deserializer<'de>>(
         self,
@@ -261,7 +291,7 @@ impl<'de> DeserializeSeed<'de> for Events<'_> {
 }
 
 impl<'de> Visitor<'de> for Events<'_> {
-    type Value = Option<Vec<EventFields<'de>>>;
+    type Value = Option<Batch<'de>>;
 
     fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("an array of events")
@@ -284,20 +314,42 @@ impl<'de> Visitor<'de> for Events<'_> {
 
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
         let limits = self.limits;
-        let mut events = Vec::new();
+        let mut batch = Batch {
+            events: Vec::new(),
+            elements: 0,
+            refused: Vec::new(),
+        };
         while let Some(raw) = seq.next_element::<&'de RawValue>()? {
-            let index = events.len();
+            let index = batch.elements;
             if index == limits.max_batch_events {
                 let limit = limits.max_batch_events;
                 return Err(refuse(self.refusal, CaptureError::TooManyEvents { limit }));
             }
+            batch.elements += 1;
             let json = raw.get();
+            let mut deserializer = serde_json::Deserializer::from_str(json);
             if !starts_with_object(json.as_bytes()) {
                 let refusal =
                     CaptureError::BadRequest(format!("batch[{index}] is not a JSON object"));
-                return Err(refuse(self.refusal, refusal));
+                if !limits.partial_batches {
+                    return Err(refuse(self.refusal, refusal));
+                }
+                // Parsed all the same: the worker reads the whole body.
+                let element = Any {
+                    depth: 2,
+                    refusal: self.refusal,
+                };
+                element
+                    .deserialize(&mut deserializer)
+                    .and_then(|()| deserializer.end())
+                    .map_err(A::Error::custom)?;
+                batch.refused.push(Refused {
+                    index,
+                    bytes: json.len(),
+                    error: refusal,
+                });
+                continue;
             }
-            let mut deserializer = serde_json::Deserializer::from_str(json);
             let event = Event {
                 bytes: json.len(),
                 refusal: self.refusal,
@@ -309,14 +361,19 @@ impl<'de> Visitor<'de> for Events<'_> {
             // After the parse: an event wrong in its JSON is a 400 whatever its size.
             if json.len() > limits.max_event_bytes {
                 let limit = limits.max_event_bytes;
-                return Err(refuse(
-                    self.refusal,
-                    CaptureError::EventTooLarge { index, limit },
-                ));
+                let refusal = CaptureError::EventTooLarge { index, limit };
+                if !limits.partial_batches {
+                    return Err(refuse(self.refusal, refusal));
+                }
+                batch.refused.push(Refused {
+                    index,
+                    bytes: json.len(),
+                    error: refusal,
+                });
             }
-            events.push(fields);
+            batch.events.push(fields);
         }
-        Ok(Some(events))
+        Ok(Some(batch))
     }
 }
 

@@ -39,6 +39,9 @@ pub mod headers {
     pub const LAST_ERROR: &str = "x-last-error";
     /// Sink batch: the sink's name.
     pub const SINK: &str = "x-sink";
+    /// Raw message: the events of the batch the collector refused while accepting the others
+    /// (`index:code:bytes`, comma-separated; see [`RefusedEvent`](super::RefusedEvent)).
+    pub const REFUSED_EVENTS: &str = "x-refused-events";
     /// Invalid record: `decode`, `schema`, `storage`, `too_large` or `internal`.
     pub const REASON: &str = "reason";
     /// Invalid record: the request it came from.
@@ -250,6 +253,46 @@ pub fn read_attempts(table: Option<&FieldTable>) -> u32 {
     }
 }
 
+/// An event of a batch that the collector refused while it accepted the others: the worker
+/// keeps it in the invalid queue instead of storing it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RefusedEvent {
+    /// Its place in the batch.
+    pub index: usize,
+    /// The collector's error code (`event_too_large`, `not_an_object`).
+    pub code: String,
+    /// Its size as sent.
+    pub bytes: usize,
+}
+
+impl RefusedEvent {
+    /// The [`headers::REFUSED_EVENTS`] value for `refused`.
+    pub fn header(refused: &[RefusedEvent]) -> String {
+        refused
+            .iter()
+            .map(|r| format!("{}:{}:{}", r.index, r.code, r.bytes))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Reads [`headers::REFUSED_EVENTS`] back; an entry that does not parse is skipped.
+    pub fn read(table: Option<&FieldTable>) -> Vec<RefusedEvent> {
+        let Some(value) = header_str(table, headers::REFUSED_EVENTS) else {
+            return Vec::new();
+        };
+        value
+            .split(',')
+            .filter_map(|entry| {
+                let mut parts = entry.splitn(3, ':');
+                let index = parts.next()?.parse().ok()?;
+                let code = parts.next()?.to_owned();
+                let bytes = parts.next()?.parse().ok()?;
+                Some(RefusedEvent { index, code, bytes })
+            })
+            .collect()
+    }
+}
+
 /// The headers of an invalid record.
 pub fn invalid_headers(reason: &str, source: &str, request_id: &str) -> FieldTable {
     let mut table = FieldTable::default();
@@ -285,6 +328,33 @@ fn truncate(s: &str, max: usize) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn refused_events_travel_in_a_header_and_a_bad_entry_is_skipped() {
+        let refused = vec![
+            RefusedEvent {
+                index: 3,
+                code: "event_too_large".into(),
+                bytes: 40_123,
+            },
+            RefusedEvent {
+                index: 7,
+                code: "not_an_object".into(),
+                bytes: 1,
+            },
+        ];
+        let header = RefusedEvent::header(&refused);
+        assert_eq!(header, "3:event_too_large:40123,7:not_an_object:1");
+        let mut table = FieldTable::default();
+        table.insert(headers::REFUSED_EVENTS.into(), long_string(&header));
+        assert_eq!(RefusedEvent::read(Some(&table)), refused);
+        table.insert(
+            headers::REFUSED_EVENTS.into(),
+            long_string("x:bad:1,2:event_too_large:5,9"),
+        );
+        assert_eq!(RefusedEvent::read(Some(&table)).len(), 1);
+        assert!(RefusedEvent::read(None).is_empty());
+    }
 
     fn text(table: &FieldTable, name: &str) -> Option<String> {
         header_str(Some(table), name).map(str::to_owned)

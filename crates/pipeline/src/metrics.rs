@@ -50,6 +50,7 @@ pub const CATALOGUE: &[(&str, Kind, &str)] = &[
     ("http_requests_total", Kind::Counter, "HTTP requests answered, by route and status."),
     ("http_request_duration_seconds", Kind::Histogram, "Time from a request's head to its answer, by route and status."),
     ("collector_events_accepted_total", Kind::Counter, "Events in requests answered 2xx (confirmed by the broker)."),
+    ("collector_events_refused_total", Kind::Counter, "Events of accepted batches refused alone (kept as invalid by the worker), by code."),
     ("collector_load_shed_total", Kind::Counter, "Requests refused to protect the collector or the broker, by reason."),
     ("collector_in_flight_requests", Kind::Gauge, "Requests being read or published now."),
     ("collector_in_flight_bytes", Kind::Gauge, "Bytes reserved by requests being read or published now (collector.max_in_flight_bytes bounds it)."),

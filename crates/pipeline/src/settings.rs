@@ -120,6 +120,10 @@ pub struct CollectorSettings {
     pub max_event_bytes: usize,
     pub max_batch_bytes: usize,
     pub max_batch_events: usize,
+    /// A batch event too large or not an object is refused alone: the others are accepted and
+    /// the answer (200) lists the refused ones. `false`: the whole batch is refused (400/413),
+    /// as Segment's API does.
+    pub partial_batches: bool,
     /// Requests being read or published at once, whatever their size.
     pub max_in_flight: usize,
     /// Body bytes those requests may hold at once (each reserves its Content-Length, or its

@@ -1,7 +1,7 @@
 //! One delivery's CPU work, with no I/O: decode, split, enrich, validate, convert. Every event
 //! ends either as a document for the sinks or as an invalid record; none is dropped.
 
-use ingest_pipeline::message::{is_gzip, RequestMeta};
+use ingest_pipeline::message::{is_gzip, RefusedEvent, RequestMeta};
 use ingest_schema::{Issue, Registry};
 use lapin::BasicProperties;
 use serde_json::Value;
@@ -114,7 +114,20 @@ fn process_payload(
     let mut seed: Option<String> = None;
     let mut valid_events = Vec::new();
     let mut invalid = Vec::new();
+    // Events the collector refused alone (too large) while it accepted the batch: kept, cut.
+    let too_large: Vec<RefusedEvent> = RefusedEvent::read(properties.headers().as_ref())
+        .into_iter()
+        .filter(|r| r.code == "event_too_large")
+        .collect();
     for (index, element) in split.elements.into_iter().enumerate() {
+        if let Some(refused) = too_large.iter().find(|r| r.index == index) {
+            let value = match element {
+                Element::Event(event) => Value::Object(event),
+                Element::NotAnObject(value) => value,
+            };
+            invalid.push(refused_too_large(refused, &value, &meta));
+            continue;
+        }
         match element {
             Element::Event(mut event) => {
                 if enrich::needs_message_id(&event) && seed.is_none() {
@@ -157,6 +170,31 @@ fn process_payload(
         valid: valid_events,
         invalid,
     }
+}
+
+/// How much of an event the collector refused as too large is kept in its invalid record.
+pub const REFUSED_KEPT_CHARS: usize = 1024;
+
+/// An event the collector refused as too large: its first [`REFUSED_KEPT_CHARS`] characters of
+/// JSON (as a string), its size as sent and a hash of the whole (a name-based UUID of its JSON),
+/// so that the client's record can be matched without keeping the bulk.
+fn refused_too_large(refused: &RefusedEvent, event: &Value, meta: &RequestMeta) -> InvalidRecord {
+    let json = event.to_string();
+    let hash = uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, json.as_bytes());
+    let kept: String = json.chars().take(REFUSED_KEPT_CHARS).collect();
+    InvalidRecord::new(
+        "too_large",
+        vec![Issue {
+            pointer: String::new(),
+            message: format!(
+                "batch[{}] was refused by the collector: {} bytes as sent, more than collector.max_event_bytes; kept cut to its first {} characters; hash {hash}",
+                refused.index, refused.bytes, REFUSED_KEPT_CHARS
+            ),
+            schema: "collector".into(),
+        }],
+        Some(Value::String(kept)),
+        meta,
+    )
 }
 
 /// A payload that cannot be split into events within the limits: kept whole, once.
@@ -218,6 +256,44 @@ mod tests {
         assert_eq!(outcome.valid.len(), 2);
         assert_eq!(outcome.invalid.len(), 1);
         assert_eq!(outcome.invalid[0].reason, "schema");
+    }
+
+    /// The collector accepted the batch but refused its second event as too large: that one
+    /// is kept as invalid, cut, with its size and a hash; the others are stored.
+    #[test]
+    fn an_event_the_collector_refused_as_too_large_is_kept_cut_and_the_others_stored() {
+        let mut payload: serde_json::Value = serde_json::from_slice(&body(3)).expect("json");
+        payload["batch"][1]["properties"] = json!({"blob": "x".repeat(5000)});
+        let payload = payload.to_string().into_bytes();
+        let refused = [RefusedEvent {
+            index: 1,
+            code: "event_too_large".into(),
+            bytes: 5077,
+        }];
+        let mut headers = lapin::types::FieldTable::default();
+        headers.insert(
+            ingest_pipeline::message::headers::REFUSED_EVENTS.into(),
+            ingest_pipeline::broker::long_string(&RefusedEvent::header(&refused)),
+        );
+        let properties = BasicProperties::default().with_headers(headers);
+        let outcome = process(&registry(), &properties, &payload, LIMITS);
+        assert_eq!(outcome.valid.len(), 2);
+        assert_eq!(outcome.invalid.len(), 1);
+        let record = &outcome.invalid[0];
+        assert_eq!(record.reason, "too_large");
+        let kept = record
+            .event
+            .as_ref()
+            .and_then(|e| e.as_str())
+            .expect("cut JSON");
+        assert_eq!(kept.chars().count(), REFUSED_KEPT_CHARS);
+        assert!(kept.contains(r#""messageId":"m1""#), "{kept}");
+        let message = &record.errors[0].message;
+        assert!(
+            message.contains("batch[1]") && message.contains("5077 bytes"),
+            "{message}"
+        );
+        assert!(message.contains("hash "), "{message}");
     }
 
     #[test]
