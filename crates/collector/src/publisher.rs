@@ -7,7 +7,7 @@
 //! a returned publish and from a periodic check without traffic; the publisher is not ready
 //! until the queue is back.
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -49,6 +49,9 @@ struct Live {
     broken: Notify,
     /// A publish on this connection got no confirm in time: the node is being left.
     leaving: AtomicBool,
+    /// When it was opened, and milliseconds from then to the last confirm it brought.
+    opened: std::time::Instant,
+    last_confirm_ms: AtomicU64,
     /// Raised by a publish that came back unroutable: the raw queue is gone.
     raw_missing: Notify,
 }
@@ -149,11 +152,17 @@ impl Publisher {
                 // has said it blocks publishing (a resource alarm): that holds on every node,
                 // and the held publishes would be given up with their connection and sent
                 // again, one round per request.
+                // One slow publish is not a stalled node: only when no confirm at all came on
+                // this connection for as long is it left (which fails its other publishes).
                 let blocked = self.shared.blocked.load(Ordering::SeqCst);
-                if !blocked && !live.leaving.swap(true, Ordering::SeqCst) {
+                let since_confirm = live.opened.elapsed().saturating_sub(Duration::from_millis(
+                    live.last_confirm_ms.load(Ordering::Relaxed),
+                ));
+                let stalled = !blocked && since_confirm >= self.confirm_timeout;
+                if stalled && !live.leaving.swap(true, Ordering::SeqCst) {
                     tracing::warn!(timeout = ?self.confirm_timeout, "no confirm from the broker in time; reconnecting (to another node if there is one)");
                 }
-                if !blocked {
+                if stalled {
                     live.broken.notify_one();
                 }
                 Err(PublishError::ConfirmTimeout(self.confirm_timeout))
@@ -163,7 +172,13 @@ impl Publisher {
                 live.broken.notify_one();
                 Err(PublishError::Amqp(error))
             }
-            Ok(Ok(Confirmation::Ack(None))) => Ok(()),
+            Ok(Ok(Confirmation::Ack(None))) => {
+                let since_open =
+                    u64::try_from(live.opened.elapsed().as_millis()).unwrap_or(u64::MAX);
+                live.last_confirm_ms
+                    .fetch_max(since_open, Ordering::Relaxed);
+                Ok(())
+            }
             Ok(Ok(Confirmation::Ack(Some(_)) | Confirmation::Nack(Some(_)))) => {
                 // Returned: the raw queue is gone. Declared again by the supervisor.
                 self.shared.raw_missing.store(true, Ordering::SeqCst);
@@ -193,12 +208,12 @@ async fn supervise(shared: Arc<Shared>, settings: BrokerSettings, topology: Topo
         Duration::from_millis(settings.reconnect_min_ms),
         Duration::from_millis(settings.reconnect_max_ms),
     );
-    // The node to try first: a random one, then the one after the node last left.
+    // The node to try first: a random one, then the one after the node last reached (left, or
+    // failing after its handshake).
     let mut first = fastrand::usize(..);
     while !shared.closing.load(Ordering::SeqCst) {
-        match open(&settings, &topology, first).await {
-            Ok((live, node)) => {
-                first = node + 1;
+        match open(&settings, &topology, &mut first).await {
+            Ok(live) => {
                 backoff.reset();
                 let mut events = live.connection.events_listener();
                 let live = Arc::new(live);
@@ -309,24 +324,63 @@ async fn check_raw_queue(live: &Live, topology: &Topology, shared: &Shared) {
     }
 }
 
+/// Connects from the `first`-th node on, which is then set to the node after the one reached:
+/// a node that takes the handshake but fails (or stalls) opening channels or declaring the
+/// topology is not tried first again.
 async fn open(
     settings: &BrokerSettings,
     topology: &Topology,
-    first: usize,
-) -> lapin::Result<(Live, usize)> {
-    let (connection, node) = broker::connect_from(settings, "collector", first).await?;
+    first: &mut usize,
+) -> lapin::Result<Live> {
+    let (connection, node) = broker::connect_from(settings, "collector", *first).await?;
+    *first = node.wrapping_add(1);
+    match tokio::time::timeout(DECLARE_TIMEOUT, set_up(settings, topology, &connection)).await {
+        Ok(Ok(channels)) => Ok(live(connection, channels)),
+        Ok(Err(error)) => {
+            close_aside(connection);
+            Err(error)
+        }
+        Err(_) => {
+            close_aside(connection);
+            Err(lapin::Error::from(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("channels and topology not set up within {DECLARE_TIMEOUT:?}"),
+            )))
+        }
+    }
+}
+
+/// Closes a connection without waiting for it.
+fn close_aside(connection: Connection) {
+    tokio::spawn(async move {
+        let closing = connection.close(320, "reconnecting".into());
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, closing).await;
+    });
+}
+
+/// The publishing channels, once the topology is declared.
+async fn set_up(
+    settings: &BrokerSettings,
+    topology: &Topology,
+    connection: &Connection,
+) -> lapin::Result<Vec<broker::Publisher>> {
     let mut channels = Vec::with_capacity(settings.publish_channels);
     for _ in 0..settings.publish_channels {
-        channels.push(broker::Publisher::open(&connection).await?);
+        channels.push(broker::Publisher::open(connection).await?);
     }
-    topology.declare(&connection).await?;
-    let live = Live {
+    topology.declare(connection).await?;
+    Ok(channels)
+}
+
+fn live(connection: Connection, channels: Vec<broker::Publisher>) -> Live {
+    Live {
         connection,
         channels,
         next: AtomicUsize::new(0),
         broken: Notify::new(),
         leaving: AtomicBool::new(false),
+        opened: std::time::Instant::now(),
+        last_confirm_ms: AtomicU64::new(0),
         raw_missing: Notify::new(),
-    };
-    Ok((live, node))
+    }
 }
