@@ -423,9 +423,15 @@ async fn accept(
             .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned()),
     };
     let mut properties = meta.properties(content_type, gzip);
-    if !inspected.refused.is_empty() {
-        let refused: Vec<RefusedEvent> = inspected
-            .refused
+    // Only the too-large events need naming: the worker finds a non-object by itself. That
+    // bounds the header by max_batch_bytes / max_event_bytes entries, whatever the batch.
+    let too_large: Vec<&Refused> = inspected
+        .refused
+        .iter()
+        .filter(|r| r.code() == "event_too_large")
+        .collect();
+    if !too_large.is_empty() {
+        let refused: Vec<RefusedEvent> = too_large
             .iter()
             .map(|r| RefusedEvent {
                 index: r.index,

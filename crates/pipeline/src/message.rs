@@ -39,8 +39,9 @@ pub mod headers {
     pub const LAST_ERROR: &str = "x-last-error";
     /// Sink batch: the sink's name.
     pub const SINK: &str = "x-sink";
-    /// Raw message: the events of the batch the collector refused while accepting the others
-    /// (`index:code:bytes`, comma-separated; see [`RefusedEvent`](super::RefusedEvent)).
+    /// Raw message: the events of the batch the collector refused as too large while accepting
+    /// the others (`index:code:bytes`, comma-separated; see [`RefusedEvent`](super::RefusedEvent)).
+    /// A non-object element is not named: the worker finds it by itself.
     pub const REFUSED_EVENTS: &str = "x-refused-events";
     /// Invalid record: `decode`, `schema`, `storage`, `too_large` or `internal`.
     pub const REASON: &str = "reason";

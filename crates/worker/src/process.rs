@@ -8,7 +8,7 @@ use serde_json::Value;
 
 use crate::decode::{self, DecodeError, Element};
 use crate::enrich;
-use crate::invalid::InvalidRecord;
+use crate::invalid::{scrub_write_key, InvalidRecord};
 use crate::sinks::mongo::to_document;
 use crate::sinks::Event;
 
@@ -119,13 +119,20 @@ fn process_payload(
         .into_iter()
         .filter(|r| r.code == "event_too_large")
         .collect();
+    // Their text as sent (the split has merged the batch's context into them and sorted keys).
+    let sent = if too_large.is_empty() {
+        Vec::new()
+    } else {
+        raw_elements(&json)
+    };
     for (index, element) in split.elements.into_iter().enumerate() {
         if let Some(refused) = too_large.iter().find(|r| r.index == index) {
-            let value = match element {
-                Element::Event(event) => Value::Object(event),
-                Element::NotAnObject(value) => value,
+            let text = match (sent.get(index), element) {
+                (Some(raw), _) => raw.get().to_owned(),
+                (None, Element::Event(event)) => Value::Object(event).to_string(),
+                (None, Element::NotAnObject(value)) => value.to_string(),
             };
-            invalid.push(refused_too_large(refused, &value, &meta));
+            invalid.push(refused_too_large(refused, &text, &meta));
             continue;
         }
         match element {
@@ -175,13 +182,29 @@ fn process_payload(
 /// How much of an event the collector refused as too large is kept in its invalid record.
 pub const REFUSED_KEPT_CHARS: usize = 1024;
 
-/// An event the collector refused as too large: its first [`REFUSED_KEPT_CHARS`] characters of
-/// JSON (as a string), its size as sent and a hash of the whole (a name-based UUID of its JSON),
-/// so that the client's record can be matched without keeping the bulk.
-fn refused_too_large(refused: &RefusedEvent, event: &Value, meta: &RequestMeta) -> InvalidRecord {
-    let json = event.to_string();
-    let hash = uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, json.as_bytes());
-    let kept: String = json.chars().take(REFUSED_KEPT_CHARS).collect();
+/// A batch's elements as raw text, if the payload reads as one (an empty list otherwise).
+fn raw_elements(json: &[u8]) -> Vec<&serde_json::value::RawValue> {
+    #[derive(serde::Deserialize)]
+    struct Elements<'a> {
+        #[serde(borrow)]
+        batch: Vec<&'a serde_json::value::RawValue>,
+    }
+    serde_json::from_slice::<Elements<'_>>(json)
+        .map(|e| e.batch)
+        .unwrap_or_default()
+}
+
+/// An event the collector refused as too large: the first [`REFUSED_KEPT_CHARS`] characters of
+/// its JSON as sent (as a string, its write key scrubbed), its size as sent and a hash of its
+/// bytes as sent (a name-based UUID), so that the client's record can be matched without
+/// keeping the bulk.
+fn refused_too_large(refused: &RefusedEvent, sent: &str, meta: &RequestMeta) -> InvalidRecord {
+    let hash = uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, sent.as_bytes());
+    let scrubbed = scrub_write_key(sent.as_bytes());
+    let kept: String = String::from_utf8_lossy(&scrubbed)
+        .chars()
+        .take(REFUSED_KEPT_CHARS)
+        .collect();
     InvalidRecord::new(
         "too_large",
         vec![Issue {
@@ -262,13 +285,22 @@ mod tests {
     /// is kept as invalid, cut, with its size and a hash; the others are stored.
     #[test]
     fn an_event_the_collector_refused_as_too_large_is_kept_cut_and_the_others_stored() {
-        let mut payload: serde_json::Value = serde_json::from_slice(&body(3)).expect("json");
-        payload["batch"][1]["properties"] = json!({"blob": "x".repeat(5000)});
-        let payload = payload.to_string().into_bytes();
+        let blob = "x".repeat(5000);
+        let sent = format!(
+            r#"{{"type":"track","event":"Custom","userId":"u","messageId":"m1","writeKey":"secret-key","properties":{{"blob":"{blob}"}}}}"#
+        );
+        let event = |id: &str| {
+            format!(r#"{{"type":"track","event":"Custom","userId":"u","messageId":"{id}"}}"#)
+        };
+        let payload = format!(
+            r#"{{"context":{{"app":{{"name":"Shop"}}}},"batch":[{},{sent},{}]}}"#,
+            event("m0"),
+            event("m2")
+        );
         let refused = [RefusedEvent {
             index: 1,
             code: "event_too_large".into(),
-            bytes: 5077,
+            bytes: sent.len(),
         }];
         let mut headers = lapin::types::FieldTable::default();
         headers.insert(
@@ -276,7 +308,7 @@ mod tests {
             ingest_pipeline::broker::long_string(&RefusedEvent::header(&refused)),
         );
         let properties = BasicProperties::default().with_headers(headers);
-        let outcome = process(&registry(), &properties, &payload, LIMITS);
+        let outcome = process(&registry(), &properties, payload.as_bytes(), LIMITS);
         assert_eq!(outcome.valid.len(), 2);
         assert_eq!(outcome.invalid.len(), 1);
         let record = &outcome.invalid[0];
@@ -287,13 +319,23 @@ mod tests {
             .and_then(|e| e.as_str())
             .expect("cut JSON");
         assert_eq!(kept.chars().count(), REFUSED_KEPT_CHARS);
-        assert!(kept.contains(r#""messageId":"m1""#), "{kept}");
-        let message = &record.errors[0].message;
+        // The event as sent: its own key order, no merged context, its write key scrubbed.
         assert!(
-            message.contains("batch[1]") && message.contains("5077 bytes"),
+            kept.starts_with(r#"{"type":"track","event":"Custom","userId":"u","messageId":"m1","writeKey":"[redacted]""#),
+            "{kept}"
+        );
+        assert!(
+            !kept.contains("context") && !kept.contains("secret-key"),
+            "{kept}"
+        );
+        let message = &record.errors[0].message;
+        let hash = uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, sent.as_bytes());
+        assert!(message.contains("batch[1]"), "{message}");
+        assert!(
+            message.contains(&format!("{} bytes", sent.len())),
             "{message}"
         );
-        assert!(message.contains("hash "), "{message}");
+        assert!(message.contains(&format!("hash {hash}")), "{message}");
     }
 
     #[test]
