@@ -669,13 +669,7 @@ impl RabbitCluster {
     /// Which node holds the client connection named `connection_name` (lapin's
     /// `connection_name`: `collector`, `worker`), asked of a running node.
     pub fn node_serving(&self, connection_name: &str) -> Option<usize> {
-        let asked = self.nodes.iter().find(|n| n.running)?;
-        let output = Command::new(root().join("scripts/rabbit-node"))
-            .args(["ctl", &asked.name, "list_connections", "port"])
-            .args(["client_properties", "--formatter", "json"])
-            .output()
-            .ok()?;
-        let rows: Vec<serde_json::Value> = serde_json::from_slice(&output.stdout).ok()?;
+        let rows = self.ctl_json(&["list_connections", "port", "client_properties"])?;
         let named = |row: &&serde_json::Value| {
             row["client_properties"].as_array().is_some_and(|props| {
                 props.iter().any(|p| {
@@ -690,20 +684,7 @@ impl RabbitCluster {
 
     /// Which node leads `queue`, and the names of its members, asked of a running node.
     pub fn leader_and_members(&self, queue: &str) -> Option<(usize, Vec<String>)> {
-        let asked = self.nodes.iter().find(|n| n.running)?;
-        let output = Command::new(root().join("scripts/rabbit-node"))
-            .args([
-                "ctl",
-                &asked.name,
-                "list_queues",
-                "name",
-                "leader",
-                "members",
-            ])
-            .args(["--formatter", "json"])
-            .output()
-            .ok()?;
-        let rows: Vec<serde_json::Value> = serde_json::from_slice(&output.stdout).ok()?;
+        let rows = self.ctl_json(&["list_queues", "name", "leader", "members"])?;
         let row = rows.iter().find(|r| r["name"] == queue)?;
         let leader = row["leader"].as_str()?;
         let index = self
@@ -716,6 +697,18 @@ impl RabbitCluster {
             .filter_map(|m| m.as_str().map(str::to_owned))
             .collect();
         Some((index, members))
+    }
+
+    /// `rabbitmqctl ARGS --formatter json` on a running node, its rows.
+    fn ctl_json(&self, args: &[&str]) -> Option<Vec<serde_json::Value>> {
+        let asked = self.nodes.iter().find(|n| n.running)?;
+        let output = Command::new(root().join("scripts/rabbit-node"))
+            .args(["ctl", &asked.name])
+            .args(args)
+            .args(["--formatter", "json"])
+            .output()
+            .ok()?;
+        serde_json::from_slice(&output.stdout).ok()
     }
 }
 

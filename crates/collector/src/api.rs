@@ -428,7 +428,7 @@ async fn accept(
     let too_large: Vec<&Refused> = inspected
         .refused
         .iter()
-        .filter(|r| r.code() == "event_too_large")
+        .filter(|r| r.code() == RefusedEvent::TOO_LARGE)
         .collect();
     if !too_large.is_empty() {
         let refused: Vec<RefusedEvent> = too_large

@@ -180,6 +180,14 @@ mod tests {
         partial_batches: false,
     };
 
+    /// Room enough that only the check under test refuses.
+    const WIDE: Limits = Limits {
+        max_event_bytes: 1 << 20,
+        max_batch_bytes: 1 << 20,
+        max_batch_events: 10,
+        partial_batches: false,
+    };
+
     #[test]
     fn batch_yields_write_key_and_event_count() {
         let got = inspect(
@@ -269,24 +277,14 @@ mod tests {
     #[test]
     fn deep_nesting_is_rejected_not_a_stack_overflow() {
         let deep = format!("{{\"a\":{}{}}}", "[".repeat(100_000), "]".repeat(100_000));
-        let limits = Limits {
-            max_event_bytes: 1 << 20,
-            max_batch_bytes: 1 << 20,
-            max_batch_events: 10,
-            partial_batches: false,
-        };
+        let limits = WIDE;
         let err = inspect(Endpoint::Track, deep.as_bytes(), &limits).expect_err("too deep");
         assert_eq!(err.status().as_u16(), 400);
     }
 
     #[test]
     fn brackets_inside_strings_do_not_count_as_nesting() {
-        let limits = Limits {
-            max_event_bytes: 1 << 20,
-            max_batch_bytes: 1 << 20,
-            max_batch_events: 10,
-            partial_batches: false,
-        };
+        let limits = WIDE;
         let body = format!(r#"{{"a":"{}\"{}"}}"#, "[".repeat(500), "{".repeat(500));
         assert!(inspect(Endpoint::Track, body.as_bytes(), &limits).is_ok());
         let at_limit = format!("{}{}", "[".repeat(MAX_DEPTH - 1), "]".repeat(MAX_DEPTH - 1));
@@ -309,12 +307,7 @@ mod tests {
     /// counts from the body's first bracket through the batch into each event.
     #[test]
     fn batch_fields_given_twice_and_events_nested_too_deep_are_refused() {
-        let limits = Limits {
-            max_event_bytes: 1 << 20,
-            max_batch_bytes: 1 << 20,
-            max_batch_events: 10,
-            partial_batches: false,
-        };
+        let limits = WIDE;
         for body in [
             r#"{"batch":[],"batch":[]}"#,
             r#"{"context":{},"batch":[],"context":{}}"#,
@@ -357,12 +350,7 @@ mod tests {
 
     #[test]
     fn numbers_and_escapes_the_worker_cannot_parse_are_refused() {
-        let limits = Limits {
-            max_event_bytes: 1 << 20,
-            max_batch_bytes: 1 << 20,
-            max_batch_events: 10,
-            partial_batches: false,
-        };
+        let limits = WIDE;
         let long_integer = format!(r#"{{"n":{}}}"#, "9".repeat(400));
         for body in [
             r#"{"n":1e400}"#,
@@ -391,12 +379,7 @@ mod tests {
     /// bodies the collector had accepted (or read them as something else).
     #[test]
     fn serde_json_raw_value_token_as_a_key_is_refused() {
-        let limits = Limits {
-            max_event_bytes: 1 << 20,
-            max_batch_bytes: 1 << 20,
-            max_batch_events: 10,
-            partial_batches: false,
-        };
+        let limits = WIDE;
         for body in [
             r#"{"$serde_json::private::RawValue":[]}"#,
             r#"{"$serde_json::private::RawValue":"{\"a\":1}"}"#,

@@ -142,18 +142,19 @@ impl Publisher {
             Ok(Err(_)) => "error",
             Err(_) => "timeout",
         };
+        let waited = started.elapsed();
         metrics::histogram!("collector_publish_confirm_seconds", "outcome" => outcome)
-            .record(started.elapsed().as_secs_f64());
+            .record(waited.as_secs_f64());
         match result {
             Err(_) => {
                 // A node that confirms nothing for this long is stalled (frozen, its disk
                 // stuck, a queue without a majority): leave it for another node of the
-                // cluster rather than wait for its heartbeat to time out. Not while the broker
+                // cluster rather than wait for its heartbeat to time out. One slow publish is
+                // not a stalled node: only when no confirm at all came on this connection for
+                // as long is it left (which fails its other publishes). Not while the broker
                 // has said it blocks publishing (a resource alarm): that holds on every node,
                 // and the held publishes would be given up with their connection and sent
                 // again, one round per request.
-                // One slow publish is not a stalled node: only when no confirm at all came on
-                // this connection for as long is it left (which fails its other publishes).
                 let blocked = self.shared.blocked.load(Ordering::SeqCst);
                 let since_confirm = live.opened.elapsed().saturating_sub(Duration::from_millis(
                     live.last_confirm_ms.load(Ordering::Relaxed),
@@ -173,8 +174,10 @@ impl Publisher {
                 Err(PublishError::Amqp(error))
             }
             Ok(Ok(Confirmation::Ack(None))) => {
-                let since_open =
-                    u64::try_from(live.opened.elapsed().as_millis()).unwrap_or(u64::MAX);
+                // The confirm's time from the connection's opening, without reading the clock
+                // again on this path.
+                let confirmed = started.saturating_duration_since(live.opened) + waited;
+                let since_open = u64::try_from(confirmed.as_millis()).unwrap_or(u64::MAX);
                 live.last_confirm_ms
                     .fetch_max(since_open, Ordering::Relaxed);
                 Ok(())

@@ -13,6 +13,7 @@ use std::borrow::Cow;
 use std::cell::RefCell;
 use std::collections::HashMap;
 
+use ingest_pipeline::message::RefusedEvent;
 use serde::de::{DeserializeSeed, Error as _, MapAccess, SeqAccess, Visitor};
 use serde_json::value::RawValue;
 
@@ -63,7 +64,7 @@ impl Refused {
     /// `not_an_object`.
     pub fn code(&self) -> &'static str {
         match self.error {
-            CaptureError::EventTooLarge { .. } => "event_too_large",
+            CaptureError::EventTooLarge { .. } => RefusedEvent::TOO_LARGE,
             _ => "not_an_object",
         }
     }

@@ -267,6 +267,10 @@ pub struct RefusedEvent {
 }
 
 impl RefusedEvent {
+    /// The code of an event refused for its size: the only kind the header names (the worker
+    /// finds a non-object by itself).
+    pub const TOO_LARGE: &'static str = "event_too_large";
+
     /// The [`headers::REFUSED_EVENTS`] value for `refused`.
     pub fn header(refused: &[RefusedEvent]) -> String {
         refused

@@ -117,7 +117,7 @@ fn process_payload(
     // Events the collector refused alone (too large) while it accepted the batch: kept, cut.
     let too_large: Vec<RefusedEvent> = RefusedEvent::read(properties.headers().as_ref())
         .into_iter()
-        .filter(|r| r.code == "event_too_large")
+        .filter(|r| r.code == RefusedEvent::TOO_LARGE)
         .collect();
     // Their text as sent (the split has merged the batch's context into them and sorted keys).
     let sent = if too_large.is_empty() {
