@@ -8,7 +8,10 @@ FROM debian:bookworm-slim
 RUN apt-get update \
  && apt-get install -y --no-install-recommends ca-certificates curl \
  && rm -rf /var/lib/apt/lists/* \
- && useradd --system --home /app ingest
+ && groupadd --system --gid 10001 ingest \
+ && useradd --system --uid 10001 --gid 10001 --home /app ingest \
+ && mkdir -p /var/lib/ingest/spool \
+ && chown ingest:ingest /var/lib/ingest/spool
 WORKDIR /app
 COPY --from=build /src/target/release/collector /src/target/release/worker /src/target/release/ingestctl /usr/local/bin/
 COPY schemas ./schemas

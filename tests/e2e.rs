@@ -18,5 +18,6 @@ mod e2e {
     pub mod ops_cluster;
     pub mod resilience;
     pub mod sinks;
+    pub mod spool;
     pub mod stall;
 }

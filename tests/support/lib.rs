@@ -439,6 +439,7 @@ fn collector_json(settings: &Settings) -> serde_json::Value {
         "idle_timeout_ms": c.idle_timeout_ms,
         "max_connections": c.max_connections,
         "max_scheduling_delay_ms": c.max_scheduling_delay_ms,
+        "spool": c.spool,
     })
 }
 

@@ -11,8 +11,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use ingest_pipeline::broker::long_string;
-use ingest_pipeline::message::{headers, Endpoint, RefusedEvent, RequestMeta};
+use ingest_pipeline::message::{Endpoint, RefusedEvent, RequestMeta};
 use ingest_pipeline::metrics::SchedulingDelay;
 use ingest_pipeline::settings::CollectorSettings;
 use serde_json::{json, Value};
@@ -22,10 +21,17 @@ use tower_http::cors::{AllowOrigin, CorsLayer};
 use crate::auth::{basic_username, WriteKeys};
 use crate::body::{gunzip_limited, inspect, read_limited, Limits, Refused};
 use crate::error::CaptureError;
-use crate::publisher::Publisher;
+use crate::publisher::{raw_properties, Publisher};
+use crate::spool::record::Entry;
+use crate::spool::Spool;
+
+/// On a 200 for a request the broker could not confirm, kept in this collector's spool.
+pub const SPOOLED_HEADER: &str = "x-spooled";
 
 pub struct AppState {
     pub publisher: Publisher,
+    /// Where requests the broker cannot confirm wait, when `collector.spool` is on.
+    pub spool: Option<Spool>,
     /// Requests being read or published; when none is free the answer is 503 at once.
     pub in_flight: InFlight,
     pub limiter: crate::ratelimit::RateLimiter,
@@ -207,10 +213,21 @@ fn cors(origins: &[String]) -> CorsLayer {
         .max_age(Duration::from_secs(600))
 }
 
+/// Ready while a request can be kept: the broker can take it, or else the spool has room for
+/// it. A collector with a spool stays in its load balancer through a broker outage, which is
+/// what the spool is for; it leaves when the spool is full too.
 async fn ready(State(state): State<Arc<AppState>>) -> Response {
-    match state.publisher.unready_reason() {
-        None => (StatusCode::OK, "ready").into_response(),
-        Some(reason) => (StatusCode::SERVICE_UNAVAILABLE, reason).into_response(),
+    match (state.publisher.unready_reason(), &state.spool) {
+        (None, _) => (StatusCode::OK, "ready").into_response(),
+        (Some(reason), Some(spool)) if spool.has_room() => {
+            (StatusCode::OK, format!("ready (spooling: {reason})")).into_response()
+        }
+        (Some(reason), Some(_)) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("{reason}, and the spool is full"),
+        )
+            .into_response(),
+        (Some(reason), None) => (StatusCode::SERVICE_UNAVAILABLE, reason).into_response(),
     }
 }
 
@@ -244,11 +261,12 @@ async fn capture(
             events,
             refused,
             confirm_wait,
+            spooled,
         }) => {
             metrics::counter!("collector_events_accepted_total").increment(events as u64);
             metrics::histogram!("collector_request_own_seconds")
                 .record(started.elapsed().saturating_sub(confirm_wait).as_secs_f64());
-            if refused.is_empty() {
+            let mut response = if refused.is_empty() {
                 Json(json!({"success": true})).into_response()
             } else {
                 for r in &refused {
@@ -260,7 +278,15 @@ async fn capture(
                     .map(|r| json!({"index": r.index, "code": r.code(), "message": r.error.to_string()}))
                     .collect();
                 Json(json!({"success": true, "refused": refused})).into_response()
+            };
+            if let Some(reason) = spooled {
+                metrics::counter!("collector_requests_spooled_total", "reason" => reason)
+                    .increment(1);
+                response
+                    .headers_mut()
+                    .insert(SPOOLED_HEADER, HeaderValue::from_static("true"));
             }
+            response
         }
         Err(error) => {
             if let Some(reason) = error.shed_reason() {
@@ -287,6 +313,8 @@ struct Accepted {
     refused: Vec<Refused>,
     /// From handing the body to the broker to its confirm: the broker's share of the latency.
     confirm_wait: Duration,
+    /// Spooled instead of confirmed, and why the broker could not take it.
+    spooled: Option<&'static str>,
 }
 
 /// Sheds load, checks the head, takes a slot, then reads and publishes the body.
@@ -422,43 +450,50 @@ async fn accept(
             .get(header::USER_AGENT)
             .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned()),
     };
-    let mut properties = meta.properties(content_type, gzip);
     // Only the too-large events need naming: the worker finds a non-object by itself. That
     // bounds the header by max_batch_bytes / max_event_bytes entries, whatever the batch.
-    let too_large: Vec<&Refused> = inspected
+    let too_large: Vec<RefusedEvent> = inspected
         .refused
         .iter()
         .filter(|r| r.code() == RefusedEvent::TOO_LARGE)
+        .map(|r| RefusedEvent {
+            index: r.index,
+            code: r.code().to_owned(),
+            bytes: r.bytes,
+        })
         .collect();
-    if !too_large.is_empty() {
-        let refused: Vec<RefusedEvent> = too_large
-            .iter()
-            .map(|r| RefusedEvent {
-                index: r.index,
-                code: r.code().to_owned(),
-                bytes: r.bytes,
-            })
-            .collect();
-        let mut table = properties.headers().clone().unwrap_or_default();
-        table.insert(
-            headers::REFUSED_EVENTS.into(),
-            long_string(&RefusedEvent::header(&refused)),
-        );
-        properties = properties.with_headers(table);
-    }
+    let refused_header = (!too_large.is_empty()).then(|| RefusedEvent::header(&too_large));
+    let properties = raw_properties(&meta, content_type, gzip, refused_header.as_deref());
     let handed = std::time::Instant::now();
-    state
-        .publisher
-        .publish(&raw, properties)
-        .await
-        .map_err(|source| CaptureError::Unavailable {
-            source,
-            retry_after_secs: state.retry_after_secs,
-        })?;
+    let spooled = match state.publisher.publish(&raw, properties).await {
+        Ok(()) => None,
+        Err(source) => {
+            let retry_after_secs = state.retry_after_secs;
+            let Some(spool) = &state.spool else {
+                return Err(CaptureError::Unavailable {
+                    source,
+                    retry_after_secs,
+                });
+            };
+            // The broker cannot confirm it: on this collector's disk instead, or a 503.
+            let entry = Entry::new(&meta, content_type, gzip, refused_header.as_deref());
+            match spool.append(&entry, &raw).await {
+                Ok(()) => Some(source.shed_reason()),
+                Err(spool) => {
+                    return Err(CaptureError::NotSpooled {
+                        source,
+                        spool: Box::new(spool),
+                        retry_after_secs,
+                    })
+                }
+            }
+        }
+    };
     Ok(Accepted {
         events: inspected.events,
         refused: inspected.refused,
         confirm_wait: handed.elapsed(),
+        spooled,
     })
 }
 

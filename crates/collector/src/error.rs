@@ -6,6 +6,7 @@ use axum::Json;
 use serde_json::json;
 
 use crate::publisher::PublishError;
+use crate::spool::SpoolError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CaptureError {
@@ -57,6 +58,12 @@ pub enum CaptureError {
         source: PublishError,
         retry_after_secs: u64,
     },
+    #[error("service unavailable: {source}; and not spooled: {spool}")]
+    NotSpooled {
+        source: PublishError,
+        spool: Box<SpoolError>,
+        retry_after_secs: u64,
+    },
 }
 
 impl CaptureError {
@@ -76,9 +83,10 @@ impl CaptureError {
                 StatusCode::UNSUPPORTED_MEDIA_TYPE
             }
             Self::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
-            Self::Unavailable { .. } | Self::Overloaded { .. } | Self::Lagging { .. } => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            Self::Unavailable { .. }
+            | Self::NotSpooled { .. }
+            | Self::Overloaded { .. }
+            | Self::Lagging { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
         }
     }
@@ -99,7 +107,7 @@ impl CaptureError {
             Self::UnsupportedContentType(_) => "unsupported_content_type",
             Self::BodyTimeout => "body_timeout",
             Self::BodyRead(_) => "body_read",
-            Self::Unavailable { .. } => "unavailable",
+            Self::Unavailable { .. } | Self::NotSpooled { .. } => "unavailable",
             Self::Overloaded { .. } | Self::Lagging { .. } => "overloaded",
             Self::RateLimited { .. } => "rate_limited",
             Self::TooManyEvents { .. } => "too_many_events",
@@ -122,14 +130,8 @@ impl CaptureError {
             } => "max_in_flight_bytes",
             Self::Lagging { .. } => "scheduling_delay",
             Self::RateLimited { .. } => "rate_limit",
-            Self::Unavailable { source, .. } => match source {
-                PublishError::Unavailable => "broker_unavailable",
-                PublishError::Blocked => "broker_blocked",
-                PublishError::Nacked => "broker_nack",
-                PublishError::Unroutable => "unroutable",
-                PublishError::ConfirmTimeout(_) => "confirm_timeout",
-                PublishError::Amqp(_) => "broker_error",
-            },
+            Self::Unavailable { source, .. } => source.shed_reason(),
+            Self::NotSpooled { spool, .. } => spool.shed_reason(),
             _ => return None,
         })
     }
@@ -145,6 +147,9 @@ impl IntoResponse for CaptureError {
         }));
         let mut response = (status, body).into_response();
         if let Self::Unavailable {
+            retry_after_secs, ..
+        }
+        | Self::NotSpooled {
             retry_after_secs, ..
         }
         | Self::Overloaded {

@@ -9,6 +9,7 @@ pub mod publisher;
 pub mod ratelimit;
 pub mod scan;
 pub mod server;
+pub mod spool;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -23,6 +24,7 @@ use crate::api::AppState;
 use crate::auth::WriteKeys;
 use crate::body::Limits;
 use crate::publisher::Publisher;
+use crate::spool::Spool;
 
 /// Serves until `shutdown` completes, then lets open requests finish (bounded by
 /// `collector.shutdown_timeout_ms`) and closes the broker connection. Invalid settings are an
@@ -36,8 +38,19 @@ pub async fn serve(
     let c = &settings.collector;
     ingest_pipeline::metrics::install("collector", &settings.metrics);
     let publisher = Publisher::start(settings.broker.clone());
+    let stop = CancellationToken::new();
+    // The spool's forwarder outlives the requests: it stops once the spool is drained, or the
+    // grace time is over, or the broker is away.
+    let forwarding = CancellationToken::new();
+    let spool = if c.spool.enabled {
+        Some(open_spool(&settings, &publisher, &forwarding).await?)
+    } else {
+        None
+    };
+    let spool_left = spool.clone();
     let state = Arc::new(AppState {
         publisher: publisher.clone(),
+        spool,
         in_flight: api::InFlight::new(
             c.max_in_flight,
             c.unauthenticated_in_flight(),
@@ -66,7 +79,6 @@ pub async fn serve(
     let app = api::router(state, c);
     tracing::info!(addr = %listener.local_addr()?, "collector listening");
 
-    let stop = CancellationToken::new();
     let stop_signal = stop.clone();
     tokio::spawn(async move {
         shutdown.await;
@@ -87,9 +99,71 @@ pub async fn serve(
             tracing::warn!(?grace, "open requests did not finish in time; closing anyway");
         }
     }
+    if let Some(spool) = spool_left {
+        drain_spool(&spool, &publisher, tokio::time::Instant::now() + grace).await;
+    }
+    forwarding.cancel();
     publisher.close().await;
     tracing::info!("collector stopped");
     Ok(())
+}
+
+/// On shutdown, while the broker takes publishes: lets the forwarder empty the spool, until
+/// `deadline`. What is left stays on disk for the next start.
+async fn drain_spool(spool: &Spool, publisher: &Publisher, deadline: tokio::time::Instant) {
+    while spool.records() > 0
+        && publisher.unready_reason().is_none()
+        && tokio::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let left = spool.records();
+    if left > 0 {
+        tracing::warn!(
+            records = left,
+            dir = %spool.dir().display(),
+            "stopping with requests in the spool; they are forwarded when a collector starts on it again"
+        );
+    }
+}
+
+/// Opens and recovers the spool, and starts its forwarder and the refresh of its gauges, both
+/// ending with `stop`.
+async fn open_spool(
+    settings: &Settings,
+    publisher: &Publisher,
+    stop: &CancellationToken,
+) -> anyhow::Result<Spool> {
+    let c = &settings.collector;
+    let spool_settings = c.spool.clone();
+    let largest = c.max_batch_bytes.max(c.max_event_bytes);
+    let (spool, recovered) =
+        tokio::task::spawn_blocking(move || Spool::open(&spool_settings, largest)).await??;
+    tracing::info!(
+        dir = %spool.dir().display(),
+        records = recovered.records,
+        bytes = recovered.bytes,
+        dropped = recovered.dropped.len(),
+        "spool open"
+    );
+    tokio::spawn(spool::forward::run(
+        spool.clone(),
+        publisher.clone(),
+        c.spool.forward_in_flight,
+        stop.clone(),
+    ));
+    let gauges = spool.clone();
+    let stopped = stop.clone();
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                _ = every.tick() => gauges.refresh_gauges(),
+                () = stopped.cancelled() => return,
+            }
+        }
+    });
+    Ok(spool)
 }
 
 #[cfg(test)]

@@ -12,6 +12,8 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use futures_util::StreamExt;
+use ingest_pipeline::broker::long_string;
+use ingest_pipeline::message::{headers, RequestMeta};
 use ingest_pipeline::settings::BrokerSettings;
 use ingest_pipeline::{broker, Backoff, Topology};
 use lapin::options::BasicPublishOptions;
@@ -39,6 +41,39 @@ pub enum PublishError {
     ConfirmTimeout(Duration),
     #[error("broker error: {0}")]
     Amqp(#[from] lapin::Error),
+}
+
+/// The properties a request's raw message is published with (from the spool too): its
+/// metadata, and the `x-refused-events` header when some events of its batch were refused.
+pub fn raw_properties(
+    meta: &RequestMeta,
+    content_type: &str,
+    gzip: bool,
+    refused_events: Option<&str>,
+) -> BasicProperties {
+    let properties = meta.properties(content_type, gzip);
+    match refused_events {
+        None => properties,
+        Some(refused) => {
+            let mut table = properties.headers().clone().unwrap_or_default();
+            table.insert(headers::REFUSED_EVENTS.into(), long_string(refused));
+            properties.with_headers(table)
+        }
+    }
+}
+
+impl PublishError {
+    /// For `collector_load_shed_total{reason}` and `collector_requests_spooled_total{reason}`.
+    pub fn shed_reason(&self) -> &'static str {
+        match self {
+            Self::Unavailable => "broker_unavailable",
+            Self::Blocked => "broker_blocked",
+            Self::Nacked => "broker_nack",
+            Self::Unroutable => "unroutable",
+            Self::ConfirmTimeout(_) => "confirm_timeout",
+            Self::Amqp(_) => "broker_error",
+        }
+    }
 }
 
 struct Live {

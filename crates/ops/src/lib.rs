@@ -7,6 +7,7 @@ pub mod dlq;
 pub mod management;
 pub mod range;
 pub mod scale;
+pub mod spool;
 pub mod table;
 
 use std::time::Duration;

@@ -31,11 +31,25 @@ enum Command {
     },
     /// A Nagios / monitoring-plugins check on one queue's depth, or with --drain-time on the
     /// seconds until it is empty; with the management API also on a quorum queue's members
-    /// online. With --cluster, on the cluster's nodes instead (exit 0/1/2/3).
+    /// online. With --cluster, on the cluster's nodes instead; with --spool, on a collector's
+    /// spool (exit 0/1/2/3).
     Check {
         /// Full queue name, or its role under the configured prefix (`raw`, `invalid`, `sink.mongo.dlq`).
-        #[arg(long, required_unless_present = "cluster")]
+        #[arg(long, required_unless_present_any = ["cluster", "spool"])]
         queue: Option<String>,
+        /// Check the spool of the collector at this base URL (from its /metrics): -w/-c are on
+        /// the oldest spooled request's age in seconds (default 60 and 600), --fill-warning and
+        /// --fill-critical on the percent of collector.spool.max_bytes in use.
+        #[arg(
+            long,
+            value_name = "COLLECTOR_URL",
+            conflicts_with_all = ["queue", "cluster", "consumers", "drain_time"]
+        )]
+        spool: Option<String>,
+        #[arg(long, default_value_t = 50.0)]
+        fill_warning: f64,
+        #[arg(long, default_value_t = 90.0)]
+        fill_critical: f64,
         /// Check the cluster through the management API: nodes not running, network
         /// partitions, memory and disk alarms are CRITICAL.
         #[arg(
@@ -172,6 +186,24 @@ async fn main() -> ExitCode {
         Command::Queues { json } => queues(&settings, json).await,
         Command::Check { cluster: true, .. } => check_cluster(&settings).await,
         Command::Check {
+            spool: Some(url),
+            warning,
+            critical,
+            fill_warning,
+            fill_critical,
+            ..
+        } => {
+            let thresholds = ingestctl::spool::Thresholds {
+                age_warning: warning.as_ref(),
+                age_critical: critical.as_ref(),
+                fill_warning,
+                fill_critical,
+            };
+            let (status, line) = ingestctl::spool::check_collector(&url, &thresholds).await;
+            println!("{line}");
+            ExitCode::from(status as u8)
+        }
+        Command::Check {
             queue,
             cluster: false,
             warning,
@@ -180,6 +212,7 @@ async fn main() -> ExitCode {
             drain_time,
             sample,
             min_depth,
+            ..
         } => {
             let measure = if drain_time {
                 Measure::DrainTime {

@@ -153,6 +153,25 @@ pub struct CollectorSettings {
     pub cors_allowed_origins: Vec<String>,
     /// source name → write key
     pub write_keys: BTreeMap<String, Secret>,
+    /// Where requests wait while the broker cannot confirm them; off unless enabled.
+    pub spool: SpoolSettings,
+}
+
+/// The collector's local spool: while the broker cannot confirm a request (no connection, an
+/// alarm, a confirm timeout), the request is fsync'd to an append-only log in `dir` and answered
+/// 200; a forwarder publishes it with confirms once the broker takes publishes again.
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
+pub struct SpoolSettings {
+    pub enabled: bool,
+    /// One collector's own directory, on a persistent volume: what is in it is data answered
+    /// 200 and not yet on the broker. Locked while a collector runs on it.
+    pub dir: PathBuf,
+    /// Bytes the spool may hold on disk; past it a request the broker cannot confirm gets 503.
+    pub max_bytes: u64,
+    /// A segment file is closed past this size; a segment is deleted once all of it is forwarded.
+    pub segment_bytes: u64,
+    /// Spooled requests the forwarder has awaiting a confirm at once.
+    pub forward_in_flight: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -367,6 +386,29 @@ impl Settings {
             "collector.write_keys",
             "needs at least one source = \"key\" (or INGEST__COLLECTOR__WRITE_KEYS__<SOURCE>)",
         )?;
+        if c.spool.enabled {
+            let largest = c.max_batch_bytes.max(c.max_event_bytes) as u64;
+            check(
+                c.spool.segment_bytes >= largest,
+                "collector.spool.segment_bytes",
+                "must be >= collector.max_batch_bytes, so that any request fits in a segment",
+            )?;
+            check(
+                c.spool.max_bytes >= c.spool.segment_bytes,
+                "collector.spool.max_bytes",
+                "must be >= collector.spool.segment_bytes",
+            )?;
+            check(
+                c.spool.forward_in_flight > 0,
+                "collector.spool.forward_in_flight",
+                "must be > 0",
+            )?;
+            check(
+                !c.spool.dir.as_os_str().is_empty(),
+                "collector.spool.dir",
+                "must not be empty",
+            )?;
+        }
         for (source, key) in &c.write_keys {
             if key.expose().len() < 8 {
                 return Err(SettingsError::Invalid {

@@ -1,0 +1,563 @@
+//! The collector's spool: where a request waits, on this collector's disk, while the broker
+//! cannot confirm it.
+//!
+//! An append-only log of segment files (`<seq>.spool`, in order) in one directory, which a lock
+//! file keeps to one collector. Requests hand their frame to one writer thread, which appends
+//! what has queued up meanwhile and fsyncs once for all of it (group commit) before any of them
+//! is answered. The forwarder ([`forward`]) publishes the frames with confirms, oldest first,
+//! and a segment is deleted once every frame in it is confirmed. On start the directory is read
+//! back: a torn or corrupt frame and whatever follows it in its segment are dropped (a crash can
+//! only tear the last frame, never answered), everything before is forwarded. The bytes on disk
+//! are bounded by `max_bytes`: past it, [`Spool::append`] refuses and the request gets 503.
+
+pub mod forward;
+pub mod record;
+
+use std::collections::VecDeque;
+use std::fs::{File, OpenOptions};
+use std::io::{self, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use ingest_pipeline::settings::SpoolSettings;
+use tokio::sync::{mpsc, oneshot, Notify};
+
+use self::record::{Bad, Entry, Reader, Record};
+
+/// Frames the writer takes in one group, at most (bytes): one write and one fsync.
+const GROUP_BYTES: usize = 8 << 20;
+/// Room for a frame's header and metadata beside its body (a user agent of 512 characters,
+/// escaped, is at most about 3 KiB of it).
+const FRAME_OVERHEAD: usize = 16 << 10;
+const SUFFIX: &str = "spool";
+
+#[derive(Debug, thiserror::Error)]
+pub enum SpoolError {
+    #[error("the spool is full ({max_bytes} bytes)")]
+    Full { max_bytes: u64 },
+    #[error("the spool could not write: {0}")]
+    Write(String),
+    #[error("the spool's writer has stopped")]
+    Stopped,
+    #[error("cannot open the spool in {dir}: {reason}")]
+    Open { dir: PathBuf, reason: String },
+}
+
+impl SpoolError {
+    /// For `collector_load_shed_total{reason}`.
+    pub fn shed_reason(&self) -> &'static str {
+        match self {
+            Self::Full { .. } => "spool_full",
+            _ => "spool_error",
+        }
+    }
+}
+
+/// A handle on the spool; clones share it.
+#[derive(Clone)]
+pub struct Spool {
+    shared: Arc<Shared>,
+    appends: mpsc::UnboundedSender<Append>,
+}
+
+/// What the writer thread, the forwarder and requests share.
+struct Shared {
+    dir: PathBuf,
+    max_bytes: u64,
+    segment_bytes: u64,
+    /// The largest frame a request can make: what reading back may allocate for one.
+    max_payload: usize,
+    state: Mutex<State>,
+    /// Raised when frames became durable or the forwarder may delete a segment.
+    changed: Notify,
+    /// Held while the spool is open: one collector per directory.
+    _lock: File,
+}
+
+/// A segment file, oldest first in [`State::segments`].
+#[derive(Debug)]
+struct Segment {
+    seq: u64,
+    /// Bytes of whole frames, fsync'd.
+    len: u64,
+    /// Bytes from its start that the broker has confirmed.
+    forwarded: u64,
+    /// Frames in it, and how many of them the broker has confirmed.
+    records: u64,
+    forwarded_records: u64,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    segments: VecDeque<Segment>,
+    /// The segment the writer appends to; `None`: the next group opens a new one.
+    active: Option<u64>,
+    /// The writer is appending to the active segment now (it must not be deleted).
+    writing: bool,
+    next_seq: u64,
+    /// Bytes on disk plus those reserved by appends under way.
+    bytes: u64,
+    /// Frames not yet confirmed by the broker.
+    records: u64,
+    /// When the oldest frame not yet confirmed was spooled (Unix ms), if any.
+    oldest_ms: Option<u64>,
+}
+
+struct Append {
+    frame: Vec<u8>,
+    spooled_at_ms: u64,
+    done: oneshot::Sender<Result<(), String>>,
+}
+
+/// A stretch of one segment that the forwarder is to publish.
+#[derive(Debug, Clone)]
+pub struct Chunk {
+    pub seq: u64,
+    pub path: PathBuf,
+    pub from: u64,
+    pub to: u64,
+}
+
+/// What reading the spool back on start found.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Recovered {
+    pub segments: usize,
+    pub records: u64,
+    pub bytes: u64,
+    /// Torn or corrupt frames found, each with whatever followed it in its segment.
+    pub dropped: Vec<String>,
+}
+
+impl Spool {
+    /// Opens (creating it if need be) and recovers the spool in `settings.dir`, and starts its
+    /// writer thread. `max_request_bytes` is the largest body a request may have.
+    pub fn open(
+        settings: &SpoolSettings,
+        max_request_bytes: usize,
+    ) -> Result<(Self, Recovered), SpoolError> {
+        let dir = settings.dir.clone();
+        let open_error = |reason: String| SpoolError::Open {
+            dir: dir.clone(),
+            reason,
+        };
+        std::fs::create_dir_all(&dir).map_err(|e| open_error(e.to_string()))?;
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(dir.join("LOCK"))
+            .map_err(|e| open_error(e.to_string()))?;
+        lock.try_lock().map_err(|e| {
+            open_error(format!(
+                "it is locked by another process (one collector per spool directory): {e}"
+            ))
+        })?;
+        let max_payload = max_request_bytes.saturating_add(FRAME_OVERHEAD);
+        let (state, recovered) =
+            recover(&dir, max_payload).map_err(|e| open_error(e.to_string()))?;
+        let shared = Arc::new(Shared {
+            dir,
+            max_bytes: settings.max_bytes,
+            segment_bytes: settings.segment_bytes,
+            max_payload,
+            state: Mutex::new(state),
+            changed: Notify::new(),
+            _lock: lock,
+        });
+        shared.update_gauges(&shared.lock());
+        metrics::gauge!("collector_spool_max_bytes").set(settings.max_bytes as f64);
+        let (appends, queued) = mpsc::unbounded_channel();
+        let writer = shared.clone();
+        std::thread::Builder::new()
+            .name("spool-writer".into())
+            .spawn(move || write_loop(&writer, queued))
+            .map_err(|e| SpoolError::Open {
+                dir: settings.dir.clone(),
+                reason: format!("cannot start the writer thread: {e}"),
+            })?;
+        Ok((Self { shared, appends }, recovered))
+    }
+
+    /// Appends a request and returns once it is fsync'd, or why it was not spooled.
+    pub async fn append(&self, entry: &Entry, body: &[u8]) -> Result<(), SpoolError> {
+        let frame = record::encode(entry, body).map_err(|e| SpoolError::Write(e.to_string()))?;
+        let size = frame.len() as u64;
+        {
+            let mut state = self.shared.lock();
+            if state.bytes.saturating_add(size) > self.shared.max_bytes {
+                return Err(SpoolError::Full {
+                    max_bytes: self.shared.max_bytes,
+                });
+            }
+            state.bytes += size;
+        }
+        let (done, written) = oneshot::channel();
+        let append = Append {
+            frame,
+            spooled_at_ms: entry.spooled_at_ms,
+            done,
+        };
+        if self.appends.send(append).is_err() {
+            self.shared.release(size);
+            return Err(SpoolError::Stopped);
+        }
+        // The writer releases the reservation itself when a write fails.
+        match written.await {
+            Ok(Ok(())) => {
+                metrics::counter!("collector_spool_appended_total").increment(1);
+                Ok(())
+            }
+            Ok(Err(error)) => Err(SpoolError::Write(error)),
+            Err(_) => Err(SpoolError::Stopped),
+        }
+    }
+
+    /// Whether a request of the largest size would fit now.
+    pub fn has_room(&self) -> bool {
+        let state = self.shared.lock();
+        state.bytes.saturating_add(self.shared.max_payload as u64) <= self.shared.max_bytes
+    }
+
+    /// Frames not yet confirmed by the broker.
+    pub fn records(&self) -> u64 {
+        self.shared.lock().records
+    }
+
+    /// Sets the gauges that move with time alone (the oldest frame's age).
+    pub fn refresh_gauges(&self) {
+        self.shared.update_gauges(&self.shared.lock());
+    }
+
+    /// The next stretch to forward, after deleting the segments already forwarded whole; `None`
+    /// when there is nothing to forward now.
+    fn next_chunk(&self) -> Option<Chunk> {
+        let shared = &self.shared;
+        let mut state = shared.lock();
+        loop {
+            let front = state.segments.front()?;
+            if front.forwarded < front.len {
+                return Some(Chunk {
+                    seq: front.seq,
+                    path: shared.path(front.seq),
+                    from: front.forwarded,
+                    to: front.len,
+                });
+            }
+            let seq = front.seq;
+            if state.active == Some(seq) {
+                if state.writing {
+                    return None;
+                }
+                // All forwarded, nothing being written: the next group opens a new segment.
+                state.active = None;
+            }
+            if let Some(segment) = state.segments.pop_front() {
+                state.bytes = state.bytes.saturating_sub(segment.len);
+                if let Err(error) = std::fs::remove_file(shared.path(seq)) {
+                    tracing::error!(%error, segment = seq, "cannot delete a forwarded spool segment; it will be forwarded again after a restart");
+                }
+            }
+            if state.segments.is_empty() {
+                state.oldest_ms = None;
+            }
+            shared.update_gauges(&state);
+        }
+    }
+
+    /// The broker confirmed `records` frames of `chunk`, `bytes` long from its start.
+    fn forwarded(&self, chunk: &Chunk, records: u64, bytes: u64, next_oldest_ms: Option<u64>) {
+        let mut state = self.shared.lock();
+        if let Some(segment) = state.segments.iter_mut().find(|s| s.seq == chunk.seq) {
+            segment.forwarded = (chunk.from + bytes).min(segment.len);
+            segment.forwarded_records += records;
+        }
+        state.records = state.records.saturating_sub(records);
+        if let Some(oldest) = next_oldest_ms {
+            state.oldest_ms = Some(oldest);
+        } else if state.records == 0 {
+            state.oldest_ms = None;
+        }
+        self.shared.update_gauges(&state);
+    }
+
+    /// The oldest frame not yet confirmed was spooled at `ms`.
+    fn note_oldest(&self, ms: u64) {
+        let mut state = self.shared.lock();
+        state.oldest_ms = Some(ms);
+        self.shared.update_gauges(&state);
+    }
+
+    /// What follows `chunk.from + good` in its segment cannot be read: it is given up.
+    fn skip_rest(&self, chunk: &Chunk, good: u64, bad: &Bad) {
+        tracing::error!(segment = chunk.seq, offset = chunk.from + good, error = %bad, "a spooled record cannot be read back; the rest of its segment is dropped");
+        metrics::counter!("collector_spool_dropped_total", "reason" => bad.kind()).increment(1);
+        let mut state = self.shared.lock();
+        let mut dropped_from = None;
+        let mut lost = 0;
+        if let Some(segment) = state.segments.iter_mut().find(|s| s.seq == chunk.seq) {
+            segment.forwarded = segment.len;
+            lost = segment.records.saturating_sub(segment.forwarded_records);
+            segment.forwarded_records = segment.records;
+            dropped_from = Some(segment.seq);
+        }
+        state.records = state.records.saturating_sub(lost);
+        // Sealed: the writer must not append after a stretch that cannot be read.
+        if state.active == dropped_from {
+            state.active = None;
+        }
+        drop(state);
+        self.shared.changed.notify_one();
+    }
+
+    /// Raised when there may be something new to forward.
+    async fn changed(&self) {
+        self.shared.changed.notified().await;
+    }
+
+    fn max_payload(&self) -> usize {
+        self.shared.max_payload
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.shared.dir
+    }
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding it cannot leave the counts half-updated in a way that matters
+        // more than stopping every request would.
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn path(&self, seq: u64) -> PathBuf {
+        segment_path(&self.dir, seq)
+    }
+
+    fn release(&self, bytes: u64) {
+        let mut state = self.lock();
+        state.bytes = state.bytes.saturating_sub(bytes);
+    }
+
+    fn update_gauges(&self, state: &State) {
+        metrics::gauge!("collector_spool_bytes").set(state.bytes as f64);
+        metrics::gauge!("collector_spool_records").set(state.records as f64);
+        metrics::gauge!("collector_spool_segments").set(state.segments.len() as f64);
+        let age = state
+            .oldest_ms
+            .map(|oldest| record::now_ms().saturating_sub(oldest) as f64 / 1000.0)
+            .unwrap_or(0.0);
+        metrics::gauge!("collector_spool_oldest_age_seconds").set(age);
+    }
+}
+
+fn segment_path(dir: &Path, seq: u64) -> PathBuf {
+    dir.join(format!("{seq:020}.{SUFFIX}"))
+}
+
+/// Reads every segment back, oldest first. A segment is cut at its first bad frame (and the cut
+/// made durable); one left empty is deleted.
+fn recover(dir: &Path, max_payload: usize) -> io::Result<(State, Recovered)> {
+    let mut seqs: Vec<u64> = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        if path.extension().and_then(|e| e.to_str()) != Some(SUFFIX) {
+            continue;
+        }
+        if let Some(seq) = path
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .and_then(|s| s.parse().ok())
+        {
+            seqs.push(seq);
+        }
+    }
+    seqs.sort_unstable();
+    let mut state = State {
+        next_seq: seqs.last().map_or(0, |last| last + 1),
+        ..State::default()
+    };
+    let mut recovered = Recovered::default();
+    for seq in seqs {
+        let path = segment_path(dir, seq);
+        let mut reader = Reader::new(BufReader::new(File::open(&path)?), max_payload);
+        let mut len = 0u64;
+        let mut records = 0u64;
+        let mut first_ms = None;
+        let bad = loop {
+            match reader.next_record() {
+                Ok(Some(Record { entry, bytes, .. })) => {
+                    len += bytes;
+                    records += 1;
+                    first_ms.get_or_insert(entry.spooled_at_ms);
+                }
+                Ok(None) => break None,
+                Err(bad) => break Some(bad),
+            }
+        };
+        if let Some(bad) = bad {
+            let file = OpenOptions::new().write(true).open(&path)?;
+            let size = file.metadata()?.len();
+            file.set_len(len)?;
+            file.sync_all()?;
+            metrics::counter!("collector_spool_dropped_total", "reason" => bad.kind()).increment(1);
+            let what = format!(
+                "{}: {bad} at byte {len}; {} bytes dropped",
+                path.display(),
+                size - len
+            );
+            tracing::warn!("{what}");
+            recovered.dropped.push(what);
+        }
+        if records == 0 {
+            std::fs::remove_file(&path)?;
+            continue;
+        }
+        recovered.segments += 1;
+        recovered.records += records;
+        recovered.bytes += len;
+        if state.oldest_ms.is_none() {
+            state.oldest_ms = first_ms;
+        }
+        state.segments.push_back(Segment {
+            seq,
+            len,
+            forwarded: 0,
+            records,
+            forwarded_records: 0,
+        });
+    }
+    state.bytes = recovered.bytes;
+    state.records = recovered.records;
+    sync_dir(dir)?;
+    Ok((state, recovered))
+}
+
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// The writer thread: takes what has queued up, appends it, fsyncs once, answers each.
+fn write_loop(shared: &Shared, mut queued: mpsc::UnboundedReceiver<Append>) {
+    let mut file: Option<(u64, File)> = None;
+    while let Some(first) = queued.blocking_recv() {
+        let mut group = vec![first];
+        let mut bytes = group[0].frame.len();
+        while bytes < GROUP_BYTES {
+            match queued.try_recv() {
+                Ok(append) => {
+                    bytes += append.frame.len();
+                    group.push(append);
+                }
+                Err(_) => break,
+            }
+        }
+        let outcome = write_group(shared, &mut file, &group);
+        if outcome.is_err() {
+            metrics::counter!("collector_spool_write_errors_total").increment(1);
+        }
+        for append in group {
+            let _ = append.done.send(outcome.clone());
+        }
+    }
+}
+
+fn write_group(
+    shared: &Shared,
+    file: &mut Option<(u64, File)>,
+    group: &[Append],
+) -> Result<(), String> {
+    let size: u64 = group.iter().map(|a| a.frame.len() as u64).sum();
+    let (seq, start) = {
+        let mut state = shared.lock();
+        let current = file
+            .as_ref()
+            .map(|(seq, _)| *seq)
+            .filter(|seq| state.active == Some(*seq));
+        let current_len =
+            current.and_then(|seq| state.segments.iter().find(|s| s.seq == seq).map(|s| s.len));
+        let reuse = match current_len {
+            Some(len) => len == 0 || len + size <= shared.segment_bytes,
+            None => false,
+        };
+        if !reuse {
+            let seq = state.next_seq;
+            let opened = OpenOptions::new()
+                .create_new(true)
+                .append(true)
+                .open(shared.path(seq))
+                .and_then(|f| sync_dir(&shared.dir).map(|()| f));
+            match opened {
+                Ok(f) => {
+                    state.next_seq += 1;
+                    state.segments.push_back(Segment {
+                        seq,
+                        len: 0,
+                        forwarded: 0,
+                        records: 0,
+                        forwarded_records: 0,
+                    });
+                    state.active = Some(seq);
+                    *file = Some((seq, f));
+                }
+                Err(error) => {
+                    state.bytes = state.bytes.saturating_sub(size);
+                    return Err(format!("cannot create a segment: {error}"));
+                }
+            }
+        }
+        state.writing = true;
+        let seq = state.active.unwrap_or_default();
+        let start = state
+            .segments
+            .iter()
+            .find(|s| s.seq == seq)
+            .map_or(0, |s| s.len);
+        (seq, start)
+    };
+    let Some((_, f)) = file.as_mut() else {
+        return Err("no segment open".into());
+    };
+    let started = std::time::Instant::now();
+    let written = group
+        .iter()
+        .try_for_each(|a| f.write_all(&a.frame))
+        .and_then(|()| f.sync_data());
+    metrics::histogram!("collector_spool_sync_seconds").record(started.elapsed().as_secs_f64());
+    let mut state = shared.lock();
+    state.writing = false;
+    let result = match written {
+        Ok(()) => {
+            if let Some(segment) = state.segments.iter_mut().find(|s| s.seq == seq) {
+                segment.len = start + size;
+                segment.records += group.len() as u64;
+            }
+            state.records += group.len() as u64;
+            if state.oldest_ms.is_none() {
+                state.oldest_ms = group.first().map(|a| a.spooled_at_ms);
+            }
+            Ok(())
+        }
+        Err(error) => {
+            // Cut back what may have been written, and start a new segment next time.
+            let _ = f.set_len(start);
+            state.active = None;
+            state.bytes = state.bytes.saturating_sub(size);
+            Err(error.to_string())
+        }
+    };
+    shared.update_gauges(&state);
+    drop(state);
+    shared.changed.notify_one();
+    result
+}
+
+/// How long the forwarder waits between two attempts when publishing fails.
+pub const FORWARD_RETRY: (Duration, Duration) =
+    (Duration::from_millis(100), Duration::from_secs(5));
+
+#[cfg(test)]
+mod tests;
