@@ -280,6 +280,10 @@ if cl_one and cl_three:
     w(f"| 7. collector on a three-node cluster vs one node, c=128 (req/s; the nodes share 2 cores) | {cl_three['requests_per_s']:.0f} | {cl_one['requests_per_s']:.0f} | {cl_three['requests_per_s'] / cl_one['requests_per_s']:.2f} | | measured |")
 cl_status = text("cluster-chaos-status.txt") if os.path.exists(os.path.join(r, "cluster-chaos-status.txt")) else "not run"
 w(f"| 8. cluster failover (leader, follower, frozen node, collector, worker): every 2xx'd event in MongoDB once | test {cl_status} | | | passes | {'**met**' if cl_status == 'passed' else '**missed**'} |")
+sp_up, sp_down = maybe("spool-up-c128.json"), maybe("spool-down-c128.json")
+if sp_up and sp_down:
+    sp_refused = sum((sp_down.get("refused") or {}).values())
+    w(f"| 9. collector spooling every request (no broker) vs the broker up, c=128 (req/s; non-2xx while spooling: {sp_refused}) | {sp_down['requests_per_s']:.0f} | {sp_up['requests_per_s']:.0f} | {sp_down['requests_per_s'] / sp_up['requests_per_s']:.2f} | | measured |")
 w("")
 w("![throughput](bench/plots/throughput.png)")
 w("")
@@ -544,6 +548,44 @@ for l in lines:
         w(f"Test **{status}**. {l[len('cluster result: '):]}")
 if not lines:
     w(f"Test {status}; no figures (see the run's `cluster-chaos.log`).")
+w("")
+w("## 9. The spool: accepting while the broker is away")
+w("")
+w("The collector with `collector.spool` on, same client and bodies as section 7: closed loop at 128 concurrent")
+w(f"requests for {env['BENCH_SWEEP_SECS']} s, then open loop at 50% of the collector's best rate for {env['BENCH_LAT_SECS']} s. First with the")
+w("broker up (the spool unused), then with no broker at all, so that every request is fsync'd to the spool (group")
+w("commit) and answered 200. Then a collector started on the same spool with the broker up: how long its")
+w("forwarder took to publish everything spooled, with confirms. The spool is on this machine's disk, shared")
+w("with everything else.")
+w("")
+w("| broker | req/s at c=128 | p99 ms at c=128 | collector CPU µs/request | open loop rate | p50 ms | p99 ms | non-2xx |")
+w("|---|---|---|---|---|---|---|---|")
+for mode, label in (("up", "up (spool unused)"), ("down", "away (every request spooled)")):
+    c128, half = maybe(f"spool-{mode}-c128.json"), maybe(f"spool-{mode}-half.json")
+    if not c128 or not half:
+        w(f"| {label} | not measured | | | | | | |")
+        continue
+    refused = sum((c128.get("refused") or {}).values()) + sum((half.get("refused") or {}).values())
+    w(f"| {label} | {c128['requests_per_s']:.0f} | {c128['latency_ms']['p99']:.1f} | {us(cpu_us(f'spool-{mode}-c128'))} | "
+      f"{half['sent'] / half['seconds']:.0f} req/s | {half['latency_ms']['p50']:.1f} | {half['latency_ms']['p99']:.1f} | {refused} |")
+up, down = maybe("spool-up-c128.json"), maybe("spool-down-c128.json")
+if up and down:
+    w("")
+    w(f"Spooling / broker up, closed loop: **{down['requests_per_s'] / up['requests_per_s']:.2f}** of the throughput.")
+if os.path.exists(os.path.join(r, "spool-down-metrics.txt")):
+    lines = text("spool-down-metrics.txt").splitlines()
+    buckets, total, count = histogram(lines, "collector_spool_sync_seconds")
+    appended = next((float(l.split()[1]) for l in lines if l.startswith("collector_spool_appended_total")), None)
+    if count and appended:
+        p99_text = f", p99 {bucket_quantile(buckets, count, 0.99)} ms (bucket estimate)" if buckets else ""
+        w(f"While spooling: {appended:.0f} requests in {count} writes with one fsync each, **{appended / count:.1f} requests per fsync** "
+          f"on average (group commit); a write and its fsync took {total / count * 1000:.2f} ms on average{p99_text}.")
+forward = maybe("spool-forward.json")
+if forward:
+    w("")
+    w(f"Forward: {forward['spooled']} spooled requests ({forward['bytes'] / 1e6:.0f} MB on disk) published with confirms in "
+      f"**{forward['seconds']} s** ({forward['per_s']} requests/s) from the collector's start on the broker's return; "
+      f"{forward['left']} left in the spool, {forward['raw_depth']} messages in the raw queue after it (no worker ran).")
 w("")
 notes = os.path.join(os.getcwd(), "bench", "notes.md")
 if os.path.exists(notes):

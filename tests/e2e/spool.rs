@@ -165,6 +165,14 @@ async fn with_the_spool_on_a_30_s_broker_outage_under_load_gets_no_503_and_every
     assert!(spooled > 0.0, "nothing in the spool after a 30 s outage");
     let age = metric(&url, "collector_spool_oldest_age_seconds").await;
     assert!(age >= 20.0, "oldest spooled request {age} s old after 30 s");
+    // The Nagios check warns on the age, and pages on it past -c.
+    let (code, line) =
+        ingestctl_async(&s, &["check", "--spool", &url, "-w", "10", "-c", "600"]).await;
+    assert_eq!(code, 1, "{line}");
+    assert!(line.starts_with("SPOOL WARNING"), "{line}");
+    let (code, line) =
+        ingestctl_async(&s, &["check", "--spool", &url, "-w", "5", "-c", "15"]).await;
+    assert_eq!(code, 2, "{line}");
     tokio::task::block_in_place(|| node.resume());
     let back = Instant::now();
     let drained = spool_drains(&url, Duration::from_secs(120)).await;
@@ -173,6 +181,8 @@ async fn with_the_spool_on_a_30_s_broker_outage_under_load_gets_no_503_and_every
         drained, back.duration_since(stopped + Duration::from_secs(30))
     );
     assert!(drained.is_some(), "the spool did not drain");
+    let (code, line) = ingestctl_async(&s, &["check", "--spool", &url, "-w", "10"]).await;
+    assert_eq!(code, 0, "{line}");
     tokio::time::sleep(Duration::from_secs(5)).await;
     stop_load(load, &recorder).await;
     let outcomes = recorder.outcomes();
