@@ -1,7 +1,8 @@
 //! The collector's body checks (`body.rs`): capped gunzip, UTF-8, depth, sizes, batch shape.
 //! The first byte picks the endpoint and whether the rest is gzip. Beyond "no panic", one
 //! property: whatever the collector accepts, the worker's parser (serde_json into a `Value`)
-//! reads as a JSON object, so an accepted request never becomes an undecodable payload.
+//! reads as a JSON object, so an accepted request never becomes an undecodable payload, and
+//! every event of an accepted batch has a type the worker knows and a usable `messageId`.
 #![no_main]
 
 use collector::body::{gunzip_limited, inspect, Limits};
@@ -54,6 +55,13 @@ fuzz_target!(|data: &[u8]| {
                     .expect("accepted without a batch");
                 assert_eq!(batch.len(), inspected.events);
                 assert!(batch.iter().all(|e| e.is_object()));
+                // And with a type the worker knows and a messageId it can key (or none).
+                for event in batch {
+                    let kind = event["type"].as_str().expect("accepted without a type");
+                    assert!(ENDPOINTS[1..].contains(&kind), "accepted type {kind:?}");
+                    let id = &event["messageId"];
+                    assert!(id.is_null() || id.is_string(), "accepted messageId {id}");
+                }
             }
         }
         Err(error) => assert!(error.status().is_client_error(), "{error}"),

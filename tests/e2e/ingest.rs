@@ -507,7 +507,11 @@ async fn a_batch_with_a_too_large_and_a_non_object_event_stores_the_rest_and_nam
     let _worker = Worker::start(&s);
     let mut big = product_viewed("pe-big");
     big["properties"]["blob"] = json!("x".repeat(40_000));
-    let body = json!({"batch": [product_viewed("pe-1"), big, 7, screen("pe-2")]});
+    let mut bad_type = product_viewed("pe-bad-type");
+    bad_type["type"] = json!("Track");
+    let mut bad_id = product_viewed("pe-bad-id");
+    bad_id["messageId"] = json!(42);
+    let body = json!({"batch": [product_viewed("pe-1"), big, 7, screen("pe-2"), bad_type, bad_id]});
     let url = format!("{}/v1/batch", collector.url);
     let post = |body: serde_json::Value| {
         http()
@@ -526,26 +530,41 @@ async fn a_batch_with_a_too_large_and_a_non_object_event_stores_the_rest_and_nam
         .iter()
         .map(|r| (r["index"].as_u64().unwrap(), r["code"].as_str().unwrap()))
         .collect();
-    assert_eq!(refused, vec![(1, "event_too_large"), (2, "not_an_object")]);
+    assert_eq!(
+        refused,
+        vec![
+            (1, "event_too_large"),
+            (2, "not_an_object"),
+            (4, "bad_type"),
+            (5, "bad_message_id")
+        ]
+    );
     assert!(answer["refused"][0]["message"]
         .as_str()
         .unwrap()
         .contains("32768"));
 
-    let filter = doc! {"messageId": {"$in": ["pe-1", "pe-2", "pe-big"]}};
+    let filter = doc! {"messageId": {"$in": ["pe-1", "pe-2", "pe-big", "pe-bad-type"]}};
     assert_eq!(wait_for_count(&s, filter.clone(), 2, LAND).await, 2);
     let invalid = format!("{}.invalid", s.broker.prefix);
     let amqp = s.broker.url.expose().to_owned();
-    assert!(eventually(LAND, || async { depth(&amqp, &invalid).await >= 2 }).await);
+    assert!(eventually(LAND, || async { depth(&amqp, &invalid).await >= 4 }).await);
     let mut records = drain_json(&amqp, &invalid).await;
     records.sort_by_key(|r| r["reason"].as_str().unwrap_or_default().to_owned());
-    assert_eq!(records.len(), 2, "{records:?}");
-    assert_eq!(records[0]["reason"], "schema");
-    assert_eq!(records[0]["event"], 7);
-    assert_eq!(records[1]["reason"], "too_large");
-    let kept = records[1]["event"].as_str().expect("the cut JSON");
+    assert_eq!(records.len(), 4, "{records:?}");
+    // The worker finds the events refused for their shape or type by itself.
+    let schema: Vec<&serde_json::Value> = records[..3].iter().map(|r| &r["event"]).collect();
+    assert!(
+        records[..3].iter().all(|r| r["reason"] == "schema"),
+        "{records:?}"
+    );
+    assert!(schema.contains(&&json!(7)), "{schema:?}");
+    assert!(schema.iter().any(|e| e["type"] == "Track"), "{schema:?}");
+    assert!(schema.iter().any(|e| e["messageId"] == 42), "{schema:?}");
+    assert_eq!(records[3]["reason"], "too_large");
+    let kept = records[3]["event"].as_str().expect("the cut JSON");
     assert!(kept.len() < 2_000 && kept.contains("pe-big"), "{kept}");
-    assert!(records[1]["errors"][0]["message"]
+    assert!(records[3]["errors"][0]["message"]
         .as_str()
         .unwrap()
         .contains("bytes as sent"));

@@ -243,6 +243,32 @@ mod tests {
         let err = inspect(Endpoint::Batch, br#"{"batch":[{},[1e400]]}"#, &partial)
             .expect_err("malformed");
         assert!(matches!(err, CaptureError::MalformedJson(_)), "{err}");
+        // An event the worker could not use, whatever the tracking plan, is refused alone too:
+        // no `type` (or `null`), one it does not know, a `messageId` that is not a string.
+        let body = r#"{"batch":[{"type":"track","messageId":"m-1"},{"event":"x"},{"type":null},{"type":"Track"},{"type":7},{"type":"page","messageId":42},{"type":"page","messageId":null},{"type":"x","type":"screen"}]}"#;
+        let got = inspect(Endpoint::Batch, body.as_bytes(), &partial).expect("accepted");
+        let refused: Vec<(usize, &str)> = got.refused.iter().map(|r| (r.index, r.code())).collect();
+        assert_eq!(
+            refused,
+            vec![
+                (1, "bad_type"),
+                (2, "bad_type"),
+                (3, "bad_type"),
+                (4, "bad_type"),
+                (5, "bad_message_id")
+            ]
+        );
+        assert_eq!(
+            got.events, 3,
+            "a null messageId is derived; the last `type` counts"
+        );
+        assert!(
+            got.refused[2].error.to_string().contains(r#""Track""#),
+            "{}",
+            got.refused[2].error
+        );
+        let err = inspect(Endpoint::Batch, body.as_bytes(), &whole).expect_err("strict");
+        assert_eq!(err.status().as_u16(), 400);
         // An empty batch stays accepted with no events.
         let got = inspect(Endpoint::Batch, br#"{"batch":[]}"#, &partial).expect("empty");
         assert_eq!((got.events, got.refused.len()), (0, 0));
@@ -259,7 +285,10 @@ mod tests {
         assert_eq!(status(Endpoint::Batch, br#"{"batch":[1]}"#), Err(400));
         assert_eq!(status(Endpoint::Batch, br#"{"nobatch":[]}"#), Err(400));
         assert_eq!(
-            status(Endpoint::Batch, br#"{"batch":[{},{},{},{}]}"#),
+            status(
+                Endpoint::Batch,
+                br#"{"batch":[{"type":"page"},{"type":"page"},{"type":"page"},{"type":"page"}]}"#
+            ),
             Err(413)
         );
         assert_eq!(status(Endpoint::Track, br#"{"event":"x""#), Err(400));
@@ -322,7 +351,7 @@ mod tests {
         // The body, the batch and the event are three levels.
         let event = |levels: usize| {
             let nested = format!("{}{}", "[".repeat(levels), "]".repeat(levels));
-            format!(r#"{{"batch":[{{"a":{nested}}}]}}"#)
+            format!(r#"{{"batch":[{{"type":"track","a":{nested}}}]}}"#)
         };
         assert!(inspect(Endpoint::Batch, event(MAX_DEPTH - 3).as_bytes(), &limits).is_ok());
         let err = inspect(Endpoint::Batch, event(MAX_DEPTH - 2).as_bytes(), &limits)
@@ -421,9 +450,9 @@ mod tests {
         ] {
             // `null` is counted as absent: a worker may treat it so (Segment's API does).
             for event in [
-                "{}",
-                r#"{"context":{"app":{}}}"#,
-                r#"{"context":null,"integrations":null}"#,
+                r#"{"type":"track"}"#,
+                r#"{"type":"track","context":{"app":{}}}"#,
+                r#"{"type":"track","context":null,"integrations":null}"#,
             ] {
                 let body = batch_sharing(&shared, event, 10);
                 assert!(body.len() < ROOMY.max_batch_bytes, "{body}");
@@ -440,9 +469,9 @@ mod tests {
         // Every event has its own `blob` (an escaped key is the same key), or a `context` that
         // is not an object: the worker copies nothing into them.
         for event in [
-            r#"{"context":{"blob":1}}"#,
-            r#"{"context":{"\u0062lob":1}}"#,
-            r#"{"context":[]}"#,
+            r#"{"type":"track","context":{"blob":1}}"#,
+            r#"{"type":"track","context":{"\u0062lob":1}}"#,
+            r#"{"type":"track","context":[]}"#,
         ] {
             let body = batch_sharing(&shared, event, 10);
             assert!(
@@ -452,7 +481,7 @@ mod tests {
         }
         // Shared integrations go only to events without their own.
         let shared = format!(r#""integrations":{{"All":"{}"}}"#, "x".repeat(200));
-        let body = batch_sharing(&shared, r#"{"integrations":{}}"#, 10);
+        let body = batch_sharing(&shared, r#"{"type":"track","integrations":{}}"#, 10);
         assert!(inspect(Endpoint::Batch, body.as_bytes(), &ROOMY).is_ok());
     }
 
@@ -465,7 +494,11 @@ mod tests {
         assert!(body.len() <= ROOMY.max_batch_bytes);
         assert!(inspect(Endpoint::Batch, body.as_bytes(), &ROOMY).is_ok());
         // A small shared context that the events lack, well inside the limit once copied.
-        let body = batch_sharing(r#""context":{"library":{"name":"x"}}"#, "{}", 10);
+        let body = batch_sharing(
+            r#""context":{"library":{"name":"x"}}"#,
+            r#"{"type":"track"}"#,
+            10,
+        );
         assert!(inspect(Endpoint::Batch, body.as_bytes(), &ROOMY).is_ok());
     }
 
@@ -515,11 +548,12 @@ mod tests {
 
     #[test]
     fn expanded_size_is_an_upper_bound_within_a_few_bytes_per_event_of_the_merge() {
+        // Partial: an event without a type is refused alone, and still counted.
         let limits = Limits {
             max_event_bytes: 1 << 20,
             max_batch_bytes: usize::MAX,
             max_batch_events: 1000,
-            partial_batches: false,
+            partial_batches: true,
         };
         // `null` fields are counted as sent: an event's own, though the merge drops them, and
         // shared `integrations`, which a worker may copy as they are.

@@ -42,6 +42,8 @@ pub async fn serve(
     // The spool's forwarder outlives the requests: it stops once the spool is drained, or the
     // grace time is over, or the broker is away.
     let forwarding = CancellationToken::new();
+    // Whatever way `serve` returns, the spool's tasks end and let go of it (and its lock).
+    let _forwarding = forwarding.clone().drop_guard();
     let spool = if c.spool.enabled {
         Some(open_spool(&settings, &publisher, &forwarding).await?)
     } else {

@@ -57,16 +57,22 @@ pub struct Refused {
     /// Its size as sent.
     pub bytes: usize,
     pub error: CaptureError,
+    code: &'static str,
 }
 
+/// Codes of the events refused alone, beside [`RefusedEvent::TOO_LARGE`].
+pub const NOT_AN_OBJECT: &str = "not_an_object";
+pub const BAD_TYPE: &str = "bad_type";
+pub const BAD_MESSAGE_ID: &str = "bad_message_id";
+
+/// The event types a batch element may have: what the worker can store and validate.
+const TYPES: [&str; 6] = ["track", "identify", "page", "screen", "group", "alias"];
+
 impl Refused {
-    /// Its code in the answer and in the raw message's header: `event_too_large` or
-    /// `not_an_object`.
+    /// Its code in the answer (and, for [`RefusedEvent::TOO_LARGE`], in the raw message's
+    /// header): `event_too_large`, `not_an_object`, `bad_type` or `bad_message_id`.
     pub fn code(&self) -> &'static str {
-        match self.error {
-            CaptureError::EventTooLarge { .. } => RefusedEvent::TOO_LARGE,
-            _ => "not_an_object",
-        }
+        self.code
     }
 }
 
@@ -77,6 +83,9 @@ pub struct EventFields<'a> {
     pub context: OwnContext<'a>,
     /// Whether it has non-null `integrations`.
     pub has_integrations: bool,
+    /// Why the worker could not use it, whatever the tracking plan: its `type` missing or not
+    /// one it knows, its `messageId` not a string.
+    pub unusable: Option<(&'static str, String)>,
 }
 
 pub enum OwnContext<'a> {
@@ -348,6 +357,7 @@ impl<'de> Visitor<'de> for Events<'_> {
                     index,
                     bytes: json.len(),
                     error: refusal,
+                    code: NOT_AN_OBJECT,
                 });
                 continue;
             }
@@ -360,9 +370,21 @@ impl<'de> Visitor<'de> for Events<'_> {
                 .and_then(|fields| deserializer.end().map(|()| fields))
                 .map_err(A::Error::custom)?;
             // After the parse: an event wrong in its JSON is a 400 whatever its size.
-            if json.len() > limits.max_event_bytes {
+            let refusal = if json.len() > limits.max_event_bytes {
                 let limit = limits.max_event_bytes;
-                let refusal = CaptureError::EventTooLarge { index, limit };
+                Some((
+                    RefusedEvent::TOO_LARGE,
+                    CaptureError::EventTooLarge { index, limit },
+                ))
+            } else {
+                fields.unusable.as_ref().map(|(code, why)| {
+                    (
+                        *code,
+                        CaptureError::BadRequest(format!("batch[{index}] {why}")),
+                    )
+                })
+            };
+            if let Some((code, refusal)) = refusal {
                 if !limits.partial_batches {
                     return Err(refuse(self.refusal, refusal));
                 }
@@ -370,6 +392,7 @@ impl<'de> Visitor<'de> for Events<'_> {
                     index,
                     bytes: json.len(),
                     error: refusal,
+                    code,
                 });
             }
             batch.events.push(fields);
@@ -411,16 +434,41 @@ impl<'de> Visitor<'de> for Event<'_> {
             bytes: self.bytes,
             context: OwnContext::Absent,
             has_integrations: false,
+            unusable: None,
         };
+        // The last of a key sent twice counts, as in the worker's parse; `null` is absent.
+        let mut kind = Text::Null;
+        let mut message_id = Text::Null;
         while let Some(key) = map.next_key::<Key<'de>>()? {
             match key.0.as_ref() {
                 "context" => fields.context = map.next_value_seed(ContextKeys(inside))?,
                 "integrations" => {
                     fields.has_integrations = map.next_value_seed(NotNull(inside))?;
                 }
+                "type" => kind = map.next_value_seed(TextSeed(inside))?,
+                "messageId" => message_id = map.next_value_seed(TextSeed(inside))?,
                 _ => map.next_value_seed(inside)?,
             }
         }
+        fields.unusable = match (kind, message_id) {
+            (Text::Null, _) => Some((BAD_TYPE, "has no `type`".to_owned())),
+            (Text::Other, _) => Some((BAD_TYPE, "has a `type` that is not a string".to_owned())),
+            (Text::Str(kind), _) if !TYPES.contains(&kind.as_ref()) => {
+                let shown: String = kind.chars().take(40).collect();
+                Some((
+                    BAD_TYPE,
+                    format!(
+                        "has the unknown `type` {shown:?} (expected one of {})",
+                        TYPES.join(", ")
+                    ),
+                ))
+            }
+            (_, Text::Other) => Some((
+                BAD_MESSAGE_ID,
+                "has a `messageId` that is not a string".to_owned(),
+            )),
+            _ => None,
+        };
         Ok(fields)
     }
 }
@@ -485,6 +533,72 @@ impl<'de> Visitor<'de> for ContextKeys<'_> {
         keys.sort_unstable();
         keys.dedup();
         Ok(OwnContext::Object(keys))
+    }
+}
+
+/// A field that should be a string: its text, `null`, or anything else (parsed all the same).
+enum Text<'a> {
+    Null,
+    Str(Cow<'a, str>),
+    Other,
+}
+
+struct TextSeed<'s>(Any<'s>);
+
+impl<'de> DeserializeSeed<'de> for TextSeed<'_> {
+    type Value = Text<'de>;
+
+    fn deserialize<D: serde::Deserializer<'de>>(
+        self,
+        deserializer: D,
+    ) -> Result<Self::Value, D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for TextSeed<'_> {
+    type Value = Text<'de>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_unit<E>(self) -> Result<Self::Value, E> {
+        Ok(Text::Null)
+    }
+
+    fn visit_borrowed_str<E>(self, text: &'de str) -> Result<Self::Value, E> {
+        Ok(Text::Str(Cow::Borrowed(text)))
+    }
+
+    fn visit_str<E>(self, text: &str) -> Result<Self::Value, E> {
+        Ok(Text::Str(Cow::Owned(text.to_owned())))
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+        Ok(Text::Other)
+    }
+
+    fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+        Ok(Text::Other)
+    }
+
+    fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+        Ok(Text::Other)
+    }
+
+    fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+        Ok(Text::Other)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Self::Value, A::Error> {
+        self.0.visit_seq(seq)?;
+        Ok(Text::Other)
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+        self.0.visit_map(map)?;
+        Ok(Text::Other)
     }
 }
 

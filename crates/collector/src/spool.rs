@@ -21,12 +21,16 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use ingest_pipeline::settings::SpoolSettings;
-use tokio::sync::{mpsc, oneshot, Notify};
+use tokio::sync::{mpsc, oneshot, Notify, OwnedSemaphorePermit, Semaphore};
 
 use self::record::{Bad, Entry, Reader, Record};
 
 /// Frames the writer takes in one group, at most (bytes): one write and one fsync.
 const GROUP_BYTES: usize = 8 << 20;
+/// Bytes of frames waiting for the writer, at most: what a slow disk can make requests hold in
+/// memory beside their bodies (a request whose client left no longer holds its body, but its
+/// frame waits here until written).
+const QUEUED_BYTES: usize = 64 << 20;
 /// Room for a frame's header and metadata beside its body (a user agent of 512 characters,
 /// escaped, is at most about 3 KiB of it).
 const FRAME_OVERHEAD: usize = 16 << 10;
@@ -40,6 +44,8 @@ pub enum SpoolError {
     Write(String),
     #[error("the spool's writer has stopped")]
     Stopped,
+    #[error("the request is too large for the spool ({bytes} bytes)")]
+    TooLarge { bytes: usize },
     #[error("cannot open the spool in {dir}: {reason}")]
     Open { dir: PathBuf, reason: String },
 }
@@ -59,6 +65,8 @@ impl SpoolError {
 pub struct Spool {
     shared: Arc<Shared>,
     appends: mpsc::UnboundedSender<Append>,
+    /// Bytes of frames sent to the writer and not yet written ([`QUEUED_BYTES`]).
+    queued: Arc<Semaphore>,
 }
 
 /// What the writer thread, the forwarder and requests share.
@@ -66,7 +74,7 @@ struct Shared {
     dir: PathBuf,
     max_bytes: u64,
     segment_bytes: u64,
-    /// The largest frame a request can make: what reading back may allocate for one.
+    /// The largest frame a request can make.
     max_payload: usize,
     state: Mutex<State>,
     /// Raised when frames became durable or the forwarder may delete a segment.
@@ -108,6 +116,8 @@ struct Append {
     frame: Vec<u8>,
     spooled_at_ms: u64,
     done: oneshot::Sender<Result<(), String>>,
+    /// Its bytes in the queue to the writer, given back once written.
+    _queued: OwnedSemaphorePermit,
 }
 
 /// A stretch of one segment that the forwarder is to publish.
@@ -154,8 +164,7 @@ impl Spool {
             ))
         })?;
         let max_payload = max_request_bytes.saturating_add(FRAME_OVERHEAD);
-        let (state, recovered) =
-            recover(&dir, max_payload).map_err(|e| open_error(e.to_string()))?;
+        let (state, recovered) = recover(&dir).map_err(|e| open_error(e.to_string()))?;
         let shared = Arc::new(Shared {
             dir,
             max_bytes: settings.max_bytes,
@@ -176,13 +185,32 @@ impl Spool {
                 dir: settings.dir.clone(),
                 reason: format!("cannot start the writer thread: {e}"),
             })?;
-        Ok((Self { shared, appends }, recovered))
+        let queued = Arc::new(Semaphore::new(QUEUED_BYTES));
+        Ok((
+            Self {
+                shared,
+                appends,
+                queued,
+            },
+            recovered,
+        ))
     }
 
     /// Appends a request and returns once it is fsync'd, or why it was not spooled.
     pub async fn append(&self, entry: &Entry, body: &[u8]) -> Result<(), SpoolError> {
         let frame = record::encode(entry, body).map_err(|e| SpoolError::Write(e.to_string()))?;
         let size = frame.len() as u64;
+        if frame.len() > self.shared.max_payload {
+            return Err(SpoolError::TooLarge { bytes: frame.len() });
+        }
+        // A frame is at most max_payload, far below QUEUED_BYTES and u32::MAX.
+        let permits = u32::try_from(frame.len()).unwrap_or(u32::MAX);
+        let queued = self
+            .queued
+            .clone()
+            .acquire_many_owned(permits)
+            .await
+            .map_err(|_| SpoolError::Stopped)?;
         {
             let mut state = self.shared.lock();
             if state.bytes.saturating_add(size) > self.shared.max_bytes {
@@ -197,6 +225,7 @@ impl Spool {
             frame,
             spooled_at_ms: entry.spooled_at_ms,
             done,
+            _queued: queued,
         };
         if self.appends.send(append).is_err() {
             self.shared.release(size);
@@ -229,15 +258,18 @@ impl Spool {
         self.shared.update_gauges(&self.shared.lock());
     }
 
-    /// The next stretch to forward, after deleting the segments already forwarded whole; `None`
-    /// when there is nothing to forward now.
-    fn next_chunk(&self) -> Option<Chunk> {
+    /// The next stretch to forward (`None`: nothing now), and the files of the segments
+    /// forwarded whole, taken out of the spool's count, for the caller to delete.
+    fn next_chunk(&self) -> (Option<Chunk>, Vec<PathBuf>) {
         let shared = &self.shared;
+        let mut done = Vec::new();
         let mut state = shared.lock();
-        loop {
-            let front = state.segments.front()?;
+        let chunk = loop {
+            let Some(front) = state.segments.front() else {
+                break None;
+            };
             if front.forwarded < front.len {
-                return Some(Chunk {
+                break Some(Chunk {
                     seq: front.seq,
                     path: shared.path(front.seq),
                     from: front.forwarded,
@@ -247,22 +279,24 @@ impl Spool {
             let seq = front.seq;
             if state.active == Some(seq) {
                 if state.writing {
-                    return None;
+                    break None;
                 }
                 // All forwarded, nothing being written: the next group opens a new segment.
                 state.active = None;
             }
             if let Some(segment) = state.segments.pop_front() {
                 state.bytes = state.bytes.saturating_sub(segment.len);
-                if let Err(error) = std::fs::remove_file(shared.path(seq)) {
-                    tracing::error!(%error, segment = seq, "cannot delete a forwarded spool segment; it will be forwarded again after a restart");
-                }
+                // Frames given up (unreadable) are no longer waiting either.
+                let unconfirmed = segment.records.saturating_sub(segment.forwarded_records);
+                state.records = state.records.saturating_sub(unconfirmed);
+                done.push(shared.path(seq));
             }
             if state.segments.is_empty() {
                 state.oldest_ms = None;
             }
-            shared.update_gauges(&state);
-        }
+        };
+        shared.update_gauges(&state);
+        (chunk, done)
     }
 
     /// The broker confirmed `records` frames of `chunk`, `bytes` long from its start.
@@ -288,23 +322,16 @@ impl Spool {
         self.shared.update_gauges(&state);
     }
 
-    /// What follows `chunk.from + good` in its segment cannot be read: it is given up.
+    /// From `chunk.from + good` to the end of `chunk`, its segment cannot be read (disk
+    /// corruption): that stretch is given up. Frames appended after the chunk was read start at
+    /// its end, a frame boundary, and are forwarded as usual.
     fn skip_rest(&self, chunk: &Chunk, good: u64, bad: &Bad) {
-        tracing::error!(segment = chunk.seq, offset = chunk.from + good, error = %bad, "a spooled record cannot be read back; the rest of its segment is dropped");
+        tracing::error!(segment = chunk.seq, offset = chunk.from + good, until = chunk.to, error = %bad, "spooled records cannot be read back; that stretch of the segment is dropped");
         metrics::counter!("collector_spool_dropped_total", "reason" => bad.kind()).increment(1);
         let mut state = self.shared.lock();
-        let mut dropped_from = None;
-        let mut lost = 0;
         if let Some(segment) = state.segments.iter_mut().find(|s| s.seq == chunk.seq) {
-            segment.forwarded = segment.len;
-            lost = segment.records.saturating_sub(segment.forwarded_records);
-            segment.forwarded_records = segment.records;
-            dropped_from = Some(segment.seq);
-        }
-        state.records = state.records.saturating_sub(lost);
-        // Sealed: the writer must not append after a stretch that cannot be read.
-        if state.active == dropped_from {
-            state.active = None;
+            // The records lost are counted out when the segment is deleted.
+            segment.forwarded = segment.forwarded.max(chunk.to.min(segment.len));
         }
         drop(state);
         self.shared.changed.notify_one();
@@ -313,10 +340,6 @@ impl Spool {
     /// Raised when there may be something new to forward.
     async fn changed(&self) {
         self.shared.changed.notified().await;
-    }
-
-    fn max_payload(&self) -> usize {
-        self.shared.max_payload
     }
 
     pub fn dir(&self) -> &Path {
@@ -358,21 +381,22 @@ fn segment_path(dir: &Path, seq: u64) -> PathBuf {
     dir.join(format!("{seq:020}.{SUFFIX}"))
 }
 
-/// Reads every segment back, oldest first. A segment is cut at its first bad frame (and the cut
-/// made durable); one left empty is deleted.
-fn recover(dir: &Path, max_payload: usize) -> io::Result<(State, Recovered)> {
+/// Reads every segment back, oldest first. A segment is cut at its first torn or corrupt frame
+/// (and the cut made durable); one left empty is deleted. A read error stops the start instead:
+/// what the disk did not give back may still be there.
+fn recover(dir: &Path) -> io::Result<(State, Recovered)> {
     let mut seqs: Vec<u64> = Vec::new();
     for entry in std::fs::read_dir(dir)? {
         let path = entry?.path();
         if path.extension().and_then(|e| e.to_str()) != Some(SUFFIX) {
             continue;
         }
-        if let Some(seq) = path
-            .file_stem()
-            .and_then(|s| s.to_str())
-            .and_then(|s| s.parse().ok())
-        {
-            seqs.push(seq);
+        let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("");
+        // Only the names this spool writes: a `5.spool` is someone else's file.
+        if stem.len() == 20 && stem.bytes().all(|b| b.is_ascii_digit()) {
+            if let Ok(seq) = stem.parse() {
+                seqs.push(seq);
+            }
         }
     }
     seqs.sort_unstable();
@@ -383,7 +407,9 @@ fn recover(dir: &Path, max_payload: usize) -> io::Result<(State, Recovered)> {
     let mut recovered = Recovered::default();
     for seq in seqs {
         let path = segment_path(dir, seq);
-        let mut reader = Reader::new(BufReader::new(File::open(&path)?), max_payload);
+        let file = File::open(&path)?;
+        let size = file.metadata()?.len();
+        let mut reader = Reader::new(BufReader::new(file), size);
         let mut len = 0u64;
         let mut records = 0u64;
         let mut first_ms = None;
@@ -395,12 +421,14 @@ fn recover(dir: &Path, max_payload: usize) -> io::Result<(State, Recovered)> {
                     first_ms.get_or_insert(entry.spooled_at_ms);
                 }
                 Ok(None) => break None,
+                Err(Bad::Io(error)) => {
+                    return Err(io::Error::other(format!("{}: {error}", path.display())))
+                }
                 Err(bad) => break Some(bad),
             }
         };
         if let Some(bad) = bad {
             let file = OpenOptions::new().write(true).open(&path)?;
-            let size = file.metadata()?.len();
             file.set_len(len)?;
             file.sync_all()?;
             metrics::counter!("collector_spool_dropped_total", "reason" => bad.kind()).increment(1);
@@ -471,7 +499,8 @@ fn write_group(
     group: &[Append],
 ) -> Result<(), String> {
     let size: u64 = group.iter().map(|a| a.frame.len() as u64).sum();
-    let (seq, start) = {
+    // Under the lock, only decisions: the file is created and written outside it.
+    let new_seq = {
         let mut state = shared.lock();
         let current = file
             .as_ref()
@@ -479,47 +508,61 @@ fn write_group(
             .filter(|seq| state.active == Some(*seq));
         let current_len =
             current.and_then(|seq| state.segments.iter().find(|s| s.seq == seq).map(|s| s.len));
-        let reuse = match current_len {
-            Some(len) => len == 0 || len + size <= shared.segment_bytes,
-            None => false,
-        };
-        if !reuse {
-            let seq = state.next_seq;
-            let opened = OpenOptions::new()
-                .create_new(true)
-                .append(true)
-                .open(shared.path(seq))
-                .and_then(|f| sync_dir(&shared.dir).map(|()| f));
-            match opened {
-                Ok(f) => {
-                    state.next_seq += 1;
-                    state.segments.push_back(Segment {
-                        seq,
-                        len: 0,
-                        forwarded: 0,
-                        records: 0,
-                        forwarded_records: 0,
-                    });
-                    state.active = Some(seq);
-                    *file = Some((seq, f));
-                }
-                Err(error) => {
-                    state.bytes = state.bytes.saturating_sub(size);
-                    return Err(format!("cannot create a segment: {error}"));
-                }
-            }
-        }
+        let reuse = current_len.is_some_and(|len| len == 0 || len + size <= shared.segment_bytes);
+        // While this group is written, the active segment (old or new) is not deleted.
         state.writing = true;
-        let seq = state.active.unwrap_or_default();
-        let start = state
+        if reuse {
+            None
+        } else {
+            state.next_seq += 1;
+            Some(state.next_seq - 1)
+        }
+    };
+    let failed = |error: String, start: Option<u64>| {
+        let mut state = shared.lock();
+        state.writing = false;
+        state.bytes = state.bytes.saturating_sub(size);
+        if start.is_some() {
+            // Start a new segment next time.
+            state.active = None;
+        }
+        drop(state);
+        shared.changed.notify_one();
+        Err(error)
+    };
+    if let Some(seq) = new_seq {
+        let opened = OpenOptions::new()
+            .create_new(true)
+            .append(true)
+            .open(shared.path(seq))
+            .and_then(|f| sync_dir(&shared.dir).map(|()| f));
+        match opened {
+            Ok(f) => {
+                let mut state = shared.lock();
+                state.segments.push_back(Segment {
+                    seq,
+                    len: 0,
+                    forwarded: 0,
+                    records: 0,
+                    forwarded_records: 0,
+                });
+                state.active = Some(seq);
+                *file = Some((seq, f));
+            }
+            Err(error) => return failed(format!("cannot create a segment: {error}"), None),
+        }
+    }
+    let Some((seq, f)) = file.as_mut() else {
+        return failed("no segment open".into(), None);
+    };
+    let seq = *seq;
+    let start = {
+        let state = shared.lock();
+        state
             .segments
             .iter()
             .find(|s| s.seq == seq)
-            .map_or(0, |s| s.len);
-        (seq, start)
-    };
-    let Some((_, f)) = file.as_mut() else {
-        return Err("no segment open".into());
+            .map_or(0, |s| s.len)
     };
     let started = std::time::Instant::now();
     let written = group
@@ -527,32 +570,26 @@ fn write_group(
         .try_for_each(|a| f.write_all(&a.frame))
         .and_then(|()| f.sync_data());
     metrics::histogram!("collector_spool_sync_seconds").record(started.elapsed().as_secs_f64());
+    if let Err(error) = written {
+        // Cut back what may have been written; a file whose fsync failed is not written again.
+        let _ = f.set_len(start);
+        *file = None;
+        return failed(error.to_string(), Some(start));
+    }
     let mut state = shared.lock();
     state.writing = false;
-    let result = match written {
-        Ok(()) => {
-            if let Some(segment) = state.segments.iter_mut().find(|s| s.seq == seq) {
-                segment.len = start + size;
-                segment.records += group.len() as u64;
-            }
-            state.records += group.len() as u64;
-            if state.oldest_ms.is_none() {
-                state.oldest_ms = group.first().map(|a| a.spooled_at_ms);
-            }
-            Ok(())
-        }
-        Err(error) => {
-            // Cut back what may have been written, and start a new segment next time.
-            let _ = f.set_len(start);
-            state.active = None;
-            state.bytes = state.bytes.saturating_sub(size);
-            Err(error.to_string())
-        }
-    };
+    if let Some(segment) = state.segments.iter_mut().find(|s| s.seq == seq) {
+        segment.len = start + size;
+        segment.records += group.len() as u64;
+    }
+    state.records += group.len() as u64;
+    if state.oldest_ms.is_none() {
+        state.oldest_ms = group.first().map(|a| a.spooled_at_ms);
+    }
     shared.update_gauges(&state);
     drop(state);
     shared.changed.notify_one();
-    result
+    Ok(())
 }
 
 /// How long the forwarder waits between two attempts when publishing fails.

@@ -49,35 +49,43 @@ pub async fn run(spool: Spool, sink: impl Sink, window: usize, stop: Cancellatio
     let mut backoff = Backoff::new(FORWARD_RETRY.0, FORWARD_RETRY.1);
     let mut failing = false;
     while !stop.is_cancelled() {
-        let Some(chunk) = spool.next_chunk() else {
+        let (chunk, done) = spool.next_chunk();
+        if !done.is_empty() {
+            delete(done).await;
+        }
+        let Some(chunk) = chunk else {
             tokio::select! {
                 () = spool.changed() => continue,
                 () = stop.cancelled() => return,
             }
         };
-        let max_payload = spool.max_payload();
         let reading = chunk.clone();
-        let read = tokio::task::spawn_blocking(move || read_chunk(&reading, max_payload)).await;
+        let read = tokio::task::spawn_blocking(move || read_chunk(&reading)).await;
         let (records, bad) = match read {
-            Ok(Ok(read)) => read,
-            Ok(Err(error)) => {
-                tracing::error!(%error, segment = chunk.seq, "cannot read the spool; retrying");
-                if pause(&mut backoff, &stop).await {
-                    return;
-                }
-                continue;
-            }
-            Err(error) => {
-                tracing::error!(%error, "reading the spool failed; retrying");
-                if pause(&mut backoff, &stop).await {
-                    return;
-                }
-                continue;
-            }
+            Ok(read) => read,
+            Err(error) => (Vec::new(), Some(Bad::Io(error.to_string()))),
+        };
+        // A read error is tried again (after forwarding what came before it); a torn or
+        // corrupt stretch is given up once what came before it is confirmed.
+        let (retry, give_up) = match bad {
+            Some(Bad::Io(error)) => (Some(error), None),
+            other => (None, other),
         };
         let Some(first) = records.first() else {
-            if let Some(bad) = bad {
-                spool.skip_rest(&chunk, 0, &bad);
+            match (retry, give_up) {
+                (_, Some(bad)) => spool.skip_rest(&chunk, 0, &bad),
+                (Some(error), None) => {
+                    tracing::error!(%error, segment = chunk.seq, "cannot read the spool; retrying");
+                    if pause(&mut backoff, &stop).await {
+                        return;
+                    }
+                }
+                // Not reached: a stretch that is not empty yields a record or a reason.
+                (None, None) => {
+                    if pause(&mut backoff, &stop).await {
+                        return;
+                    }
+                }
             }
             continue;
         };
@@ -108,9 +116,24 @@ pub async fn run(spool: Spool, sink: impl Sink, window: usize, stop: Cancellatio
             failing = false;
         }
         backoff.reset();
-        if let Some(bad) = bad {
+        if let Some(bad) = give_up {
             spool.skip_rest(&chunk, bytes, &bad);
         }
+    }
+}
+
+/// Deletes the files of segments forwarded whole (off the runtime's threads).
+async fn delete(paths: Vec<std::path::PathBuf>) {
+    let deleted = tokio::task::spawn_blocking(move || {
+        for path in paths {
+            if let Err(error) = std::fs::remove_file(&path) {
+                tracing::error!(%error, path = %path.display(), "cannot delete a forwarded spool segment; it will be forwarded again after a restart");
+            }
+        }
+    })
+    .await;
+    if let Err(error) = deleted {
+        tracing::error!(%error, "deleting forwarded spool segments failed");
     }
 }
 
@@ -152,13 +175,26 @@ async fn publish_in_order(
     (confirmed, bytes, None)
 }
 
-/// The frames of `chunk`, up to [`CHUNK_RECORDS`] or past [`CHUNK_BYTES`], and the bad frame
-/// that ended them early, if one did.
-fn read_chunk(chunk: &Chunk, max_payload: usize) -> std::io::Result<(Vec<Record>, Option<Bad>)> {
-    let mut file = std::fs::File::open(&chunk.path)?;
-    file.seek(SeekFrom::Start(chunk.from))?;
-    let stretch = std::io::BufReader::new(file.take(chunk.to.saturating_sub(chunk.from)));
-    let mut reader = Reader::new(stretch, max_payload);
+/// The frames of `chunk`, up to [`CHUNK_RECORDS`] or past [`CHUNK_BYTES`], and what ended
+/// them early, if anything did. A segment file that is gone is a stretch lost, not a read to
+/// try again for ever.
+fn read_chunk(chunk: &Chunk) -> (Vec<Record>, Option<Bad>) {
+    let opened = std::fs::File::open(&chunk.path).and_then(|mut file| {
+        file.seek(SeekFrom::Start(chunk.from))?;
+        Ok(file)
+    });
+    let file = match opened {
+        Ok(file) => file,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+            return (
+                Vec::new(),
+                Some(Bad::Corrupt(format!("segment file gone: {error}"))),
+            )
+        }
+        Err(error) => return (Vec::new(), Some(Bad::Io(error.to_string()))),
+    };
+    let length = chunk.to.saturating_sub(chunk.from);
+    let mut reader = Reader::new(std::io::BufReader::new(file.take(length)), length);
     let mut records = Vec::new();
     let mut bytes = 0;
     while records.len() < CHUNK_RECORDS && bytes < CHUNK_BYTES {
@@ -168,8 +204,8 @@ fn read_chunk(chunk: &Chunk, max_payload: usize) -> std::io::Result<(Vec<Record>
                 records.push(record);
             }
             Ok(None) => break,
-            Err(bad) => return Ok((records, Some(bad))),
+            Err(bad) => return (records, Some(bad)),
         }
     }
-    Ok((records, None))
+    (records, None)
 }

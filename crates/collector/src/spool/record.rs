@@ -10,7 +10,7 @@
 use std::io::{self, Read};
 
 use chrono::{DateTime, Utc};
-use ingest_pipeline::message::{Endpoint, RequestMeta};
+use ingest_pipeline::message::{Endpoint, RequestMeta, USER_AGENT_CHARS};
 use lapin::BasicProperties;
 use serde::{Deserialize, Serialize};
 
@@ -49,7 +49,11 @@ impl Entry {
             source: meta.source.clone(),
             endpoint: meta.endpoint.as_str().to_owned(),
             client_ip: meta.client_ip.clone(),
-            user_agent: meta.user_agent.clone(),
+            // Cut as its header is: a client's long header must not make a large record.
+            user_agent: meta
+                .user_agent
+                .as_ref()
+                .map(|agent| agent.chars().take(USER_AGENT_CHARS).collect()),
             content_type: content_type.to_owned(),
             gzip,
             refused_events: refused_events.map(str::to_owned),
@@ -107,15 +111,19 @@ pub struct Record {
     pub bytes: u64,
 }
 
-/// Why the frames of a segment end before its end: what follows is dropped.
+/// Why the frames of a segment end before its end.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Bad {
-    /// A frame cut short: the write a crash interrupted.
+    /// A frame cut short: the write a crash interrupted. It and what follows are dropped.
     #[error("torn record: {0}")]
     Torn(&'static str),
-    /// A frame whose bytes are wrong: disk corruption, or not a spool file.
+    /// A frame whose bytes are wrong: disk corruption, or not a spool file. It and what follows
+    /// are dropped.
     #[error("corrupt record: {0}")]
     Corrupt(String),
+    /// The disk did not give the bytes back: nothing is dropped for it, the read is tried again.
+    #[error("cannot read the spool: {0}")]
+    Io(String),
 }
 
 impl Bad {
@@ -123,42 +131,56 @@ impl Bad {
         match self {
             Self::Torn(_) => "torn",
             Self::Corrupt(_) => "corrupt",
+            Self::Io(_) => "io",
         }
     }
 }
 
-/// Reads frames one after another; memory is bounded by `max_payload` whatever the file says.
+/// Reads frames one after another from a stretch of `left` bytes: what a frame says its length
+/// is cannot make it allocate more than the stretch holds.
 pub struct Reader<R> {
     inner: R,
-    max_payload: usize,
+    left: u64,
 }
 
 impl<R: Read> Reader<R> {
-    pub fn new(inner: R, max_payload: usize) -> Self {
-        Self { inner, max_payload }
+    pub fn new(inner: R, left: u64) -> Self {
+        Self { inner, left }
+    }
+
+    /// Bytes of the stretch not read yet.
+    pub fn left(&self) -> u64 {
+        self.left
     }
 
     /// The next frame; `Ok(None)` at a clean end.
     pub fn next_record(&mut self) -> Result<Option<Record>, Bad> {
+        if self.left == 0 {
+            return Ok(None);
+        }
         let mut header = [0u8; HEADER_BYTES];
-        match fill(&mut self.inner, &mut header)? {
-            0 => return Ok(None),
+        let read = fill(&mut self.inner, &mut header)?;
+        self.left = self.left.saturating_sub(read as u64);
+        match read {
+            0 => return Err(Bad::Torn("the file ends before its recorded length")),
             n if n < HEADER_BYTES => return Err(Bad::Torn("header cut short")),
             _ => {}
         }
         if header[..4] != MAGIC {
             return Err(Bad::Corrupt("no record starts here".into()));
         }
-        let length = le_u32(&header[4..8]) as usize;
+        let length = le_u32(&header[4..8]) as u64;
         let crc = le_u32(&header[8..12]);
-        if length < 4 || length > self.max_payload {
-            return Err(Bad::Corrupt(format!(
-                "a length of {length} bytes (at most {} expected)",
-                self.max_payload
-            )));
+        if length > self.left {
+            return Err(Bad::Torn("payload cut short"));
         }
-        let mut payload = vec![0u8; length];
-        if fill(&mut self.inner, &mut payload)? < length {
+        if length < 4 {
+            return Err(Bad::Corrupt(format!("a length of {length} bytes")));
+        }
+        let mut payload = vec![0u8; length as usize];
+        let read = fill(&mut self.inner, &mut payload)?;
+        self.left = self.left.saturating_sub(read as u64);
+        if (read as u64) < length {
             return Err(Bad::Torn("payload cut short"));
         }
         if crc32fast::hash(&payload) != crc {
@@ -175,7 +197,7 @@ impl<R: Read> Reader<R> {
         Ok(Some(Record {
             entry,
             body,
-            bytes: (HEADER_BYTES + length) as u64,
+            bytes: HEADER_BYTES as u64 + length,
         }))
     }
 }
@@ -186,8 +208,7 @@ fn le_u32(bytes: &[u8]) -> u32 {
     u32::from_le_bytes(word)
 }
 
-/// Reads until `buf` is full or the input ends; how many bytes it read. An I/O error is a torn
-/// record too: what cannot be read cannot be forwarded.
+/// Reads until `buf` is full or the input ends; how many bytes it read.
 fn fill(inner: &mut impl Read, buf: &mut [u8]) -> Result<usize, Bad> {
     let mut read = 0;
     while read < buf.len() {
@@ -195,7 +216,7 @@ fn fill(inner: &mut impl Read, buf: &mut [u8]) -> Result<usize, Bad> {
             Ok(0) => break,
             Ok(n) => read += n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(Bad::Corrupt(format!("read failed: {e}"))),
+            Err(e) => return Err(Bad::Io(e.to_string())),
         }
     }
     Ok(read)
@@ -223,7 +244,7 @@ mod tests {
     }
 
     fn read_all(bytes: &[u8]) -> (Vec<Record>, Option<Bad>) {
-        let mut reader = Reader::new(bytes, 1 << 20);
+        let mut reader = Reader::new(bytes, bytes.len() as u64);
         let mut records = Vec::new();
         loop {
             match reader.next_record() {
@@ -300,6 +321,33 @@ mod tests {
         absurd.extend_from_slice(&[0; 4]);
         let (records, bad) = read_all(&absurd);
         assert_eq!(records.len(), 1);
-        assert!(matches!(bad, Some(Bad::Corrupt(_))), "{bad:?}");
+        assert!(matches!(bad, Some(Bad::Torn(_))), "{bad:?}");
+    }
+
+    #[test]
+    fn a_read_error_is_not_corruption_and_a_long_user_agent_is_cut() {
+        struct Failing;
+        impl Read for Failing {
+            fn read(&mut self, _: &mut [u8]) -> io::Result<usize> {
+                Err(io::Error::other("EIO"))
+            }
+        }
+        let bad = Reader::new(Failing, 100)
+            .next_record()
+            .expect_err("an error");
+        assert!(matches!(bad, Bad::Io(_)), "{bad:?}");
+        let meta = RequestMeta {
+            request_id: "r".into(),
+            received_at: Utc::now(),
+            source: "s".into(),
+            endpoint: Endpoint::Track,
+            client_ip: None,
+            user_agent: Some("é".repeat(20_000)),
+        };
+        let entry = Entry::new(&meta, "application/json", false, None);
+        assert_eq!(
+            entry.user_agent.map(|a| a.chars().count()),
+            Some(USER_AGENT_CHARS)
+        );
     }
 }

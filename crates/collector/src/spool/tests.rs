@@ -252,6 +252,8 @@ async fn forward_all(spool: &Spool, sink: &Script, expected: usize) {
 struct Script {
     away: Arc<AtomicBool>,
     fail_at: Arc<AtomicUsize>,
+    /// Refuses every n-th publish (0: never).
+    fail_every: Arc<AtomicUsize>,
     calls: Arc<AtomicUsize>,
     confirmed: Arc<StdMutex<Vec<usize>>>,
 }
@@ -269,7 +271,9 @@ impl Sink for Script {
 
     async fn publish(&self, record: &Record) -> Result<(), String> {
         let call = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
-        if call == self.fail_at.load(Ordering::SeqCst) {
+        let every = self.fail_every.load(Ordering::SeqCst);
+        if call == self.fail_at.load(Ordering::SeqCst) || (every > 0 && call.is_multiple_of(every))
+        {
             return Err("nack".into());
         }
         let id = record
@@ -281,4 +285,70 @@ impl Sink for Script {
         self.confirmed.lock().expect("ids").push(id);
         Ok(())
     }
+}
+
+/// Requests appending while the forwarder forwards, deletes and the broker refuses now and
+/// then: every request is confirmed, and the spool ends empty, its counts at zero.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn appends_racing_the_forwarder_and_a_flaky_broker_lose_nothing_and_leave_no_count_behind() {
+    let dir = Dir::new();
+    let frame = record::encode(&entry(0), &body(0)).expect("encode").len() as u64;
+    // Small segments: many roll-overs and deletions while appends go on.
+    let s = settings(&dir, 64 << 20, frame * 5);
+    let (spool, _) = open(&s).await;
+    let sink = Script::default();
+    sink.fail_every.store(41, Ordering::SeqCst);
+    let stop = CancellationToken::new();
+    let forwarding = tokio::spawn(forward::run(spool.clone(), sink.clone(), 8, stop.clone()));
+    let writers: Vec<_> = (0..8)
+        .map(|w| {
+            let spool = spool.clone();
+            tokio::spawn(async move {
+                for i in 0..100 {
+                    let id = w * 1000 + i;
+                    spool.append(&entry(id), &body(id)).await.expect("append");
+                }
+            })
+        })
+        .collect();
+    for writer in writers {
+        writer.await.expect("writer");
+    }
+    wait_for(|| spool.records() == 0).await;
+    wait_for(|| dir.segments().is_empty()).await;
+    stop.cancel();
+    forwarding.await.expect("forwarder");
+    let mut ids = sink.ids();
+    ids.sort_unstable();
+    ids.dedup();
+    let expected: Vec<usize> = (0..8)
+        .flat_map(|w| (0..100).map(move |i| w * 1000 + i))
+        .collect();
+    assert_eq!(ids, expected);
+    assert_eq!(spool.shared.lock().bytes, 0);
+}
+
+/// A frame that goes bad on disk under a running collector: what came before it is forwarded,
+/// the stretch after it in its segment is given up and counted out, and the spool goes on.
+#[tokio::test]
+async fn a_frame_corrupted_under_a_running_spool_costs_its_stretch_and_the_counts_end_at_zero() {
+    let dir = Dir::new();
+    let s = settings(&dir, 1 << 20, 64 << 10);
+    let (spool, _) = open(&s).await;
+    fill(&spool, 0..4).await;
+    let segment = dir.segments().pop().expect("a segment");
+    let frame = record::encode(&entry(0), &body(0)).expect("encode").len();
+    let mut bytes = std::fs::read(&segment).expect("read");
+    bytes[2 * frame + frame - 10] ^= 0x01;
+    std::fs::write(&segment, &bytes).expect("write");
+    let sink = Script::default();
+    forward_all(&spool, &sink, 2).await;
+    assert_eq!(sink.ids(), [0, 1]);
+    wait_for(|| dir.segments().is_empty()).await;
+    assert_eq!(spool.records(), 0);
+    assert_eq!(spool.shared.lock().bytes, 0);
+    // Appends go to a new segment and are forwarded as usual.
+    fill(&spool, 10..12).await;
+    forward_all(&spool, &sink, 4).await;
+    assert_eq!(sink.ids(), [0, 1, 10, 11]);
 }
