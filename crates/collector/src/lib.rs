@@ -138,7 +138,8 @@ async fn open_spool(
 ) -> anyhow::Result<Spool> {
     let c = &settings.collector;
     let spool_settings = c.spool.clone();
-    let largest = c.max_batch_bytes.max(c.max_event_bytes);
+    let largest =
+        spool::max_frame_bytes(c.max_batch_bytes.max(c.max_event_bytes), c.max_batch_events);
     let (spool, recovered) =
         tokio::task::spawn_blocking(move || Spool::open(&spool_settings, largest)).await??;
     tracing::info!(

@@ -31,9 +31,6 @@ const GROUP_BYTES: usize = 8 << 20;
 /// memory beside their bodies (a request whose client left no longer holds its body, but its
 /// frame waits here until written).
 const QUEUED_BYTES: usize = 64 << 20;
-/// Room for a frame's header and metadata beside its body (a user agent of 512 characters,
-/// escaped, is at most about 3 KiB of it).
-const FRAME_OVERHEAD: usize = 16 << 10;
 const SUFFIX: &str = "spool";
 
 #[derive(Debug, thiserror::Error)]
@@ -94,6 +91,9 @@ struct Segment {
     /// Frames in it, and how many of them the broker has confirmed.
     records: u64,
     forwarded_records: u64,
+    /// A stretch of it cannot be read back: nothing more is appended to it, since a restart
+    /// cuts a segment at its first bad frame.
+    sealed: bool,
 }
 
 #[derive(Debug, Default)]
@@ -141,10 +141,11 @@ pub struct Recovered {
 
 impl Spool {
     /// Opens (creating it if need be) and recovers the spool in `settings.dir`, and starts its
-    /// writer thread. `max_request_bytes` is the largest body a request may have.
+    /// writer thread. `max_frame_bytes` is the largest frame a request can make
+    /// ([`max_frame_bytes`]).
     pub fn open(
         settings: &SpoolSettings,
-        max_request_bytes: usize,
+        max_frame_bytes: usize,
     ) -> Result<(Self, Recovered), SpoolError> {
         let dir = settings.dir.clone();
         let open_error = |reason: String| SpoolError::Open {
@@ -163,7 +164,7 @@ impl Spool {
                 "it is locked by another process (one collector per spool directory): {e}"
             ))
         })?;
-        let max_payload = max_request_bytes.saturating_add(FRAME_OVERHEAD);
+        let max_payload = max_frame_bytes;
         let (state, recovered) = recover(&dir).map_err(|e| open_error(e.to_string()))?;
         let shared = Arc::new(Shared {
             dir,
@@ -203,8 +204,8 @@ impl Spool {
         if frame.len() > self.shared.max_payload {
             return Err(SpoolError::TooLarge { bytes: frame.len() });
         }
-        // A frame is at most max_payload, far below QUEUED_BYTES and u32::MAX.
-        let permits = u32::try_from(frame.len()).unwrap_or(u32::MAX);
+        // A frame larger than the whole queue waits for all of it.
+        let permits = u32::try_from(frame.len().min(QUEUED_BYTES)).unwrap_or(u32::MAX);
         let queued = self
             .queued
             .clone()
@@ -322,10 +323,20 @@ impl Spool {
         self.shared.update_gauges(&state);
     }
 
+    /// A stretch of `chunk`'s segment cannot be read: the writer appends no more to it (what it
+    /// appended after the chunk was read is read as usual; a restart would cut it off).
+    fn seal(&self, chunk: &Chunk) {
+        let mut state = self.shared.lock();
+        if let Some(segment) = state.segments.iter_mut().find(|s| s.seq == chunk.seq) {
+            segment.sealed = true;
+        }
+    }
+
     /// From `chunk.from + good` to the end of `chunk`, its segment cannot be read (disk
     /// corruption): that stretch is given up. Frames appended after the chunk was read start at
     /// its end, a frame boundary, and are forwarded as usual.
     fn skip_rest(&self, chunk: &Chunk, good: u64, bad: &Bad) {
+        self.seal(chunk);
         tracing::error!(segment = chunk.seq, offset = chunk.from + good, until = chunk.to, error = %bad, "spooled records cannot be read back; that stretch of the segment is dropped");
         metrics::counter!("collector_spool_dropped_total", "reason" => bad.kind()).increment(1);
         let mut state = self.shared.lock();
@@ -375,6 +386,15 @@ impl Shared {
             .unwrap_or(0.0);
         metrics::gauge!("collector_spool_oldest_age_seconds").set(age);
     }
+}
+
+/// The largest frame a request can make: its body, and its metadata (a user agent of 512
+/// characters, escaped, is at most about 3 KiB; the refused-events header about 32 bytes per
+/// event).
+pub fn max_frame_bytes(max_body_bytes: usize, max_batch_events: usize) -> usize {
+    max_body_bytes
+        .saturating_add(16 << 10)
+        .saturating_add(max_batch_events.saturating_mul(32))
 }
 
 fn segment_path(dir: &Path, seq: u64) -> PathBuf {
@@ -456,6 +476,7 @@ fn recover(dir: &Path) -> io::Result<(State, Recovered)> {
             forwarded: 0,
             records,
             forwarded_records: 0,
+            sealed: false,
         });
     }
     state.bytes = recovered.bytes;
@@ -506,8 +527,13 @@ fn write_group(
             .as_ref()
             .map(|(seq, _)| *seq)
             .filter(|seq| state.active == Some(*seq));
-        let current_len =
-            current.and_then(|seq| state.segments.iter().find(|s| s.seq == seq).map(|s| s.len));
+        let current_len = current.and_then(|seq| {
+            state
+                .segments
+                .iter()
+                .find(|s| s.seq == seq && !s.sealed)
+                .map(|s| s.len)
+        });
         let reuse = current_len.is_some_and(|len| len == 0 || len + size <= shared.segment_bytes);
         // While this group is written, the active segment (old or new) is not deleted.
         state.writing = true;
@@ -545,6 +571,7 @@ fn write_group(
                     forwarded: 0,
                     records: 0,
                     forwarded_records: 0,
+                    sealed: false,
                 });
                 state.active = Some(seq);
                 *file = Some((seq, f));

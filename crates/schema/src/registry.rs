@@ -135,6 +135,20 @@ impl Registry {
         if let Some(schema) = kind.and_then(|kind| self.by_type.get(kind)) {
             schema.check(&event, &mut issues);
         }
+        // Whatever the tracking plan's envelope says: the collector refuses such a batch event
+        // alone on the same rule, and answers which one it was.
+        let known = kind.is_some_and(|kind| EVENT_TYPES.contains(&kind));
+        let reported = issues.iter().any(|issue| {
+            issue.pointer == "/type"
+                || (issue.pointer.is_empty() && issue.message.contains("\"type\""))
+        });
+        if !known && !reported {
+            issues.push(Issue {
+                pointer: "/type".to_owned(),
+                message: format!("type must be one of {}", EVENT_TYPES.join(", ")),
+                schema: "envelope".to_owned(),
+            });
+        }
 
         if kind == Some("track") {
             if let Some(name) = event.get("event").and_then(Value::as_str) {

@@ -71,6 +71,11 @@ pub async fn run(spool: Spool, sink: impl Sink, window: usize, stop: Cancellatio
             Some(Bad::Io(error)) => (Some(error), None),
             other => (None, other),
         };
+        if give_up.is_some() {
+            // At once, not after the good frames before it are confirmed (the broker may be
+            // away for long): nothing more goes behind a frame a restart would cut at.
+            spool.seal(&chunk);
+        }
         let Some(first) = records.first() else {
             match (retry, give_up) {
                 (_, Some(bad)) => spool.skip_rest(&chunk, 0, &bad),

@@ -557,3 +557,49 @@ fn an_error_message_never_echoes_a_long_value_whole() {
     assert!(issue.message.len() < 1000, "{} bytes", issue.message.len());
     assert!(issue.message.contains("30"), "{}", issue.message);
 }
+
+/// The collector refuses a batch event without a known type alone; the worker must never store
+/// one, even under a tracking plan whose envelope does not require or list types.
+#[test]
+fn an_event_without_a_known_type_is_invalid_whatever_the_envelope_says() {
+    let registry = plan(UnknownEventPolicy::Accept);
+    for kind in [None, Some(json!("Track")), Some(json!(7))] {
+        let mut event = track("Order Completed", order_completed());
+        match &kind {
+            Some(kind) => event.insert("type".into(), kind.clone()),
+            None => event.remove("type"),
+        };
+        let invalid = invalid(&registry, event);
+        let about_type = invalid
+            .errors
+            .iter()
+            .filter(|e| e.pointer == "/type" || e.message.contains("\"type\""))
+            .count();
+        assert_eq!(about_type, 1, "{kind:?}: {:?}", pointers(&invalid));
+    }
+    // A plan whose envelope says nothing about `type`.
+    let dir = std::env::temp_dir().join(format!("plan-{}", uuid_like()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    std::fs::write(
+        dir.join("envelope.json"),
+        r#"{"$schema":"https://json-schema.org/draft/2020-12/schema","type":"object"}"#,
+    )
+    .expect("envelope");
+    let open = Registry::load(&dir, UnknownEventPolicy::Accept).expect("plan");
+    let event = object(json!({"messageId": "m-1", "userId": "u-1"}));
+    let result = open.validate(event);
+    let _ = std::fs::remove_dir_all(&dir);
+    let invalid = result.expect_err("stored without a type");
+    assert_eq!(pointers(&invalid), [("envelope", "/type")]);
+}
+
+fn uuid_like() -> String {
+    format!(
+        "{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0)
+    )
+}
