@@ -585,7 +585,9 @@ if forward:
     w("")
     w(f"Forward: {forward['spooled']} spooled requests ({forward['bytes'] / 1e6:.0f} MB on disk) published with confirms in "
       f"**{forward['seconds']} s** ({forward['per_s']} requests/s) from the collector's start on the broker's return; "
-      f"{forward['left']} left in the spool, {forward['raw_depth']} messages in the raw queue after it (no worker ran).")
+      f"{forward['left']} left in the spool, {forward['raw_depth']} messages in the raw queue after it (no worker ran"
+      + ("; read once RabbitMQ's figures had settled)." if forward.get("settled") else
+         "; read once, right after: RabbitMQ's figures for a quorum queue lag by seconds, see the notes)."))
 w("")
 notes = os.path.join(os.getcwd(), "bench", "notes.md")
 if os.path.exists(notes):

@@ -9,7 +9,7 @@
 //! it should have, or in a dead-letter queue; nothing is missing, the raw DLQ holds nothing
 //! unexplained and the worker's memory stays bounded. The short form runs in CI;
 //! `CHAOS_SECS=600 scripts/test chaos` is the long form. `CHAOS_SEED` replays a run's choice of
-//! victims and moments.
+//! victims and moments. `CHAOS_SPOOL=1` turns the collector's spool on.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
@@ -718,6 +718,14 @@ async fn under_random_sigkills_of_every_part_each_2xxd_event_lands_exactly_once(
     // (one that did would still be accounted for below).
     s.sinks.retry_delays_ms = vec![1000, 5000];
     s.sinks.max_attempts = 50;
+    // CHAOS_SPOOL=1: the collector spools what the broker cannot take (and is SIGKILLed with
+    // its spool mid-write, and restarted on it).
+    let spool = std::env::var("CHAOS_SPOOL").is_ok_and(|v| v == "1");
+    if spool {
+        s.collector.spool.enabled = true;
+        s.collector.spool.dir = dir.with_file_name(format!("spool-{}", s.broker.prefix));
+        s.collector.spool.segment_bytes = 1 << 20;
+    }
     let url = format!("http://{}", s.collector.listen);
     let mut parts = Parts {
         collector: Process::spawn("collector", &s),
@@ -880,6 +888,13 @@ async fn under_random_sigkills_of_every_part_each_2xxd_event_lands_exactly_once(
             "{} 2xx'd, not in MongoDB and not kept, first few: {:?}",
             lost.len(),
             &lost[..lost.len().min(5)]
+        ));
+    }
+    // With the spool on, a broker away is no reason for a 503: only a full spool would be.
+    let answered_503 = report.refused.get("503").copied().unwrap_or(0);
+    if spool && answered_503 > 0 {
+        failures.push(format!(
+            "{answered_503} requests answered 503 with the spool on"
         ));
     }
     // Exactly once per (source, messageId), whatever sent it.
