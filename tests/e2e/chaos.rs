@@ -9,7 +9,8 @@
 //! it should have, or in a dead-letter queue; nothing is missing, the raw DLQ holds nothing
 //! unexplained and the worker's memory stays bounded. The short form runs in CI;
 //! `CHAOS_SECS=600 scripts/test chaos` is the long form. `CHAOS_SEED` replays a run's choice of
-//! victims and moments. `CHAOS_SPOOL=1` turns the collector's spool on.
+//! victims and moments. A second run does it all again with the collector's spool on, and then
+//! no request may get a 503.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
@@ -687,6 +688,17 @@ fn base64_decode(text: &str) -> Option<Vec<u8>> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn under_random_sigkills_of_every_part_each_2xxd_event_lands_exactly_once() {
+    chaos(false).await;
+}
+
+/// The same with the collector's spool on: the broker's deaths cost no 503, and the collector
+/// is SIGKILLed with its spool mid-write and restarted on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_spool_on_random_sigkills_cost_no_503_and_each_2xxd_event_lands_exactly_once() {
+    chaos(true).await;
+}
+
+async fn chaos(spool: bool) {
     let secs: f64 = std::env::var("CHAOS_SECS")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -718,9 +730,6 @@ async fn under_random_sigkills_of_every_part_each_2xxd_event_lands_exactly_once(
     // (one that did would still be accounted for below).
     s.sinks.retry_delays_ms = vec![1000, 5000];
     s.sinks.max_attempts = 50;
-    // CHAOS_SPOOL=1: the collector spools what the broker cannot take (and is SIGKILLed with
-    // its spool mid-write, and restarted on it).
-    let spool = std::env::var("CHAOS_SPOOL").is_ok_and(|v| v == "1");
     if spool {
         s.collector.spool.enabled = true;
         s.collector.spool.dir = dir.with_file_name(format!("spool-{}", s.broker.prefix));
