@@ -222,34 +222,15 @@ async fn on_a_three_node_cluster_lost_and_frozen_nodes_lose_no_2xxd_event() {
         .map(|id| ("shop-ios".to_owned(), id_string(id)))
         .collect();
     assert!(!accepted.is_empty(), "{}", report.text());
-    let collection = events(&s).await;
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let stored = loop {
-        let stored = stored_keys(&collection).await;
-        let raw_empty = depth(&first_node, &raw).await == 0;
-        if (raw_empty && accepted.iter().all(|k| stored.contains_key(k)))
-            || Instant::now() >= deadline
-        {
-            break stored;
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    };
-    let missing = accepted.iter().filter(|k| !stored.contains_key(*k)).count();
-    let duplicated = accepted
-        .iter()
-        .filter(|k| stored.get(*k).is_some_and(|n| *n > 1))
-        .count();
+    let settled = settle_accepted(&s, &first_node, &accepted).await;
     eprintln!(
-        "cluster result: {} events 2xx'd, {missing} missing from MongoDB, {duplicated} stored more than once; {} requests refused {:?}",
-        accepted.len(),
+        "cluster result: {} events 2xx'd, {} missing from MongoDB, {} stored more than once; {} requests refused {:?}",
+        settled.accepted,
+        settled.missing,
+        settled.duplicated,
         report.refused.values().sum::<u64>(),
         report.refused
     );
-    if missing > 0 {
-        failures.push(format!("{missing} 2xx'd events missing from MongoDB"));
-    }
-    if duplicated > 0 {
-        failures.push(format!("{duplicated} events stored more than once"));
-    }
+    failures.extend(settled.failures());
     assert!(failures.is_empty(), "{failures:#?}");
 }

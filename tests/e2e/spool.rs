@@ -10,7 +10,7 @@ use ingest_e2e::*;
 use ingest_loadgen::payload::id_string;
 use ingest_loadgen::{open_loop, Generator, HttpTarget, Recorder, Schedule, Shape};
 use ingest_pipeline::settings::{Settings, SpoolSettings};
-use ingest_pipeline::{Secret, Topology};
+use ingest_pipeline::Secret;
 
 use super::fixtures::{batch, product_viewed};
 
@@ -104,55 +104,63 @@ async fn every_2xxd_event_stored_once(
         .into_iter()
         .map(|id| ("shop-ios".to_owned(), id_string(id)))
         .collect();
-    if accepted.is_empty() {
-        return vec!["no event was 2xx'd".into()];
-    }
-    let raw = Topology::new(s.broker.prefix.clone()).raw();
-    let collection = events(s).await;
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let stored = loop {
-        let stored = stored_keys(&collection).await;
-        let raw_empty = depth(broker, &raw).await == 0;
-        if (raw_empty && accepted.iter().all(|k| stored.contains_key(k)))
-            || Instant::now() >= deadline
-        {
-            break stored;
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    };
-    let missing = accepted.iter().filter(|k| !stored.contains_key(*k)).count();
-    let duplicated = accepted
-        .iter()
-        .filter(|k| stored.get(*k).is_some_and(|n| *n > 1))
-        .count();
+    let settled = settle_accepted(s, broker, &accepted).await;
     eprintln!(
-        "spool result: {} events 2xx'd, {missing} missing from MongoDB, {duplicated} stored more than once",
-        accepted.len()
+        "spool result: {} events 2xx'd, {} missing from MongoDB, {} stored more than once",
+        settled.accepted, settled.missing, settled.duplicated
     );
-    let mut failures = Vec::new();
-    if missing > 0 {
-        failures.push(format!("{missing} 2xx'd events missing from MongoDB"));
+    settled.failures()
+}
+
+/// A test-owned broker node, a collector process spooling on it, a worker process, and the load
+/// generator's open loop at [`RATE`] against the collector.
+struct Outage {
+    node: RabbitNode,
+    s: Settings,
+    url: String,
+    collector: Process,
+    _worker: Process,
+    recorder: Recorder,
+    load: tokio::task::JoinHandle<()>,
+}
+
+impl Outage {
+    async fn start(name: &str) -> Self {
+        let node = tokio::task::block_in_place(RabbitNode::start);
+        let s = spooling(name, &node, 256 << 20);
+        let url = format!("http://{}", s.collector.listen);
+        let collector = Process::spawn("collector", &s);
+        let worker = Process::spawn("worker", &s);
+        assert!(
+            status_becomes(&http(), format!("{url}/readyz"), 200).await,
+            "collector never ready"
+        );
+        let recorder = Recorder::new(true);
+        let load = start_load(&url, &recorder);
+        Self {
+            node,
+            s,
+            url,
+            collector,
+            _worker: worker,
+            recorder,
+            load,
+        }
     }
-    if duplicated > 0 {
-        failures.push(format!("{duplicated} events stored more than once"));
-    }
-    failures
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_the_spool_on_a_30_s_broker_outage_under_load_gets_no_503_and_every_2xxd_event_is_stored_once(
 ) {
-    let mut node = tokio::task::block_in_place(RabbitNode::start);
-    let s = spooling("spool_outage", &node, 256 << 20);
-    let url = format!("http://{}", s.collector.listen);
-    let _collector = Process::spawn("collector", &s);
-    let _worker = Process::spawn("worker", &s);
-    assert!(
-        status_becomes(&http(), format!("{url}/readyz"), 200).await,
-        "collector never ready"
-    );
-    let recorder = Recorder::new(true);
-    let load = start_load(&url, &recorder);
+    let Outage {
+        mut node,
+        s,
+        url,
+        collector: _collector,
+        _worker,
+        recorder,
+        load,
+    } = Outage::start("spool_outage").await;
     tokio::time::sleep(Duration::from_secs(5)).await;
 
     tokio::task::block_in_place(|| node.stop());
@@ -205,17 +213,15 @@ async fn with_the_spool_on_a_30_s_broker_outage_under_load_gets_no_503_and_every
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_collector_sigkilled_mid_outage_forwards_its_spool_after_restart_torn_tail_and_all() {
-    let mut node = tokio::task::block_in_place(RabbitNode::start);
-    let s = spooling("spool_kill", &node, 256 << 20);
-    let url = format!("http://{}", s.collector.listen);
-    let mut collector = Process::spawn("collector", &s);
-    let _worker = Process::spawn("worker", &s);
-    assert!(
-        status_becomes(&http(), format!("{url}/readyz"), 200).await,
-        "collector never ready"
-    );
-    let recorder = Recorder::new(true);
-    let load = start_load(&url, &recorder);
+    let Outage {
+        mut node,
+        s,
+        url,
+        mut collector,
+        _worker,
+        recorder,
+        load,
+    } = Outage::start("spool_kill").await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     tokio::task::block_in_place(|| node.stop());
     tokio::time::sleep(Duration::from_secs(10)).await;

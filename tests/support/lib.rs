@@ -1274,6 +1274,61 @@ pub async fn stored_keys(
     stored
 }
 
+/// What became of the events a load generator got a 2xx for: how many are not in MongoDB, and
+/// how many are there more than once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Settled {
+    pub accepted: usize,
+    pub missing: usize,
+    pub duplicated: usize,
+}
+
+impl Settled {
+    /// The failures to report: none when every event is stored exactly once.
+    pub fn failures(&self) -> Vec<String> {
+        let mut failures = Vec::new();
+        if self.accepted == 0 {
+            failures.push("no event was 2xx'd".to_owned());
+        }
+        if self.missing > 0 {
+            failures.push(format!(
+                "{} 2xx'd events missing from MongoDB",
+                self.missing
+            ));
+        }
+        if self.duplicated > 0 {
+            failures.push(format!("{} events stored more than once", self.duplicated));
+        }
+        failures
+    }
+}
+
+/// Waits (up to 120 s) until the raw queue on `broker` is empty and every `(source, messageId)`
+/// of `accepted` is in MongoDB, then counts what is missing and what is doubled.
+pub async fn settle_accepted(s: &Settings, broker: &str, accepted: &[(String, String)]) -> Settled {
+    let raw = ingest_pipeline::Topology::new(s.broker.prefix.clone()).raw();
+    let collection = events(s).await;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let stored = loop {
+        let stored = stored_keys(&collection).await;
+        let raw_empty = depth(broker, &raw).await == 0;
+        if (raw_empty && accepted.iter().all(|k| stored.contains_key(k)))
+            || Instant::now() >= deadline
+        {
+            break stored;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    Settled {
+        accepted: accepted.len(),
+        missing: accepted.iter().filter(|k| !stored.contains_key(*k)).count(),
+        duplicated: accepted
+            .iter()
+            .filter(|k| stored.get(*k).is_some_and(|n| *n > 1))
+            .count(),
+    }
+}
+
 /// `POST {collector}/v1/batch` with the iOS test key.
 pub async fn post_batch(
     client: &reqwest::Client,
