@@ -13,7 +13,7 @@ use serde_json::json;
 use super::fixtures::*;
 
 /// `promtool check metrics` over `text`: its verdict and what it printed.
-fn promtool(text: &str) -> (bool, String) {
+pub fn promtool(text: &str) -> (bool, String) {
     let mut child = Command::new("promtool")
         .args(["check", "metrics"])
         .stdin(Stdio::piped())

@@ -191,6 +191,17 @@ async fn with_the_spool_on_a_30_s_broker_outage_under_load_gets_no_503_and_every
     assert!(drained.is_some(), "the spool did not drain");
     let (code, line) = ingestctl_async(&s, &["check", "--spool", &url, "-w", "10"]).await;
     assert_eq!(code, 0, "{line}");
+    // Every spool series, counters and histogram included now, passes promtool.
+    let text = metrics_of(&http(), &url).await;
+    for series in [
+        "collector_spool_forwarded_total",
+        "collector_spool_sync_seconds",
+        "collector_requests_spooled_total",
+    ] {
+        assert!(text.contains(&format!("# HELP {series} ")), "{series}");
+    }
+    let (clean, said) = super::exposition::promtool(&text);
+    assert!(clean && said.trim().is_empty(), "promtool says\n{said}");
     tokio::time::sleep(Duration::from_secs(5)).await;
     stop_load(load, &recorder).await;
     let outcomes = recorder.outcomes();
