@@ -192,3 +192,42 @@ async fn events_from_segment_analytics_node_all_land_in_mongodb() {
     )
     .await;
 }
+
+/// Issue #14: an SDK that never retries (`max_retries=0` here, as `sendBeacon` never does) loses
+/// nothing while the broker is down, when the collector's spool is on: every call is answered
+/// 200 from the spool, and every event lands once the broker is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_broker_down_and_the_spool_on_an_sdk_that_never_retries_loses_no_event() {
+    let mut node = tokio::task::block_in_place(RabbitNode::start);
+    let mut s = settings("compat_spool");
+    s.broker.url = ingest_pipeline::Secret::new(node.url());
+    s.collector.spool.enabled = true;
+    s.collector.spool.dir = std::env::var("TEST_WORK_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| std::env::temp_dir())
+        .join(format!("spool-{}", s.broker.prefix));
+    s.collector.spool.segment_bytes = 1 << 20;
+    let collector = Collector::start(&s).await;
+    let _worker = Worker::start(&s);
+    tokio::task::block_in_place(|| node.stop());
+    let marker = s.broker.prefix.clone();
+    // The script fails if the SDK reports any error (its on_error).
+    let ids = send_with_sdk(
+        python(),
+        vec![compat("send.py"), "--sdk".into(), "segment".into()],
+        &collector,
+        &marker,
+    )
+    .await;
+    assert!(!ids.is_empty(), "the SDK reported no events sent");
+    let text = metrics_of(&http(), &collector.url).await;
+    let spooled = metric_value(
+        &text,
+        "collector_requests_spooled_total{reason=\"broker_unavailable\"}",
+    );
+    assert!(spooled >= 1.0, "nothing was spooled:\n{text}");
+    tokio::task::block_in_place(|| node.resume());
+    let landed = wait_until_landed(&s, &ids).await;
+    assert_eq!(landed, ids.len() as u64, "of {ids:?}");
+    let _ = std::fs::remove_dir_all(&s.collector.spool.dir);
+}
