@@ -565,9 +565,20 @@ async fn with_the_management_api_queues_show_rates_and_scale_and_drain_time_use_
         "{table}"
     );
 
-    // scale takes a worker's rate from the ack rate per consumer, and counts the arrivals.
-    let (status, out) = ingestctl_async(&s, &["scale", "--json", "--target", "60"]).await;
-    assert_eq!(status, 0, "{out}");
+    // scale takes a worker's rate from the ack rate per consumer, and counts the arrivals. The
+    // management API's rates are samples: on a loaded machine one can read 0 between two that
+    // do not, so this reads until one has rates (as the listing above does).
+    let (measured, out) =
+        ingestctl_until(&s, &["scale", "--json", "--target", "60"], |status, out| {
+            let hint: serde_json::Value = serde_json::from_str(out).unwrap_or_default();
+            status == 0
+                && hint["per_worker_rate_from"]
+                    .as_str()
+                    .is_some_and(|from| from.starts_with("measured"))
+                && hint["publish_rate"].as_f64().is_some_and(|rate| rate > 0.0)
+        })
+        .await;
+    assert!(measured, "{out}");
     let hint: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert!(
         hint["per_worker_rate_from"]
