@@ -104,12 +104,28 @@ struct State {
     /// The writer is appending to the active segment now (it must not be deleted).
     writing: bool,
     next_seq: u64,
-    /// Bytes on disk plus those reserved by appends under way.
-    bytes: u64,
-    /// Frames not yet confirmed by the broker.
-    records: u64,
+    /// Bytes reserved by appends under way, not yet in a segment's `len`.
+    reserved: u64,
     /// When the oldest frame not yet confirmed was spooled (Unix ms), if any.
     oldest_ms: Option<u64>,
+}
+
+impl State {
+    /// Bytes on disk plus those reserved by appends under way: what `max_bytes` bounds.
+    fn bytes(&self) -> u64 {
+        self.segments
+            .iter()
+            .fold(self.reserved, |sum, s| sum.saturating_add(s.len))
+    }
+
+    /// Frames not yet confirmed by the broker (those given up as unreadable until their
+    /// segment is deleted).
+    fn records(&self) -> u64 {
+        self.segments
+            .iter()
+            .map(|s| s.records.saturating_sub(s.forwarded_records))
+            .sum()
+    }
 }
 
 struct Append {
@@ -214,12 +230,12 @@ impl Spool {
             .map_err(|_| SpoolError::Stopped)?;
         {
             let mut state = self.shared.lock();
-            if state.bytes.saturating_add(size) > self.shared.max_bytes {
+            if state.bytes().saturating_add(size) > self.shared.max_bytes {
                 return Err(SpoolError::Full {
                     max_bytes: self.shared.max_bytes,
                 });
             }
-            state.bytes += size;
+            state.reserved += size;
         }
         let (done, written) = oneshot::channel();
         let append = Append {
@@ -246,12 +262,12 @@ impl Spool {
     /// Whether a request of the largest size would fit now.
     pub fn has_room(&self) -> bool {
         let state = self.shared.lock();
-        state.bytes.saturating_add(self.shared.max_payload as u64) <= self.shared.max_bytes
+        state.bytes().saturating_add(self.shared.max_payload as u64) <= self.shared.max_bytes
     }
 
     /// Frames not yet confirmed by the broker.
     pub fn records(&self) -> u64 {
-        self.shared.lock().records
+        self.shared.lock().records()
     }
 
     /// Sets the gauges that move with time alone (the oldest frame's age).
@@ -285,13 +301,9 @@ impl Spool {
                 // All forwarded, nothing being written: the next group opens a new segment.
                 state.active = None;
             }
-            if let Some(segment) = state.segments.pop_front() {
-                state.bytes = state.bytes.saturating_sub(segment.len);
-                // Frames given up (unreadable) are no longer waiting either.
-                let unconfirmed = segment.records.saturating_sub(segment.forwarded_records);
-                state.records = state.records.saturating_sub(unconfirmed);
-                done.push(shared.path(seq));
-            }
+            // Its bytes and any frames given up in it (unreadable) leave the counts with it.
+            state.segments.pop_front();
+            done.push(shared.path(seq));
             if state.segments.is_empty() {
                 state.oldest_ms = None;
             }
@@ -307,10 +319,9 @@ impl Spool {
             segment.forwarded = (chunk.from + bytes).min(segment.len);
             segment.forwarded_records += records;
         }
-        state.records = state.records.saturating_sub(records);
         if let Some(oldest) = next_oldest_ms {
             state.oldest_ms = Some(oldest);
-        } else if state.records == 0 {
+        } else if state.records() == 0 {
             state.oldest_ms = None;
         }
         self.shared.update_gauges(&state);
@@ -333,15 +344,15 @@ impl Spool {
     }
 
     /// From `chunk.from + good` to the end of `chunk`, its segment cannot be read (disk
-    /// corruption): that stretch is given up. Frames appended after the chunk was read start at
-    /// its end, a frame boundary, and are forwarded as usual.
+    /// corruption): that stretch is given up. The segment was [sealed](Self::seal) when the bad
+    /// frame was found. Frames appended before that start at the chunk's end, a frame boundary,
+    /// and are forwarded as usual.
     fn skip_rest(&self, chunk: &Chunk, good: u64, bad: &Bad) {
-        self.seal(chunk);
         tracing::error!(segment = chunk.seq, offset = chunk.from + good, until = chunk.to, error = %bad, "spooled records cannot be read back; that stretch of the segment is dropped");
         metrics::counter!("collector_spool_dropped_total", "reason" => bad.kind()).increment(1);
         let mut state = self.shared.lock();
         if let Some(segment) = state.segments.iter_mut().find(|s| s.seq == chunk.seq) {
-            // The records lost are counted out when the segment is deleted.
+            // The records lost leave the count when the segment is deleted.
             segment.forwarded = segment.forwarded.max(chunk.to.min(segment.len));
         }
         drop(state);
@@ -373,12 +384,12 @@ impl Shared {
 
     fn release(&self, bytes: u64) {
         let mut state = self.lock();
-        state.bytes = state.bytes.saturating_sub(bytes);
+        state.reserved = state.reserved.saturating_sub(bytes);
     }
 
     fn update_gauges(&self, state: &State) {
-        metrics::gauge!("collector_spool_bytes").set(state.bytes as f64);
-        metrics::gauge!("collector_spool_records").set(state.records as f64);
+        metrics::gauge!("collector_spool_bytes").set(state.bytes() as f64);
+        metrics::gauge!("collector_spool_records").set(state.records() as f64);
         metrics::gauge!("collector_spool_segments").set(state.segments.len() as f64);
         let age = state
             .oldest_ms
@@ -479,8 +490,6 @@ fn recover(dir: &Path) -> io::Result<(State, Recovered)> {
             sealed: false,
         });
     }
-    state.bytes = recovered.bytes;
-    state.records = recovered.records;
     sync_dir(dir)?;
     Ok((state, recovered))
 }
@@ -521,7 +530,7 @@ fn write_group(
 ) -> Result<(), String> {
     let size: u64 = group.iter().map(|a| a.frame.len() as u64).sum();
     // Under the lock, only decisions: the file is created and written outside it.
-    let new_seq = {
+    let (new_seq, start) = {
         let mut state = shared.lock();
         let current = file
             .as_ref()
@@ -535,20 +544,22 @@ fn write_group(
                 .map(|s| s.len)
         });
         let reuse = current_len.is_some_and(|len| len == 0 || len + size <= shared.segment_bytes);
-        // While this group is written, the active segment (old or new) is not deleted.
+        // While this group is written, the active segment (old or new) is not deleted, and
+        // only this thread changes its length.
         state.writing = true;
-        if reuse {
-            None
-        } else {
-            state.next_seq += 1;
-            Some(state.next_seq - 1)
+        match current_len {
+            Some(len) if reuse => (None, len),
+            _ => {
+                state.next_seq += 1;
+                (Some(state.next_seq - 1), 0)
+            }
         }
     };
-    let failed = |error: String, start: Option<u64>| {
+    let failed = |error: String, seal: bool| {
         let mut state = shared.lock();
         state.writing = false;
-        state.bytes = state.bytes.saturating_sub(size);
-        if start.is_some() {
+        state.reserved = state.reserved.saturating_sub(size);
+        if seal {
             // Start a new segment next time.
             state.active = None;
         }
@@ -576,21 +587,13 @@ fn write_group(
                 state.active = Some(seq);
                 *file = Some((seq, f));
             }
-            Err(error) => return failed(format!("cannot create a segment: {error}"), None),
+            Err(error) => return failed(format!("cannot create a segment: {error}"), false),
         }
     }
     let Some((seq, f)) = file.as_mut() else {
-        return failed("no segment open".into(), None);
+        return failed("no segment open".into(), false);
     };
     let seq = *seq;
-    let start = {
-        let state = shared.lock();
-        state
-            .segments
-            .iter()
-            .find(|s| s.seq == seq)
-            .map_or(0, |s| s.len)
-    };
     let started = std::time::Instant::now();
     let written = group
         .iter()
@@ -601,15 +604,15 @@ fn write_group(
         // Cut back what may have been written; a file whose fsync failed is not written again.
         let _ = f.set_len(start);
         *file = None;
-        return failed(error.to_string(), Some(start));
+        return failed(error.to_string(), true);
     }
     let mut state = shared.lock();
     state.writing = false;
+    state.reserved = state.reserved.saturating_sub(size);
     if let Some(segment) = state.segments.iter_mut().find(|s| s.seq == seq) {
         segment.len = start + size;
         segment.records += group.len() as u64;
     }
-    state.records += group.len() as u64;
     if state.oldest_ms.is_none() {
         state.oldest_ms = group.first().map(|a| a.spooled_at_ms);
     }

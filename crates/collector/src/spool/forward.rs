@@ -77,20 +77,16 @@ pub async fn run(spool: Spool, sink: impl Sink, window: usize, stop: Cancellatio
             spool.seal(&chunk);
         }
         let Some(first) = records.first() else {
-            match (retry, give_up) {
-                (_, Some(bad)) => spool.skip_rest(&chunk, 0, &bad),
-                (Some(error), None) => {
-                    tracing::error!(%error, segment = chunk.seq, "cannot read the spool; retrying");
-                    if pause(&mut backoff, &stop).await {
-                        return;
-                    }
-                }
-                // Not reached: a stretch that is not empty yields a record or a reason.
-                (None, None) => {
-                    if pause(&mut backoff, &stop).await {
-                        return;
-                    }
-                }
+            if let Some(bad) = give_up {
+                spool.skip_rest(&chunk, 0, &bad);
+                continue;
+            }
+            // A read error (a stretch that is not empty yields a record or a reason).
+            if let Some(error) = retry {
+                tracing::error!(%error, segment = chunk.seq, "cannot read the spool; retrying");
+            }
+            if pause(&mut backoff, &stop).await {
+                return;
             }
             continue;
         };

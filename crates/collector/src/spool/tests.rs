@@ -225,7 +225,7 @@ async fn segments_roll_over_and_each_is_deleted_only_once_all_of_it_is_confirmed
     unique.dedup();
     assert_eq!(unique, (0..7).collect::<Vec<_>>(), "{ids:?}");
     assert_eq!(ids[..4], [0, 1, 2, 3], "in order up to the refusal");
-    assert_eq!(spool.shared.lock().bytes, 0);
+    assert_eq!(spool.shared.lock().bytes(), 0);
 }
 
 async fn wait_for(mut done: impl FnMut() -> bool) {
@@ -325,7 +325,7 @@ async fn appends_racing_the_forwarder_and_a_flaky_broker_lose_nothing_and_leave_
         .flat_map(|w| (0..100).map(move |i| w * 1000 + i))
         .collect();
     assert_eq!(ids, expected);
-    assert_eq!(spool.shared.lock().bytes, 0);
+    assert_eq!(spool.shared.lock().bytes(), 0);
 }
 
 /// A frame that goes bad on disk under a running collector: what came before it is forwarded,
@@ -346,7 +346,7 @@ async fn a_frame_corrupted_under_a_running_spool_costs_its_stretch_and_the_count
     assert_eq!(sink.ids(), [0, 1]);
     wait_for(|| dir.segments().is_empty()).await;
     assert_eq!(spool.records(), 0);
-    assert_eq!(spool.shared.lock().bytes, 0);
+    assert_eq!(spool.shared.lock().bytes(), 0);
     // Appends go to a new segment and are forwarded as usual.
     fill(&spool, 10..12).await;
     forward_all(&spool, &sink, 4).await;
