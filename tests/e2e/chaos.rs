@@ -718,10 +718,7 @@ async fn chaos(spool: bool) {
     let test_started = Instant::now();
     let mut s = settings("chaos");
     let broker = RabbitNode::start();
-    let dir = std::env::var("TEST_WORK_DIR")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|_| std::env::temp_dir())
-        .join(format!("secantus-{}", s.broker.prefix));
+    let dir = work_dir().join(format!("secantus-{}", s.broker.prefix));
     let mongo = Secantus::on_disk(&dir);
     s.broker.url = ingest_pipeline::settings::Secret::new(broker.url());
     s.mongo.uri = ingest_pipeline::settings::Secret::new(mongo.uri());
@@ -731,9 +728,7 @@ async fn chaos(spool: bool) {
     s.sinks.retry_delays_ms = vec![1000, 5000];
     s.sinks.max_attempts = 50;
     if spool {
-        s.collector.spool.enabled = true;
-        s.collector.spool.dir = dir.with_file_name(format!("spool-{}", s.broker.prefix));
-        s.collector.spool.segment_bytes = 1 << 20;
+        spool_on(&mut s);
     }
     let url = format!("http://{}", s.collector.listen);
     let mut parts = Parts {

@@ -8,12 +8,11 @@
 //! between. The short form (one round) runs in CI; `CLUSTER_ROUNDS=5 scripts/test e2e::cluster::` is a
 //! long form.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ingest_e2e::*;
 use ingest_loadgen::payload::id_string;
-use ingest_loadgen::{open_loop, recovery, Generator, HttpTarget, Recorder, Schedule, Shape};
+use ingest_loadgen::{recovery, Recorder};
 use ingest_pipeline::settings::{Secret, Settings};
 use ingest_pipeline::Topology;
 
@@ -156,28 +155,8 @@ async fn on_a_three_node_cluster_lost_and_frozen_nodes_lose_no_2xxd_event() {
 
     let faults: Vec<Fault> = (0..rounds).flat_map(|_| FAULTS).collect();
     let recorder = Recorder::new(true).keep_timeline();
-    let target = Arc::new(HttpTarget::new(&url, IOS_KEY, Duration::from_secs(10)).unwrap());
-    let generator = Generator::new(&Shape {
-        templates: 32,
-        seed: fastrand::u64(..),
-        ..Shape::default()
-    });
     // Longer than the faults take: the load is stopped 10 s after the last one.
-    let schedule = Schedule::constant(RATE, Duration::from_secs(3600));
-    let load = {
-        let recorder = recorder.clone();
-        tokio::spawn(async move {
-            open_loop(
-                target,
-                generator,
-                &schedule,
-                &recorder,
-                2_000,
-                Duration::from_secs(30),
-            )
-            .await;
-        })
-    };
+    let load = start_open_loop(&url, RATE, &recorder);
     let mut inflicted = Vec::new();
     let load_started = Instant::now();
     for (i, fault) in faults.iter().enumerate() {
@@ -195,11 +174,7 @@ async fn on_a_three_node_cluster_lost_and_frozen_nodes_lose_no_2xxd_event() {
         }
     }
     tokio::time::sleep(Duration::from_secs(10)).await;
-    load.abort();
-    let _ = load.await;
-    // The requests already sent end within their 10 s timeout.
-    tokio::time::sleep(Duration::from_secs(11)).await;
-    recorder.finish();
+    stop_open_loop(load, &recorder).await;
     let report = recorder.report("cluster");
     eprintln!("{}", report.text());
 

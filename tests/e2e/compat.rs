@@ -201,12 +201,7 @@ async fn with_the_broker_down_and_the_spool_on_an_sdk_that_never_retries_loses_n
     let mut node = tokio::task::block_in_place(RabbitNode::start);
     let mut s = settings("compat_spool");
     s.broker.url = ingest_pipeline::Secret::new(node.url());
-    s.collector.spool.enabled = true;
-    s.collector.spool.dir = std::env::var("TEST_WORK_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| std::env::temp_dir())
-        .join(format!("spool-{}", s.broker.prefix));
-    s.collector.spool.segment_bytes = 1 << 20;
+    spool_on(&mut s);
     let collector = Collector::start(&s).await;
     let _worker = Worker::start(&s);
     tokio::task::block_in_place(|| node.stop());

@@ -251,11 +251,7 @@ async fn canary_with_the_worker_stopped_reports_every_event_missing_and_is_criti
 #[tokio::test]
 async fn dlq_replay_after_a_schema_fix_moves_invalid_events_into_mongodb() {
     // A tracking plan where Product Viewed wrongly requires `sku`.
-    let plan = std::path::PathBuf::from(
-        std::env::var("TEST_WORK_DIR")
-            .unwrap_or_else(|_| std::env::temp_dir().display().to_string()),
-    )
-    .join(unique("plan"));
+    let plan = work_dir().join(unique("plan"));
     copy_dir(&root().join("schemas"), &plan);
     let schema_file = plan.join("track/product_viewed.json");
     let original = std::fs::read_to_string(&schema_file).unwrap();

@@ -313,10 +313,7 @@ async fn a_returned_publish_never_puts_the_body_or_its_write_key_in_the_collecto
     for filter in ["warn", "trace"] {
         let mut s = settings(&format!("retlog-{filter}"));
         s.collector.listen = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let dir = std::env::var("TEST_WORK_DIR")
-            .map(std::path::PathBuf::from)
-            .unwrap_or_else(|_| std::env::temp_dir());
-        let log = dir.join(format!("{}.collector.log", s.broker.prefix));
+        let log = work_dir().join(format!("{}.collector.log", s.broker.prefix));
         let _collector = Process::spawn_logging_to("collector", &s, &log, filter);
         let client = http();
         let url = format!("http://{}", s.collector.listen);

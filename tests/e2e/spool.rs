@@ -3,13 +3,12 @@
 //! back. Judged as the chaos test judges: every event answered 2xx is in MongoDB exactly once.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ingest_e2e::*;
 use ingest_loadgen::payload::id_string;
-use ingest_loadgen::{open_loop, Generator, HttpTarget, Recorder, Schedule, Shape};
-use ingest_pipeline::settings::{Settings, SpoolSettings};
+use ingest_loadgen::Recorder;
+use ingest_pipeline::settings::Settings;
 use ingest_pipeline::Secret;
 
 use super::fixtures::{batch, product_viewed};
@@ -17,60 +16,17 @@ use super::fixtures::{batch, product_viewed};
 /// Requests per second of the load (about 25 events each on average).
 const RATE: f64 = 20.0;
 
-fn spool_dir(s: &Settings) -> PathBuf {
-    let base = std::env::var("TEST_WORK_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| std::env::temp_dir());
-    base.join(format!("spool-{}", s.broker.prefix))
-}
-
 /// Settings on a test-owned broker node, with the spool on.
 fn spooling(name: &str, node: &RabbitNode, max_bytes: u64) -> Settings {
     let mut s = settings(name);
     s.broker.url = Secret::new(node.url());
     s.collector.listen = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    s.collector.spool = SpoolSettings {
-        enabled: true,
-        dir: spool_dir(&s),
-        max_bytes,
-        segment_bytes: 1 << 20,
-        forward_in_flight: 64,
-    };
+    spool_on(&mut s);
+    s.collector.spool.max_bytes = max_bytes;
     // Outages here last tens of seconds; no batch should run out of attempts.
     s.sinks.retry_delays_ms = vec![1000, 5000];
     s.sinks.max_attempts = 50;
     s
-}
-
-/// The load generator's open loop against `url`, until aborted.
-fn start_load(url: &str, recorder: &Recorder) -> tokio::task::JoinHandle<()> {
-    let target = Arc::new(HttpTarget::new(url, IOS_KEY, Duration::from_secs(10)).unwrap());
-    let generator = Generator::new(&Shape {
-        templates: 32,
-        seed: fastrand::u64(..),
-        ..Shape::default()
-    });
-    let schedule = Schedule::constant(RATE, Duration::from_secs(3600));
-    let recorder = recorder.clone();
-    tokio::spawn(async move {
-        open_loop(
-            target,
-            generator,
-            &schedule,
-            &recorder,
-            2_000,
-            Duration::from_secs(30),
-        )
-        .await;
-    })
-}
-
-/// Stops the load and lets the requests already sent end (within their 10 s timeout).
-async fn stop_load(load: tokio::task::JoinHandle<()>, recorder: &Recorder) {
-    load.abort();
-    let _ = load.await;
-    tokio::time::sleep(Duration::from_secs(11)).await;
-    recorder.finish();
 }
 
 /// A gauge or counter of the collector's `/metrics` (0 when absent or unreachable).
@@ -136,7 +92,7 @@ impl Outage {
             "collector never ready"
         );
         let recorder = Recorder::new(true);
-        let load = start_load(&url, &recorder);
+        let load = start_open_loop(&url, RATE, &recorder);
         Self {
             node,
             s,
@@ -203,7 +159,7 @@ async fn with_the_spool_on_a_30_s_broker_outage_under_load_gets_no_503_and_every
     let (clean, said) = super::exposition::promtool(&text);
     assert!(clean && said.trim().is_empty(), "promtool says\n{said}");
     tokio::time::sleep(Duration::from_secs(5)).await;
-    stop_load(load, &recorder).await;
+    stop_open_loop(load, &recorder).await;
     let outcomes = recorder.outcomes();
     eprintln!("{}", recorder.report("spool outage").text());
     assert_eq!(
@@ -281,7 +237,7 @@ async fn a_collector_sigkilled_mid_outage_forwards_its_spool_after_restart_torn_
     let drained = spool_drains(&url, Duration::from_secs(120)).await;
     eprintln!("spool: empty {drained:?} after the broker was back");
     assert!(drained.is_some(), "the spool did not drain");
-    stop_load(load, &recorder).await;
+    stop_open_loop(load, &recorder).await;
     let outcomes = recorder.outcomes();
     eprintln!("{}", recorder.report("spool kill").text());
     assert!(

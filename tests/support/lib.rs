@@ -50,6 +50,65 @@ pub fn init_logs() {
     }
 }
 
+/// Where a test's own files go: `TEST_WORK_DIR` (set by scripts/test), else the temp directory.
+pub fn work_dir() -> PathBuf {
+    std::env::var("TEST_WORK_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| std::env::temp_dir())
+}
+
+/// Turns the collector's spool on, in a directory of the test's own ([`spool_dir`]), with
+/// segments of 1 MiB.
+pub fn spool_on(s: &mut Settings) {
+    s.collector.spool.enabled = true;
+    s.collector.spool.dir = spool_dir(s);
+    s.collector.spool.segment_bytes = 1 << 20;
+}
+
+/// The spool directory [`spool_on`] gives the test's collector.
+pub fn spool_dir(s: &Settings) -> PathBuf {
+    work_dir().join(format!("spool-{}", s.broker.prefix))
+}
+
+/// The load generator's open loop at `rate` requests/s against the collector at `url` (the iOS
+/// key, 10 s per request), until aborted; stop it with [`stop_open_loop`].
+pub fn start_open_loop(
+    url: &str,
+    rate: f64,
+    recorder: &ingest_loadgen::Recorder,
+) -> JoinHandle<()> {
+    use ingest_loadgen::{open_loop, Generator, HttpTarget, Schedule, Shape};
+    let target =
+        std::sync::Arc::new(HttpTarget::new(url, IOS_KEY, Duration::from_secs(10)).unwrap());
+    let generator = Generator::new(&Shape {
+        templates: 32,
+        seed: fastrand::u64(..),
+        ..Shape::default()
+    });
+    let schedule = Schedule::constant(rate, Duration::from_secs(3600));
+    let recorder = recorder.clone();
+    tokio::spawn(async move {
+        open_loop(
+            target,
+            generator,
+            &schedule,
+            &recorder,
+            2_000,
+            Duration::from_secs(30),
+        )
+        .await;
+    })
+}
+
+/// Stops [`start_open_loop`]'s load and lets the requests already sent end (within their 10 s
+/// timeout) before the recorder is closed.
+pub async fn stop_open_loop(load: JoinHandle<()>, recorder: &ingest_loadgen::Recorder) {
+    load.abort();
+    let _ = load.await;
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    recorder.finish();
+}
+
 /// A name no other test uses: queue prefix and database name.
 pub fn unique(name: &str) -> String {
     let id = uuid::Uuid::new_v4().simple().to_string();
@@ -336,10 +395,7 @@ impl Process {
         (stdout, stderr): (Stdio, Stdio),
         filter: Option<&str>,
     ) -> Self {
-        let base = std::env::var("TEST_WORK_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|_| std::env::temp_dir());
-        let dir = base.join(format!("config-{}", settings.broker.prefix));
+        let dir = work_dir().join(format!("config-{}", settings.broker.prefix));
         std::fs::create_dir_all(&dir).unwrap();
         let sinks = serde_json::json!({
             "sinks": {
@@ -518,10 +574,7 @@ impl RabbitNode {
             "ingest-{}",
             &uuid::Uuid::new_v4().simple().to_string()[..10]
         );
-        let base = std::env::var("TEST_WORK_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|_| std::env::temp_dir());
-        let dir = base.join(&name);
+        let dir = work_dir().join(&name);
         let mut node = Self {
             name,
             port,
@@ -625,10 +678,7 @@ impl RabbitCluster {
             "ingest-{}",
             &uuid::Uuid::new_v4().simple().to_string()[..10]
         );
-        let base = std::env::var("TEST_WORK_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|_| std::env::temp_dir())
-            .join(&name);
+        let base = work_dir().join(&name);
         let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
         let list = ports
             .iter()
