@@ -20,4 +20,5 @@ mod e2e {
     pub mod sinks;
     pub mod spool;
     pub mod stall;
+    pub mod wire;
 }

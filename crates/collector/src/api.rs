@@ -1,11 +1,12 @@
-//! The HTTP surface: the Segment / RudderStack tracking endpoints, CORS, health.
+//! The HTTP surface: the Segment / RudderStack tracking endpoints (`/v1/…`, and RudderStack's
+//! `/beacon/v1/…`), CORS, health.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::extract::{ConnectInfo, Path, Request, State};
+use axum::extract::{ConnectInfo, Path, RawQuery, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -16,9 +17,9 @@ use ingest_pipeline::metrics::SchedulingDelay;
 use ingest_pipeline::settings::CollectorSettings;
 use serde_json::{json, Value};
 use tokio::sync::{Semaphore, SemaphorePermit};
-use tower_http::cors::{AllowOrigin, CorsLayer};
+use tower_http::cors::{AllowHeaders, AllowOrigin, CorsLayer};
 
-use crate::auth::{basic_username, WriteKeys};
+use crate::auth::{basic_username, query_write_key, WriteKeys};
 use crate::body::{gunzip_limited, inspect, read_limited, Limits, Refused};
 use crate::error::CaptureError;
 use crate::publisher::{raw_properties, Publisher};
@@ -71,6 +72,7 @@ pub enum Full {
 /// `collector_in_flight_bytes`, given back when dropped (also when the client goes away
 /// mid-request).
 pub struct Slot<'a> {
+    in_flight: &'a InFlight,
     _all: SemaphorePermit<'a>,
     _body_keyed: Option<SemaphorePermit<'a>>,
     bytes: SemaphorePermit<'a>,
@@ -110,6 +112,7 @@ impl InFlight {
         self.requests_gauge.increment(1.0);
         self.bytes_gauge.increment(bytes as f64);
         Ok(Slot {
+            in_flight: self,
             _all: all,
             _body_keyed: body_keyed,
             bytes: held,
@@ -121,6 +124,36 @@ impl InFlight {
 }
 
 impl Slot<'_> {
+    /// Holds `bytes` of the byte budgets (a chunked body grows as it arrives), or which budget
+    /// is full; on error the slot holds what it held before.
+    pub fn grow_to(&mut self, bytes: usize) -> Result<(), Full> {
+        let held = self.bytes.num_permits();
+        let Some(more) = bytes.checked_sub(held).filter(|more| *more > 0) else {
+            return Ok(());
+        };
+        let more_permits = u32::try_from(more).map_err(|_| Full::Bytes)?;
+        let keyed = match self.body_keyed_bytes {
+            Some(_) => Some(
+                self.in_flight
+                    .body_keyed_bytes
+                    .try_acquire_many(more_permits)
+                    .map_err(|_| Full::Bytes)?,
+            ),
+            None => None,
+        };
+        let all = self
+            .in_flight
+            .bytes
+            .try_acquire_many(more_permits)
+            .map_err(|_| Full::Bytes)?;
+        self.bytes.merge(all);
+        if let (Some(held), Some(keyed)) = (self.body_keyed_bytes.as_mut(), keyed) {
+            held.merge(keyed);
+        }
+        self.bytes_gauge.increment(more as f64);
+        Ok(())
+    }
+
     /// Gives back what the slot holds beyond `bytes` (the body turned out smaller than the
     /// reservation).
     pub fn shrink_to(&mut self, bytes: usize) {
@@ -146,6 +179,7 @@ impl Drop for Slot<'_> {
 pub fn router(state: Arc<AppState>, settings: &CollectorSettings) -> Router {
     let tracking = Router::new()
         .route("/v1/{endpoint}", post(capture))
+        .route("/beacon/v1/{endpoint}", post(capture))
         .layer(cors(&settings.cors_allowed_origins));
     Router::new()
         .merge(tracking)
@@ -178,6 +212,13 @@ fn route_label(path: &str) -> &'static str {
         "/healthz" => "/healthz",
         "/readyz" => "/readyz",
         "/metrics" => "/metrics",
+        _ if path.starts_with("/beacon/v1/") => {
+            match path.strip_prefix("/beacon/v1/").and_then(Endpoint::parse) {
+                Some(Endpoint::Batch) => "/beacon/v1/batch",
+                Some(_) => "/beacon/v1/event",
+                None => "other",
+            }
+        }
         _ => match path.strip_prefix("/v1/").and_then(Endpoint::parse) {
             Some(Endpoint::Batch) => "/v1/batch",
             Some(Endpoint::Track) => "/v1/track",
@@ -191,9 +232,15 @@ fn route_label(path: &str) -> &'static str {
     }
 }
 
+/// CORS that browser SDKs pass: any request header they add (RudderStack's `AnonymousId`, …) is
+/// allowed by mirroring the preflight's list, and credentials are allowed, which `sendBeacon`
+/// (always `credentials: include`) needs once its body's type makes the browser ask first.
+/// Credentials give nothing here: the collector reads no cookie, only the write key. With
+/// `["*"]` the request's own origin is mirrored, since a credentialed answer cannot say `*`.
+/// Browsers keep a preflight's answer for at most `max-age` (Chromium caps it at 2 hours).
 fn cors(origins: &[String]) -> CorsLayer {
     let allow = if origins.iter().any(|o| o == "*") {
-        AllowOrigin::any()
+        AllowOrigin::mirror_request()
     } else {
         AllowOrigin::list(
             origins
@@ -205,12 +252,9 @@ fn cors(origins: &[String]) -> CorsLayer {
     CorsLayer::new()
         .allow_origin(allow)
         .allow_methods([Method::POST, Method::OPTIONS])
-        .allow_headers([
-            header::CONTENT_TYPE,
-            header::AUTHORIZATION,
-            header::CONTENT_ENCODING,
-        ])
-        .max_age(Duration::from_secs(600))
+        .allow_headers(AllowHeaders::mirror_request())
+        .allow_credentials(true)
+        .max_age(Duration::from_secs(86_400))
 }
 
 /// Ready while a request can be kept: the broker can take it, or else the spool has room for
@@ -235,6 +279,7 @@ async fn capture(
     State(state): State<Arc<AppState>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Path(endpoint): Path<String>,
+    RawQuery(query): RawQuery,
     request_headers: HeaderMap,
     body: Body,
 ) -> Response {
@@ -252,6 +297,7 @@ async fn capture(
         peer.ip(),
         endpoint,
         &request_headers,
+        query.as_deref(),
         body,
         &request_id,
     )
@@ -323,6 +369,7 @@ async fn admit(
     peer: IpAddr,
     endpoint: Endpoint,
     request_headers: &HeaderMap,
+    query: Option<&str>,
     body: Body,
     request_id: &str,
 ) -> Result<Accepted, CaptureError> {
@@ -333,8 +380,9 @@ async fn admit(
             retry_after_secs: state.retry_after_secs,
         });
     }
-    let head = check_head(state, endpoint, request_headers)?;
-    let reserve = head.declared_length.unwrap_or(head.limit);
+    let head = check_head(state, endpoint, request_headers, query)?;
+    // Without a Content-Length (chunked), the body's bytes are reserved as they arrive.
+    let reserve = head.declared_length.unwrap_or(0);
     let mut slot = state
         .in_flight
         .try_enter(head.source.is_none(), reserve)
@@ -357,7 +405,8 @@ async fn admit(
 
 /// What the request head decides, before a slot is taken or a byte of the body is read.
 struct Head {
-    /// The source, when the write key came in the Authorization header (known to be valid).
+    /// The source, when the write key came in the Authorization header or the query string
+    /// (known to be valid before the body is read).
     source: Option<String>,
     content_type: &'static str,
     gzip: bool,
@@ -367,21 +416,28 @@ struct Head {
     declared_length: Option<usize>,
 }
 
-/// A malformed Authorization header, an unknown header key, a wrong content type or encoding,
-/// a declared length over the limit: refused from the head alone, so they cost no slot.
+/// A malformed Authorization header, an unknown key in it or in the query, an encoding other
+/// than gzip, a declared length over the limit: refused from the head alone, so they cost no slot.
+///
+/// The write key, first found wins: the Authorization header's Basic username, the query's
+/// `writeKey` (RudderStack's beacon), then the body's `writeKey` (read later, in [`accept`]).
 fn check_head(
     state: &AppState,
     endpoint: Endpoint,
     request_headers: &HeaderMap,
+    query: Option<&str>,
 ) -> Result<Head, CaptureError> {
-    let source = match request_headers.get(header::AUTHORIZATION) {
-        Some(value) => {
-            let key = basic_username(value.to_str().map_err(|_| CaptureError::BadAuthorization)?)?;
-            Some(state.keys.source_for(&key)?.to_owned())
-        }
+    let key = match request_headers.get(header::AUTHORIZATION) {
+        Some(value) => Some(basic_username(
+            value.to_str().map_err(|_| CaptureError::BadAuthorization)?,
+        )?),
+        None => query.and_then(query_write_key),
+    };
+    let source = match key {
+        Some(key) => Some(state.keys.source_for(&key)?.to_owned()),
         None => None,
     };
-    let content_type = content_type(request_headers)?;
+    let content_type = content_type(request_headers);
     let gzip = is_gzip(request_headers)?;
     let limit = state.limits.for_endpoint(endpoint);
     let declared_length = content_length(request_headers);
@@ -419,9 +475,17 @@ async fn accept(
     if let Some(source) = &header_source {
         rate_limit(state, source)?;
     }
-    let raw = tokio::time::timeout(state.body_timeout, read_limited(body, limit))
+    let retry_after_secs = state.retry_after_secs;
+    let grow = |bytes| {
+        slot.grow_to(bytes)
+            .map_err(|full| CaptureError::Overloaded {
+                full,
+                retry_after_secs,
+            })
+    };
+    let raw = tokio::time::timeout(state.body_timeout, read_limited(body, limit, grow))
         .await
-        .map_err(|_| CaptureError::BodyTimeout)??;
+        .map_err(|_| CaptureError::BodyTimeout { retry_after_secs })??;
     slot.shrink_to(raw.len());
     // The gunzipped copy lives only while it is checked, not while the confirm is awaited.
     let inspected = if gzip {
@@ -506,18 +570,17 @@ fn rate_limit(state: &AppState, source: &str) -> Result<(), CaptureError> {
         })
 }
 
-fn content_type(request_headers: &HeaderMap) -> Result<&'static str, CaptureError> {
-    let Some(value) = request_headers.get(header::CONTENT_TYPE) else {
-        return Ok("application/json");
-    };
-    let value = String::from_utf8_lossy(value.as_bytes()).to_ascii_lowercase();
-    let essence = value.split(';').next().unwrap_or("").trim().to_owned();
-    match essence.as_str() {
-        "application/json" | "" => Ok("application/json"),
-        "text/plain" => Ok("text/plain"),
-        _ => Err(CaptureError::UnsupportedContentType(
-            essence.chars().take(100).collect(),
-        )),
+/// What the raw message says the body was sent as. The body is read as JSON whatever the client
+/// declared: SDKs put `text/plain` (beacons, Segment's mobile SDKs), `application/json` with or
+/// without a charset, or a type of their own on the same JSON, and Segment's API takes them all.
+fn content_type(request_headers: &HeaderMap) -> &'static str {
+    let essence = request_headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|value| value.as_bytes().split(|b| *b == b';').next())
+        .map(<[u8]>::trim_ascii);
+    match essence {
+        Some(essence) if essence.eq_ignore_ascii_case(b"text/plain") => "text/plain",
+        _ => "application/json",
     }
 }
 
@@ -595,19 +658,19 @@ mod tests {
     }
 
     #[test]
-    fn content_types_and_encodings() {
+    fn any_content_type_is_read_as_json_and_only_gzip_is_an_encoding() {
         let mut h = HeaderMap::new();
-        assert_eq!(content_type(&h).ok(), Some("application/json"));
+        assert_eq!(content_type(&h), "application/json");
         h.insert(
             header::CONTENT_TYPE,
-            HeaderValue::from_static("text/plain;charset=UTF-8"),
+            HeaderValue::from_static("Text/Plain ;charset=UTF-8"),
         );
-        assert_eq!(content_type(&h).ok(), Some("text/plain"));
+        assert_eq!(content_type(&h), "text/plain");
         h.insert(
             header::CONTENT_TYPE,
-            HeaderValue::from_static("application/xml"),
+            HeaderValue::from_static("application/x-www-form-urlencoded"),
         );
-        assert!(content_type(&h).is_err());
+        assert_eq!(content_type(&h), "application/json");
         h.insert(header::CONTENT_ENCODING, HeaderValue::from_static("br"));
         assert!(is_gzip(&h).is_err());
         h.insert(header::CONTENT_ENCODING, HeaderValue::from_static("GZIP"));
@@ -635,6 +698,29 @@ mod tests {
             .collect();
         assert_eq!(all.len(), 4);
         assert!(slots.try_enter(true, 1).is_err());
+    }
+
+    #[test]
+    fn a_chunked_body_holds_only_the_bytes_that_arrived_and_stops_at_a_full_budget() {
+        let slots = InFlight::new(100, 25, 1000, 400);
+        // A body-keyed chunked request starts with nothing reserved.
+        let mut chunked = slots.try_enter(true, 0).expect("a slot");
+        chunked.grow_to(300).expect("300 bytes arrived");
+        chunked.grow_to(200).expect("never shrinks by growing");
+        assert_eq!(slots.try_enter(true, 101).err(), Some(Full::Bytes));
+        let other = slots
+            .try_enter(true, 100)
+            .expect("the body-keyed bytes left");
+        // The body-keyed share is full: this body cannot grow, and holds what it held.
+        assert_eq!(chunked.grow_to(301), Err(Full::Bytes));
+        drop(other);
+        chunked.grow_to(400).expect("room again");
+        // Header-keyed bodies grow against the whole budget only.
+        let mut keyed = slots.try_enter(false, 0).expect("a slot");
+        keyed.grow_to(600).expect("the rest of the 1000");
+        assert_eq!(keyed.grow_to(601), Err(Full::Bytes));
+        drop((chunked, keyed));
+        assert!(slots.try_enter(false, 1000).is_ok(), "all given back");
     }
 
     #[test]

@@ -56,6 +56,15 @@ pub fn basic_username(header: &str) -> Result<String, CaptureError> {
     Ok(username.to_owned())
 }
 
+/// The `writeKey` of a query string (RudderStack's beacon: `/beacon/v1/batch?writeKey=…`), the
+/// first one if there are several; an empty one counts as none.
+pub fn query_write_key(query: &str) -> Option<String> {
+    form_urlencoded::parse(query.as_bytes())
+        .find(|(name, _)| name == "writeKey")
+        .map(|(_, key)| key.into_owned())
+        .filter(|key| !key.is_empty())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -89,6 +98,21 @@ mod tests {
             k.source_for(""),
             Err(CaptureError::MissingWriteKey)
         ));
+    }
+
+    #[test]
+    fn the_query_yields_the_first_non_empty_write_key_decoded() {
+        assert_eq!(
+            query_write_key("writeKey=key%2Dios%2D123").as_deref(),
+            Some("key-ios-123")
+        );
+        assert_eq!(
+            query_write_key("a=1&writeKey=k1&writeKey=k2").as_deref(),
+            Some("k1")
+        );
+        assert_eq!(query_write_key("writeKey="), None);
+        assert_eq!(query_write_key("writekey=k"), None);
+        assert_eq!(query_write_key(""), None);
     }
 
     #[test]

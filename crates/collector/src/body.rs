@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 
 use axum::body::Body;
-use http_body_util::{BodyExt, LengthLimitError, Limited};
+use http_body_util::BodyExt;
 use ingest_pipeline::gzip::{inflate_capped, InflateError};
 use ingest_pipeline::message::Endpoint;
 
@@ -33,15 +33,47 @@ impl Limits {
     }
 }
 
-/// Reads at most `limit` bytes; a larger body is a 413, a client that vanishes is a 400.
-pub async fn read_limited(body: Body, limit: usize) -> Result<bytes::Bytes, CaptureError> {
-    match Limited::new(body, limit).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(error) if error.downcast_ref::<LengthLimitError>().is_some() => {
-            Err(CaptureError::BatchTooLarge { limit })
+/// Reads at most `limit` bytes, calling `reserve(total)` with the bytes read so far before it
+/// keeps each piece, so that a body without a Content-Length (chunked) holds the in-flight
+/// budget only for what has arrived. A larger body is a 413, a client that vanishes a 400, and
+/// an error from `reserve` ends the read with it.
+pub async fn read_limited(
+    mut body: Body,
+    limit: usize,
+    mut reserve: impl FnMut(usize) -> Result<(), CaptureError>,
+) -> Result<bytes::Bytes, CaptureError> {
+    // One piece is kept as it came; only a second one starts a copy.
+    let mut first: Option<bytes::Bytes> = None;
+    let mut joined: Option<bytes::BytesMut> = None;
+    let mut total = 0usize;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|error| CaptureError::BodyRead(error.to_string()))?;
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        if data.is_empty() {
+            continue;
         }
-        Err(error) => Err(CaptureError::BodyRead(error.to_string())),
+        total = total.saturating_add(data.len());
+        if total > limit {
+            return Err(CaptureError::BatchTooLarge { limit });
+        }
+        reserve(total)?;
+        match (&mut joined, first.take()) {
+            (Some(joined), _) => joined.extend_from_slice(&data),
+            (None, Some(earlier)) => {
+                let mut both = bytes::BytesMut::with_capacity(total);
+                both.extend_from_slice(&earlier);
+                both.extend_from_slice(&data);
+                joined = Some(both);
+            }
+            (None, None) => first = Some(data),
+        }
     }
+    Ok(match (joined, first) {
+        (Some(joined), _) => joined.freeze(),
+        (None, first) => first.unwrap_or_default(),
+    })
 }
 
 /// Inflates a gzip body, refusing to produce more than `limit` bytes (gzip bombs).

@@ -33,10 +33,10 @@ pub enum CaptureError {
     BadGzip(String),
     #[error("unsupported Content-Encoding `{0}` (use gzip or none)")]
     UnsupportedEncoding(String),
-    #[error("unsupported Content-Type `{0}` (use application/json or text/plain)")]
-    UnsupportedContentType(String),
-    #[error("the request body was not received in time")]
-    BodyTimeout,
+    /// A 503, not a 408: Segment's mobile SDKs and analytics.js delete a batch on any 4xx but
+    /// 429, and a body too slow on a phone's bad network can arrive in time later.
+    #[error("the request body was not received in time; retry later")]
+    BodyTimeout { retry_after_secs: u64 },
     #[error("could not read the request body: {0}")]
     BodyRead(String),
     #[error("too many requests or bytes in flight; retry later")]
@@ -79,11 +79,9 @@ impl CaptureError {
             Self::MalformedJson(_) | Self::BadRequest(_) | Self::BadGzip(_) | Self::BodyRead(_) => {
                 StatusCode::BAD_REQUEST
             }
-            Self::UnsupportedEncoding(_) | Self::UnsupportedContentType(_) => {
-                StatusCode::UNSUPPORTED_MEDIA_TYPE
-            }
-            Self::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
-            Self::Unavailable { .. }
+            Self::UnsupportedEncoding(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Self::BodyTimeout { .. }
+            | Self::Unavailable { .. }
             | Self::NotSpooled { .. }
             | Self::Overloaded { .. }
             | Self::Lagging { .. } => StatusCode::SERVICE_UNAVAILABLE,
@@ -104,8 +102,7 @@ impl CaptureError {
             Self::BadRequest(_) => "bad_request",
             Self::BadGzip(_) => "bad_gzip",
             Self::UnsupportedEncoding(_) => "unsupported_encoding",
-            Self::UnsupportedContentType(_) => "unsupported_content_type",
-            Self::BodyTimeout => "body_timeout",
+            Self::BodyTimeout { .. } => "body_timeout",
             Self::BodyRead(_) => "body_read",
             Self::Unavailable { .. } | Self::NotSpooled { .. } => "unavailable",
             Self::Overloaded { .. } | Self::Lagging { .. } => "overloaded",
@@ -158,7 +155,8 @@ impl IntoResponse for CaptureError {
         | Self::Lagging {
             retry_after_secs, ..
         }
-        | Self::RateLimited { retry_after_secs } = self
+        | Self::RateLimited { retry_after_secs }
+        | Self::BodyTimeout { retry_after_secs } = self
         {
             response
                 .headers_mut()

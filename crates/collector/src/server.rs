@@ -5,7 +5,7 @@
 //!
 //! Each connection is in one of three phases. `Head`: from accept, or from the first byte after
 //! an idle spell, until the request head is parsed; it must end within `header_timeout`. `Busy`:
-//! the handler runs (the body has its own timeout there, answered with 408). `Idle`: a response
+//! the handler runs (the body has its own timeout there, answered with 503 and `Retry-After`). `Idle`: a response
 //! was sent and no byte of the next request has come; it may last `idle_timeout`. hyper's own
 //! header timeout is not used: it starts as soon as a keep-alive connection goes idle, so it
 //! cannot tell the two apart.

@@ -83,10 +83,11 @@ impl Endpoint {
         Self::Alias,
     ];
 
-    /// The endpoint of a path segment after `/v1/`, with `import` and analytics.js' short forms.
+    /// The endpoint of a path segment after `/v1/`, with `import`, analytics.js' short forms,
+    /// and `b`: where Segment's mobile SDKs and analytics.js' batching post a batch.
     pub fn parse(path: &str) -> Option<Self> {
         Some(match path {
-            "batch" | "import" => Self::Batch,
+            "batch" | "import" | "b" => Self::Batch,
             "track" | "t" => Self::Track,
             "identify" | "i" => Self::Identify,
             "page" | "p" => Self::Page,

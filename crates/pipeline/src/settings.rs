@@ -126,11 +126,12 @@ pub struct CollectorSettings {
     pub partial_batches: bool,
     /// Requests being read or published at once, whatever their size.
     pub max_in_flight: usize,
-    /// Body bytes those requests may hold at once (each reserves its Content-Length, or its
-    /// endpoint's limit until its body is read): what binds while confirms stall. Past it, 503.
+    /// Body bytes those requests may hold at once (each reserves its Content-Length, or, chunked,
+    /// its bytes as they arrive): what binds while confirms stall. Past it, 503.
     pub max_in_flight_bytes: usize,
-    /// Of `max_in_flight`, how many may be requests without an Authorization header (their key
-    /// is only known once the body is read); unset: a quarter of `max_in_flight`, at least 1.
+    /// Of `max_in_flight`, how many may be requests without a key in the Authorization header or
+    /// the query (their key is only known once the body is read); unset: a quarter of
+    /// `max_in_flight`, at least 1.
     #[serde(default)]
     pub max_unauthenticated_in_flight: Option<usize>,
     pub body_timeout_ms: u64,
