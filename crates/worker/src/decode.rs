@@ -97,12 +97,14 @@ pub fn split(
     };
     body.remove("writeKey");
     if endpoint != Endpoint::Batch {
-        if json.len().saturating_add(per_event) > budget {
-            return Err(DecodeError::Expands(budget));
-        }
-        drop_nulls(&mut body);
+        drop_absent(&mut body);
         body.entry("type")
             .or_insert_with(|| Value::String(endpoint.as_str().to_owned()));
+        let built = json.len() + per_event + view_name(&body).map_or(0, name_bytes);
+        if built > budget {
+            return Err(DecodeError::Expands(budget));
+        }
+        fill_view_name(&mut body);
         return Ok(Split {
             elements: vec![Element::Event(body)],
             sent_at: None,
@@ -135,7 +137,8 @@ pub fn split(
         .map(|item| match item {
             Value::Object(mut event) => {
                 event.remove("writeKey");
-                drop_nulls(&mut event);
+                drop_absent(&mut event);
+                fill_view_name(&mut event);
                 if let Some(shared) = &shared_context {
                     merge_missing(&mut event, "context", shared);
                 }
@@ -153,9 +156,55 @@ pub fn split(
 }
 
 /// Segment's API reads a null field as an absent one (the Python SDKs send
-/// `"anonymousId": null`, analytics.js `"userId": null`).
-fn drop_nulls(event: &mut Map<String, Value>) {
-    event.retain(|_, value| !value.is_null());
+/// `"anonymousId": null`, analytics.js `"userId": null`), and an empty `userId` or
+/// `anonymousId` too (an SDK that serialises its defaults sends an anonymous user's
+/// `"userId": ""`).
+fn drop_absent(event: &mut Map<String, Value>) {
+    event.retain(|key, value| match value {
+        Value::Null => false,
+        Value::String(id) if id.is_empty() => !ABSENT_WHEN_EMPTY.contains(&key.as_str()),
+        _ => true,
+    });
+}
+
+/// The ids an SDK sends as `""` when it has none.
+const ABSENT_WHEN_EMPTY: [&str; 2] = ["userId", "anonymousId"];
+
+/// A screen or page name longer than this is not copied (the envelope allows no longer name).
+const VIEW_NAME_CHARS: usize = 200;
+
+/// The name a `screen` or `page` without one gets: RudderStack's mobile SDKs send a screen's
+/// name as `event` (and in `properties.name`), never as `name`, and RudderStack reads it from
+/// there. `None` when the event has a `name`, is of another type, or has no short non-empty one.
+fn view_name(event: &Map<String, Value>) -> Option<&str> {
+    let is_view = matches!(
+        event.get("type").and_then(Value::as_str),
+        Some("screen" | "page")
+    );
+    if !is_view || event.contains_key("name") {
+        return None;
+    }
+    let usable = |name: &&str| !name.is_empty() && name.chars().count() <= VIEW_NAME_CHARS;
+    let from_event = event.get("event").and_then(Value::as_str).filter(usable);
+    from_event.or_else(|| {
+        event
+            .get("properties")?
+            .get("name")?
+            .as_str()
+            .filter(usable)
+    })
+}
+
+/// What [`fill_view_name`] adds for a name: `"name":`, the quoted name (escapes counted at their
+/// widest) and a comma.
+fn name_bytes(name: &str) -> usize {
+    r#""name":"","#.len() + name.len() * 6
+}
+
+fn fill_view_name(event: &mut Map<String, Value>) {
+    if let Some(name) = view_name(event).map(str::to_owned) {
+        event.insert("name".to_owned(), Value::String(name));
+    }
 }
 
 /// The bytes the events come to once built: the payload itself, plus for each event the
@@ -195,6 +244,7 @@ fn built_size(
         if !event.contains_key("sentAt") {
             extra += sent_at;
         }
+        extra += view_name(event).map_or(0, name_bytes);
         total = total.saturating_add(extra);
     }
     total
@@ -272,6 +322,84 @@ mod tests {
         };
         assert_eq!(event["type"], json!("track"));
         assert!(!event.contains_key("writeKey"));
+    }
+
+    #[test]
+    fn an_empty_user_or_anonymous_id_counts_as_absent_and_other_empty_strings_stay() {
+        // An SDK that serialises defaults: `"userId": ""` beside a real anonymousId.
+        let body = json!({"batch": [
+            {"type": "track", "event": "A", "userId": "", "anonymousId": "a-1", "name": ""},
+            {"type": "track", "event": "A", "userId": "u-1", "anonymousId": ""}
+        ]});
+        let batch = split(Endpoint::Batch, body.to_string().as_bytes(), 1 << 20, 0).expect("split");
+        let events: Vec<_> = batch
+            .elements
+            .iter()
+            .filter_map(|e| match e {
+                Element::Event(event) => Some(event),
+                Element::NotAnObject(_) => None,
+            })
+            .collect();
+        assert_eq!(events.len(), 2);
+        assert!(!events[0].contains_key("userId"));
+        assert_eq!(events[0]["anonymousId"], json!("a-1"));
+        assert_eq!(events[0]["name"], json!(""));
+        assert_eq!(events[1]["userId"], json!("u-1"));
+        assert!(!events[1].contains_key("anonymousId"));
+        let single = split(
+            Endpoint::Track,
+            br#"{"event":"A","userId":"","anonymousId":"a"}"#,
+            1 << 20,
+            0,
+        )
+        .expect("split");
+        let Element::Event(event) = &single.elements[0] else {
+            panic!("not an event")
+        };
+        assert!(!event.contains_key("userId"));
+    }
+
+    #[test]
+    fn a_screen_or_page_without_a_name_takes_rudderstacks_event_or_properties_name() {
+        let long = "x".repeat(VIEW_NAME_CHARS + 1);
+        let body = json!({"batch": [
+            {"type": "screen", "event": "Cart", "properties": {"name": "Cart"}},
+            {"type": "page", "properties": {"name": "Home"}},
+            {"type": "screen", "name": "Own", "event": "Other"},
+            {"type": "track", "event": "Cart"},
+            {"type": "screen", "event": long, "properties": {"name": "Short"}},
+            {"type": "screen", "event": ""}
+        ]});
+        let batch = split(Endpoint::Batch, body.to_string().as_bytes(), 1 << 20, 0).expect("split");
+        let names: Vec<Option<&Value>> = batch
+            .elements
+            .iter()
+            .map(|e| match e {
+                Element::Event(event) => event.get("name"),
+                Element::NotAnObject(_) => None,
+            })
+            .collect();
+        let expected = [
+            Some("Cart"),
+            Some("Home"),
+            Some("Own"),
+            None,
+            Some("Short"),
+            None,
+        ];
+        let expected: Vec<Option<Value>> = expected.iter().map(|n| n.map(|n| json!(n))).collect();
+        assert_eq!(
+            names,
+            expected.iter().map(Option::as_ref).collect::<Vec<_>>()
+        );
+        // What it adds counts against the budget.
+        let screens =
+            json!({"batch": vec![json!({"type": "screen", "event": "A"}); 10]}).to_string();
+        let budget = screens.len() + 10 * name_bytes("A") - 1;
+        assert_eq!(
+            split(Endpoint::Batch, screens.as_bytes(), budget, 0).err(),
+            Some(DecodeError::Expands(budget))
+        );
     }
 
     #[test]
