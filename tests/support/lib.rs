@@ -1521,3 +1521,53 @@ impl Drop for StallProxy {
         self.task.abort();
     }
 }
+
+/// One HTTP/1.1 exchange on a new connection, as a device's client would write it: the request
+/// line, `Host`, the given headers and `Connection: close`, then the body, with a
+/// `Content-Length` or, when `chunked`, as `Transfer-Encoding: chunked` in chunks of at most
+/// `chunk` bytes. Returns the status, the response head (lowercased) and its body, read until the
+/// collector closes the connection; `None` if it did not answer within 30 s.
+pub async fn http1_exchange(
+    base_url: &str,
+    path_and_query: &str,
+    headers: &[(String, String)],
+    body: &[u8],
+    chunked: Option<usize>,
+) -> Option<(u16, String, Vec<u8>)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = base_url.strip_prefix("http://").unwrap_or(base_url);
+    let mut request =
+        format!("POST {path_and_query} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    let mut bytes = match chunked {
+        Some(_) => format!("{request}Transfer-Encoding: chunked\r\n\r\n").into_bytes(),
+        None => format!("{request}Content-Length: {}\r\n\r\n", body.len()).into_bytes(),
+    };
+    match chunked {
+        Some(size) => {
+            for piece in body.chunks(size.max(1)) {
+                bytes.extend_from_slice(format!("{:x}\r\n", piece.len()).as_bytes());
+                bytes.extend_from_slice(piece);
+                bytes.extend_from_slice(b"\r\n");
+            }
+            bytes.extend_from_slice(b"0\r\n\r\n");
+        }
+        None => bytes.extend_from_slice(body),
+    }
+    let exchange = async {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+        stream.write_all(&bytes).await.ok()?;
+        let mut got = Vec::new();
+        stream.read_to_end(&mut got).await.ok()?;
+        let end = got.windows(4).position(|w| w == b"\r\n\r\n")?;
+        let head = String::from_utf8_lossy(&got[..end]).to_ascii_lowercase();
+        let status = head.get(9..12)?.parse().ok()?;
+        Some((status, head, got[end + 4..].to_vec()))
+    };
+    tokio::time::timeout(Duration::from_secs(30), exchange)
+        .await
+        .ok()
+        .flatten()
+}
