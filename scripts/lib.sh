@@ -36,9 +36,25 @@ ensure_secantus() {
   fi
 }
 
+# ensure_chromium: the browser that tests/compat/browser.js runs the browser SDKs in, driven by
+# playwright-core: Debian's chromium package (/usr/bin/chromium), never a browser build that
+# playwright would download.
+ensure_chromium() {
+  if [ ! -x /usr/bin/chromium ]; then
+    log "installing Chromium (Debian package chromium)"
+    local sudo=""; [ "$(id -u)" -ne 0 ] && sudo="sudo"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq chromium >/dev/null || {
+      log "could not install the chromium package"
+      return 1
+    }
+  fi
+}
+
 # ensure_compat_clients: the published SDKs the compatibility suite (tests/e2e/compat.rs) runs
-# unmodified: the Python ones pinned in tests/compat/requirements.txt into $VENV, the Node one
-# from tests/compat/package-lock.json into tests/compat/node_modules (npm ci). Needs node 20+.
+# unmodified: the Python ones pinned in tests/compat/requirements.txt into $VENV, the Node ones
+# (and playwright-core) from tests/compat/package-lock.json into tests/compat/node_modules
+# (npm ci), and Chromium for the browser SDKs (ensure_chromium). Needs node 20+.
 ensure_compat_clients() {
   local dir="$ROOT/tests/compat"
   [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
@@ -72,7 +88,7 @@ PY
   # A second try: npm 11 once failed to create a scoped package's directory on a fresh
   # install here (ENOENT on mkdir), and succeeded when run again.
   if ! cmp -s "$dir/package-lock.json" "$dir/node_modules/.installed-package-lock.json"; then
-    log "installing the Node SDK from tests/compat/package-lock.json (npm ci)"
+    log "installing the Node SDKs from tests/compat/package-lock.json (npm ci)"
     local try
     for try in 1 2; do
       (cd "$dir" && npm ci --no-audit --no-fund --loglevel=error >&2) && break
@@ -81,6 +97,7 @@ PY
     done
     cp "$dir/package-lock.json" "$dir/node_modules/.installed-package-lock.json"
   fi
+  ensure_chromium
 }
 
 # free_port: a TCP port nobody listens on now, outside 35672-35682 (RabbitMQ's CLI tools take

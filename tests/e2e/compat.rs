@@ -180,6 +180,11 @@ async fn each_lands_once(s: &Settings, ids: &[String], marker: &str) {
         count(&s, doc! {"messageId": {"$in": ids.clone()}}).await,
         ids.len() as u64
     );
+    // For the compatibility matrix (`--no-capture`).
+    println!(
+        "compat {marker}: {landed} of {} events sent are in MongoDB, each once",
+        ids.len()
+    );
 }
 
 #[tokio::test]
@@ -210,6 +215,52 @@ async fn events_from_segment_analytics_node_all_land_in_mongodb() {
         vec![compat("send.js")],
     )
     .await;
+}
+
+#[tokio::test]
+async fn events_from_rudder_sdk_node_gzipped_all_land_in_mongodb() {
+    every_event_lands(
+        "compat_rudder_node",
+        PathBuf::from("node"),
+        vec![compat("send-rudder-node.js")],
+    )
+    .await;
+}
+
+/// An SDK in headless Chromium (tests/compat/browser.js), on a page of another origin than the
+/// collector's, so that CORS is exercised as on a real site.
+async fn browser_events_land(mode: &str) {
+    every_event_lands(
+        &format!("compat_{}", mode.replace('-', "_")),
+        PathBuf::from("node"),
+        vec![compat("browser.js"), "--sdk".into(), mode.into()],
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn events_from_analytics_js_delivering_each_event_all_land_in_mongodb() {
+    browser_events_land("segment-default").await;
+}
+
+#[tokio::test]
+async fn events_from_analytics_js_batching_all_land_in_mongodb() {
+    browser_events_land("segment-batching").await;
+}
+
+#[tokio::test]
+async fn events_analytics_js_batching_flushes_as_the_page_unloads_all_land_in_mongodb() {
+    browser_events_land("segment-unload").await;
+}
+
+#[tokio::test]
+async fn events_from_rudderstack_js_over_xhr_all_land_in_mongodb() {
+    browser_events_land("rudder-xhr").await;
+}
+
+#[tokio::test]
+async fn events_from_rudderstack_js_over_send_beacon_all_land_in_mongodb() {
+    browser_events_land("rudder-beacon").await;
 }
 
 /// Issue #14: an SDK that never retries (`max_retries=0` here, as `sendBeacon` never does) loses
