@@ -4,6 +4,7 @@
 
 mod e2e {
     pub mod bench_smoke;
+    pub mod built_rule;
     pub mod chaos;
     pub mod cluster;
     pub mod compat;

@@ -6,6 +6,7 @@ use std::collections::HashMap;
 
 use axum::body::Body;
 use http_body_util::BodyExt;
+use ingest_pipeline::built;
 use ingest_pipeline::gzip::{inflate_capped, InflateError};
 use ingest_pipeline::message::Endpoint;
 
@@ -131,6 +132,7 @@ pub fn inspect(
         &batch.events,
         scanned.shared_context.as_ref(),
         scanned.shared_integrations,
+        scanned.shared_sent_at,
         limits,
     );
     if expanded > limits.max_batch_bytes {
@@ -145,54 +147,48 @@ pub fn inspect(
     })
 }
 
-/// `"context":{}` and its comma: what an event without a `context` gains before the keys.
-const CONTEXT_WRAPPER_BYTES: usize = r#""context":{},"#.len();
-/// `"integrations":` and its comma.
-const INTEGRATIONS_KEY_BYTES: usize = r#""integrations":,"#.len();
-
-/// An upper bound on the bytes of the batch's events once the worker has copied into each the
-/// batch-level `context` keys it lacks (`shared`: each key with what one copy costs), and the
-/// batch-level `integrations` (`shared_integrations` bytes as sent) if it has none. Each event
-/// counts as sent, plus for each copy its key, its value as sent and the separators: for compact
-/// JSON a few bytes per event over the worker's output, more if the shared values carry
-/// whitespace or escapes. An event's `null` field counts as absent (the copy is counted). Linear
-/// in the body: an event's own context keys are looked up among the shared ones, never the other
-/// way round. Stops adding once past `limits.max_batch_bytes`.
+/// The bytes of the batch's events once the worker has built them, by the rule both services
+/// share ([`built::added`]): each event as sent, plus what the worker copies into it of the
+/// batch-level `context` (`shared`: each key with what one copy costs), `integrations` and
+/// `sentAt` (`shared_integrations`, `shared_sent_at`: bytes as sent), and a screen's name. Values
+/// count as sent: for compact JSON a few bytes per event over the worker's output, more if they
+/// carry whitespace or escapes. Linear in the body: an event's own context keys are looked up
+/// among the shared ones, never the other way round. Stops adding once past
+/// `limits.max_batch_bytes`.
 pub fn expanded_events_bytes(
     events: &[EventFields<'_>],
     shared: Option<&HashMap<Key<'_>, usize>>,
     shared_integrations: Option<usize>,
+    shared_sent_at: Option<usize>,
     limits: &Limits,
 ) -> usize {
-    let own_bytes = events
-        .iter()
-        .fold(0usize, |sum, e| sum.saturating_add(e.bytes));
-    let integrations_bytes = shared_integrations.map_or(0, |bytes| INTEGRATIONS_KEY_BYTES + bytes);
-    if shared.is_none() && integrations_bytes == 0 {
-        return own_bytes;
-    }
-    let all_shared = shared
-        .iter()
-        .flat_map(|costs| costs.values())
-        .fold(0usize, |sum, b| sum.saturating_add(*b));
-    let mut total = own_bytes;
+    let all = built::Shared {
+        context: shared.map(|costs| costs.values().fold(0usize, |sum, b| sum.saturating_add(*b))),
+        integrations: shared_integrations,
+        sent_at: shared_sent_at,
+    };
+    let mut total = 0usize;
     for event in events {
-        let context_bytes = match (shared, &event.context) {
-            (None, _) => 0,
-            (Some(_), OwnContext::Absent) => CONTEXT_WRAPPER_BYTES.saturating_add(all_shared),
-            (Some(shared), OwnContext::Object(own)) => {
-                let kept = own
-                    .iter()
-                    .filter_map(|k| shared.get(k))
-                    .fold(0usize, |sum, b| sum.saturating_add(*b));
-                all_shared.saturating_sub(kept)
-            }
-            (Some(_), OwnContext::Other) => 0,
+        let context = match &event.context {
+            OwnContext::Absent => built::OwnContext::Absent,
+            OwnContext::Object(own) => built::OwnContext::Object {
+                kept: shared.map_or(0, |shared| {
+                    own.iter()
+                        .filter_map(|k| shared.get(k))
+                        .fold(0usize, |sum, b| sum.saturating_add(*b))
+                }),
+            },
+            OwnContext::Other => built::OwnContext::Other,
         };
-        total = total.saturating_add(context_bytes);
-        if !event.has_integrations {
-            total = total.saturating_add(integrations_bytes);
-        }
+        let lacks = built::Lacks {
+            context,
+            has_integrations: event.has_integrations,
+            has_sent_at: event.has_sent_at,
+            view_name: event.view_name,
+        };
+        total = total
+            .saturating_add(event.bytes)
+            .saturating_add(built::added(&all, &lacks));
         if total > limits.max_batch_bytes {
             break;
         }
@@ -495,6 +491,45 @@ mod tests {
         }
     }
 
+    /// Issue #21: the collector left out the batch-level `sentAt`, which the worker copies into
+    /// every event without one: a 396 KB beacon with a 300 KB `sentAt` was answered 200 and
+    /// ended whole in the invalid queue. A screen's name taken from `event` counts too.
+    #[test]
+    fn a_batch_whose_shared_sent_at_or_screen_names_expand_past_the_batch_limit_is_refused() {
+        let sent_at = format!(r#""sentAt":"{}""#, "9".repeat(200));
+        for event in [r#"{"type":"track"}"#, r#"{"type":"track","sentAt":null}"#] {
+            let body = batch_sharing(&sent_at, event, 10);
+            assert!(body.len() < ROOMY.max_batch_bytes, "{body}");
+            let err = inspect(Endpoint::Batch, body.as_bytes(), &ROOMY).expect_err(&body);
+            assert_eq!(err.status().as_u16(), 413, "{body}");
+        }
+        // Events with their own `sentAt` take none; `null` batch-level fields copy nothing.
+        let own = batch_sharing(&sent_at, r#"{"type":"track","sentAt":"x"}"#, 10);
+        assert!(
+            inspect(Endpoint::Batch, own.as_bytes(), &ROOMY).is_ok(),
+            "{own}"
+        );
+        let nulls = batch_sharing(
+            r#""sentAt":null,"integrations":null,"context":null"#,
+            r#"{"type":"track"}"#,
+            40,
+        );
+        assert!(
+            inspect(Endpoint::Batch, nulls.as_bytes(), &ROOMY).is_ok(),
+            "{nulls}"
+        );
+        // RudderStack's screens: `event` becomes the name, so each is counted twice.
+        let name = "n".repeat(150);
+        let screen = format!(r#"{{"type":"screen","event":"{name}"}}"#);
+        let body = batch_sharing(r#""x":1"#, &screen, 5);
+        assert!(body.len() < ROOMY.max_batch_bytes);
+        let err = inspect(Endpoint::Batch, body.as_bytes(), &ROOMY).expect_err(&body);
+        assert_eq!(err.status().as_u16(), 413);
+        let named = format!(r#"{{"type":"screen","event":"{name}","name":"Cart"}}"#);
+        let body = batch_sharing(r#""x":1"#, &named, 5);
+        assert!(inspect(Endpoint::Batch, body.as_bytes(), &ROOMY).is_ok());
+    }
+
     #[test]
     fn a_shared_context_that_events_override_or_cannot_take_does_not_count_against_the_limit() {
         let shared = format!(r#""context":{{"blob":"{}"}}"#, "x".repeat(200));
@@ -573,6 +608,7 @@ mod tests {
             &events,
             scanned.shared_context.as_ref(),
             scanned.shared_integrations,
+            scanned.shared_sent_at,
             limits,
         );
         (bytes, events.len())

@@ -19,8 +19,9 @@ pub enum CaptureError {
     #[error("request body is larger than {limit} bytes")]
     BatchTooLarge { limit: usize },
     #[error(
-        "the batch-level `context` and `integrations`, copied into each event that lacks them, \
-         would make the events larger than {limit} bytes; send them with the events instead"
+        "the batch-level `context`, `integrations` and `sentAt`, copied into each event that \
+         lacks them (and a screen's `event` as its `name`), would make the events larger than \
+         {limit} bytes; send them with the events instead"
     )]
     BatchExpandsTooLarge { limit: usize },
     #[error("event {index} is larger than {limit} bytes")]

@@ -13,6 +13,7 @@ use std::borrow::Cow;
 use std::cell::RefCell;
 use std::collections::HashMap;
 
+use ingest_pipeline::built;
 use ingest_pipeline::message::RefusedEvent;
 use serde::de::{DeserializeSeed, Error as _, MapAccess, SeqAccess, Visitor};
 use serde_json::value::RawValue;
@@ -36,8 +37,10 @@ pub struct Scanned<'a> {
     pub batch: Option<Batch<'a>>,
     /// The batch-level `context`: for an object, each key with what one copy of it costs.
     pub shared_context: Option<HashMap<Key<'a>, usize>>,
-    /// The batch-level `integrations` as sent (`null` included), in bytes.
+    /// The batch-level `integrations` as sent, in bytes (`None` when absent or `null`).
     pub shared_integrations: Option<usize>,
+    /// The batch-level `sentAt` as sent, in bytes (`None` when absent or `null`).
+    pub shared_sent_at: Option<usize>,
 }
 
 /// A batch's elements as one pass found them.
@@ -83,6 +86,11 @@ pub struct EventFields<'a> {
     pub context: OwnContext<'a>,
     /// Whether it has non-null `integrations`.
     pub has_integrations: bool,
+    /// Whether it has a non-null `sentAt`.
+    pub has_sent_at: bool,
+    /// For a screen or page without a `name`: the bytes as sent of the `event` the worker
+    /// copies into it as its name ([`built::is_view_name`]).
+    pub view_name: Option<usize>,
     /// Why the worker could not use it, whatever the tracking plan: its `type` missing or not
     /// one it knows, its `messageId` not a string.
     pub unusable: Option<(&'static str, String)>,
@@ -136,8 +144,8 @@ fn checked<E: serde::de::Error>(key: Key<'_>) -> Result<Key<'_>, E> {
 }
 
 /// Parses `json` (a whole body, known to be UTF-8) in one pass. `batch` reads the batch
-/// fields; otherwise only `writeKey` is picked up. Duplicate `writeKey`, `batch`, `context` and
-/// `integrations` are refused: the collector and the worker must read the same one.
+/// fields; otherwise only `writeKey` is picked up. Duplicate `writeKey`, `batch`, `context`,
+/// `integrations` and `sentAt` are refused: the collector and the worker must read the same one.
 pub fn scan<'a>(json: &'a str, batch: bool, limits: &Limits) -> Result<Scanned<'a>, CaptureError> {
     let refusal = RefCell::new(None);
     let mut deserializer = serde_json::Deserializer::from_str(json);
@@ -195,7 +203,7 @@ impl<'de> Visitor<'de> for Top<'_> {
             refusal: self.refusal,
         };
         let mut scanned = Scanned::default();
-        let mut seen = [false; 4];
+        let mut seen = [false; 5];
         let mut once = |field: usize, name: &str| {
             if std::mem::replace(&mut seen[field], true) {
                 return Err(A::Error::custom(format!("duplicate field `{name}`")));
@@ -223,15 +231,25 @@ impl<'de> Visitor<'de> for Top<'_> {
                 }
                 ("integrations", true) => {
                     once(3, "integrations")?;
-                    let raw: &'de RawValue = map.next_value()?;
-                    parse_any(raw.get(), top_level).map_err(A::Error::custom)?;
-                    scanned.shared_integrations = Some(raw.get().len());
+                    scanned.shared_integrations =
+                        not_null_bytes(map.next_value()?, top_level).map_err(A::Error::custom)?;
+                }
+                ("sentAt", true) => {
+                    once(4, "sentAt")?;
+                    scanned.shared_sent_at =
+                        not_null_bytes(map.next_value()?, top_level).map_err(A::Error::custom)?;
                 }
                 _ => map.next_value_seed(top_level)?,
             }
         }
         Ok(scanned)
     }
+}
+
+/// A value's bytes as sent, parsed as the worker would; `None` for `null`.
+fn not_null_bytes(raw: &RawValue, any: Any<'_>) -> serde_json::Result<Option<usize>> {
+    parse_any(raw.get(), any)?;
+    Ok((raw.get() != "null").then_some(raw.get().len()))
 }
 
 /// Parses `json`, a value found where `any` is, as the worker would.
@@ -254,7 +272,7 @@ fn shared_context<'a>(
     }
     let entries: Vec<(Key<'_>, &RawValue)> = serde_json::from_str::<RawEntries<'_>>(json)?.0;
     let costs = entries.into_iter().map(|(key, value)| {
-        let bytes = key.quoted_len() + 1 + value.get().len() + 1;
+        let bytes = built::context_key_cost(key.quoted_len(), value.get().len());
         (key, bytes)
     });
     Ok(Some(costs.collect()))
@@ -434,8 +452,12 @@ impl<'de> Visitor<'de> for Event<'_> {
             bytes: self.bytes,
             context: OwnContext::Absent,
             has_integrations: false,
+            has_sent_at: false,
+            view_name: None,
             unusable: None,
         };
+        let mut has_name = false;
+        let mut event_name: Option<&'de RawValue> = None;
         // The last of a key sent twice counts, as in the worker's parse; `null` is absent.
         let mut kind = Text::Null;
         let mut message_id = Text::Null;
@@ -445,9 +467,22 @@ impl<'de> Visitor<'de> for Event<'_> {
                 "integrations" => {
                     fields.has_integrations = map.next_value_seed(NotNull(inside))?;
                 }
+                "sentAt" => fields.has_sent_at = map.next_value_seed(NotNull(inside))?,
+                "name" => has_name = map.next_value_seed(NotNull(inside))?,
+                "event" => {
+                    let raw: &'de RawValue = map.next_value()?;
+                    parse_any(raw.get(), inside).map_err(A::Error::custom)?;
+                    event_name = Some(raw);
+                }
                 "type" => kind = map.next_value_seed(TextSeed(inside))?,
                 "messageId" => message_id = map.next_value_seed(TextSeed(inside))?,
                 _ => map.next_value_seed(inside)?,
+            }
+        }
+        if let (Text::Str(kind), false, Some(raw)) = (&kind, has_name, event_name) {
+            let name = serde_json::from_str::<Cow<'_, str>>(raw.get()).ok();
+            if built::is_view(kind) && name.is_some_and(|name| built::is_view_name(&name)) {
+                fields.view_name = Some(raw.get().len());
             }
         }
         fields.unusable = match (kind, message_id) {

@@ -4,6 +4,7 @@
 
 pub mod backoff;
 pub mod broker;
+pub mod built;
 pub mod gzip;
 pub mod message;
 pub mod metrics;

@@ -436,6 +436,21 @@ impl Settings {
             "worker.max_built_bytes",
             "must be at least worker.max_payload_bytes and at most 64 MiB",
         )?;
+        // Whatever batch a collector with this configuration accepts builds within it
+        // (`built::WORKER_BOUND_FACTOR`), so a 200 never becomes a whole-request invalid record.
+        let c = &self.collector;
+        let accepted = crate::built::WORKER_BOUND_FACTOR
+            .saturating_mul(c.max_batch_bytes)
+            .saturating_add(
+                c.max_batch_events
+                    .saturating_mul(crate::built::WORKER_FIELDS_BYTES),
+            );
+        check(
+            w.max_built_bytes >= accepted,
+            "worker.max_built_bytes",
+            "must be at least 6 x collector.max_batch_bytes + 2048 x collector.max_batch_events, \
+             what a batch the collector accepts can come to once built",
+        )?;
         check(
             !self.mongo.database.is_empty(),
             "mongo.database",

@@ -3,6 +3,7 @@
 //! `writeKey` is dropped so no secret is ever stored). The request's metadata comes from its
 //! properties (`ingest_pipeline::message::RequestMeta`).
 
+use ingest_pipeline::built::{self, OwnContext};
 use ingest_pipeline::gzip::{inflate_capped, InflateError};
 use ingest_pipeline::message::{Endpoint, RequestMeta, REQUEST_ID_NAMESPACE};
 use serde_json::{Map, Value};
@@ -100,8 +101,8 @@ pub fn split(
         drop_absent(&mut body);
         body.entry("type")
             .or_insert_with(|| Value::String(endpoint.as_str().to_owned()));
-        let built = json.len() + per_event + view_name(&body).map_or(0, name_bytes);
-        if built > budget {
+        let name = view_name(&body).map_or(0, |name| built::view_name_added(quoted_len(name)));
+        if json.len() + per_event + name > budget {
             return Err(DecodeError::Expands(budget));
         }
         fill_view_name(&mut body);
@@ -170,35 +171,19 @@ fn drop_absent(event: &mut Map<String, Value>) {
 /// The ids an SDK sends as `""` when it has none.
 const ABSENT_WHEN_EMPTY: [&str; 2] = ["userId", "anonymousId"];
 
-/// A screen or page name longer than this is not copied (the envelope allows no longer name).
-const VIEW_NAME_CHARS: usize = 200;
-
 /// The name a `screen` or `page` without one gets: RudderStack's mobile SDKs send a screen's
 /// name as `event` (and in `properties.name`), never as `name`, and RudderStack reads it from
-/// there. `None` when the event has a `name`, is of another type, or has no short non-empty one.
+/// `event`. `None` when the event has a `name` (not `null`), is of another type, or its `event`
+/// is not a short non-empty string ([`built::is_view_name`]).
 fn view_name(event: &Map<String, Value>) -> Option<&str> {
-    let is_view = matches!(
-        event.get("type").and_then(Value::as_str),
-        Some("screen" | "page")
-    );
-    if !is_view || event.contains_key("name") {
+    let kind = event.get("type").and_then(Value::as_str)?;
+    if !built::is_view(kind) || event.get("name").is_some_and(|name| !name.is_null()) {
         return None;
     }
-    let usable = |name: &&str| !name.is_empty() && name.chars().count() <= VIEW_NAME_CHARS;
-    let from_event = event.get("event").and_then(Value::as_str).filter(usable);
-    from_event.or_else(|| {
-        event
-            .get("properties")?
-            .get("name")?
-            .as_str()
-            .filter(usable)
-    })
-}
-
-/// What [`fill_view_name`] adds for a name: `"name":`, the quoted name (escapes counted at their
-/// widest) and a comma.
-fn name_bytes(name: &str) -> usize {
-    r#""name":"","#.len() + name.len() * 6
+    event
+        .get("event")
+        .and_then(Value::as_str)
+        .filter(|name| built::is_view_name(name))
 }
 
 fn fill_view_name(event: &mut Map<String, Value>) {
@@ -207,9 +192,9 @@ fn fill_view_name(event: &mut Map<String, Value>) {
     }
 }
 
-/// The bytes the events come to once built: the payload itself, plus for each event the
-/// shared context keys it lacks, the shared integrations if it has none, the batch's `sentAt`
-/// if it has none, and the worker's own fields. Reckoned without copying anything.
+/// The bytes the events come to once built: the payload itself, plus for each event what the
+/// shared rule ([`built::added`]) says the worker copies into it, and the worker's own fields.
+/// Reckoned without copying anything; a `null` field counts as absent, as it is once built.
 fn built_size(
     payload: usize,
     batch: &[Value],
@@ -218,36 +203,53 @@ fn built_size(
     sent_at: Option<&Value>,
     per_event: usize,
 ) -> usize {
-    let context: Vec<(&str, usize)> = context
+    let context_costs: Vec<(&str, usize)> = context
         .into_iter()
         .flatten()
-        .map(|(k, v)| (k.as_str(), k.len() + json_len(v) + 4))
+        .map(|(k, v)| {
+            (
+                k.as_str(),
+                built::context_key_cost(quoted_len(k), json_len(v)),
+            )
+        })
         .collect();
-    let integrations = integrations.map_or(0, |v| json_len(v) + 16);
-    let sent_at = sent_at.map_or(0, |v| json_len(v) + 10);
+    let shared = built::Shared {
+        context: context.map(|_| context_costs.iter().map(|(_, cost)| cost).sum()),
+        integrations: integrations.map(json_len),
+        sent_at: sent_at.map(json_len),
+    };
+    let present =
+        |event: &Map<String, Value>, key: &str| event.get(key).is_some_and(|v| !v.is_null());
     let mut total = payload;
     for item in batch {
         let Value::Object(event) = item else { continue };
-        let own = match event.get("context") {
-            Some(Value::Object(own)) => Some(own),
-            _ => None,
+        let own_context = match event.get("context") {
+            None | Some(Value::Null) => OwnContext::Absent,
+            Some(Value::Object(own)) => OwnContext::Object {
+                kept: context_costs
+                    .iter()
+                    .filter(|(k, _)| own.contains_key(*k))
+                    .map(|(_, cost)| cost)
+                    .sum(),
+            },
+            Some(_) => OwnContext::Other,
         };
-        let mut extra = per_event;
-        extra += context
-            .iter()
-            .filter(|(k, _)| !own.is_some_and(|own| own.contains_key(*k)))
-            .map(|(_, size)| size)
-            .sum::<usize>();
-        if !event.contains_key("integrations") {
-            extra += integrations;
-        }
-        if !event.contains_key("sentAt") {
-            extra += sent_at;
-        }
-        extra += view_name(event).map_or(0, name_bytes);
-        total = total.saturating_add(extra);
+        let lacks = built::Lacks {
+            context: own_context,
+            has_integrations: present(event, "integrations"),
+            has_sent_at: present(event, "sentAt"),
+            view_name: view_name(event).map(quoted_len),
+        };
+        total = total
+            .saturating_add(per_event)
+            .saturating_add(built::added(&shared, &lacks));
     }
     total
+}
+
+/// A string's length as JSON text, quotes and escapes included.
+fn quoted_len(text: &str) -> usize {
+    json_len(&Value::String(text.to_owned()))
 }
 
 /// The length of a value's JSON text, without building it.
@@ -360,8 +362,8 @@ mod tests {
     }
 
     #[test]
-    fn a_screen_or_page_without_a_name_takes_rudderstacks_event_or_properties_name() {
-        let long = "x".repeat(VIEW_NAME_CHARS + 1);
+    fn a_screen_or_page_without_a_name_takes_rudderstacks_event_as_its_name() {
+        let long = "x".repeat(built::VIEW_NAME_CHARS + 1);
         let body = json!({"batch": [
             {"type": "screen", "event": "Cart", "properties": {"name": "Cart"}},
             {"type": "page", "properties": {"name": "Home"}},
@@ -379,12 +381,13 @@ mod tests {
                 Element::NotAnObject(_) => None,
             })
             .collect();
+        // Only `event` gives a name: `properties.name` alone does not.
         let expected = [
             Some("Cart"),
-            Some("Home"),
+            None,
             Some("Own"),
             None,
-            Some("Short"),
+            None,
             None,
         ];
         let expected: Vec<Option<Value>> = expected.iter().map(|n| n.map(|n| json!(n))).collect();
@@ -395,7 +398,7 @@ mod tests {
         // What it adds counts against the budget.
         let screens =
             json!({"batch": vec![json!({"type": "screen", "event": "A"}); 10]}).to_string();
-        let budget = screens.len() + 10 * name_bytes("A") - 1;
+        let budget = screens.len() + 10 * built::view_name_added(r#""A""#.len()) - 1;
         assert_eq!(
             split(Endpoint::Batch, screens.as_bytes(), budget, 0).err(),
             Some(DecodeError::Expands(budget))
