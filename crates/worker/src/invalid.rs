@@ -61,55 +61,85 @@ impl InvalidRecord {
     }
 }
 
-const WRITE_KEY: &[u8] = b"\"writeKey\"";
+const WRITE_KEY: &str = "writeKey";
 const REDACTED: &[u8] = b"[redacted]";
 
-/// The payload with the value of every `"writeKey": "..."` replaced by `[redacted]`: a
-/// sendBeacon body carries its write key, which is a secret. Works on text that does not
-/// parse (that is why it is here); a value cut off by the end of the text is redacted to the
-/// end.
+/// The payload with the value of every `writeKey` string field replaced by `[redacted]`: a
+/// sendBeacon body carries its write key, which is a secret. Keys are compared as JSON reads
+/// them, escapes decoded (`"write\u004bey"` is the same key, and the collector takes it).
+/// Works on text that does not parse (that is why it is here): it follows string tokens only,
+/// and a value cut off by the end of the text is redacted to the end.
 pub fn scrub_write_key(raw: &[u8]) -> std::borrow::Cow<'_, [u8]> {
-    let Some(first) = find(raw, WRITE_KEY) else {
-        return std::borrow::Cow::Borrowed(raw);
-    };
-    let mut out = Vec::with_capacity(raw.len());
-    let mut rest = raw;
-    let mut at = Some(first);
-    while let Some(start) = at {
-        let after_key = start + WRITE_KEY.len();
-        out.extend_from_slice(&rest[..after_key]);
-        rest = &rest[after_key..];
-        let skipped = rest
-            .iter()
-            .take_while(|b| b.is_ascii_whitespace() || **b == b':')
-            .count();
-        if rest.get(skipped) == Some(&b'"') {
-            out.extend_from_slice(&rest[..=skipped]);
-            let value = &rest[skipped + 1..];
-            let mut end = value.len();
-            let mut escaped = false;
-            for (i, b) in value.iter().enumerate() {
-                match (escaped, *b) {
-                    (true, _) => escaped = false,
-                    (false, b'\\') => escaped = true,
-                    (false, b'"') => {
-                        end = i;
-                        break;
-                    }
-                    _ => {}
-                }
-            }
-            out.extend_from_slice(REDACTED);
-            rest = &value[end..];
+    let mut out: Option<Vec<u8>> = None;
+    // Bytes of `raw` before this are in `out` already (once there is an `out`).
+    let mut copied = 0;
+    let mut at = 0;
+    while let Some(offset) = raw[at..].iter().position(|b| *b == b'"') {
+        let start = at + offset;
+        let end = string_end(raw, start);
+        at = end;
+        if !is_write_key(&raw[start..end]) {
+            continue;
         }
-        at = find(rest, WRITE_KEY);
+        let mut value = end;
+        value += whitespace(&raw[value..]);
+        if raw.get(value) != Some(&b':') {
+            continue;
+        }
+        value += 1;
+        value += whitespace(&raw[value..]);
+        if raw.get(value) != Some(&b'"') {
+            continue;
+        }
+        let value_end = string_end(raw, value);
+        let kept = out.get_or_insert_with(|| Vec::with_capacity(raw.len()));
+        kept.extend_from_slice(&raw[copied..=value]);
+        kept.extend_from_slice(REDACTED);
+        // The closing quote, if the text has it, comes with what follows.
+        copied = if raw.get(value_end - 1) == Some(&b'"') && value_end - 1 > value {
+            value_end - 1
+        } else {
+            value_end
+        };
+        at = value_end;
     }
-    out.extend_from_slice(rest);
-    std::borrow::Cow::Owned(out)
+    match out {
+        None => std::borrow::Cow::Borrowed(raw),
+        Some(mut kept) => {
+            kept.extend_from_slice(&raw[copied..]);
+            std::borrow::Cow::Owned(kept)
+        }
+    }
 }
 
-fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    haystack.windows(needle.len()).position(|w| w == needle)
+/// Where the string token opening at `start` (a quote) ends: just past its closing quote, or
+/// the end of the text.
+fn string_end(raw: &[u8], start: usize) -> usize {
+    let mut escaped = false;
+    for (i, b) in raw.iter().enumerate().skip(start + 1) {
+        match (escaped, *b) {
+            (true, _) => escaped = false,
+            (false, b'\\') => escaped = true,
+            (false, b'"') => return i + 1,
+            _ => {}
+        }
+    }
+    raw.len()
+}
+
+/// Whether a whole string token (quotes included) reads as `writeKey`.
+fn is_write_key(token: &[u8]) -> bool {
+    if !token.contains(&b'\\') {
+        return token.len() == WRITE_KEY.len() + 2
+            && &token[1..token.len() - 1] == WRITE_KEY.as_bytes();
+    }
+    // Escaped: at most six bytes per character.
+    token.len() <= WRITE_KEY.len() * 6 + 2
+        && serde_json::from_slice::<String>(token).is_ok_and(|key| key == WRITE_KEY)
+}
+
+fn whitespace(raw: &[u8]) -> usize {
+    raw.iter().take_while(|b| b.is_ascii_whitespace()).count()
 }
 
 /// The message that carries one record into the invalid queue: JSON, persistent, with its
@@ -130,7 +160,27 @@ mod tests {
 
     #[test]
     fn write_keys_are_redacted_even_in_text_that_does_not_parse() {
-        let cases: [(&[u8], &[u8]); 5] = [
+        let cases: [(&[u8], &[u8]); 9] = [
+            // The collector reads these as the same key; issue #21 found the escaped one
+            // stored in the invalid queue.
+            (
+                br#"{"write\u004bey":"k1","a":1}"#,
+                br#"{"write\u004bey":"[redacted]","a":1}"#,
+            ),
+            (
+                br#"{"\u0077riteKey" : "k\"2"}"#,
+                br#"{"\u0077riteKey" : "[redacted]"}"#,
+            ),
+            // A value or a longer key that reads `writeKey` is not a key to redact.
+            (
+                br#"{"a":"writeKey","writeKeys":"x"}"#,
+                br#"{"a":"writeKey","writeKeys":"x"}"#,
+            ),
+            // Inside a string, a quoted `writeKey` is text, not a key.
+            (
+                br#"{"note":"say \"writeKey\": \"x\"","writeKey":"k"}"#,
+                br#"{"note":"say \"writeKey\": \"x\"","writeKey":"[redacted]"}"#,
+            ),
             (
                 br#"{"writeKey":"k1","a":1}"#,
                 br#"{"writeKey":"[redacted]","a":1}"#,
