@@ -18,6 +18,7 @@ mod e2e {
     pub mod ops;
     pub mod ops_cluster;
     pub mod resilience;
+    pub mod sink_isolation;
     pub mod sinks;
     pub mod spool;
     pub mod stall;

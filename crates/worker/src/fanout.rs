@@ -1,31 +1,38 @@
 //! The happy path: a raw delivery's valid events go to every sink in this process, without
 //! crossing the broker again. Each sink has a lane: a bounded queue of jobs and a batcher that
-//! takes every job waiting when one of the sink's `max_in_flight` slots is free (so batches
-//! grow with load, up to `batch_max_events`), delivers, and answers each job once its events
-//! are in the sink or confirmed into the sink's own queue:
+//! takes the jobs waiting when one of the sink's `max_in_flight` slots is free (so batches
+//! grow with load, up to `batch_max_events` and `batch_max_bytes`; a job larger than that is
+//! cut), delivers, and answers each job once its own events are in the sink or confirmed into
+//! the sink's own queue:
 //!
 //! - delivered (after inline retries if needed): done;
 //! - still failing, circuit open: the batch goes to the sink's delay queue (as the queue path
 //!   does), and its runner takes it from there;
 //! - not finished within `spill_after_ms` of its oldest job's arrival (waiting for a free
-//!   slot included): the batch goes whole to `<prefix>.sink.<name>`;
-//! - refused events: to the sink's dead-letter queue.
+//!   slot included): what is left goes to `<prefix>.sink.<name>`;
+//! - refused for good: bisected (`settle::split`), so only the refused events go to the
+//!   sink's dead-letter queue, whichever job they came with.
 //!
 //! So a slow or failing sink holds a raw delivery at most `spill_after_ms` (plus a confirmed
 //! publish), never blocks another sink, and a publish into one sink's queue concerns that sink
 //! alone.
 
+use std::ops::Range;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use ingest_pipeline::settings::DeliverySettings;
 use ingest_pipeline::{Backoff, Topology};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::settle::{batch_key, decide, Decision, Durable, Outcome, SinkRunner};
+use crate::settle::split::Part;
+use crate::settle::{
+    body_share, json_len, Decision, Durable, Outcome, Path, Placed, SinkRunner, BODY_START,
+};
 use crate::sinks::{Batch, Event};
 
 /// Jobs waiting per sink beyond those being delivered; with the raw prefetch this bounds
@@ -36,10 +43,58 @@ const PLACE_ATTEMPTS: u32 = 5;
 
 struct Job {
     events: Vec<Arc<Event>>,
+    /// Each event's size in a JSON body.
+    sizes: Vec<usize>,
     /// When the job entered the lane: `spill_after_ms` counts from here, waiting for a slot
     /// included.
     at: Instant,
-    done: oneshot::Sender<Result<(), String>>,
+    done: Answer,
+}
+
+/// Where a job's answer goes: `Ok` once its events are in the sink or in one of its queues.
+type Answer = oneshot::Sender<Result<(), String>>;
+
+/// Jobs delivered together: their events end to end, and where each job's are.
+struct Group {
+    events: Vec<Arc<Event>>,
+    sizes: Vec<usize>,
+    /// The body the events make.
+    bytes: usize,
+    dones: Vec<(Range<usize>, Answer)>,
+}
+
+impl Group {
+    fn new(job: Job) -> Self {
+        let mut group = Self {
+            events: Vec::new(),
+            sizes: Vec::new(),
+            bytes: BODY_START,
+            dones: Vec::new(),
+        };
+        group.push(job);
+        group
+    }
+
+    /// Whether `job` can join without the batch going past the sink's bounds.
+    fn fits(&self, job: &Job, delivery: &DeliverySettings) -> bool {
+        self.events.len() + job.events.len() <= delivery.batch_max_events
+            && self.bytes.saturating_add(body_share(&job.sizes)) <= delivery.batch_max_bytes
+    }
+
+    fn push(&mut self, job: Job) {
+        let start = self.events.len();
+        self.bytes = self.bytes.saturating_add(body_share(&job.sizes));
+        self.events.extend(job.events);
+        self.sizes.extend(job.sizes);
+        self.dones.push((start..self.events.len(), job.done));
+    }
+
+    /// Answers each job from what became of its own events.
+    fn answer(self, placed: &Placed) {
+        for (range, done) in self.dones {
+            let _ = done.send(placed.of(&range));
+        }
+    }
 }
 
 /// Hands valid events to every sink's lane.
@@ -78,13 +133,15 @@ impl Fanout {
     /// own queue. `Err` means at least one sink has neither: the caller returns the delivery
     /// to its queue (the sinks that had it get it again: at least once).
     pub async fn deliver(&self, events: &[Arc<Event>]) -> Result<(), String> {
+        let sizes: Vec<usize> = events.iter().map(|e| json_len(e)).collect();
         let mut waiting = Vec::with_capacity(self.lanes.len());
         for (runner, lane) in &self.lanes {
-            let wanted: Vec<Arc<Event>> = events
+            let (wanted, wanted_sizes): (Vec<Arc<Event>>, Vec<usize>) = events
                 .iter()
-                .filter(|e| runner.delivery.wants(e))
-                .cloned()
-                .collect();
+                .zip(&sizes)
+                .filter(|(e, _)| runner.delivery.wants(e))
+                .map(|(e, size)| (e.clone(), *size))
+                .unzip();
             if wanted.len() < events.len() {
                 runner.count(Outcome::FilteredOut, events.len() - wanted.len());
             }
@@ -94,6 +151,7 @@ impl Fanout {
             let (done, answer) = oneshot::channel();
             let job = Job {
                 events: wanted,
+                sizes: wanted_sizes,
                 at: Instant::now(),
                 done,
             };
@@ -113,9 +171,10 @@ impl Fanout {
     }
 }
 
-/// One sink's batcher. A batch is the oldest waiting job and whatever else waits behind it (up
-/// to `batch_max_events`); it goes to the sink once a slot is free, and to the sink's queue if
-/// no slot frees, or the sink does not answer, before the oldest job's `spill_after_ms` is up.
+/// One sink's batcher. A batch is the oldest waiting job and whatever else waits behind it
+/// within the sink's bounds (a job that would not fit waits for the next batch); it goes to
+/// the sink once a slot is free, and to the sink's queue if no slot frees, or the sink does
+/// not answer, before the oldest job's `spill_after_ms` is up.
 ///
 /// A sink that just missed that bound is *slow*: from then on a job goes to the sink only if a
 /// slot is free at once, alone (a probe), and every other job goes straight to the sink's
@@ -132,15 +191,20 @@ async fn lane(
     let spill_after = Duration::from_millis(runner.delivery.spill_after_ms);
     let slow = Arc::new(AtomicBool::new(false));
     let mut deliveries = JoinSet::new();
+    // A job that did not fit in the last batch: the first of the next.
+    let mut held: Option<Job> = None;
     loop {
-        let first = tokio::select! {
-            job = jobs.recv() => job,
-            () = stop.cancelled() => None,
+        let first = match held.take() {
+            Some(job) if !stop.is_cancelled() => Some(job),
+            Some(_) => None,
+            None => tokio::select! {
+                job = jobs.recv() => job,
+                () = stop.cancelled() => None,
+            },
         };
         let Some(first) = first else { break };
         let deadline = first.at + spill_after;
-        let mut events = first.events;
-        let mut dones = vec![first.done];
+        let mut group = Group::new(first);
         let is_slow = slow.load(Ordering::Relaxed);
         let probe = if is_slow {
             slots.clone().try_acquire_owned().ok()
@@ -148,11 +212,12 @@ async fn lane(
             None
         };
         if probe.is_none() {
-            while events.len() < runner.delivery.batch_max_events {
+            while group.events.len() < runner.delivery.batch_max_events {
                 match jobs.try_recv() {
+                    Ok(job) if group.fits(&job, &runner.delivery) => group.push(job),
                     Ok(job) => {
-                        events.extend(job.events);
-                        dones.push(job.done);
+                        held = Some(job);
+                        break;
                     }
                     Err(_) => break,
                 }
@@ -176,78 +241,44 @@ async fn lane(
             slow.clone(),
         );
         deliveries.spawn(async move {
-            let placed = match slot {
+            let parts = match slot {
                 Some(_slot) => {
-                    let (placed, in_time) =
-                        deliver_batch(&runner, events, deadline, &topology, &*out, &stop).await;
+                    let path = Path::InProcess { deadline };
+                    let (parts, in_time) = runner
+                        .deliver_all(&group.events, &group.sizes, None, 0, path, &stop)
+                        .await;
                     slow.store(!in_time, Ordering::Relaxed);
-                    placed
+                    parts
                 }
                 // No slot in time: the sink is slower than the arrivals.
                 None => {
                     slow.store(true, Ordering::Relaxed);
-                    count_spill(&runner);
-                    let batch = batch_of(&runner, events);
-                    let decision = Decision::Spill {
-                        attempts: 0,
-                        reason: format!("the sink was busy for spill_after_ms ({spill_after:?})"),
-                    };
-                    place(&runner, &batch, decision, &topology, &*out, &stop).await
+                    let reason = format!("the sink was busy for spill_after_ms ({spill_after:?})");
+                    runner
+                        .cut(&group.events, &group.sizes, None)
+                        .into_iter()
+                        .map(|(range, batch)| Part {
+                            range,
+                            batch,
+                            decision: Decision::Spill {
+                                attempts: 0,
+                                reason: reason.clone(),
+                            },
+                        })
+                        .collect()
                 }
             };
-            for done in dones {
-                let _ = done.send(placed.clone());
+            let mut placed = Placed::default();
+            for part in parts {
+                let result =
+                    place(&runner, &part.batch, part.decision, &topology, &*out, &stop).await;
+                placed.push(part.range, result);
             }
+            group.answer(&placed);
         });
         while deliveries.try_join_next().is_some() {}
     }
     while deliveries.join_next().await.is_some() {}
-}
-
-/// One batch the sink did not take within `spill_after_ms`, whichever way it missed it.
-fn count_spill(runner: &SinkRunner) {
-    metrics::counter!("sink_spilled_batches_total", "sink" => runner.sink.name().to_owned())
-        .increment(1);
-}
-
-fn batch_of(runner: &SinkRunner, events: Vec<Arc<Event>>) -> Batch {
-    Batch {
-        key: batch_key(runner.sink.name(), &events),
-        events,
-    }
-}
-
-/// Delivers one batch before `deadline`, or places it in the sink's queues; see the module's
-/// documentation.
-async fn deliver_batch(
-    runner: &SinkRunner,
-    events: Vec<Arc<Event>>,
-    deadline: Instant,
-    topology: &Topology,
-    out: &dyn Durable,
-    stop: &CancellationToken,
-) -> (Result<(), String>, bool) {
-    let batch = batch_of(runner, events);
-    let attempt = runner.attempt(&batch, false, stop);
-    let mut in_time = true;
-    let decision = match tokio::time::timeout_at(deadline, attempt).await {
-        Ok(result) => decide(result, 0, runner.max_attempts),
-        Err(_) => {
-            in_time = false;
-            count_spill(runner);
-            Decision::Spill {
-                attempts: 0,
-                reason: format!(
-                    "not taken within spill_after_ms ({} ms)",
-                    runner.delivery.spill_after_ms
-                ),
-            }
-        }
-    };
-    (
-        place(runner, &batch, decision, topology, out, stop).await,
-        in_time,
-    )
 }
 
 /// Carries out a decision, trying again a few times if the broker refuses.

@@ -1,17 +1,20 @@
 //! A sink's own queue, its spill and retry path: batches that the in-process path could not
 //! deliver in time, retried batches coming back from the delay queues, and (from a worker of
 //! an earlier release) messages of fresh events. The runner consumes it, batches fresh
-//! events (count, bytes, time), delivers, and settles every message. Nothing is acked before
-//! the sink has its events or the broker has confirmed them into the sink's retry or
-//! dead-letter queue, so a sink can fail, hang or be killed without losing events or holding
-//! up any other sink.
+//! events (count, bytes, time), delivers within the sink's bounds (cutting a message too large
+//! for them, bisecting a refused batch: `settle::split`), and settles every message. Nothing
+//! is acked before the sink has its events or the broker has confirmed them into the sink's
+//! retry or dead-letter queue, so a sink can fail, hang or be killed without losing events or
+//! holding up any other sink.
 
+use std::ops::Range;
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
 use ingest_pipeline::broker::Publisher;
 use ingest_pipeline::message::{batch_headers, read_attempts, read_batch_key};
+use ingest_pipeline::settings::DeliverySettings;
 use ingest_pipeline::Topology;
 use lapin::message::Delivery;
 use lapin::options::{
@@ -22,14 +25,52 @@ use lapin::Connection;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::settle::{batch_key, decide, Durable, Outcome, SinkRunner};
-use crate::sinks::{Batch, Event};
+use crate::settle::split::Part;
+use crate::settle::{body_share, json_len, Durable, Outcome, Path, Placed, SinkRunner, BODY_START};
+use crate::sinks::Event;
 
+/// Fresh events waiting to be delivered together, and which message each came in.
 struct Pending {
-    deliveries: Vec<Delivery>,
+    deliveries: Vec<(Delivery, Range<usize>)>,
     events: Vec<Arc<Event>>,
+    sizes: Vec<usize>,
+    /// The body the events make.
     bytes: usize,
     deadline: Option<Instant>,
+}
+
+impl Pending {
+    /// Whether `fresh` can join without the batch going past the sink's bounds. An empty
+    /// batch takes any message: one larger than the bounds alone is cut when delivered.
+    fn fits(&self, fresh: &Fresh, bounds: &DeliverySettings) -> bool {
+        self.deliveries.is_empty()
+            || (self.events.len() + fresh.events.len() <= bounds.batch_max_events
+                && self.bytes.saturating_add(fresh.bytes) <= bounds.batch_max_bytes)
+    }
+
+    /// Adds a fresh message's events; the first starts the linger.
+    fn push(&mut self, fresh: Fresh, linger: Duration) {
+        let start = self.events.len();
+        self.bytes = self.bytes.saturating_add(fresh.bytes);
+        self.events.extend(fresh.events);
+        self.sizes.extend(fresh.sizes);
+        self.deliveries
+            .push((fresh.delivery, start..self.events.len()));
+        self.deadline.get_or_insert_with(|| Instant::now() + linger);
+    }
+
+    fn is_full(&self, bounds: &DeliverySettings) -> bool {
+        self.events.len() >= bounds.batch_max_events || self.bytes >= bounds.batch_max_bytes
+    }
+}
+
+/// A fresh message's events that the sink wants.
+struct Fresh {
+    delivery: Delivery,
+    events: Vec<Arc<Event>>,
+    sizes: Vec<usize>,
+    /// Their share of a body.
+    bytes: usize,
 }
 
 impl SinkRunner {
@@ -58,7 +99,8 @@ impl SinkRunner {
         let mut pending = Pending {
             deliveries: Vec::new(),
             events: Vec::new(),
-            bytes: 0,
+            sizes: Vec::new(),
+            bytes: BODY_START,
             deadline: None,
         };
         let linger = Duration::from_millis(self.delivery.linger_ms);
@@ -77,10 +119,14 @@ impl SinkRunner {
                             self.retry(delivery, topology, publish, stop).await;
                             continue;
                         }
-                        self.take(delivery, &mut pending, linger, topology, publish).await;
-                        if pending.events.len() >= self.delivery.batch_max_events
-                            || pending.bytes >= self.delivery.batch_max_bytes
-                        {
+                        let Some(fresh) = self.read_fresh(delivery, topology, publish).await else {
+                            continue;
+                        };
+                        if !pending.fits(&fresh, &self.delivery) {
+                            self.flush(&mut pending, topology, publish, stop).await;
+                        }
+                        pending.push(fresh, linger);
+                        if pending.is_full(&self.delivery) {
                             self.flush(&mut pending, topology, publish, stop).await;
                         }
                     }
@@ -111,36 +157,39 @@ impl SinkRunner {
         Ok(())
     }
 
-    /// Adds a fresh message's wanted events to the pending batch (acks it at once if none).
-    async fn take(
+    /// A fresh message's wanted events; `None` once it is settled here (acked if the sink
+    /// wants none of them, dead-lettered if it cannot be read).
+    async fn read_fresh(
         &self,
         delivery: Delivery,
-        pending: &mut Pending,
-        linger: Duration,
         topology: &Topology,
         publish: &Publisher,
-    ) {
+    ) -> Option<Fresh> {
         let events: Vec<Event> = match serde_json::from_slice(&delivery.data) {
             Ok(events) => events,
-            Err(error) => return self.undecodable(delivery, &error, topology, publish).await,
+            Err(error) => {
+                self.undecodable(delivery, &error, topology, publish).await;
+                return None;
+            }
         };
         let before = events.len();
-        let wanted: Vec<Arc<Event>> = events
+        let events: Vec<Arc<Event>> = events
             .into_iter()
             .filter(|e| self.delivery.wants(e))
             .map(Arc::new)
             .collect();
-        self.count(Outcome::FilteredOut, before - wanted.len());
-        if wanted.is_empty() {
+        self.count(Outcome::FilteredOut, before - events.len());
+        if events.is_empty() {
             let _ = delivery.ack(BasicAckOptions::default()).await;
-            return;
+            return None;
         }
-        pending.bytes += delivery.data.len();
-        pending.events.extend(wanted);
-        pending.deliveries.push(delivery);
-        pending
-            .deadline
-            .get_or_insert_with(|| Instant::now() + linger);
+        let sizes: Vec<usize> = events.iter().map(|e| json_len(e)).collect();
+        Some(Fresh {
+            delivery,
+            bytes: body_share(&sizes),
+            events,
+            sizes,
+        })
     }
 
     async fn flush(
@@ -151,20 +200,31 @@ impl SinkRunner {
         stop: &CancellationToken,
     ) {
         pending.deadline = None;
-        pending.bytes = 0;
+        pending.bytes = BODY_START;
         if pending.deliveries.is_empty() {
             return;
         }
         let deliveries = std::mem::take(&mut pending.deliveries);
         let events = std::mem::take(&mut pending.events);
-        let batch = Batch {
-            key: batch_key(self.sink.name(), &events),
-            events,
-        };
-        let result = self.attempt(&batch, true, stop).await;
-        let decision = decide(result, 0, self.max_attempts);
-        let moved = self.place(&batch, decision, topology, publish).await;
-        settle_messages(deliveries, moved, self.sink.name()).await;
+        let sizes = std::mem::take(&mut pending.sizes);
+        let (parts, _) = self
+            .deliver_all(&events, &sizes, None, 0, Path::Queue, stop)
+            .await;
+        let placed = self.place_parts(parts, topology, publish).await;
+        let mut done = Vec::new();
+        let mut failed = Vec::new();
+        for (delivery, range) in deliveries {
+            match placed.of(&range) {
+                Ok(()) => done.push(delivery),
+                Err(error) => failed.push((delivery, error)),
+            }
+        }
+        settle_messages(done, Ok(()), self.sink.name()).await;
+        if let Some((_, error)) = failed.first() {
+            let error = error.clone();
+            let failed = failed.into_iter().map(|(delivery, _)| delivery).collect();
+            settle_messages(failed, Err(error), self.sink.name()).await;
+        }
     }
 
     async fn retry(
@@ -182,14 +242,37 @@ impl SinkRunner {
             Ok(events) => events,
             Err(error) => return self.undecodable(delivery, &error, topology, publish).await,
         };
-        let batch = Batch {
-            key,
-            events: events.into_iter().map(Arc::new).collect(),
-        };
-        let result = self.attempt(&batch, true, stop).await;
-        let decision = decide(result, attempts, self.max_attempts);
-        let moved = self.place(&batch, decision, topology, publish).await;
-        settle_messages(vec![delivery], moved, self.sink.name()).await;
+        let events: Vec<Arc<Event>> = events.into_iter().map(Arc::new).collect();
+        let sizes: Vec<usize> = events.iter().map(|e| json_len(e)).collect();
+        // A batch within the bounds is the same batch under the same key; a larger one (spilled
+        // whole by an earlier release) is cut, each part under a key of its own.
+        let (parts, _) = self
+            .deliver_all(&events, &sizes, Some(&key), attempts, Path::Queue, stop)
+            .await;
+        let placed = self.place_parts(parts, topology, publish).await;
+        settle_messages(
+            vec![delivery],
+            placed.of(&(0..events.len())),
+            self.sink.name(),
+        )
+        .await;
+    }
+
+    /// Carries out each part's decision.
+    async fn place_parts(
+        &self,
+        parts: Vec<Part>,
+        topology: &Topology,
+        publish: &Publisher,
+    ) -> Placed {
+        let mut placed = Placed::default();
+        for part in parts {
+            let result = self
+                .place(&part.batch, part.decision, topology, publish)
+                .await;
+            placed.push(part.range, result);
+        }
+        placed
     }
 
     /// A message this pipeline did not write: kept, bytes and all, in the sink's dead-letter

@@ -6,7 +6,9 @@
 //! tests).
 //!
 //! A batch that goes to a queue travels as one message with its `Idempotency-Key` and attempt
-//! count in the headers, so a retried batch is the same batch: same events, same key.
+//! count in the headers, so a retried batch is the same batch: same events, same key. Batches
+//! are cut to the sink's bounds and a refused one is bisected ([`split`]); each part has a key
+//! of its own, made from its events the same way.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -24,6 +26,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::breaker::Breaker;
 use crate::sinks::{Batch, Event, Sink, SinkError};
+
+pub mod split;
+
+pub use split::{body_share, json_len, Path, Placed, BODY_START};
 
 const KEY_NAMESPACE: uuid::Uuid = uuid::Uuid::from_u128(0x3d0a_91e4_7c25_4b8e_b6f3_5e1d_0a7c_9f42);
 
@@ -76,11 +82,7 @@ pub fn decide(result: Option<Result<(), SinkError>>, attempts: u32, max_attempts
             reason,
         },
         Some(Err(SinkError::Refused(refused))) => Decision::DeadLetterSome {
-            reason: refused
-                .iter()
-                .map(|(_, r)| r.as_str())
-                .collect::<Vec<_>>()
-                .join("; "),
+            reason: distinct(refused.iter().map(|(_, r)| r.as_str())).join("; "),
             refused: refused.into_iter().map(|(i, _)| i).collect(),
             attempts: failed,
         },
@@ -102,6 +104,18 @@ pub fn decide(result: Option<Result<(), SinkError>>, attempts: u32, max_attempts
             reason: "circuit open".to_owned(),
         },
     }
+}
+
+/// Each reason once, in order of first appearance (a sink that refuses a whole batch alike
+/// gives one answer per event).
+fn distinct<'a>(reasons: impl Iterator<Item = &'a str>) -> Vec<&'a str> {
+    let mut out: Vec<&str> = Vec::new();
+    for reason in reasons {
+        if !out.contains(&reason) {
+            out.push(reason);
+        }
+    }
+    out
 }
 
 /// The delay queue for a batch's `attempts`: one tier per attempt, the last repeating, and
@@ -336,6 +350,8 @@ impl SinkRunner {
             Decision::Spill { attempts, reason } => {
                 let queue = topology.sink_queue(name);
                 self.store(&queue, batch, attempts, &reason, out).await?;
+                metrics::counter!("sink_spilled_batches_total", "sink" => name.to_owned())
+                    .increment(1);
                 self.count(Outcome::Retried, batch.events.len());
                 tracing::info!(sink = name, events = batch.events.len(), %reason, "batch spilled to the sink's queue");
                 Ok(())

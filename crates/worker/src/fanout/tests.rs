@@ -209,3 +209,81 @@ async fn after_a_sink_misses_the_bound_its_share_goes_to_its_queue_without_waiti
         "{waits:?}"
     );
 }
+
+/// Refuses for good any batch holding an event of type `bad`, once `open` says so.
+struct Picky {
+    open: tokio::sync::watch::Receiver<bool>,
+}
+
+#[async_trait::async_trait]
+impl Sink for Picky {
+    fn name(&self) -> &str {
+        "picky"
+    }
+
+    async fn deliver(&self, batch: &Batch) -> Result<(), crate::sinks::SinkError> {
+        let mut open = self.open.clone();
+        let _ = open.wait_for(|open| *open).await;
+        if batch
+            .events
+            .iter()
+            .any(|e| e.get("type") == Some(&json!("bad")))
+        {
+            return Err(crate::sinks::SinkError::Permanent("refused".into()));
+        }
+        Ok(())
+    }
+}
+
+/// Takes everything but dead letters.
+struct NoDeadLetters(Recorder);
+
+#[async_trait::async_trait]
+impl Durable for NoDeadLetters {
+    async fn store(
+        &self,
+        queue: &str,
+        body: &[u8],
+        headers: lapin::types::FieldTable,
+    ) -> Result<(), String> {
+        if queue.ends_with(".dlq") {
+            return Err(format!("{queue} refused the batch"));
+        }
+        self.0.store(queue, body, headers).await
+    }
+}
+
+/// Two raw deliveries waiting for a busy sink share a batch; one holds an event the sink
+/// refuses and the dead-letter queue cannot be reached. The other delivery's events are in the
+/// sink, so it is answered `Ok` (its raw message is acked); only the one whose event is in
+/// neither the sink nor a queue is answered with an error.
+#[tokio::test(start_paused = true)]
+async fn a_delivery_is_answered_by_what_became_of_its_own_events_not_of_those_batched_with_it() {
+    let (open, gate) = tokio::sync::watch::channel(false);
+    let sink = Arc::new(Picky { open: gate });
+    let one_at_a_time = DeliverySettings {
+        max_in_flight: 1,
+        inline_attempts: 1,
+        breaker_failures: 0,
+        ..DeliverySettings::default()
+    };
+    let runners = [runner(sink, one_at_a_time)];
+    let stop = CancellationToken::new();
+    let out: Arc<dyn Durable> = Arc::new(NoDeadLetters(Recorder::default()));
+    let (fanout, _tasks) = Fanout::start(&runners, &Topology::new("t"), out, &stop);
+    let fanout = Arc::new(fanout);
+    let send = |batch: Vec<Arc<Event>>| {
+        let fanout = fanout.clone();
+        tokio::spawn(async move { fanout.deliver(&batch).await })
+    };
+    let first = send(events(&["first"], "track"));
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let good = send(events(&["g1", "g2"], "track"));
+    let bad = send(events(&["b1"], "bad"));
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let _ = open.send(true);
+
+    assert_eq!(first.await.expect("task"), Ok(()));
+    assert_eq!(good.await.expect("task"), Ok(()));
+    assert!(bad.await.expect("task").is_err());
+}

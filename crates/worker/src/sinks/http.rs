@@ -1,8 +1,11 @@
 //! The HTTP sink: POSTs each batch as one request (a JSON array or NDJSON) to a configured URL,
 //! with `Idempotency-Key: <batch key>` so the receiver can drop a retried batch it already took.
-//! It only delivers and classifies the answer; batching, retries and circuit breaking belong to
-//! the runner. Configured header values are secrets: they never reach `Debug`, logs or errors,
-//! and are scrubbed from response bodies quoted in errors.
+//! It only delivers and classifies the answer; batching, retries, circuit breaking and the
+//! bisection of a refused batch belong to the runner. A refusal that could be about one event
+//! is `Permanent` (the runner bisects the batch); one of the request itself (a wrong URL or
+//! credentials) refuses every event as it is, since any part would get the same answer.
+//! Configured header values are secrets: they never reach `Debug`, logs or errors, and are
+//! scrubbed from response bodies quoted in errors.
 
 use std::collections::HashSet;
 use std::error::Error as _;
@@ -220,15 +223,40 @@ impl Sink for HttpSink {
             }
             Err(SinkError::Permanent(reason)) => {
                 let body = self.quote_body(response).await;
-                if body.is_empty() {
-                    Err(SinkError::Permanent(reason))
+                let reason = if body.is_empty() {
+                    reason
                 } else {
-                    Err(SinkError::Permanent(format!("{reason}: {body}")))
+                    format!("{reason}: {body}")
+                };
+                if refuses_any_body(status) && batch.events.len() > 1 {
+                    // Every part of the batch would get the same answer: each event is
+                    // refused as it is, and the runner does not bisect.
+                    let refused = (0..batch.events.len()).map(|i| (i, reason.clone()));
+                    return Err(SinkError::Refused(refused.collect()));
                 }
+                Err(SinkError::Permanent(reason))
             }
             Err(error) => Err(error),
         }
     }
+}
+
+/// A refusal of the request itself (its URL, method, credentials, content type), not of the
+/// events in it: any batch would get the same answer. Other refusals (400, 403, 413, 422, …)
+/// may be about one event, and the runner bisects the batch to find it.
+fn refuses_any_body(status: StatusCode) -> bool {
+    status.is_redirection()
+        || matches!(
+            status,
+            StatusCode::UNAUTHORIZED
+                | StatusCode::NOT_FOUND
+                | StatusCode::METHOD_NOT_ALLOWED
+                | StatusCode::PROXY_AUTHENTICATION_REQUIRED
+                | StatusCode::GONE
+                | StatusCode::LENGTH_REQUIRED
+                | StatusCode::URI_TOO_LONG
+                | StatusCode::UNSUPPORTED_MEDIA_TYPE
+        )
 }
 
 /// 2xx is success; 408, 429 and 5xx are worth retrying (throttled when the server says when);
@@ -319,3 +347,7 @@ async fn read_prefix(mut response: Response, limit: usize) -> Option<Vec<u8>> {
 #[cfg(test)]
 #[path = "http/tests.rs"]
 mod tests;
+
+#[cfg(test)]
+#[path = "http/isolation_tests.rs"]
+mod isolation_tests;

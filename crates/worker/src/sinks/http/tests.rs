@@ -386,10 +386,35 @@ async fn bad_request_is_permanent_with_status_and_short_body() {
     }
 }
 
+/// A refusal of the request itself: every event of the batch refused, for the same reason
+/// (the runner dead-letters them without bisecting, since every part would get that answer).
+fn refused_alike(result: &Result<(), SinkError>, events: usize) -> Option<String> {
+    let Err(SinkError::Refused(refused)) = result else {
+        return None;
+    };
+    let (_, first) = refused.first()?;
+    let alike = refused.len() == events
+        && refused
+            .iter()
+            .enumerate()
+            .all(|(i, (at, reason))| *at == i && reason == first);
+    alike.then(|| first.clone())
+}
+
 #[tokio::test]
-async fn not_found_is_permanent() {
+async fn not_found_refuses_every_event_for_good() {
     let server = TestServer::start(|_| StatusCode::NOT_FOUND.into_response()).await;
     let result = sink(&server.url).deliver(&batch()).await;
+    assert_eq!(
+        refused_alike(&result, 2).as_deref(),
+        Some("HTTP 404 Not Found"),
+        "{result:?}"
+    );
+    let one = Batch {
+        key: "one".to_owned(),
+        events: batch().events[..1].to_vec(),
+    };
+    let result = sink(&server.url).deliver(&one).await;
     assert!(
         matches!(result, Err(SinkError::Permanent(ref r)) if r == "HTTP 404 Not Found"),
         "{result:?}"
@@ -397,14 +422,31 @@ async fn not_found_is_permanent() {
 }
 
 #[tokio::test]
-async fn redirect_is_permanent_and_not_followed() {
+async fn a_refusal_that_may_be_about_one_event_is_permanent_for_the_runner_to_bisect() {
+    for status in [
+        StatusCode::BAD_REQUEST,
+        StatusCode::FORBIDDEN,
+        StatusCode::PAYLOAD_TOO_LARGE,
+        StatusCode::UNPROCESSABLE_ENTITY,
+    ] {
+        let server = TestServer::start(move |_| status.into_response()).await;
+        let result = sink(&server.url).deliver(&batch()).await;
+        assert!(
+            matches!(result, Err(SinkError::Permanent(ref r)) if r.contains(status.as_str())),
+            "{status}: {result:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn redirect_is_refused_for_good_and_not_followed() {
     let server = TestServer::start(|_| {
         (StatusCode::TEMPORARY_REDIRECT, [("location", "/elsewhere")]).into_response()
     })
     .await;
     let result = sink(&server.url).deliver(&batch()).await;
     assert!(
-        matches!(result, Err(SinkError::Permanent(ref r)) if r.contains("307")),
+        refused_alike(&result, 2).is_some_and(|r| r.contains("307")),
         "{result:?}"
     );
     assert_eq!(
@@ -471,17 +513,14 @@ async fn an_error_body_echoing_the_secret_header_is_redacted() {
             .into_response()
     })
     .await;
-    match sink(&server.url).deliver(&batch()).await {
-        Err(error @ SinkError::Permanent(_)) => {
-            let message = error.to_string();
-            assert!(message.contains("401"), "{message}");
-            assert!(
-                message.contains("invalid credentials: <redacted>"),
-                "{message}"
-            );
-            assert!(!message.contains(SECRET), "{message}");
-            assert!(!format!("{error:?}").contains(SECRET));
-        }
-        other => panic!("expected Permanent, got {other:?}"),
-    }
+    let result = sink(&server.url).deliver(&batch()).await;
+    let Some(message) = refused_alike(&result, 2) else {
+        panic!("expected every event refused, got {result:?}");
+    };
+    assert!(message.contains("401"), "{message}");
+    assert!(
+        message.contains("invalid credentials: <redacted>"),
+        "{message}"
+    );
+    assert!(!format!("{result:?}").contains(SECRET));
 }
