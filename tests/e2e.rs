@@ -17,6 +17,7 @@ mod e2e {
     pub mod operate;
     pub mod ops;
     pub mod ops_cluster;
+    pub mod per_client;
     pub mod resilience;
     pub mod sink_isolation;
     pub mod sinks;

@@ -144,6 +144,9 @@ pub fn settings(name: &str) -> Settings {
     // Off in tests: on a loaded 2-core CI machine the runtime can run late for reasons that
     // have nothing to do with the test. The test of this shedding turns it on.
     s.collector.max_scheduling_delay_ms = 0;
+    // Every test's clients are one address, 127.0.0.1: the per-address share is the tests' of
+    // it to lower (tests/e2e/per_client.rs).
+    s.collector.max_connections_per_ip = s.collector.max_connections;
     s.validate_collector().unwrap();
     s.validate_worker().unwrap();
     s
@@ -494,6 +497,9 @@ fn collector_json(settings: &Settings) -> serde_json::Value {
         "header_timeout_ms": c.header_timeout_ms,
         "idle_timeout_ms": c.idle_timeout_ms,
         "max_connections": c.max_connections,
+        "max_connections_per_ip": c.max_connections_per_ip,
+        "max_header_bytes": c.max_header_bytes,
+        "trusted_proxies": c.trusted_proxies,
         "max_scheduling_delay_ms": c.max_scheduling_delay_ms,
         "spool": c.spool,
     })

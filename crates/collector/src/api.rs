@@ -41,6 +41,9 @@ pub struct AppState {
     pub body_timeout: Duration,
     pub retry_after_secs: u64,
     pub trusted_proxies: Vec<IpAddr>,
+    /// Requests in flight per forwarded client address, for requests through a trusted proxy
+    /// (the accept loop caps the other clients by their connections).
+    pub per_forwarded_client: Arc<crate::per_client::PerClient>,
     pub scheduling_delay: SchedulingDelay,
     /// Shed load while the runtime is later than this; `None`: never.
     pub max_scheduling_delay: Option<Duration>,
@@ -380,6 +383,19 @@ async fn admit(
             retry_after_secs: state.retry_after_secs,
         });
     }
+    // Through a trusted proxy every connection is the proxy's: the client's share is counted
+    // here, by its forwarded address, for as long as its request is in flight.
+    let _client =
+        if state.trusted_proxies.contains(&peer) {
+            let client = client_ip(peer, request_headers, &state.trusted_proxies);
+            Some(state.per_forwarded_client.try_hold(client).ok_or(
+                CaptureError::ClientOverShare {
+                    retry_after_secs: state.retry_after_secs,
+                },
+            )?)
+        } else {
+            None
+        };
     let head = check_head(state, endpoint, request_headers, query)?;
     // Without a Content-Length (chunked), the body's bytes are reserved as they arrive.
     let reserve = head.declared_length.unwrap_or(0);

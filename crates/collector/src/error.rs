@@ -52,6 +52,8 @@ pub enum CaptureError {
     },
     #[error("this source is over its request rate; retry later")]
     RateLimited { retry_after_secs: u64 },
+    #[error("too many requests in flight from this client address; retry later")]
+    ClientOverShare { retry_after_secs: u64 },
     #[error("request has more than {limit} events")]
     TooManyEvents { limit: usize },
     #[error("service unavailable: {source}")]
@@ -86,7 +88,9 @@ impl CaptureError {
             | Self::NotSpooled { .. }
             | Self::Overloaded { .. }
             | Self::Lagging { .. } => StatusCode::SERVICE_UNAVAILABLE,
-            Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Self::RateLimited { .. } | Self::ClientOverShare { .. } => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
         }
     }
 
@@ -108,6 +112,7 @@ impl CaptureError {
             Self::Unavailable { .. } | Self::NotSpooled { .. } => "unavailable",
             Self::Overloaded { .. } | Self::Lagging { .. } => "overloaded",
             Self::RateLimited { .. } => "rate_limited",
+            Self::ClientOverShare { .. } => "client_over_share",
             Self::TooManyEvents { .. } => "too_many_events",
         }
     }
@@ -128,6 +133,7 @@ impl CaptureError {
             } => "max_in_flight_bytes",
             Self::Lagging { .. } => "scheduling_delay",
             Self::RateLimited { .. } => "rate_limit",
+            Self::ClientOverShare { .. } => "max_connections_per_ip",
             Self::Unavailable { source, .. } => source.shed_reason(),
             Self::NotSpooled { spool, .. } => spool.shed_reason(),
             _ => return None,
@@ -157,6 +163,7 @@ impl IntoResponse for CaptureError {
             retry_after_secs, ..
         }
         | Self::RateLimited { retry_after_secs }
+        | Self::ClientOverShare { retry_after_secs }
         | Self::BodyTimeout { retry_after_secs } = self
         {
             response

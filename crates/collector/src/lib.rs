@@ -5,6 +5,7 @@ pub mod api;
 pub mod auth;
 pub mod body;
 pub mod error;
+pub mod per_client;
 pub mod publisher;
 pub mod ratelimit;
 pub mod scan;
@@ -74,6 +75,7 @@ pub async fn serve(
         body_timeout: Duration::from_millis(c.body_timeout_ms),
         retry_after_secs: c.retry_after_secs,
         trusted_proxies: c.trusted_proxies.clone(),
+        per_forwarded_client: per_client::PerClient::new(c.max_connections_per_ip),
         scheduling_delay: SchedulingDelay::start("collector"),
         max_scheduling_delay: (c.max_scheduling_delay_ms > 0)
             .then(|| Duration::from_millis(c.max_scheduling_delay_ms)),
@@ -92,6 +94,7 @@ pub async fn serve(
         listener,
         app,
         limits,
+        c.trusted_proxies.clone(),
         async move { graceful.cancelled().await },
     );
     let grace = Duration::from_millis(c.shutdown_timeout_ms);

@@ -1,7 +1,8 @@
 //! The accept loop, in place of `axum::serve`, for what it lacks against hostile clients:
-//! a cap on open connections (over it, a connection is closed at accept), a deadline for a
-//! request head (slowloris), an idle timeout for keep-alive connections, and a graceful stop
-//! that lets requests in progress finish.
+//! a cap on open connections, and on those of one client address (over either, a connection is
+//! closed at accept), a bound on a request head's bytes (hyper's read buffer, answered 431) and
+//! a deadline for it (slowloris), an idle timeout for keep-alive connections, and a graceful
+//! stop that lets requests in progress finish.
 //!
 //! Each connection is in one of three phases. `Head`: from accept, or from the first byte after
 //! an idle spell, until the request head is parsed; it must end within `header_timeout`. `Busy`:
@@ -12,7 +13,7 @@
 
 use std::future::Future;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
@@ -32,12 +33,19 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
+use crate::per_client::{Held, PerClient};
+
 /// What a connection may cost, from `collector.*` settings.
 #[derive(Debug, Clone, Copy)]
 pub struct ConnectionLimits {
     pub header_timeout: Duration,
     pub idle_timeout: Duration,
     pub max_connections: usize,
+    /// Of those, what one client address may hold (a trusted proxy's are not counted here:
+    /// its clients are, per request, by their forwarded address).
+    pub max_connections_per_ip: usize,
+    /// A request head's bytes at most: each connection's read buffer is kept to this.
+    pub max_header_bytes: usize,
 }
 
 impl ConnectionLimits {
@@ -46,6 +54,8 @@ impl ConnectionLimits {
             header_timeout: Duration::from_millis(c.header_timeout_ms),
             idle_timeout: Duration::from_millis(c.idle_timeout_ms),
             max_connections: c.max_connections,
+            max_connections_per_ip: c.max_connections_per_ip,
+            max_header_bytes: c.max_header_bytes,
         }
     }
 }
@@ -56,8 +66,10 @@ pub async fn run(
     listener: TcpListener,
     app: Router,
     limits: ConnectionLimits,
+    trusted_proxies: Vec<IpAddr>,
     shutdown: impl Future<Output = ()>,
 ) {
+    let per_client = PerClient::new(limits.max_connections_per_ip);
     // acquire_many takes a u32; a tokio semaphore holds at most usize::MAX >> 3 permits.
     let max = limits.max_connections.clamp(1, u32::MAX as usize);
     let slots = Arc::new(Semaphore::new(max));
@@ -81,6 +93,20 @@ pub async fn run(
             drop(stream);
             continue;
         };
+        let client = if trusted_proxies.contains(&peer.ip()) {
+            None
+        } else {
+            match per_client.try_hold(peer.ip()) {
+                Some(held) => Some(held),
+                None => {
+                    metrics::counter!("collector_connections_rejected_total", "reason" => "max_connections_per_ip")
+                        .increment(1);
+                    tracing::debug!(%peer, "connection refused: too many open connections from this address");
+                    drop(stream);
+                    continue;
+                }
+            }
+        };
         let _ = stream.set_nodelay(true);
         tokio::spawn(serve_connection(
             stream,
@@ -88,7 +114,7 @@ pub async fn run(
             app.clone(),
             limits,
             closing.clone(),
-            slot,
+            (slot, client),
         ));
     }
     drop(listener);
@@ -110,7 +136,7 @@ async fn serve_connection(
     app: Router,
     limits: ConnectionLimits,
     closing: CancellationToken,
-    _slot: OwnedSemaphorePermit,
+    _held: (OwnedSemaphorePermit, Option<Held>),
 ) {
     let open = metrics::gauge!("collector_connections_open");
     open.increment(1.0);
@@ -134,6 +160,7 @@ async fn serve_connection(
     });
     let connection = http1::Builder::new()
         .header_read_timeout(None)
+        .max_buf_size(limits.max_header_bytes)
         .serve_connection(io, service);
     tokio::pin!(connection);
     let mut stopping = false;
@@ -319,6 +346,8 @@ mod tests {
         header_timeout: Duration::from_secs(5),
         idle_timeout: Duration::from_secs(60),
         max_connections: 10,
+        max_connections_per_ip: 10,
+        max_header_bytes: 16384,
     };
 
     #[tokio::test(start_paused = true)]

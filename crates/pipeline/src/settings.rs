@@ -141,6 +141,13 @@ pub struct CollectorSettings {
     pub idle_timeout_ms: u64,
     /// Open connections at once; past it new ones are closed at accept.
     pub max_connections: usize,
+    /// Open connections of one client address (requests in flight by its forwarded address,
+    /// behind `trusted_proxies`); past it a connection is closed at accept (a request: 429).
+    pub max_connections_per_ip: usize,
+    /// Bytes a request head (request line and headers) may take; past it, 431. Each
+    /// connection's read buffer is kept to this, so open connections hold at most
+    /// `max_connections` times it.
+    pub max_header_bytes: usize,
     /// Shed load (503) while the runtime's measured scheduling delay is above this; 0 = never.
     pub max_scheduling_delay_ms: u64,
     pub retry_after_secs: u64,
@@ -363,6 +370,16 @@ impl Settings {
             c.header_timeout_ms > 0 && c.idle_timeout_ms > 0,
             "collector.header_timeout_ms",
             "header_timeout_ms and idle_timeout_ms must be > 0",
+        )?;
+        check(
+            c.max_connections_per_ip > 0,
+            "collector.max_connections_per_ip",
+            "must be > 0",
+        )?;
+        check(
+            (8192..=1 << 20).contains(&c.max_header_bytes),
+            "collector.max_header_bytes",
+            "must be 8192 to 1048576",
         )?;
         check(
             c.max_connections > 0,

@@ -382,14 +382,7 @@ mod tests {
             })
             .collect();
         // Only `event` gives a name: `properties.name` alone does not.
-        let expected = [
-            Some("Cart"),
-            None,
-            Some("Own"),
-            None,
-            None,
-            None,
-        ];
+        let expected = [Some("Cart"), None, Some("Own"), None, None, None];
         let expected: Vec<Option<Value>> = expected.iter().map(|n| n.map(|n| json!(n))).collect();
         assert_eq!(
             names,
