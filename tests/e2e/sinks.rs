@@ -150,6 +150,77 @@ async fn events_land_in_mongo_statsd_and_http() {
 }
 
 #[tokio::test]
+async fn random_event_names_past_the_statsd_cap_are_counted_under_other_not_as_new_series() {
+    let statsd = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let mut s = settings("statsdcap");
+    s.sinks.statsd = Some(
+        serde_json::from_value(json!({
+            "address": statsd.local_addr().unwrap().to_string(),
+            "max_event_names": 5,
+            "delivery": {"linger_ms": 20},
+        }))
+        .unwrap(),
+    );
+    let collector = Collector::start(&s).await;
+    let worker = Worker::start(&s);
+    let events: Vec<Value> = (0..12)
+        .map(|i| {
+            let mut event = product_viewed(&format!("cap-{i}"));
+            event["event"] = json!(format!("Random {i}"));
+            event
+        })
+        .collect();
+    let client = http();
+    assert_eq!(
+        post_batch(&client, &collector.url, &batch(events))
+            .await
+            .status(),
+        200
+    );
+
+    let mut counters: BTreeMap<String, f64> = BTreeMap::new();
+    let mut buf = vec![0u8; 65536];
+    let deadline = tokio::time::Instant::now() + LAND;
+    while counters.values().sum::<f64>() < 12.0 {
+        let n = tokio::time::timeout_at(deadline, statsd.recv(&mut buf))
+            .await
+            .expect("statsd datagrams")
+            .unwrap();
+        for line in std::str::from_utf8(&buf[..n]).unwrap().split('\n') {
+            let (name, rest) = line.split_once(':').expect("name:value");
+            if rest.ends_with("|c") {
+                let value: f64 = rest.trim_end_matches("|c").parse().expect("numeric value");
+                *counters.entry(name.to_owned()).or_default() += value;
+            }
+        }
+    }
+    assert_eq!(
+        counters.len(),
+        5 + 1,
+        "the cap's names and `other`: {counters:?}"
+    );
+    assert_eq!(
+        counters.get("analytics.shop-ios.track.other"),
+        Some(&7.0),
+        "{counters:?}"
+    );
+    // The worker counts what it folded before it sends, so the datagrams imply the count.
+    let metrics = metrics_of(&client, &worker.url).await;
+    assert!(
+        metrics.contains("# HELP worker_statsd_names_folded_total "),
+        "{metrics}"
+    );
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "worker_statsd_names_folded_total{sink=\"statsd\"}"
+        ),
+        7.0,
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
 async fn an_http_outage_does_not_slow_mongo_and_the_backlog_drains_once_per_key() {
     let receiver = Receiver::start(Mode::Status(503)).await;
     let s = with_vendor(

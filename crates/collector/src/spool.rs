@@ -2,15 +2,17 @@
 //! cannot confirm it.
 //!
 //! An append-only log of segment files (`<seq>.spool`, in order) in one directory, which a lock
-//! file keeps to one collector. Requests hand their frame to one writer thread, which appends
-//! what has queued up meanwhile and fsyncs once for all of it (group commit) before any of them
-//! is answered. The forwarder ([`forward`]) publishes the frames with confirms, oldest first,
+//! file keeps to one collector and its modes (`0700`, files `0600`: module `private`) to the
+//! collector's user. Requests hand their frame to one writer thread, which appends what has
+//! queued up meanwhile and fsyncs once for all of it (group commit) before any of them is
+//! answered. The forwarder ([`forward`]) publishes the frames with confirms, oldest first,
 //! and a segment is deleted once every frame in it is confirmed. On start the directory is read
 //! back: a torn or corrupt frame and whatever follows it in its segment are dropped (a crash can
 //! only tear the last frame, never answered), everything before is forwarded. The bytes on disk
 //! are bounded by `max_bytes`: past it, [`Spool::append`] refuses and the request gets 503.
 
 pub mod forward;
+mod private;
 pub mod record;
 
 use std::collections::VecDeque;
@@ -168,12 +170,14 @@ impl Spool {
             dir: dir.clone(),
             reason,
         };
-        std::fs::create_dir_all(&dir).map_err(|e| open_error(e.to_string()))?;
-        let lock = OpenOptions::new()
+        private::create_dir(&dir).map_err(|e| open_error(e.to_string()))?;
+        let lock_path = dir.join("LOCK");
+        let lock = private::options()
             .create(true)
             .truncate(false)
             .write(true)
-            .open(dir.join("LOCK"))
+            .open(&lock_path)
+            .and_then(|lock| private::tighten(&lock, &lock_path).map(|()| lock))
             .map_err(|e| open_error(e.to_string()))?;
         lock.try_lock().map_err(|e| {
             open_error(format!(
@@ -439,6 +443,7 @@ fn recover(dir: &Path) -> io::Result<(State, Recovered)> {
     for seq in seqs {
         let path = segment_path(dir, seq);
         let file = File::open(&path)?;
+        private::tighten(&file, &path)?;
         let size = file.metadata()?.len();
         let mut reader = Reader::new(BufReader::new(file), size);
         let mut len = 0u64;
@@ -568,7 +573,7 @@ fn write_group(
         Err(error)
     };
     if let Some(seq) = new_seq {
-        let opened = OpenOptions::new()
+        let opened = private::options()
             .create_new(true)
             .append(true)
             .open(shared.path(seq))

@@ -352,3 +352,60 @@ async fn a_frame_corrupted_under_a_running_spool_costs_its_stretch_and_the_count
     forward_all(&spool, &sink, 4).await;
     assert_eq!(sink.ids(), [0, 1, 10, 11]);
 }
+
+/// The permission bits of `path`, in octal.
+#[cfg(unix)]
+fn mode(path: &Path) -> String {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(path)
+        .expect("metadata")
+        .permissions()
+        .mode();
+    format!("{:o}", mode & 0o777)
+}
+
+#[cfg(unix)]
+fn set_mode(path: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+}
+
+#[cfg(unix)]
+#[tokio::test]
+async fn spooled_request_bodies_are_readable_by_the_collectors_user_alone_whatever_the_umask() {
+    let dir = Dir::new();
+    let s = settings(&dir, 1 << 20, 64 << 10);
+    let (spool, _) = open(&s).await;
+    fill(&spool, 0..3).await;
+    assert_eq!(mode(&dir.0), "700", "the spool directory");
+    assert_eq!(mode(&dir.0.join("LOCK")), "600", "the lock file");
+    let segments = dir.segments();
+    assert!(!segments.is_empty());
+    for segment in &segments {
+        assert_eq!(mode(segment), "600", "{}", segment.display());
+    }
+}
+
+#[cfg(unix)]
+#[tokio::test]
+async fn a_spool_an_older_release_left_world_readable_is_made_private_when_opened() {
+    let dir = Dir::new();
+    let s = settings(&dir, 1 << 20, 64 << 10);
+    let (spool, _) = open(&s).await;
+    fill(&spool, 0..3).await;
+    drop(spool);
+    // What the default umask gave before: a world-readable directory and files.
+    set_mode(&dir.0, 0o755);
+    set_mode(&dir.0.join("LOCK"), 0o644);
+    for segment in dir.segments() {
+        set_mode(&segment, 0o644);
+    }
+    let (spool, recovered) = open(&s).await;
+    assert_eq!(recovered.records, 3);
+    assert_eq!(spool.records(), 3);
+    assert_eq!(mode(&dir.0), "700", "the spool directory");
+    assert_eq!(mode(&dir.0.join("LOCK")), "600", "the lock file");
+    for segment in dir.segments() {
+        assert_eq!(mode(&segment), "600", "{}", segment.display());
+    }
+}

@@ -95,6 +95,11 @@ pub struct StatsdSinkSettings {
     /// Event properties sent as gauges (`|g`).
     #[serde(default)]
     pub gauges: Vec<String>,
+    /// Distinct event names (a track event's, a screen's or a page's, with its type) that get
+    /// series of their own; events with any other name are counted under `other`, so clients
+    /// sending random names cannot grow the statsd daemon's series without bound.
+    #[serde(default = "default_max_event_names")]
+    pub max_event_names: usize,
     #[serde(default)]
     pub delivery: DeliverySettings,
 }
@@ -110,6 +115,14 @@ fn default_mtu() -> usize {
 fn default_sample_rate() -> f64 {
     1.0
 }
+
+fn default_max_event_names() -> usize {
+    1_000
+}
+
+/// The most `max_event_names` may be: the sink remembers every name it admitted (a few bytes
+/// each) for as long as it runs.
+const MAX_EVENT_NAMES_LIMIT: usize = 1_000_000;
 
 impl StatsdSinkSettings {
     /// Names the first bad field.
@@ -148,6 +161,12 @@ impl StatsdSinkSettings {
             return Err(format!(
                 "sample_rate: must be in (0, 1], got {}",
                 self.sample_rate
+            ));
+        }
+        if !(1..=MAX_EVENT_NAMES_LIMIT).contains(&self.max_event_names) {
+            return Err(format!(
+                "max_event_names: must be between 1 and {MAX_EVENT_NAMES_LIMIT}, got {}",
+                self.max_event_names
             ));
         }
         Ok(())
@@ -445,6 +464,7 @@ mod tests {
         assert_eq!(s.mtu, 1432);
         assert_eq!(s.sample_rate, 1.0);
         assert!(s.timers.is_empty() && s.gauges.is_empty());
+        assert_eq!(s.max_event_names, 1_000);
         assert_eq!(s.validate(), Ok(()));
         assert_eq!(statsd(json!({"address": "[::1]:8125"})).validate(), Ok(()));
         for (extra, field) in [
@@ -460,6 +480,8 @@ mod tests {
             (json!({"sample_rate": 0.0}), "sample_rate"),
             (json!({"sample_rate": 1.5}), "sample_rate"),
             (json!({"sample_rate": -0.5}), "sample_rate"),
+            (json!({"max_event_names": 0}), "max_event_names"),
+            (json!({"max_event_names": 1_000_001}), "max_event_names"),
         ] {
             let error = statsd(extra.clone())
                 .validate()

@@ -7,13 +7,19 @@
 //! daemon stores, and every line passes the daemon's packet checks (plain decimal values,
 //! non-negative timers), since it drops bad lines silently.
 //!
+//! Only the first `max_event_names` distinct event names get series of their own; events with
+//! any other name are counted under `other` (see [`EventNames`]), so a client sending random
+//! names cannot grow the daemon's series without bound.
+//!
 //! UDP is fire and forget: only a local send error (for example a refusal reported by ICMP for
 //! an earlier datagram) fails a delivery, as retryable. A batch that fails halfway and is
 //! retried counts its first datagrams twice; metrics tolerate that better than losing them.
 
+use std::collections::HashSet;
+use std::hash::{BuildHasher, RandomState};
 use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use serde_json::Value;
 use tokio::net::UdpSocket;
@@ -22,6 +28,10 @@ use ingest_pipeline::settings::StatsdSinkSettings;
 use ingest_pipeline::statsd::{pack, MAX_DATAGRAM};
 
 use super::{Batch, Event, Sink, SinkError};
+
+/// The name segment under which events past the cap of distinct names are counted. An event
+/// really called "other" shares its series.
+const OTHER: &str = "other";
 
 /// JavaScript prints numbers outside this range in exponent notation; we skip them instead.
 const PLAIN_MAX: f64 = 1e21;
@@ -46,6 +56,8 @@ pub struct StatsdSink {
     socket: UdpSocket,
     settings: StatsdSinkSettings,
     lines: LineBuilder,
+    /// `worker_statsd_names_folded_total{sink}`: events counted under `other`.
+    folded: metrics::Counter,
 }
 
 impl StatsdSink {
@@ -78,10 +90,13 @@ impl StatsdSink {
         };
         let socket = UdpSocket::bind(local).await?;
         socket.connect(target).await?;
+        let folded =
+            metrics::counter!("worker_statsd_names_folded_total", "sink" => name.to_owned());
         Ok(Self {
             name: name.to_owned(),
             socket,
             lines: LineBuilder::new(&settings),
+            folded,
             settings,
         })
     }
@@ -94,7 +109,9 @@ impl Sink for StatsdSink {
     }
 
     async fn deliver(&self, batch: &Batch) -> Result<(), SinkError> {
-        let lines = self.lines.batch(&batch.events, &mut fastrand::Rng::new());
+        let Lines { lines, folded } = self.lines.batch(&batch.events, &mut fastrand::Rng::new());
+        // Counted before sending, as the `other` lines are: a retried batch counts both again.
+        self.folded.increment(folded);
         for datagram in pack(&lines, self.settings.mtu) {
             if datagram.len() > MAX_DATAGRAM {
                 tracing::warn!(
@@ -116,14 +133,70 @@ impl Sink for StatsdSink {
     }
 }
 
-/// The settings turned into what every event needs: property names already cleaned.
-#[derive(Debug, Clone)]
+/// The names that get series of their own: the first `max_event_names` distinct ones this
+/// sink sees, each an event's name with its type (`track`, `screen`, `page`) as cleaned into
+/// the metric name. The set only grows, up to the cap, and is never evicted from, so a name
+/// keeps its series once it has one; it lives in memory only, so a restart starts it afresh
+/// (and each worker process keeps its own: with several, the daemon may see up to that many
+/// times the cap). A name is remembered by its 64-bit SipHash under keys drawn at random when
+/// the sink is built: a few bytes a name whatever its length, and no client can aim two names
+/// at one slot.
+#[derive(Debug)]
+struct EventNames {
+    cap: usize,
+    keys: RandomState,
+    admitted: Mutex<HashSet<u64>>,
+}
+
+impl EventNames {
+    fn new(cap: usize) -> Self {
+        Self {
+            cap,
+            keys: RandomState::new(),
+            admitted: Mutex::new(HashSet::new()),
+        }
+    }
+
+    /// Whether `kind`'s `name` has a series of its own: admitted before, or now while there
+    /// is room.
+    fn admit(&self, kind: &str, name: &str) -> bool {
+        let hash = self.keys.hash_one((kind, name));
+        let mut admitted = self.admitted.lock().unwrap_or_else(PoisonError::into_inner);
+        if admitted.contains(&hash) {
+            return true;
+        }
+        if admitted.len() >= self.cap {
+            return false;
+        }
+        admitted.insert(hash);
+        if admitted.len() == self.cap {
+            tracing::warn!(
+                cap = self.cap,
+                "statsd sink: every slot for event names is taken; events with names not seen \
+                 yet are counted under `other` until the worker restarts (max_event_names)"
+            );
+        }
+        true
+    }
+}
+
+/// What a batch becomes: its lines, and how many of its events were counted under `other`.
+#[derive(Debug)]
+struct Lines {
+    lines: Vec<String>,
+    folded: u64,
+}
+
+/// The settings turned into what every event needs: property names already cleaned, and the
+/// event names admitted so far.
+#[derive(Debug)]
 struct LineBuilder {
     prefix: String,
     sample_rate: f64,
     rate_suffix: String,
     timers: Vec<(String, String)>,
     gauges: Vec<(String, String)>,
+    names: EventNames,
 }
 
 impl LineBuilder {
@@ -144,21 +217,25 @@ impl LineBuilder {
             },
             timers: named(&settings.timers),
             gauges: named(&settings.gauges),
+            names: EventNames::new(settings.max_event_names),
         }
     }
 
-    /// Lines for the events that the sample keeps.
-    fn batch(&self, events: &[Arc<Event>], rng: &mut fastrand::Rng) -> Vec<String> {
-        let mut lines = Vec::with_capacity(events.len() * (1 + self.timers.len()));
+    /// Lines for the events that the sample keeps (the others take no name slot).
+    fn batch(&self, events: &[Arc<Event>], rng: &mut fastrand::Rng) -> Lines {
+        let mut out = Lines {
+            lines: Vec::with_capacity(events.len() * (1 + self.timers.len())),
+            folded: 0,
+        };
         for event in events {
             if self.sample_rate >= 1.0 || rng.f64() < self.sample_rate {
-                self.event(event, &mut lines);
+                self.event(event, &mut out);
             }
         }
-        lines
+        out
     }
 
-    fn event(&self, event: &Event, out: &mut Vec<String>) {
+    fn event(&self, event: &Event, out: &mut Lines) {
         let kind = segment(text(event, "type"));
         let name = match kind.as_str() {
             "track" => Some(segment(text(event, "event"))),
@@ -168,8 +245,14 @@ impl LineBuilder {
         let mut base = format!("{}.{}.{kind}", self.prefix, segment(text(event, "source")));
         if let Some(name) = name {
             base.push('.');
-            base.push_str(&name);
+            if self.names.admit(&kind, &name) {
+                base.push_str(&name);
+            } else {
+                base.push_str(OTHER);
+                out.folded += 1;
+            }
         }
+        let out = &mut out.lines;
         out.push(format!("{base}:1|c{}", self.rate_suffix));
 
         let Some(Value::Object(properties)) = event.get("properties") else {

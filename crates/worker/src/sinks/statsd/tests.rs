@@ -22,9 +22,12 @@ pub(super) fn event(value: Value) -> Event {
 }
 
 fn lines_for(settings: &StatsdSinkSettings, value: Value) -> Vec<String> {
-    let mut out = Vec::new();
+    let mut out = Lines {
+        lines: Vec::new(),
+        folded: 0,
+    };
     LineBuilder::new(settings).event(&event(value), &mut out);
-    out
+    out.lines
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -308,11 +311,11 @@ fn sampling_keeps_about_the_configured_share() {
     let events: Vec<Arc<Event>> = (0..1000)
         .map(|_| Arc::new(event(json!({"type": "track", "event": "E", "source": "s"}))))
         .collect();
-    let lines = builder.batch(&events, &mut fastrand::Rng::new());
+    let lines = builder.batch(&events, &mut fastrand::Rng::new()).lines;
     assert!((350..=650).contains(&lines.len()), "sent {}", lines.len());
 
     let all = LineBuilder::new(&settings(json!({}))).batch(&events, &mut fastrand::Rng::new());
-    assert_eq!(all.len(), 1000);
+    assert_eq!(all.lines.len(), 1000);
 }
 
 #[test]
@@ -327,4 +330,101 @@ fn validation_names_the_field_including_properties_that_clean_to_nothing() {
         let error = validate(&settings(extra.clone())).expect_err(&extra.to_string());
         assert!(error.starts_with(&format!("{field}:")), "{extra}: {error}");
     }
+}
+
+fn named(events: &[(&str, &str)]) -> Vec<Arc<Event>> {
+    events
+        .iter()
+        .map(|(kind, name)| {
+            let key = if *kind == "track" { "event" } else { "name" };
+            Arc::new(event(json!({"type": kind, key: name, "source": "web",
+                                  "properties": {"duration_ms": 5}})))
+        })
+        .collect()
+}
+
+fn counters(lines: &[String]) -> Vec<&str> {
+    lines
+        .iter()
+        .filter_map(|l| l.strip_suffix(":1|c"))
+        .collect()
+}
+
+#[test]
+fn random_event_names_past_the_cap_are_counted_under_other_and_the_first_names_seen_stay() {
+    let builder = LineBuilder::new(&settings(json!({"max_event_names": 3})));
+    let mut rng = fastrand::Rng::new();
+    let first = builder.batch(
+        &named(&[
+            ("track", "Signed Up"),
+            ("track", "Signed Up"),
+            ("screen", "Home"),
+            ("track", "Random 1"),
+            ("track", "Random 2"),
+            ("page", "Random 3"),
+        ]),
+        &mut rng,
+    );
+    assert_eq!(
+        counters(&first.lines),
+        [
+            "analytics.web.track.signed_up",
+            "analytics.web.track.signed_up",
+            "analytics.web.screen.home",
+            "analytics.web.track.random_1",
+            "analytics.web.track.other",
+            "analytics.web.page.other",
+        ]
+    );
+    assert!(
+        first
+            .lines
+            .contains(&"analytics.web.track.other.duration_ms:5|ms".to_owned()),
+        "a folded event's timers go under `other` too: {:?}",
+        first.lines
+    );
+    assert_eq!(first.folded, 2);
+
+    // The admitted set is stable: names seen first keep their series, later ones never get in.
+    let second = builder.batch(
+        &named(&[
+            ("track", "Random 4"),
+            ("screen", "Home"),
+            ("track", "Random 1"),
+            ("identify", ""),
+        ]),
+        &mut rng,
+    );
+    assert_eq!(
+        counters(&second.lines),
+        [
+            "analytics.web.track.other",
+            "analytics.web.screen.home",
+            "analytics.web.track.random_1",
+            "analytics.web.identify",
+        ]
+    );
+    assert_eq!(second.folded, 1, "types without a name take no slot");
+}
+
+#[test]
+fn names_that_clean_to_the_same_segment_take_one_slot() {
+    let builder = LineBuilder::new(&settings(json!({"max_event_names": 1})));
+    let out = builder.batch(
+        &named(&[
+            ("track", "Order Completed"),
+            ("track", "order completed"),
+            ("track", "x"),
+        ]),
+        &mut fastrand::Rng::new(),
+    );
+    assert_eq!(
+        counters(&out.lines),
+        [
+            "analytics.web.track.order_completed",
+            "analytics.web.track.order_completed",
+            "analytics.web.track.other",
+        ]
+    );
+    assert_eq!(out.folded, 1);
 }

@@ -202,3 +202,44 @@ async fn refused_send_is_retryable() {
     let error = outcome.expect_err("ICMP port unreachable surfaces as a send error");
     assert!(matches!(error, SinkError::Retryable(_)), "{error:?}");
 }
+
+#[tokio::test]
+async fn more_distinct_event_names_than_the_default_cap_reach_the_daemon_as_the_cap_plus_other() {
+    let server = UdpSocket::bind("127.0.0.1:0").await.expect("bind server");
+    let address = server.local_addr().expect("server address").to_string();
+    let sink = StatsdSink::connect("statsd", settings(json!({"address": address})))
+        .await
+        .expect("connect");
+    let cap = 1_000;
+    let extra = 25;
+    let events: Vec<Arc<Event>> = (0..cap + extra)
+        .map(|i| {
+            Arc::new(event(
+                json!({"type": "track", "event": format!("Random {i}"), "source": "s"}),
+            ))
+        })
+        .collect();
+    let batch = Batch {
+        key: "b".into(),
+        events,
+    };
+    sink.deliver(&batch).await.expect("deliver");
+    let received = receive_lines(&server, cap + extra, 1432).await;
+    let mut counters: HashMap<String, f64> = HashMap::new();
+    for (_, text) in &received {
+        let line = parse_line(text).unwrap_or_else(|e| panic!("{text:?}: {e}"));
+        *counters.entry(line.key).or_default() += line.value;
+    }
+    assert_eq!(counters.len(), cap + 1, "the cap's names and `other`");
+    assert_eq!(
+        counters.get("analytics.s.track.other"),
+        Some(&(extra as f64))
+    );
+    assert_eq!(counters.values().sum::<f64>(), (cap + extra) as f64);
+    for i in 0..cap {
+        assert_eq!(
+            counters.get(&format!("analytics.s.track.random_{i}")),
+            Some(&1.0)
+        );
+    }
+}
