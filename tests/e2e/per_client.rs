@@ -181,3 +181,73 @@ async fn behind_a_trusted_proxy_one_forwarded_address_gets_429_past_its_share_an
     );
     drop(slow);
 }
+
+/// Finding 7: a body whose key is only in the body is inflated and scanned before its key is
+/// known. Bodies from one address that prove no key become that address's debt: past the
+/// burst, its body-keyed requests get 429 before their body is read, while other addresses,
+/// and its own requests with a header key, are served.
+#[tokio::test]
+async fn bodies_without_a_valid_key_cost_their_address_a_bounded_share_and_no_one_else() {
+    let mut s = settings("unauth_work");
+    s.collector.unauthenticated_bytes_per_second = 1000;
+    s.collector.unauthenticated_burst_bytes = 1 << 20;
+    let collector = Collector::start(&s).await;
+    let url = format!("{}/v1/b", collector.url);
+    let from = |address: &str| {
+        reqwest::Client::builder()
+            .local_address(Some(address.parse().unwrap()))
+            .timeout(PATIENCE)
+            .build()
+            .unwrap()
+    };
+    let attacker = from("127.0.0.2");
+    // Small on the wire, 400 KB to inflate and scan, and a key nobody has.
+    let mut bogus = batch(vec![product_viewed("bogus")]);
+    bogus["writeKey"] = "not-a-key".into();
+    bogus["padding"] = "x".repeat(400 << 10).into();
+    let bogus = gzip(bogus.to_string().as_bytes());
+    let mut answers = Vec::new();
+    for _ in 0..6 {
+        let r = attacker
+            .post(&url)
+            .header("content-encoding", "gzip")
+            .body(bogus.clone())
+            .send()
+            .await
+            .unwrap();
+        answers.push(r.status().as_u16());
+    }
+    // 400 KB each against a burst of 1 MiB: three 401s (the third takes it past), then 429.
+    assert_eq!(answers, [401, 401, 401, 429, 429, 429]);
+    let r = attacker
+        .post(&url)
+        .header("content-encoding", "gzip")
+        .body(bogus.clone())
+        .send()
+        .await
+        .unwrap();
+    assert!(r.headers().contains_key("retry-after"));
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["code"], "unauthenticated_over_budget");
+
+    // Another address's beacon, key in the body, is served; so is a header-keyed request
+    // from the same address.
+    let mut beacon = batch(vec![product_viewed("beacon-other")]);
+    beacon["writeKey"] = IOS_KEY.into();
+    let r = from("127.0.0.3")
+        .post(&url)
+        .header("content-type", "text/plain")
+        .body(beacon.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let r = attacker
+        .post(format!("{}/v1/batch", collector.url))
+        .basic_auth(IOS_KEY, Some(""))
+        .json(&batch(vec![product_viewed("header-keyed")]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+}

@@ -20,7 +20,7 @@ use tokio::sync::{Semaphore, SemaphorePermit};
 use tower_http::cors::{AllowHeaders, AllowOrigin, CorsLayer};
 
 use crate::auth::{basic_username, query_write_key, WriteKeys};
-use crate::body::{gunzip_limited, inspect, read_limited, Limits, Refused};
+use crate::body::{gunzip_limited, inspect, read_limited, Inspected, Limits, Refused};
 use crate::error::CaptureError;
 use crate::publisher::{raw_properties, Publisher};
 use crate::spool::record::Entry;
@@ -44,6 +44,8 @@ pub struct AppState {
     /// Requests in flight per forwarded client address, for requests through a trusted proxy
     /// (the accept loop caps the other clients by their connections).
     pub per_forwarded_client: Arc<crate::per_client::PerClient>,
+    /// Inflating and scanning spent per client address on bodies that proved no key.
+    pub unauthenticated: crate::unauth::UnauthenticatedWork,
     pub scheduling_delay: SchedulingDelay,
     /// Shed load while the runtime is later than this; `None`: never.
     pub max_scheduling_delay: Option<Duration>,
@@ -383,11 +385,11 @@ async fn admit(
             retry_after_secs: state.retry_after_secs,
         });
     }
+    let client = client_ip(peer, request_headers, &state.trusted_proxies);
     // Through a trusted proxy every connection is the proxy's: the client's share is counted
     // here, by its forwarded address, for as long as its request is in flight.
-    let _client =
+    let _share =
         if state.trusted_proxies.contains(&peer) {
-            let client = client_ip(peer, request_headers, &state.trusted_proxies);
             Some(state.per_forwarded_client.try_hold(client).ok_or(
                 CaptureError::ClientOverShare {
                     retry_after_secs: state.retry_after_secs,
@@ -397,6 +399,14 @@ async fn admit(
             None
         };
     let head = check_head(state, endpoint, request_headers, query)?;
+    if head.source.is_none() {
+        state
+            .unauthenticated
+            .check(client, std::time::Instant::now())
+            .map_err(|wait| CaptureError::UnauthenticatedOverBudget {
+                retry_after_secs: wait.as_secs().saturating_add(1),
+            })?;
+    }
     // Without a Content-Length (chunked), the body's bytes are reserved as they arrive.
     let reserve = head.declared_length.unwrap_or(0);
     let mut slot = state
@@ -408,7 +418,7 @@ async fn admit(
         })?;
     accept(
         state,
-        peer,
+        client,
         endpoint,
         head,
         request_headers,
@@ -472,7 +482,7 @@ fn check_head(
 #[allow(clippy::too_many_arguments)]
 async fn accept(
     state: &AppState,
-    peer: IpAddr,
+    client: IpAddr,
     endpoint: Endpoint,
     head: Head,
     request_headers: &HeaderMap,
@@ -503,29 +513,36 @@ async fn accept(
         .await
         .map_err(|_| CaptureError::BodyTimeout { retry_after_secs })??;
     slot.shrink_to(raw.len());
-    // The gunzipped copy lives only while it is checked, not while the confirm is awaited.
-    let inspected = if gzip {
-        inspect(endpoint, &gunzip_limited(&raw, limit)?, &state.limits)?
-    } else {
-        inspect(endpoint, &raw, &state.limits)?
-    };
-    let source = match header_source {
-        Some(source) => source,
+    let inspected = inspect_body(endpoint, &raw, gzip, limit, &state.limits);
+    let (inspected, source) = match header_source {
+        Some(source) => (inspected.map_err(|(error, _)| error)?.0, source),
         None => {
-            let key = inspected.write_key.ok_or(CaptureError::MissingWriteKey)?;
-            let source = state.keys.source_for(&key)?.to_owned();
+            // The key was in the body, if anywhere: work that proves none is this client's debt.
+            let owe = |(error, work): (CaptureError, usize)| {
+                state
+                    .unauthenticated
+                    .charge(client, work, std::time::Instant::now());
+                error
+            };
+            let (inspected, work) = inspected.map_err(owe)?;
+            let source = inspected
+                .write_key
+                .as_deref()
+                .ok_or(CaptureError::MissingWriteKey)
+                .and_then(|key| state.keys.source_for(key))
+                .map_err(|error| owe((error, work)))?
+                .to_owned();
             rate_limit(state, &source)?;
-            source
+            (inspected, source)
         }
     };
 
-    let client_ip = client_ip(peer, request_headers, &state.trusted_proxies);
     let meta = RequestMeta {
         request_id: request_id.to_owned(),
         received_at: chrono::Utc::now(),
         source,
         endpoint,
-        client_ip: Some(client_ip.to_string()),
+        client_ip: Some(client.to_string()),
         user_agent: request_headers
             .get(header::USER_AGENT)
             .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned()),
@@ -575,6 +592,30 @@ async fn accept(
         confirm_wait: handed.elapsed(),
         spooled,
     })
+}
+
+/// Inflates (with `gzip`) and checks a body: what it holds and the bytes of work that took
+/// (read, inflated, scanned), or the error and that work. The gunzipped copy lives only while
+/// it is checked, not while the confirm is awaited.
+fn inspect_body(
+    endpoint: Endpoint,
+    raw: &[u8],
+    gzip: bool,
+    limit: usize,
+    limits: &Limits,
+) -> Result<(Inspected, usize), (CaptureError, usize)> {
+    if !gzip {
+        let work = raw.len();
+        return inspect(endpoint, raw, limits)
+            .map(|inspected| (inspected, work))
+            .map_err(|error| (error, work));
+    }
+    // A body that fails to inflate is counted at the limit: at most that was inflated.
+    let inflated = gunzip_limited(raw, limit).map_err(|error| (error, raw.len() + limit))?;
+    let work = raw.len() + inflated.len();
+    inspect(endpoint, &inflated, limits)
+        .map(|inspected| (inspected, work))
+        .map_err(|error| (error, work))
 }
 
 fn rate_limit(state: &AppState, source: &str) -> Result<(), CaptureError> {

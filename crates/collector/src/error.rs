@@ -54,6 +54,11 @@ pub enum CaptureError {
     RateLimited { retry_after_secs: u64 },
     #[error("too many requests in flight from this client address; retry later")]
     ClientOverShare { retry_after_secs: u64 },
+    #[error(
+        "this client address sent too many bodies without a valid write key; send the key \
+         in the Authorization header, or retry later"
+    )]
+    UnauthenticatedOverBudget { retry_after_secs: u64 },
     #[error("request has more than {limit} events")]
     TooManyEvents { limit: usize },
     #[error("service unavailable: {source}")]
@@ -88,9 +93,9 @@ impl CaptureError {
             | Self::NotSpooled { .. }
             | Self::Overloaded { .. }
             | Self::Lagging { .. } => StatusCode::SERVICE_UNAVAILABLE,
-            Self::RateLimited { .. } | Self::ClientOverShare { .. } => {
-                StatusCode::TOO_MANY_REQUESTS
-            }
+            Self::RateLimited { .. }
+            | Self::ClientOverShare { .. }
+            | Self::UnauthenticatedOverBudget { .. } => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 
@@ -113,6 +118,7 @@ impl CaptureError {
             Self::Overloaded { .. } | Self::Lagging { .. } => "overloaded",
             Self::RateLimited { .. } => "rate_limited",
             Self::ClientOverShare { .. } => "client_over_share",
+            Self::UnauthenticatedOverBudget { .. } => "unauthenticated_over_budget",
             Self::TooManyEvents { .. } => "too_many_events",
         }
     }
@@ -134,6 +140,7 @@ impl CaptureError {
             Self::Lagging { .. } => "scheduling_delay",
             Self::RateLimited { .. } => "rate_limit",
             Self::ClientOverShare { .. } => "max_connections_per_ip",
+            Self::UnauthenticatedOverBudget { .. } => "unauthenticated_work",
             Self::Unavailable { source, .. } => source.shed_reason(),
             Self::NotSpooled { spool, .. } => spool.shed_reason(),
             _ => return None,
@@ -164,6 +171,7 @@ impl IntoResponse for CaptureError {
         }
         | Self::RateLimited { retry_after_secs }
         | Self::ClientOverShare { retry_after_secs }
+        | Self::UnauthenticatedOverBudget { retry_after_secs }
         | Self::BodyTimeout { retry_after_secs } = self
         {
             response

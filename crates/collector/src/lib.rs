@@ -11,6 +11,7 @@ pub mod ratelimit;
 pub mod scan;
 pub mod server;
 pub mod spool;
+pub mod unauth;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -76,6 +77,10 @@ pub async fn serve(
         retry_after_secs: c.retry_after_secs,
         trusted_proxies: c.trusted_proxies.clone(),
         per_forwarded_client: per_client::PerClient::new(c.max_connections_per_ip),
+        unauthenticated: unauth::UnauthenticatedWork::new(
+            c.unauthenticated_bytes_per_second,
+            c.unauthenticated_burst_bytes,
+        ),
         scheduling_delay: SchedulingDelay::start("collector"),
         max_scheduling_delay: (c.max_scheduling_delay_ms > 0)
             .then(|| Duration::from_millis(c.max_scheduling_delay_ms)),

@@ -144,6 +144,12 @@ pub struct CollectorSettings {
     /// Open connections of one client address (requests in flight by its forwarded address,
     /// behind `trusted_proxies`); past it a connection is closed at accept (a request: 429).
     pub max_connections_per_ip: usize,
+    /// Bytes per second of inflating and scanning that one client address may spend on
+    /// requests that prove no key (missing or unknown, or an unusable body); past
+    /// `unauthenticated_burst_bytes` owed, its requests without a header or query key get 429
+    /// before their body is read. 0 = no bound.
+    pub unauthenticated_bytes_per_second: u64,
+    pub unauthenticated_burst_bytes: u64,
     /// Bytes a request head (request line and headers) may take; past it, 431. Each
     /// connection's read buffer is kept to this, so open connections hold at most
     /// `max_connections` times it.
