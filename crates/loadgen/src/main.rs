@@ -261,6 +261,10 @@ enum Command {
         hold_secs: u64,
         #[arg(long)]
         pid: Option<u32>,
+        /// Then start a request on each whose head never ends: one header line of this many
+        /// bytes (0: stay idle).
+        #[arg(long, default_value_t = 0)]
+        header_bytes: usize,
         #[arg(long)]
         json: bool,
     },
@@ -628,10 +632,11 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             count,
             hold_secs,
             pid,
+            header_bytes,
             json,
         } => {
-            let result =
-                proc::hold_connections(addr, count, Duration::from_secs(hold_secs), pid).await;
+            let hold = Duration::from_secs(hold_secs);
+            let result = proc::hold_connections(addr, count, hold, pid, header_bytes).await;
             print(json, &result, || format!("{result:?}\n"));
         }
         Command::Memory { pid } => {

@@ -106,11 +106,20 @@ pub async fn hold_connections(
     count: usize,
     hold: Duration,
     pid: Option<u32>,
+    header_bytes: usize,
 ) -> Connections {
+    // With `header_bytes`, each connection then starts a request whose head never ends: one
+    // header line of that many bytes, which the collector must hold until its header timeout.
+    let unfinished_head = (header_bytes > 0).then(|| {
+        let mut head = b"POST /v1/batch HTTP/1.1\r\nHost: collector\r\nX-Padding: ".to_vec();
+        head.resize(head.len() + header_bytes, b'a');
+        std::sync::Arc::new(head)
+    });
     let open = std::sync::Arc::new(tokio::sync::Semaphore::new(256));
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..count {
         let open = open.clone();
+        let unfinished_head = unfinished_head.clone();
         tasks.spawn(async move {
             let permit = open.acquire_owned().await.ok()?;
             let mut stream = tokio::time::timeout(
@@ -130,7 +139,13 @@ pub async fn hold_connections(
                 .ok()?
                 .ok()?;
             drop(permit);
-            buffer[..n].starts_with(b"HTTP/1.1 200").then_some(stream)
+            if !buffer[..n].starts_with(b"HTTP/1.1 200") {
+                return None;
+            }
+            if let Some(head) = unfinished_head {
+                stream.write_all(&head).await.ok()?;
+            }
+            Some(stream)
         });
     }
     let mut streams = Vec::with_capacity(count);
