@@ -91,7 +91,15 @@ async fn send_beacon_text_plain_with_write_key_in_body_lands() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
-    assert_eq!(r.headers().get("access-control-allow-origin").unwrap(), "*");
+    // The page's own origin, with credentials: sendBeacon always sends them (issue #20).
+    assert_eq!(
+        r.headers().get("access-control-allow-origin").unwrap(),
+        "https://shop.example"
+    );
+    assert_eq!(
+        r.headers().get("access-control-allow-credentials").unwrap(),
+        "true"
+    );
     assert_eq!(
         wait_for_count(&s, doc! {"messageId": "beacon-1"}, 1, LAND).await,
         1
@@ -150,10 +158,11 @@ async fn cors_preflight_is_answered_for_allowed_origins_only() {
         ok.headers().get("access-control-allow-origin").unwrap(),
         "https://shop.example"
     );
-    assert!(ok
-        .headers()
-        .get("access-control-allow-credentials")
-        .is_none());
+    // Credentials are allowed (sendBeacon sends them; the collector reads no cookie).
+    assert_eq!(
+        ok.headers().get("access-control-allow-credentials").unwrap(),
+        "true"
+    );
     let other = preflight("https://evil.example").await.unwrap();
     assert!(other.headers().get("access-control-allow-origin").is_none());
 }
