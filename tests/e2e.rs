@@ -8,6 +8,7 @@ mod e2e {
     pub mod chaos;
     pub mod cluster;
     pub mod compat;
+    pub mod dedupe;
     pub mod exposition;
     pub mod fanout;
     pub mod fixtures;

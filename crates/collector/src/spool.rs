@@ -5,19 +5,26 @@
 //! file keeps to one collector and its modes (`0700`, files `0600`: module `private`) to the
 //! collector's user. Requests hand their frame to one writer thread, which appends what has
 //! queued up meanwhile and fsyncs once for all of it (group commit) before any of them is
-//! answered. The forwarder ([`forward`]) publishes the frames with confirms, oldest first,
-//! and a segment is deleted once every frame in it is confirmed. On start the directory is read
-//! back: a torn or corrupt frame and whatever follows it in its segment are dropped (a crash can
-//! only tear the last frame, never answered), everything before is forwarded. The bytes on disk
-//! are bounded by `max_bytes`: past it, [`Spool::append`] refuses and the request gets 503.
+//! answered (`writer`). The forwarder ([`forward`]) publishes the frames with confirms,
+//! oldest first, and a segment is deleted once every frame in it is confirmed. What the broker
+//! confirmed is tracked per frame, so a frame is published again only if it was not confirmed;
+//! how far each segment is confirmed is also kept on disk (`progress`), so a restart does not
+//! forward again what was confirmed before it. On start the directory is read back
+//! (`recover`): a torn or corrupt frame and whatever follows it in its segment are dropped (a
+//! crash can only tear the last frame, never answered), everything before it that was not
+//! confirmed is forwarded. The bytes on disk are bounded by `max_bytes`: past it,
+//! [`Spool::append`] refuses and the request gets 503.
 
 pub mod forward;
 mod private;
+mod progress;
 pub mod record;
+mod recover;
+mod writer;
 
-use std::collections::VecDeque;
-use std::fs::{File, OpenOptions};
-use std::io::{self, BufReader, Write};
+use std::collections::{BTreeMap, VecDeque};
+use std::fs::File;
+use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -25,7 +32,8 @@ use std::time::Duration;
 use ingest_pipeline::settings::SpoolSettings;
 use tokio::sync::{mpsc, oneshot, Notify, OwnedSemaphorePermit, Semaphore};
 
-use self::record::{Bad, Entry, Reader, Record};
+use self::forward::{Chunk, Confirmed};
+use self::record::{Bad, Entry};
 
 /// Frames the writer takes in one group, at most (bytes): one write and one fsync.
 const GROUP_BYTES: usize = 8 << 20;
@@ -88,14 +96,34 @@ struct Segment {
     seq: u64,
     /// Bytes of whole frames, fsync'd.
     len: u64,
-    /// Bytes from its start that the broker has confirmed.
+    /// Bytes from its start that the broker has confirmed (every frame before it).
     forwarded: u64,
+    /// Frames past `forwarded` that the broker confirmed out of order (their offset and size):
+    /// the frames that were in flight beside one that failed. They are not published again.
+    ahead: BTreeMap<u64, u64>,
+    /// How far `forwarded` is recorded in its progress file.
+    persisted: u64,
     /// Frames in it, and how many of them the broker has confirmed.
     records: u64,
     forwarded_records: u64,
     /// A stretch of it cannot be read back: nothing more is appended to it, since a restart
     /// cuts a segment at its first bad frame.
     sealed: bool,
+}
+
+impl Segment {
+    fn new(seq: u64) -> Self {
+        Self {
+            seq,
+            len: 0,
+            forwarded: 0,
+            ahead: BTreeMap::new(),
+            persisted: 0,
+            records: 0,
+            forwarded_records: 0,
+            sealed: false,
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -138,20 +166,15 @@ struct Append {
     _queued: OwnedSemaphorePermit,
 }
 
-/// A stretch of one segment that the forwarder is to publish.
-#[derive(Debug, Clone)]
-pub struct Chunk {
-    pub seq: u64,
-    pub path: PathBuf,
-    pub from: u64,
-    pub to: u64,
-}
-
 /// What reading the spool back on start found.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Recovered {
     pub segments: usize,
+    /// Frames to forward.
     pub records: u64,
+    /// Frames the broker had confirmed before the restart (per the progress files): kept until
+    /// their segment is done, not forwarded again.
+    pub forwarded: u64,
     pub bytes: u64,
     /// Torn or corrupt frames found, each with whatever followed it in its segment.
     pub dropped: Vec<String>,
@@ -185,7 +208,7 @@ impl Spool {
             ))
         })?;
         let max_payload = max_frame_bytes;
-        let (state, recovered) = recover(&dir).map_err(|e| open_error(e.to_string()))?;
+        let (state, recovered) = recover::recover(&dir).map_err(|e| open_error(e.to_string()))?;
         let shared = Arc::new(Shared {
             dir,
             max_bytes: settings.max_bytes,
@@ -201,7 +224,7 @@ impl Spool {
         let writer = shared.clone();
         std::thread::Builder::new()
             .name("spool-writer".into())
-            .spawn(move || write_loop(&writer, queued))
+            .spawn(move || writer::write_loop(&writer, queued))
             .map_err(|e| SpoolError::Open {
                 dir: settings.dir.clone(),
                 reason: format!("cannot start the writer thread: {e}"),
@@ -279,9 +302,9 @@ impl Spool {
         self.shared.update_gauges(&self.shared.lock());
     }
 
-    /// The next stretch to forward (`None`: nothing now), and the files of the segments
-    /// forwarded whole, taken out of the spool's count, for the caller to delete.
-    fn next_chunk(&self) -> (Option<Chunk>, Vec<PathBuf>) {
+    /// The next stretch to forward (`None`: nothing now), and the segments forwarded whole,
+    /// taken out of the spool's count, for the caller to delete.
+    fn next_chunk(&self) -> (Option<Chunk>, Vec<u64>) {
         let shared = &self.shared;
         let mut done = Vec::new();
         let mut state = shared.lock();
@@ -295,6 +318,7 @@ impl Spool {
                     path: shared.path(front.seq),
                     from: front.forwarded,
                     to: front.len,
+                    confirmed: front.ahead.keys().copied().collect(),
                 });
             }
             let seq = front.seq;
@@ -307,7 +331,7 @@ impl Spool {
             }
             // Its bytes and any frames given up in it (unreadable) leave the counts with it.
             state.segments.pop_front();
-            done.push(shared.path(seq));
+            done.push(seq);
             if state.segments.is_empty() {
                 state.oldest_ms = None;
             }
@@ -316,12 +340,23 @@ impl Spool {
         (chunk, done)
     }
 
-    /// The broker confirmed `records` frames of `chunk`, `bytes` long from its start.
-    fn forwarded(&self, chunk: &Chunk, records: u64, bytes: u64, next_oldest_ms: Option<u64>) {
+    /// The broker confirmed these frames of `chunk` (in any order): the segment counts as
+    /// forwarded up to the first frame not confirmed, and the others are remembered so that
+    /// they are not sent again. `next_oldest_ms`: when the oldest frame still to forward was
+    /// spooled, if the chunk holds one.
+    fn forwarded(&self, chunk: &Chunk, confirmed: &[Confirmed], next_oldest_ms: Option<u64>) {
         let mut state = self.shared.lock();
         if let Some(segment) = state.segments.iter_mut().find(|s| s.seq == chunk.seq) {
-            segment.forwarded = (chunk.from + bytes).min(segment.len);
-            segment.forwarded_records += records;
+            for frame in confirmed {
+                if frame.offset >= segment.forwarded
+                    && segment.ahead.insert(frame.offset, frame.bytes).is_none()
+                {
+                    segment.forwarded_records += 1;
+                }
+            }
+            while let Some(bytes) = segment.ahead.remove(&segment.forwarded) {
+                segment.forwarded = (segment.forwarded + bytes).min(segment.len);
+            }
         }
         if let Some(oldest) = next_oldest_ms {
             state.oldest_ms = Some(oldest);
@@ -358,9 +393,30 @@ impl Spool {
         if let Some(segment) = state.segments.iter_mut().find(|s| s.seq == chunk.seq) {
             // The records lost leave the count when the segment is deleted.
             segment.forwarded = segment.forwarded.max(chunk.to.min(segment.len));
+            let forwarded = segment.forwarded;
+            segment.ahead.retain(|offset, _| *offset >= forwarded);
         }
         drop(state);
         self.shared.changed.notify_one();
+    }
+
+    /// Segments whose confirmed offset moved past what their progress file says.
+    fn unpersisted(&self) -> Vec<(u64, u64)> {
+        let state = self.shared.lock();
+        state
+            .segments
+            .iter()
+            .filter(|s| s.forwarded > s.persisted)
+            .map(|s| (s.seq, s.forwarded))
+            .collect()
+    }
+
+    /// Segment `seq`'s progress file now says `offset`.
+    fn persisted(&self, seq: u64, offset: u64) {
+        let mut state = self.shared.lock();
+        if let Some(segment) = state.segments.iter_mut().find(|s| s.seq == seq) {
+            segment.persisted = segment.persisted.max(offset);
+        }
     }
 
     /// Raised when there may be something new to forward.
@@ -416,215 +472,8 @@ fn segment_path(dir: &Path, seq: u64) -> PathBuf {
     dir.join(format!("{seq:020}.{SUFFIX}"))
 }
 
-/// Reads every segment back, oldest first. A segment is cut at its first torn or corrupt frame
-/// (and the cut made durable); one left empty is deleted. A read error stops the start instead:
-/// what the disk did not give back may still be there.
-fn recover(dir: &Path) -> io::Result<(State, Recovered)> {
-    let mut seqs: Vec<u64> = Vec::new();
-    for entry in std::fs::read_dir(dir)? {
-        let path = entry?.path();
-        if path.extension().and_then(|e| e.to_str()) != Some(SUFFIX) {
-            continue;
-        }
-        let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("");
-        // Only the names this spool writes: a `5.spool` is someone else's file.
-        if stem.len() == 20 && stem.bytes().all(|b| b.is_ascii_digit()) {
-            if let Ok(seq) = stem.parse() {
-                seqs.push(seq);
-            }
-        }
-    }
-    seqs.sort_unstable();
-    let mut state = State {
-        next_seq: seqs.last().map_or(0, |last| last + 1),
-        ..State::default()
-    };
-    let mut recovered = Recovered::default();
-    for seq in seqs {
-        let path = segment_path(dir, seq);
-        let file = File::open(&path)?;
-        private::tighten(&file, &path)?;
-        let size = file.metadata()?.len();
-        let mut reader = Reader::new(BufReader::new(file), size);
-        let mut len = 0u64;
-        let mut records = 0u64;
-        let mut first_ms = None;
-        let bad = loop {
-            match reader.next_record() {
-                Ok(Some(Record { entry, bytes, .. })) => {
-                    len += bytes;
-                    records += 1;
-                    first_ms.get_or_insert(entry.spooled_at_ms);
-                }
-                Ok(None) => break None,
-                Err(Bad::Io(error)) => {
-                    return Err(io::Error::other(format!("{}: {error}", path.display())))
-                }
-                Err(bad) => break Some(bad),
-            }
-        };
-        if let Some(bad) = bad {
-            let file = OpenOptions::new().write(true).open(&path)?;
-            file.set_len(len)?;
-            file.sync_all()?;
-            metrics::counter!("collector_spool_dropped_total", "reason" => bad.kind()).increment(1);
-            let what = format!(
-                "{}: {bad} at byte {len}; {} bytes dropped",
-                path.display(),
-                size - len
-            );
-            tracing::warn!("{what}");
-            recovered.dropped.push(what);
-        }
-        if records == 0 {
-            std::fs::remove_file(&path)?;
-            continue;
-        }
-        recovered.segments += 1;
-        recovered.records += records;
-        recovered.bytes += len;
-        if state.oldest_ms.is_none() {
-            state.oldest_ms = first_ms;
-        }
-        state.segments.push_back(Segment {
-            seq,
-            len,
-            forwarded: 0,
-            records,
-            forwarded_records: 0,
-            sealed: false,
-        });
-    }
-    sync_dir(dir)?;
-    Ok((state, recovered))
-}
-
 fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
-}
-
-/// The writer thread: takes what has queued up, appends it, fsyncs once, answers each.
-fn write_loop(shared: &Shared, mut queued: mpsc::UnboundedReceiver<Append>) {
-    let mut file: Option<(u64, File)> = None;
-    while let Some(first) = queued.blocking_recv() {
-        let mut group = vec![first];
-        let mut bytes = group[0].frame.len();
-        while bytes < GROUP_BYTES {
-            match queued.try_recv() {
-                Ok(append) => {
-                    bytes += append.frame.len();
-                    group.push(append);
-                }
-                Err(_) => break,
-            }
-        }
-        let outcome = write_group(shared, &mut file, &group);
-        if outcome.is_err() {
-            metrics::counter!("collector_spool_write_errors_total").increment(1);
-        }
-        for append in group {
-            let _ = append.done.send(outcome.clone());
-        }
-    }
-}
-
-fn write_group(
-    shared: &Shared,
-    file: &mut Option<(u64, File)>,
-    group: &[Append],
-) -> Result<(), String> {
-    let size: u64 = group.iter().map(|a| a.frame.len() as u64).sum();
-    // Under the lock, only decisions: the file is created and written outside it.
-    let (new_seq, start) = {
-        let mut state = shared.lock();
-        let current = file
-            .as_ref()
-            .map(|(seq, _)| *seq)
-            .filter(|seq| state.active == Some(*seq));
-        let current_len = current.and_then(|seq| {
-            state
-                .segments
-                .iter()
-                .find(|s| s.seq == seq && !s.sealed)
-                .map(|s| s.len)
-        });
-        let reuse = current_len.is_some_and(|len| len == 0 || len + size <= shared.segment_bytes);
-        // While this group is written, the active segment (old or new) is not deleted, and
-        // only this thread changes its length.
-        state.writing = true;
-        match current_len {
-            Some(len) if reuse => (None, len),
-            _ => {
-                state.next_seq += 1;
-                (Some(state.next_seq - 1), 0)
-            }
-        }
-    };
-    let failed = |error: String, seal: bool| {
-        let mut state = shared.lock();
-        state.writing = false;
-        state.reserved = state.reserved.saturating_sub(size);
-        if seal {
-            // Start a new segment next time.
-            state.active = None;
-        }
-        drop(state);
-        shared.changed.notify_one();
-        Err(error)
-    };
-    if let Some(seq) = new_seq {
-        let opened = private::options()
-            .create_new(true)
-            .append(true)
-            .open(shared.path(seq))
-            .and_then(|f| sync_dir(&shared.dir).map(|()| f));
-        match opened {
-            Ok(f) => {
-                let mut state = shared.lock();
-                state.segments.push_back(Segment {
-                    seq,
-                    len: 0,
-                    forwarded: 0,
-                    records: 0,
-                    forwarded_records: 0,
-                    sealed: false,
-                });
-                state.active = Some(seq);
-                *file = Some((seq, f));
-            }
-            Err(error) => return failed(format!("cannot create a segment: {error}"), false),
-        }
-    }
-    let Some((seq, f)) = file.as_mut() else {
-        return failed("no segment open".into(), false);
-    };
-    let seq = *seq;
-    let started = std::time::Instant::now();
-    let written = group
-        .iter()
-        .try_for_each(|a| f.write_all(&a.frame))
-        .and_then(|()| f.sync_data());
-    metrics::histogram!("collector_spool_sync_seconds").record(started.elapsed().as_secs_f64());
-    if let Err(error) = written {
-        // Cut back what may have been written; a file whose fsync failed is not written again.
-        let _ = f.set_len(start);
-        *file = None;
-        return failed(error.to_string(), true);
-    }
-    let mut state = shared.lock();
-    state.writing = false;
-    state.reserved = state.reserved.saturating_sub(size);
-    if let Some(segment) = state.segments.iter_mut().find(|s| s.seq == seq) {
-        segment.len = start + size;
-        segment.records += group.len() as u64;
-    }
-    if state.oldest_ms.is_none() {
-        state.oldest_ms = group.first().map(|a| a.spooled_at_ms);
-    }
-    shared.update_gauges(&state);
-    drop(state);
-    shared.changed.notify_one();
-    Ok(())
 }
 
 /// How long the forwarder waits between two attempts when publishing fails.

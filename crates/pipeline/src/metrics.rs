@@ -86,6 +86,7 @@ pub const CATALOGUE: &[(&str, Kind, &str)] = &[
     ("sink_lag_seconds", Kind::Histogram, "Time from the collector's receipt of an event to its delivery to a sink, by sink."),
     ("sink_spilled_batches_total", Kind::Counter, "Batches a sink did not take within spill_after_ms, put in its own queue instead, by sink."),
     ("worker_statsd_names_folded_total", Kind::Counter, "Events the statsd sink counted under `other` because max_event_names distinct event names already had series, by sink."),
+    ("worker_statsd_duplicates_skipped_total", Kind::Counter, "Events the statsd sink did not count because it had counted the same event (source and messageId) among its last dedupe_window events in this worker, by sink."),
     ("mongo_documents_total", Kind::Counter, "Documents sent to MongoDB, by outcome (inserted, duplicate: already there, refused)."),
 ];
 

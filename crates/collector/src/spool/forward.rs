@@ -1,20 +1,31 @@
 //! The forwarder: publishes what the spool holds, oldest first, with confirms, as soon as the
-//! broker takes publishes again, and tells the spool how far the broker has confirmed (a
-//! segment is deleted once all of it is). A frame whose publish failed is sent again from there
-//! with the ones after it: the broker may then hold a request twice, which the worker's stable
-//! ids make harmless.
+//! broker takes publishes again, and tells the spool which frames the broker confirmed (a
+//! segment is deleted once all of it is).
+//!
+//! When a publish fails, the publishes in flight beside it are still awaited, and only the
+//! frames the broker did not confirm are sent again: a frame confirmed out of order is never
+//! published twice by a running collector. How far each segment is confirmed is recorded in its
+//! progress file (`progress`) at most every [`PERSIST_EVERY`], and whenever the
+//! forwarder pauses or stops, so a restart forwards again at most what was confirmed since.
+//! What may still reach the broker twice: a frame whose confirm was lost (the connection died
+//! after the broker took it), and after a crash, what was confirmed since the last record of
+//! progress. The worker's stable ids make those harmless.
 
+use std::collections::BTreeSet;
 use std::future::Future;
 use std::io::{Read, Seek, SeekFrom};
+use std::path::PathBuf;
 use std::time::Duration;
 
-use futures_util::stream::FuturesOrdered;
+use futures_util::stream::FuturesUnordered;
 use futures_util::StreamExt;
 use ingest_pipeline::Backoff;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::progress::{self, PERSIST_EVERY};
 use super::record::{Bad, Reader, Record};
-use super::{Chunk, Spool, FORWARD_RETRY};
+use super::{Spool, FORWARD_RETRY};
 use crate::publisher::Publisher;
 
 /// Frames read from disk at once, at most: what the forwarder holds in memory is bounded by
@@ -23,6 +34,24 @@ const CHUNK_RECORDS: usize = 256;
 const CHUNK_BYTES: u64 = 4 << 20;
 /// How often the forwarder looks whether the broker takes publishes again.
 const READY_POLL: Duration = Duration::from_millis(100);
+
+/// A stretch of one segment that the forwarder is to publish.
+#[derive(Debug, Clone)]
+pub struct Chunk {
+    pub seq: u64,
+    pub path: PathBuf,
+    pub from: u64,
+    pub to: u64,
+    /// Offsets of frames in it that the broker has confirmed already: not to be sent again.
+    pub confirmed: BTreeSet<u64>,
+}
+
+/// A frame the broker confirmed: where it starts in its segment, and its size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Confirmed {
+    pub offset: u64,
+    pub bytes: u64,
+}
 
 /// Where the forwarder sends frames: the broker, or a script in unit tests.
 pub trait Sink: Send + Sync {
@@ -44,16 +73,28 @@ impl Sink for Publisher {
     }
 }
 
-/// Forwards until `stop` is cancelled; `window` publishes await their confirms at once.
+/// Forwards until `stop` is cancelled; `window` publishes await their confirms at once. Its
+/// progress is recorded on disk before it returns.
 pub async fn run(spool: Spool, sink: impl Sink, window: usize, stop: CancellationToken) {
+    forward(&spool, sink, window, stop).await;
+    persist(&spool).await;
+}
+
+async fn forward(spool: &Spool, sink: impl Sink, window: usize, stop: CancellationToken) {
     let mut backoff = Backoff::new(FORWARD_RETRY.0, FORWARD_RETRY.1);
     let mut failing = false;
+    let mut persisted_at = Instant::now();
     while !stop.is_cancelled() {
         let (chunk, done) = spool.next_chunk();
         if !done.is_empty() {
-            delete(done).await;
+            delete(spool.dir().to_owned(), done).await;
+        }
+        if persisted_at.elapsed() >= PERSIST_EVERY {
+            persist(spool).await;
+            persisted_at = Instant::now();
         }
         let Some(chunk) = chunk else {
+            persist(spool).await;
             tokio::select! {
                 () = spool.changed() => continue,
                 () = stop.cancelled() => return,
@@ -85,29 +126,38 @@ pub async fn run(spool: Spool, sink: impl Sink, window: usize, stop: Cancellatio
             if let Some(error) = retry {
                 tracing::error!(%error, segment = chunk.seq, "cannot read the spool; retrying");
             }
-            if pause(&mut backoff, &stop).await {
+            if pause(spool, &mut backoff, &stop).await {
                 return;
             }
             continue;
         };
-        spool.note_oldest(first.entry.spooled_at_ms);
+        spool.note_oldest(first.1.entry.spooled_at_ms);
         while !sink.ready() {
             tokio::select! {
                 () = tokio::time::sleep(READY_POLL) => {}
                 () = stop.cancelled() => return,
             }
         }
-        let (confirmed, bytes, error) = publish_in_order(&sink, &records, window).await;
-        let next_oldest = records.get(confirmed).map(|r| r.entry.spooled_at_ms);
-        spool.forwarded(&chunk, confirmed as u64, bytes, next_oldest);
-        metrics::counter!("collector_spool_forwarded_total").increment(confirmed as u64);
+        let to_send: Vec<&(u64, Record)> = records
+            .iter()
+            .filter(|(offset, _)| !chunk.confirmed.contains(offset))
+            .collect();
+        let (confirmed, error) = publish_window(&sink, &to_send, window).await;
+        let done: BTreeSet<u64> = confirmed.iter().map(|c| c.offset).collect();
+        let next_oldest = to_send
+            .iter()
+            .find(|(offset, _)| !done.contains(offset))
+            .map(|(_, record)| record.entry.spooled_at_ms);
+        spool.forwarded(&chunk, &confirmed, next_oldest);
+        let bytes: u64 = confirmed.iter().map(|c| c.bytes).sum();
+        metrics::counter!("collector_spool_forwarded_total").increment(confirmed.len() as u64);
         metrics::counter!("collector_spool_forwarded_bytes_total").increment(bytes);
         if let Some(error) = error {
             if !failing {
                 tracing::warn!(%error, "forwarding the spool failed; retrying with backoff");
                 failing = true;
             }
-            if pause(&mut backoff, &stop).await {
+            if pause(spool, &mut backoff, &stop).await {
                 return;
             }
             continue;
@@ -118,15 +168,51 @@ pub async fn run(spool: Spool, sink: impl Sink, window: usize, stop: Cancellatio
         }
         backoff.reset();
         if let Some(bad) = give_up {
-            spool.skip_rest(&chunk, bytes, &bad);
+            let read: u64 = records.iter().map(|(_, record)| record.bytes).sum();
+            spool.skip_rest(&chunk, read, &bad);
         }
     }
 }
 
-/// Deletes the files of segments forwarded whole (off the runtime's threads).
-async fn delete(paths: Vec<std::path::PathBuf>) {
+/// Records on disk how far each segment is confirmed, where that moved (off the runtime's
+/// threads). A failure costs only duplicates after a restart.
+async fn persist(spool: &Spool) {
+    let progress = spool.unpersisted();
+    if progress.is_empty() {
+        return;
+    }
+    let dir = spool.dir().to_owned();
+    let written = tokio::task::spawn_blocking(move || {
+        progress
+            .into_iter()
+            .filter(|&(seq, offset)| match progress::write(&dir, seq, offset) {
+                Ok(()) => true,
+                Err(error) => {
+                    tracing::warn!(%error, segment = seq, "cannot record the spool's forwarding progress; a restart would forward that stretch again");
+                    false
+                }
+            })
+            .collect::<Vec<_>>()
+    })
+    .await;
+    match written {
+        Ok(written) => {
+            for (seq, offset) in written {
+                spool.persisted(seq, offset);
+            }
+        }
+        Err(error) => tracing::warn!(%error, "recording the spool's forwarding progress failed"),
+    }
+}
+
+/// Deletes segments forwarded whole, each after its progress file (off the runtime's threads).
+async fn delete(dir: PathBuf, seqs: Vec<u64>) {
     let deleted = tokio::task::spawn_blocking(move || {
-        for path in paths {
+        for seq in seqs {
+            if let Err(error) = progress::remove(&dir, seq) {
+                tracing::warn!(%error, segment = seq, "cannot delete a spool progress file");
+            }
+            let path = super::segment_path(&dir, seq);
             if let Err(error) = std::fs::remove_file(&path) {
                 tracing::error!(%error, path = %path.display(), "cannot delete a forwarded spool segment; it will be forwarded again after a restart");
             }
@@ -138,48 +224,54 @@ async fn delete(paths: Vec<std::path::PathBuf>) {
     }
 }
 
-/// Sleeps the next backoff delay; `true` when stopped meanwhile.
-async fn pause(backoff: &mut Backoff, stop: &CancellationToken) -> bool {
+/// Records progress, then sleeps the next backoff delay; `true` when stopped meanwhile.
+async fn pause(spool: &Spool, backoff: &mut Backoff, stop: &CancellationToken) -> bool {
+    persist(spool).await;
     tokio::select! {
         () = tokio::time::sleep(backoff.next_delay()) => false,
         () = stop.cancelled() => true,
     }
 }
 
-/// Publishes `records` with up to `window` awaiting confirms, and stops at the first failure:
-/// how many were confirmed in order from the first, their bytes, and the failure.
-async fn publish_in_order(
+/// Publishes `records` (with their offsets) in order, up to `window` awaiting their confirms
+/// at once. After the first failure no further frame is sent, but every publish already in
+/// flight is awaited: the broker may confirm it, and a confirmed frame must not be sent again.
+/// The frames the broker confirmed, and the first failure.
+async fn publish_window(
     sink: &impl Sink,
-    records: &[Record],
+    records: &[&(u64, Record)],
     window: usize,
-) -> (usize, u64, Option<String>) {
-    let mut pending = FuturesOrdered::new();
+) -> (Vec<Confirmed>, Option<String>) {
+    let mut pending = FuturesUnordered::new();
     let mut next = records.iter();
-    let mut confirmed = 0;
-    let mut bytes = 0;
+    let mut confirmed = Vec::with_capacity(records.len());
+    let mut failure = None;
     loop {
-        while pending.len() < window.max(1) {
-            match next.next() {
-                Some(record) => pending.push_back(sink.publish(record)),
-                None => break,
-            }
+        while failure.is_none() && pending.len() < window.max(1) {
+            let Some(&&(offset, ref record)) = next.next() else {
+                break;
+            };
+            let frame = Confirmed {
+                offset,
+                bytes: record.bytes,
+            };
+            pending.push(async move { (frame, sink.publish(record).await) });
         }
         match pending.next().await {
             None => break,
-            Some(Ok(())) => {
-                bytes += records[confirmed].bytes;
-                confirmed += 1;
+            Some((frame, Ok(()))) => confirmed.push(frame),
+            Some((_, Err(error))) => {
+                failure.get_or_insert(error);
             }
-            Some(Err(error)) => return (confirmed, bytes, Some(error)),
         }
     }
-    (confirmed, bytes, None)
+    (confirmed, failure)
 }
 
-/// The frames of `chunk`, up to [`CHUNK_RECORDS`] or past [`CHUNK_BYTES`], and what ended
-/// them early, if anything did. A segment file that is gone is a stretch lost, not a read to
-/// try again for ever.
-fn read_chunk(chunk: &Chunk) -> (Vec<Record>, Option<Bad>) {
+/// The frames of `chunk` with their offsets, up to [`CHUNK_RECORDS`] or past [`CHUNK_BYTES`],
+/// and what ended them early, if anything did. A segment file that is gone is a stretch lost,
+/// not a read to try again for ever.
+fn read_chunk(chunk: &Chunk) -> (Vec<(u64, Record)>, Option<Bad>) {
     let opened = std::fs::File::open(&chunk.path).and_then(|mut file| {
         file.seek(SeekFrom::Start(chunk.from))?;
         Ok(file)
@@ -201,8 +293,9 @@ fn read_chunk(chunk: &Chunk) -> (Vec<Record>, Option<Bad>) {
     while records.len() < CHUNK_RECORDS && bytes < CHUNK_BYTES {
         match reader.next_record() {
             Ok(Some(record)) => {
+                let offset = chunk.from + bytes;
                 bytes += record.bytes;
-                records.push(record);
+                records.push((offset, record));
             }
             Ok(None) => break,
             Err(bad) => return (records, Some(bad)),

@@ -1,3 +1,8 @@
+//! The spool on disk: appends, restarts, torn and corrupt frames, the bound in bytes, segment
+//! roll-over and deletion, and its files' modes; forwarding with a broker stand-in.
+
+use std::fs::OpenOptions;
+use std::io::Write;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex as StdMutex;
 
@@ -409,3 +414,6 @@ async fn a_spool_an_older_release_left_world_readable_is_made_private_when_opene
         assert_eq!(mode(&segment), "600", "{}", segment.display());
     }
 }
+
+#[path = "dedupe_tests.rs"]
+mod dedupe;

@@ -117,15 +117,18 @@ impl Placed {
 
 impl SinkRunner {
     /// `events` (with their [`json_len`]s) in batches within the sink's bounds, in order, each
-    /// with its key: `key` if one batch holds them all, else one made from its events.
+    /// with its key: `key` if one batch holds them all, else one made from its events. What
+    /// the sink adds to each event ([`Sink::event_overhead`](crate::sinks::Sink)) counts too.
     pub fn cut(
         &self,
         events: &[Arc<Event>],
         sizes: &[usize],
         key: Option<&str>,
     ) -> Vec<(Range<usize>, Batch)> {
+        let overhead = self.sink.event_overhead();
+        let sent: Vec<usize> = sizes.iter().map(|s| s.saturating_add(overhead)).collect();
         let ranges = chunks(
-            sizes,
+            &sent,
             self.delivery.batch_max_events,
             self.delivery.batch_max_bytes,
         );

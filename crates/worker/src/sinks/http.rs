@@ -1,5 +1,8 @@
 //! The HTTP sink: POSTs each batch as one request (a JSON array or NDJSON) to a configured URL,
-//! with `Idempotency-Key: <batch key>` so the receiver can drop a retried batch it already took.
+//! with `Idempotency-Key: <batch key>` so the receiver can drop a retried batch it already took,
+//! and in each event `"_ingest": {"eventKey": "<uuid>"}` ([`EventId::key`]), the same for every
+//! copy of the event whatever batch it travels in, so the receiver can drop a duplicate event
+//! (a request spooled and published twice, a redelivery) that arrives with other neighbours.
 //! It only delivers and classifies the answer; batching, retries, circuit breaking and the
 //! bisection of a refused batch belong to the runner. A refusal that could be about one event
 //! is `Permanent` (the runner bisects the batch); one of the request itself (a wrong URL or
@@ -19,9 +22,18 @@ use reqwest::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE, RETRY_AF
 use reqwest::redirect::Policy;
 use reqwest::{Client, Response, StatusCode, Url};
 
-use super::{Batch, Event, Sink, SinkError};
+use serde::ser::{Serialize, SerializeMap, Serializer};
+
+use super::{Batch, Event, EventId, Sink, SinkError};
 
 const IDEMPOTENCY_KEY: &str = "idempotency-key";
+/// The field the sink adds to each event, holding what the pipeline says about it. An event's
+/// own field of that name is left out of what HTTP sinks receive.
+pub const META_FIELD: &str = "_ingest";
+/// The event's idempotency key, inside [`META_FIELD`].
+pub const EVENT_KEY_FIELD: &str = "eventKey";
+/// What the field adds to an event's JSON, at most: `,"_ingest":{"eventKey":"<36>"}`.
+pub const EVENT_KEY_BYTES: usize = META_FIELD.len() + EVENT_KEY_FIELD.len() + 36 + 11;
 /// Headers the sink sets itself; configuring them would send duplicates or break framing.
 const RESERVED_HEADERS: [&str; 5] = [
     "content-type",
@@ -92,8 +104,43 @@ fn header_map(settings: &HttpSinkSettings) -> Result<HeaderMap, String> {
     Ok(map)
 }
 
-/// Serializes a batch body. Serializing a JSON object into memory cannot fail in practice; the
-/// `Result` is serde_json's signature, kept rather than hidden behind a panic.
+/// An event as the sink sends it: its fields, then, when it has a source and a `messageId`
+/// (every event the worker hands on has), `"_ingest": {"eventKey": …}` in place of any
+/// `_ingest` of its own.
+struct Outgoing<'a>(&'a Event);
+
+impl Serialize for Outgoing<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let Some(key) = EventId::of(self.0).map(|id| id.key()) else {
+            return self.0.fields().serialize(serializer);
+        };
+        let fields = self.0.fields();
+        let own = usize::from(fields.contains_key(META_FIELD));
+        let mut map = serializer.serialize_map(Some(fields.len() - own + 1))?;
+        for (name, value) in fields.iter().filter(|(name, _)| *name != META_FIELD) {
+            map.serialize_entry(name, value)?;
+        }
+        let mut buffer = uuid::Uuid::encode_buffer();
+        let key: &str = key.hyphenated().encode_lower(&mut buffer);
+        map.serialize_entry(META_FIELD, &Meta(key))?;
+        map.end()
+    }
+}
+
+/// `{"eventKey": …}`, written without building a JSON value.
+struct Meta<'a>(&'a str);
+
+impl Serialize for Meta<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut map = serializer.serialize_map(Some(1))?;
+        map.serialize_entry(EVENT_KEY_FIELD, self.0)?;
+        map.end()
+    }
+}
+
+/// Serializes a batch body, each event with its key. Serializing a JSON object into memory
+/// cannot fail in practice; the `Result` is serde_json's signature, kept rather than hidden
+/// behind a panic.
 pub fn encode(events: &[Arc<Event>], format: BodyFormat) -> Result<Vec<u8>, serde_json::Error> {
     let mut body = Vec::with_capacity(events.len() * 256);
     match format {
@@ -103,13 +150,13 @@ pub fn encode(events: &[Arc<Event>], format: BodyFormat) -> Result<Vec<u8>, serd
                 if i > 0 {
                     body.push(b',');
                 }
-                serde_json::to_writer(&mut body, event.as_ref())?;
+                serde_json::to_writer(&mut body, &Outgoing(event))?;
             }
             body.push(b']');
         }
         BodyFormat::Ndjson => {
             for event in events {
-                serde_json::to_writer(&mut body, event.as_ref())?;
+                serde_json::to_writer(&mut body, &Outgoing(event))?;
                 body.push(b'\n');
             }
         }
@@ -197,6 +244,10 @@ impl HttpSink {
 impl Sink for HttpSink {
     fn name(&self) -> &str {
         &self.name
+    }
+
+    fn event_overhead(&self) -> usize {
+        EVENT_KEY_BYTES
     }
 
     async fn deliver(&self, batch: &Batch) -> Result<(), SinkError> {

@@ -1,6 +1,10 @@
 //! Sinks: where valid events go. One file per sink; each says whether a failure is worth
 //! retrying. The runner (`crate::settle`) batches, retries, dead-letters and breaks circuits
 //! the same way for every sink, so a sink only has to deliver one batch and classify failure.
+//!
+//! An event is the same event however often it arrives when its `source` and `messageId` are
+//! the same ([`EventId`]): MongoDB's `_id`, the key HTTP sinks send with each event
+//! ([`EventId::key`]) and the statsd sink's window of recent events all derive from it.
 
 pub mod http;
 pub mod mongo;
@@ -74,6 +78,41 @@ impl<'de> serde::Deserialize<'de> for Event {
     }
 }
 
+/// Names the event in [`EventId::key`]: a fixed UUID, so the key of an event is the same in
+/// every worker and every release.
+pub const EVENT_KEY_NAMESPACE: uuid::Uuid =
+    uuid::Uuid::from_u128(0x6f1c_2a5e_93d4_4b07_8e62_c1f0_7a3b_d915);
+
+/// What makes two copies of an event the same event: its source (the app that owns the write
+/// key, set by the worker) and its `messageId` (the SDK's, or derived from the request's
+/// content). Every event the worker hands to a sink has both.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct EventId<'a> {
+    pub source: &'a str,
+    pub message_id: &'a str,
+}
+
+impl<'a> EventId<'a> {
+    /// `None` for an event without a string `source` and `messageId`.
+    pub fn of(event: &'a Event) -> Option<Self> {
+        Some(Self {
+            source: event.get("source")?.as_str()?,
+            message_id: event.get("messageId")?.as_str()?,
+        })
+    }
+
+    /// The event's idempotency key: the UUIDv5 of `<source>\n<messageId>` in
+    /// [`EVENT_KEY_NAMESPACE`]. Anyone can compute it again from the two fields; a source's
+    /// name holds no newline, so no two events share it short of a SHA-1 collision.
+    pub fn key(&self) -> uuid::Uuid {
+        let mut name = Vec::with_capacity(self.source.len() + 1 + self.message_id.len());
+        name.extend_from_slice(self.source.as_bytes());
+        name.push(b'\n');
+        name.extend_from_slice(self.message_id.as_bytes());
+        uuid::Uuid::new_v5(&EVENT_KEY_NAMESPACE, &name)
+    }
+}
+
 /// What a sink is asked to take at once. `key` is the same every time this exact batch is
 /// retried (HTTP sinks send it as `Idempotency-Key`).
 #[derive(Debug, Clone)]
@@ -118,6 +157,12 @@ pub trait Sink: Send + Sync {
 
     /// Delivers one batch, all or nothing as far as the caller knows.
     async fn deliver(&self, batch: &Batch) -> Result<(), SinkError>;
+
+    /// Bytes the sink adds to each event's JSON in what it sends, at most (an HTTP sink's
+    /// event key): counted against `batch_max_bytes` when batches are cut.
+    fn event_overhead(&self) -> usize {
+        0
+    }
 
     /// Sends anything the sink buffers itself; called on shutdown.
     async fn flush(&self) -> Result<(), SinkError> {

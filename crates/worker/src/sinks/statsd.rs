@@ -11,9 +11,15 @@
 //! any other name are counted under `other` (see [`EventNames`]), so a client sending random
 //! names cannot grow the daemon's series without bound.
 //!
+//! An event counted once is not counted again while it is among the last `dedupe_window` (or
+//! up to twice as many) events this sink counted ([`recent`]): a redelivered or duplicated
+//! event adds nothing.
+//!
 //! UDP is fire and forget: only a local send error (for example a refusal reported by ICMP for
-//! an earlier datagram) fails a delivery, as retryable. A batch that fails halfway and is
-//! retried counts its first datagrams twice; metrics tolerate that better than losing them.
+//! an earlier datagram) fails a delivery, as retryable. The events whose datagrams went out
+//! before it stay counted and a retry skips them; an event whose lines were split between a
+//! datagram sent and one not sent is counted again in part (metrics tolerate that better than
+//! losing it).
 
 use std::collections::HashSet;
 use std::hash::{BuildHasher, RandomState};
@@ -27,7 +33,10 @@ use tokio::net::UdpSocket;
 use ingest_pipeline::settings::StatsdSinkSettings;
 use ingest_pipeline::statsd::{pack, MAX_DATAGRAM};
 
+use self::recent::{Claim, RecentEvents};
 use super::{Batch, Event, Sink, SinkError};
+
+mod recent;
 
 /// The name segment under which events past the cap of distinct names are counted. An event
 /// really called "other" shares its series.
@@ -56,8 +65,11 @@ pub struct StatsdSink {
     socket: UdpSocket,
     settings: StatsdSinkSettings,
     lines: LineBuilder,
+    recent: RecentEvents,
     /// `worker_statsd_names_folded_total{sink}`: events counted under `other`.
     folded: metrics::Counter,
+    /// `worker_statsd_duplicates_skipped_total{sink}`: copies of events counted already.
+    duplicates: metrics::Counter,
 }
 
 impl StatsdSink {
@@ -92,11 +104,15 @@ impl StatsdSink {
         socket.connect(target).await?;
         let folded =
             metrics::counter!("worker_statsd_names_folded_total", "sink" => name.to_owned());
+        let duplicates =
+            metrics::counter!("worker_statsd_duplicates_skipped_total", "sink" => name.to_owned());
         Ok(Self {
             name: name.to_owned(),
             socket,
             lines: LineBuilder::new(&settings),
+            recent: RecentEvents::new(settings.dedupe_window),
             folded,
+            duplicates,
             settings,
         })
     }
@@ -109,22 +125,42 @@ impl Sink for StatsdSink {
     }
 
     async fn deliver(&self, batch: &Batch) -> Result<(), SinkError> {
-        let Lines { lines, folded } = self.lines.batch(&batch.events, &mut fastrand::Rng::new());
-        // Counted before sending, as the `other` lines are: a retried batch counts both again.
+        // Dropped with whatever it admitted and was not sent: on an error below, or if this
+        // delivery is given up while it sends.
+        let mut claim = Claim::new(&self.recent);
+        let fresh: Vec<Arc<Event>> = batch
+            .events
+            .iter()
+            .filter(|event| claim.admit(event))
+            .cloned()
+            .collect();
+        self.duplicates
+            .increment((batch.events.len() - fresh.len()) as u64);
+        let Lines {
+            lines,
+            folded,
+            ends,
+        } = self.lines.batch(&fresh, &mut fastrand::Rng::new());
+        // Counted before sending, as the `other` lines are: a retry counts again only the
+        // events it sends again (those whose datagrams did not go out).
         self.folded.increment(folded);
+        let mut covered = 0;
         for datagram in pack(&lines, self.settings.mtu) {
+            covered = lines_in(&lines, covered, datagram.len());
             if datagram.len() > MAX_DATAGRAM {
                 tracing::warn!(
                     sink = %self.name,
                     bytes = datagram.len(),
                     "statsd metric too long for one datagram, dropped"
                 );
-                continue;
+            } else {
+                self.socket.send(datagram.as_bytes()).await.map_err(|e| {
+                    SinkError::Retryable(format!("statsd send to {}: {e}", self.settings.address))
+                })?;
             }
-            self.socket.send(datagram.as_bytes()).await.map_err(|e| {
-                SinkError::Retryable(format!("statsd send to {}: {e}", self.settings.address))
-            })?;
+            claim.sent(ends.partition_point(|end| *end <= covered));
         }
+        claim.sent(fresh.len());
         Ok(())
     }
 
@@ -180,11 +216,28 @@ impl EventNames {
     }
 }
 
-/// What a batch becomes: its lines, and how many of its events were counted under `other`.
+/// What a batch becomes: its lines, how many of its events were counted under `other`, and
+/// for each event, how many lines there are up to its last (the same as the event before
+/// it for an event the sample left out).
 #[derive(Debug)]
 struct Lines {
     lines: Vec<String>,
     folded: u64,
+    ends: Vec<usize>,
+}
+
+/// The lines a datagram of `bytes` holds, from line `from` on: [`pack`] joins whole lines,
+/// leaving out empty ones, with a newline between two. The first line after them.
+fn lines_in(lines: &[String], from: usize, bytes: usize) -> usize {
+    let mut at = from;
+    let mut len = 0;
+    while at < lines.len() && len < bytes {
+        if !lines[at].is_empty() {
+            len += lines[at].len() + usize::from(len > 0);
+        }
+        at += 1;
+    }
+    at
 }
 
 /// The settings turned into what every event needs: property names already cleaned, and the
@@ -221,16 +274,20 @@ impl LineBuilder {
         }
     }
 
-    /// Lines for the events that the sample keeps (the others take no name slot).
+    /// Lines for the events that the sample keeps (the others take no name slot). One the
+    /// sample leaves out still counts as counted for the window of recent events: a copy of it
+    /// gets no second draw.
     fn batch(&self, events: &[Arc<Event>], rng: &mut fastrand::Rng) -> Lines {
         let mut out = Lines {
             lines: Vec::with_capacity(events.len() * (1 + self.timers.len())),
             folded: 0,
+            ends: Vec::with_capacity(events.len()),
         };
         for event in events {
             if self.sample_rate >= 1.0 || rng.f64() < self.sample_rate {
                 self.event(event, &mut out);
             }
+            out.ends.push(out.lines.len());
         }
         out
     }

@@ -179,7 +179,7 @@ fn events(n: usize, mark: &[(usize, &str)]) -> Vec<Arc<Event>> {
     (0..n)
         .map(|i| {
             let mut v = json!({"type": "track", "event": "Viewed", "messageId": format!("m{i}"),
-                               "properties": {"n": i}});
+                               "source": "shop-ios", "properties": {"n": i}});
             for (at, flag) in mark {
                 if *at == i {
                     v[*flag] = json!(true);

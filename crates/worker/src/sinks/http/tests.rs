@@ -1,3 +1,7 @@
+//! The HTTP sink against a real local server: what it sends (headers, formats), how it reads
+//! each answer (retryable, throttled, permanent, refused alike), its settings' checks and its
+//! secrets kept out of errors. What the body's events and keys hold: `keys`.
+
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::time::Instant;
@@ -129,29 +133,6 @@ fn events_of(batch: &Batch) -> Vec<Event> {
 }
 
 #[test]
-fn json_body_is_an_array_that_parses_back_to_the_events() {
-    let batch = batch();
-    let body = encode(&batch.events, BodyFormat::Json).expect("encode");
-    let parsed: Vec<Event> = serde_json::from_slice(&body).expect("a JSON array of objects");
-    assert_eq!(parsed, events_of(&batch));
-    assert_eq!(encode(&[], BodyFormat::Json).expect("encode"), b"[]");
-}
-
-#[test]
-fn ndjson_body_is_one_event_per_line_with_trailing_newline() {
-    let batch = batch();
-    let body = encode(&batch.events, BodyFormat::Ndjson).expect("encode");
-    let text = String::from_utf8(body).expect("utf-8");
-    assert!(text.ends_with('\n'));
-    let parsed: Vec<Event> = text
-        .lines()
-        .map(|line| serde_json::from_str(line).expect("one object per line"))
-        .collect();
-    assert_eq!(parsed, events_of(&batch));
-    assert!(encode(&[], BodyFormat::Ndjson).expect("encode").is_empty());
-}
-
-#[test]
 fn validate_names_each_bad_setting() {
     let good = settings("https://example.com/events");
     assert_eq!(validate(&good), Ok(()));
@@ -276,34 +257,6 @@ async fn posts_ndjson_when_configured() {
         .map(|line| serde_json::from_str(line).expect("one object per line"))
         .collect();
     assert_eq!(parsed, events_of(&batch));
-}
-
-#[tokio::test]
-async fn a_retried_batch_carries_the_same_idempotency_key() {
-    let server = TestServer::start(|_| StatusCode::NO_CONTENT.into_response()).await;
-    let sink = sink(&server.url);
-    let batch = batch();
-    let other = Batch {
-        key: "batch-other".to_owned(),
-        events: batch.events.clone(),
-    };
-    assert_eq!(sink.deliver(&batch).await, Ok(()));
-    assert_eq!(sink.deliver(&batch).await, Ok(()));
-    assert_eq!(sink.deliver(&other).await, Ok(()));
-
-    let keys: Vec<Option<String>> = server
-        .received()
-        .iter()
-        .map(|r| header(r, "idempotency-key").map(str::to_owned))
-        .collect();
-    assert_eq!(
-        keys,
-        vec![
-            Some("batch-7f3a".to_owned()),
-            Some("batch-7f3a".to_owned()),
-            Some("batch-other".to_owned()),
-        ]
-    );
 }
 
 #[tokio::test]
@@ -524,3 +477,6 @@ async fn an_error_body_echoing_the_secret_header_is_redacted() {
     );
     assert!(!format!("{result:?}").contains(SECRET));
 }
+
+#[path = "key_tests.rs"]
+mod keys;

@@ -1,3 +1,6 @@
+//! The bytes the MongoDB sink writes for an event (its `_id` of source and `messageId`, dates,
+//! what BSON cannot hold) and how it reads the server's answers.
+
 use super::*;
 
 /// The document the sink stored before it wrote bytes directly: built as a `Document`.

@@ -25,6 +25,7 @@ fn lines_for(settings: &StatsdSinkSettings, value: Value) -> Vec<String> {
     let mut out = Lines {
         lines: Vec::new(),
         folded: 0,
+        ends: Vec::new(),
     };
     LineBuilder::new(settings).event(&event(value), &mut out);
     out.lines
@@ -427,4 +428,25 @@ fn names_that_clean_to_the_same_segment_take_one_slot() {
         ]
     );
     assert_eq!(out.folded, 1);
+}
+
+#[test]
+fn each_datagram_holds_the_lines_lines_in_says_so_an_event_counts_as_sent_with_its_last_line() {
+    let mut rng = fastrand::Rng::with_seed(7);
+    for mtu in [64, 100, 512, 1432] {
+        let lines: Vec<String> = (0..300)
+            .map(|i| match i % 7 {
+                // A negative gauge is two lines that travel together.
+                0 => format!("a.b{i}:0|g\na.b{i}:-{}|g", rng.u8(..)),
+                _ => format!("a.{}:{}|c", "x".repeat(rng.usize(1..40)), i),
+            })
+            .collect();
+        let mut covered = 0;
+        for datagram in pack(&lines, mtu) {
+            let next = lines_in(&lines, covered, datagram.len());
+            assert_eq!(datagram, lines[covered..next].join("\n"), "mtu {mtu}");
+            covered = next;
+        }
+        assert_eq!(covered, lines.len(), "mtu {mtu}");
+    }
 }

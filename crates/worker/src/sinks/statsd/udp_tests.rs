@@ -1,7 +1,8 @@
 //! The statsd sink over a real UDP socket: what a daemon receives for a batch, a metric too
-//! long for a datagram, a send the network refuses; and what `connect` refuses.
+//! long for a datagram, a send the network refuses, a redelivered event counted once; and what
+//! `connect` refuses.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use serde_json::json;
@@ -242,4 +243,91 @@ async fn more_distinct_event_names_than_the_default_cap_reach_the_daemon_as_the_
             Some(&1.0)
         );
     }
+}
+
+/// The counters in what the daemon received, summed as it sums them.
+fn counters(received: &[(usize, String)]) -> BTreeMap<String, f64> {
+    let mut counters = BTreeMap::new();
+    for (_, text) in received {
+        let line = parse_line(text).unwrap_or_else(|e| panic!("{text:?}: {e}"));
+        if line.kind == Kind::Counter {
+            *counters.entry(line.key).or_default() += line.value / line.rate;
+        }
+    }
+    counters
+}
+
+fn identified(source: &str, id: &str, name: &str) -> Arc<Event> {
+    Arc::new(event(json!({
+        "type": "track", "event": name, "messageId": id, "source": source,
+        "properties": {"duration_ms": 5},
+    })))
+}
+
+#[tokio::test]
+async fn the_same_event_redelivered_with_other_neighbours_is_counted_once() {
+    let server = UdpSocket::bind("127.0.0.1:0").await.expect("bind server");
+    let address = server.local_addr().expect("server address").to_string();
+    let sink = StatsdSink::connect("statsd", settings(json!({"address": address})))
+        .await
+        .expect("connect");
+    let order = identified("shop-ios", "m-1", "Order Completed");
+    let batches = [
+        vec![
+            order.clone(),
+            identified("shop-ios", "m-2", "Product Viewed"),
+        ],
+        // A redelivery of the same event beside others, then alone, then twice in one batch.
+        vec![
+            identified("shop-ios", "m-3", "Checkout Started"),
+            order.clone(),
+        ],
+        vec![order.clone()],
+        vec![order.clone(), order],
+        // The same messageId from another source is another event.
+        vec![identified("shop-web", "m-1", "Order Completed")],
+    ];
+    for (i, events) in batches.into_iter().enumerate() {
+        let batch = Batch {
+            key: format!("b{i}"),
+            events,
+        };
+        sink.deliver(&batch).await.expect("deliver");
+    }
+    let received = receive_lines(&server, 8, 1432).await;
+    let expected: BTreeMap<String, f64> = [
+        ("analytics.shop-ios.track.order_completed", 1.0),
+        ("analytics.shop-ios.track.product_viewed", 1.0),
+        ("analytics.shop-ios.track.checkout_started", 1.0),
+        ("analytics.shop-web.track.order_completed", 1.0),
+    ]
+    .into_iter()
+    .map(|(name, n)| (name.to_owned(), n))
+    .collect();
+    assert_eq!(counters(&received), expected);
+    let timers = received.iter().filter(|(_, l)| l.contains("|ms")).count();
+    assert_eq!(timers, 4, "one timer an event, not a copy: {received:?}");
+}
+
+#[tokio::test]
+async fn with_the_window_off_every_copy_is_counted() {
+    let server = UdpSocket::bind("127.0.0.1:0").await.expect("bind server");
+    let address = server.local_addr().expect("server address").to_string();
+    let settings = settings(json!({"address": address, "dedupe_window": 0}));
+    let sink = StatsdSink::connect("statsd", settings)
+        .await
+        .expect("connect");
+    let order = identified("shop-ios", "m-1", "Order Completed");
+    for key in ["b1", "b2"] {
+        let batch = Batch {
+            key: key.into(),
+            events: vec![order.clone()],
+        };
+        sink.deliver(&batch).await.expect("deliver");
+    }
+    let received = receive_lines(&server, 4, 1432).await;
+    assert_eq!(
+        counters(&received).get("analytics.shop-ios.track.order_completed"),
+        Some(&2.0)
+    );
 }
