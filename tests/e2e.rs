@@ -15,6 +15,7 @@ mod e2e {
     pub mod harden;
     pub mod hostile;
     pub mod ingest;
+    pub mod invalid_bound;
     pub mod operate;
     pub mod ops;
     pub mod ops_cluster;

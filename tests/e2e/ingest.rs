@@ -160,7 +160,9 @@ async fn cors_preflight_is_answered_for_allowed_origins_only() {
     );
     // Credentials are allowed (sendBeacon sends them; the collector reads no cookie).
     assert_eq!(
-        ok.headers().get("access-control-allow-credentials").unwrap(),
+        ok.headers()
+            .get("access-control-allow-credentials")
+            .unwrap(),
         "true"
     );
     let other = preflight("https://evil.example").await.unwrap();

@@ -114,6 +114,11 @@ pub fn plan(
         DeadQueue::Raw => Ok(raw_back(topology, message)),
         DeadQueue::Invalid => {
             let body = body()?;
+            if let Some(kind @ ("folded" | "overflow")) = body["reason"].as_str() {
+                return Err(format!(
+                    "a summary ({kind}): it counts events it does not hold; nothing to replay"
+                ));
+            }
             let event = match body.get("event") {
                 Some(Value::Object(event)) => event.clone(),
                 _ => return Err("undecodable payload: nothing to re-validate".to_owned()),

@@ -4,6 +4,7 @@
 pub mod canary;
 pub mod cluster;
 pub mod dlq;
+pub mod invalid;
 pub mod management;
 pub mod range;
 pub mod scale;

@@ -32,11 +32,20 @@ enum Command {
     /// A Nagios / monitoring-plugins check on one queue's depth, or with --drain-time on the
     /// seconds until it is empty; with the management API also on a quorum queue's members
     /// online. With --cluster, on the cluster's nodes instead; with --spool, on a collector's
-    /// spool (exit 0/1/2/3).
+    /// spool; with --invalid, on the invalid queue's byte cap (exit 0/1/2/3).
     Check {
         /// Full queue name, or its role under the configured prefix (`raw`, `invalid`, `sink.mongo.dlq`).
-        #[arg(long, required_unless_present_any = ["cluster", "spool"])]
+        #[arg(long, required_unless_present_any = ["cluster", "spool", "invalid"])]
         queue: Option<String>,
+        /// Check the invalid queue's byte cap: CRITICAL while a worker (--worker, one per
+        /// worker) counts invalid events the queue refused and has not summarised in it yet;
+        /// with the management API, --fill-warning/--fill-critical on its bytes in percent of
+        /// broker.invalid_max_length_bytes.
+        #[arg(long, conflicts_with_all = ["queue", "cluster", "spool", "consumers", "drain_time"])]
+        invalid: bool,
+        /// With --invalid: a worker's base URL (its /metrics).
+        #[arg(long = "worker", value_name = "WORKER_URL", requires = "invalid")]
+        workers: Vec<String>,
         /// Check the spool of the collector at this base URL (from its /metrics): -w/-c are on
         /// the oldest spooled request's age in seconds (default 60 and 600), --fill-warning and
         /// --fill-critical on the percent of collector.spool.max_bytes in use.
@@ -185,6 +194,19 @@ async fn main() -> ExitCode {
     match cli.command {
         Command::Queues { json } => queues(&settings, json).await,
         Command::Check { cluster: true, .. } => check_cluster(&settings).await,
+        Command::Check {
+            invalid: true,
+            workers,
+            fill_warning,
+            fill_critical,
+            ..
+        } => {
+            let (status, line) =
+                ingestctl::invalid::check_invalid(&settings, &workers, fill_warning, fill_critical)
+                    .await;
+            println!("{line}");
+            ExitCode::from(status as u8)
+        }
         Command::Check {
             spool: Some(url),
             warning,

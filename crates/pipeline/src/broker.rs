@@ -26,6 +26,7 @@ use crate::settings::BrokerSettings;
 pub struct Topology {
     prefix: String,
     raw_max_length_bytes: u64,
+    invalid_max_length_bytes: u64,
     delivery_limit: u32,
 }
 
@@ -38,6 +39,7 @@ impl Topology {
         Self {
             prefix: prefix.into(),
             raw_max_length_bytes: 0,
+            invalid_max_length_bytes: 0,
             delivery_limit: DEFAULT_DELIVERY_LIMIT,
         }
     }
@@ -48,6 +50,7 @@ impl Topology {
         Self {
             prefix: settings.prefix.clone(),
             raw_max_length_bytes: settings.raw_max_length_bytes,
+            invalid_max_length_bytes: settings.invalid_max_length_bytes,
             delivery_limit: settings.delivery_limit,
         }
     }
@@ -153,7 +156,21 @@ impl Topology {
             metrics::counter!("broker_raw_queue_without_cap_total", "queue" => self.raw())
                 .increment(1);
         }
-        declare_alone(connection, &self.invalid(), quorum_arguments()).await?;
+        // Capped like the raw queue: the worker counts and summarises what it refuses. Kept as
+        // an earlier release declared it (no cap) with a warning, as the raw queue is.
+        let mut invalid = quorum_arguments();
+        if self.invalid_max_length_bytes > 0 {
+            let cap = i64::try_from(self.invalid_max_length_bytes).unwrap_or(i64::MAX);
+            invalid.insert("x-max-length-bytes".into(), AMQPValue::LongLongInt(cap));
+            invalid.insert("x-overflow".into(), long_string("reject-publish"));
+        }
+        declare_or_keep(
+            connection,
+            &self.invalid(),
+            invalid,
+            vec![quorum_arguments()],
+        )
+        .await?;
         Ok(())
     }
 

@@ -16,8 +16,10 @@ use config::{Config, Environment, File, FileFormat};
 use ingest_schema::UnknownEventPolicy;
 use serde::Deserialize;
 
+mod invalid;
 mod sinks;
 
+pub use invalid::InvalidSettings;
 pub use sinks::{
     BodyFormat, DeliverySettings, HttpSinkSettings, MongoSinkSettings, SinksSettings,
     StatsdSinkSettings,
@@ -105,6 +107,8 @@ pub struct BrokerSettings {
     /// Cap on the raw queue's size (`x-max-length-bytes`, overflow `reject-publish`); 0 = none.
     /// Fixed when the queue is first declared: change it on a live queue with a policy.
     pub raw_max_length_bytes: u64,
+    /// The same for the invalid queue; the worker counts and summarises what it refuses.
+    pub invalid_max_length_bytes: u64,
     /// Deliveries a message of a consumed queue (raw, each sink's) may get; past it the broker
     /// dead-letters it (`<prefix>.raw.dlq`, `<prefix>.sink.<name>.dlq`), so nothing loops.
     pub delivery_limit: u32,
@@ -201,6 +205,8 @@ pub struct WorkerSettings {
     /// payload past it goes whole to the invalid queue (`too_large`).
     pub max_built_bytes: usize,
     pub shutdown_timeout_ms: u64,
+    /// Compaction of repeated invalid records (`settings/invalid.rs`).
+    pub invalid: InvalidSettings,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -496,7 +502,9 @@ impl Settings {
             "must not be empty",
         )?;
         check(self.mongo.timeout_ms > 0, "mongo.timeout_ms", "must be > 0")?;
-        Ok(())
+        w.invalid
+            .validate()
+            .map_err(|(setting, reason)| SettingsError::Invalid { setting, reason })
     }
 }
 

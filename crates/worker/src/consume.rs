@@ -1,8 +1,10 @@
 //! The raw queue's consumer: one broker session at a time. Each delivery is processed in a
-//! task of its own (decode, enrich, validate), its invalid records are confirmed into the
-//! invalid queue, its valid events go to the sinks in this process ([`Fanout`]), and it is
-//! acked once all of that is done, in tag order with `multiple` ([`Acks`]). Each sink's own
-//! queue (its spill and retry path) is consumed beside it by the sink's runner.
+//! task of its own (decode, enrich, validate), its invalid records are compacted and confirmed
+//! into the invalid queue ([`InvalidQueue`](crate::invalid_publish::InvalidQueue), which also
+//! publishes the summaries every second), its valid events go to the sinks in this process
+//! ([`Fanout`]), and it is acked once all of that is done, in tag order with `multiple`
+//! ([`Acks`]). Each sink's own queue (its spill and retry path) is consumed beside it by the
+//! sink's runner.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -10,7 +12,7 @@ use std::time::Duration;
 
 use futures_util::{FutureExt as _, StreamExt as _};
 use ingest_pipeline::broker::{Answer, Publisher};
-use ingest_pipeline::{broker, Backoff, Settings, Topology};
+use ingest_pipeline::{broker, Settings, Topology};
 use lapin::message::Delivery;
 use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
@@ -20,17 +22,14 @@ use tokio_util::sync::CancellationToken;
 
 use crate::acks::{Acks, Settled};
 use crate::fanout::Fanout;
-use crate::invalid::{self, InvalidRecord};
 use crate::settle::{Durable, SinkRunner};
 use crate::sinks::Event;
 use crate::{process, Context};
 
 /// A broker that stopped answering must not hold up shutdown or reconnection.
 pub(crate) const BROKER_CALL_TIMEOUT: Duration = Duration::from_secs(5);
-/// Invalid records published at once per delivery.
-const INVALID_PUBLISH_CONCURRENCY: usize = 64;
-/// Refusals (nacks, unroutable) of one publish before its delivery goes back to the queue.
-const PUBLISH_ATTEMPTS: u32 = 10;
+/// How often the summaries of ended compaction windows (and of overflow) are published.
+const SUMMARIES_EVERY: Duration = Duration::from_secs(1);
 
 /// One connection's life: consume the raw queue, run every sink's lane and runner, until
 /// shutdown or until the connection is lost. Publishing (invalid records, spilled batches,
@@ -86,6 +85,7 @@ pub(crate) async fn session(
         retry_delays: settings.sinks.retry_delays(),
         topology: topology.clone(),
         last_declared: tokio::sync::Mutex::new(None),
+        confirm_timeout: context.confirm_timeout,
     });
     let tag = format!("worker-{}", uuid::Uuid::new_v4());
     let mut consumer = channel
@@ -105,6 +105,8 @@ pub(crate) async fn session(
     // Finished deliveries held behind an unfinished one are acked alone after `acks::HOLD`.
     let mut overdue = tokio::time::interval(crate::acks::HOLD / 2);
     overdue.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut summaries = tokio::time::interval(SUMMARIES_EVERY);
+    let mut flushing: Option<tokio::task::JoinHandle<()>> = None;
     let mut lost = loop {
         tokio::select! {
             () = session_stop.cancelled() => break !stop.is_cancelled(),
@@ -121,6 +123,14 @@ pub(crate) async fn session(
                 if !publishing.status().connected() || !publish.channel().status().connected() {
                     tracing::warn!("the publishing connection is gone");
                     break true;
+                }
+            }
+            _ = summaries.tick() => {
+                if flushing.as_ref().is_none_or(|f| f.is_finished()) {
+                    let (context, shared) = (context.clone(), shared.clone());
+                    flushing = Some(tokio::spawn(async move {
+                        context.invalid.flush(&*shared, false).await;
+                    }));
                 }
             }
             _ = overdue.tick(), if acks.waiting() > 0 => {
@@ -170,6 +180,16 @@ pub(crate) async fn session(
             "deliveries not finished in time; they return to the queue"
         );
         tasks.abort_all();
+    }
+    if let Some(mut flushing) = flushing {
+        if tokio::time::timeout(grace, &mut flushing).await.is_err() {
+            flushing.abort();
+        }
+    }
+    if !lost {
+        // Stopping: every open window's summary, and what overflowed, while the channel lasts
+        // (`serve` says what is left).
+        let _ = tokio::time::timeout(grace, context.invalid.flush(&*shared, true)).await;
     }
     // Raw deliveries are settled: the lanes finish what they hold, then the runners stop.
     drop(shared);
@@ -263,7 +283,7 @@ async fn handle(delivery: Delivery, context: Arc<Context>, session: Arc<Session>
         .record(waited.num_milliseconds().max(0) as f64 / 1000.0);
     let events: Vec<Arc<Event>> = outcome.valid.into_iter().map(Arc::new).collect();
     let stored = async {
-        publish_invalid(&context, &session, &outcome.invalid).await?;
+        context.invalid.keep(&*session, outcome.invalid).await?;
         if !events.is_empty() {
             session.fanout.deliver(&events).await?;
         }
@@ -285,65 +305,6 @@ async fn handle(delivery: Delivery, context: Arc<Context>, session: Arc<Session>
     }
 }
 
-/// Publishes into a queue until the broker has it. A late confirm is waited for, never
-/// answered with a second copy (`Publisher::publish_and_wait`); a nack is tried again after a
-/// pause; an unroutable publish (a deleted queue) declares the topology again first. After
-/// `PUBLISH_ATTEMPTS` refusals it gives up, and the delivery goes back to its queue (where the
-/// delivery limit ends a loop).
-async fn publish_until_taken(
-    context: &Context,
-    session: &Session,
-    queue: &str,
-    body: &[u8],
-    properties: BasicProperties,
-) -> Result<(), String> {
-    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
-    for _ in 0..PUBLISH_ATTEMPTS {
-        let answer = session
-            .publish
-            .publish_and_wait("", queue, body, properties.clone(), context.confirm_timeout)
-            .await
-            .map_err(|error| format!("{queue}: {error}"))?;
-        match answer {
-            Answer::Confirmed => return Ok(()),
-            Answer::Returned => {
-                metrics::counter!("worker_publish_returned_total", "target" => queue.to_owned())
-                    .increment(1);
-                tracing::warn!(
-                    queue,
-                    "the broker could not route a publish; declaring the queues again"
-                );
-                session.redeclare().await;
-            }
-            Answer::Nacked => {
-                metrics::counter!("worker_publish_nacked_total", "target" => queue.to_owned())
-                    .increment(1);
-                tracing::warn!(queue, "the broker refused a publish; trying again");
-            }
-        }
-        tokio::time::sleep(backoff.next_delay()).await;
-    }
-    Err(format!("{queue} refused {PUBLISH_ATTEMPTS} publishes"))
-}
-
-/// Each record once, into the invalid queue; a record is published again only after the
-/// broker refused it, never because its confirm was late.
-async fn publish_invalid(
-    context: &Context,
-    session: &Session,
-    records: &[InvalidRecord],
-) -> Result<(), String> {
-    let queue = context.topology.invalid();
-    for chunk in records.chunks(INVALID_PUBLISH_CONCURRENCY) {
-        futures_util::future::try_join_all(chunk.iter().map(|record| async {
-            let (body, properties) = invalid::message(record).map_err(|e| e.to_string())?;
-            publish_until_taken(context, session, &queue, &body, properties).await
-        }))
-        .await?;
-    }
-    Ok(())
-}
-
 /// What a session's delivery tasks share: the publishing channel, the sinks' lanes, and the
 /// connection to declare the topology again on (a queue deleted under a running worker).
 struct Session {
@@ -354,6 +315,26 @@ struct Session {
     retry_delays: Vec<Duration>,
     topology: Topology,
     last_declared: tokio::sync::Mutex<Option<tokio::time::Instant>>,
+    confirm_timeout: Duration,
+}
+
+#[async_trait::async_trait]
+impl crate::invalid_publish::Target for Session {
+    fn queue(&self) -> String {
+        self.topology.invalid()
+    }
+
+    async fn publish(&self, body: &[u8], properties: BasicProperties) -> Result<Answer, String> {
+        let queue = self.topology.invalid();
+        self.publish
+            .publish_and_wait("", &queue, body, properties, self.confirm_timeout)
+            .await
+            .map_err(|error| format!("{queue}: {error}"))
+    }
+
+    async fn redeclare(&self) {
+        Session::redeclare(self).await;
+    }
 }
 
 impl Session {

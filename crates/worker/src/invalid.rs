@@ -114,7 +114,7 @@ pub fn scrub_write_key(raw: &[u8]) -> std::borrow::Cow<'_, [u8]> {
 
 /// Where the string token opening at `start` (a quote) ends: just past its closing quote, or
 /// the end of the text.
-fn string_end(raw: &[u8], start: usize) -> usize {
+pub(crate) fn string_end(raw: &[u8], start: usize) -> usize {
     let mut escaped = false;
     for (i, b) in raw.iter().enumerate().skip(start + 1) {
         match (escaped, *b) {

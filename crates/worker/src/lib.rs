@@ -7,12 +7,15 @@
 
 pub mod acks;
 pub mod breaker;
+pub mod compact;
 pub mod consume;
 pub mod decode;
 pub mod enrich;
 pub mod fanout;
 pub mod health;
 pub mod invalid;
+pub(crate) mod invalid_publish;
+pub mod overflow;
 pub mod process;
 pub mod runner;
 pub mod settle;
@@ -45,6 +48,8 @@ pub(crate) struct Context {
     topology: Topology,
     limits: PayloadLimits,
     confirm_timeout: Duration,
+    /// Compaction and the byte cap's overflow, across broker sessions.
+    invalid: invalid_publish::InvalidQueue,
 }
 
 /// Builds every enabled sink from the settings, checking each.
@@ -165,6 +170,7 @@ pub async fn serve(
             max_built_bytes: w.max_built_bytes,
         },
         confirm_timeout: settings.broker.confirm_timeout(),
+        invalid: invalid_publish::InvalidQueue::new(&w.invalid),
     });
 
     let mut backoff = reconnect;
@@ -183,6 +189,10 @@ pub async fn serve(
         }
     }
     http.abort();
+    let unreported = context.invalid.unreported();
+    if unreported > 0 {
+        tracing::error!(unreported, "stopping with invalid events counted in no summary the invalid queue took (it was full, or the broker gone): only the metrics and this line keep their count");
+    }
     tracing::info!("worker stopped");
     Ok(())
 }
