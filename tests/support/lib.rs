@@ -240,6 +240,10 @@ pub fn settings_env(s: &Settings) -> Vec<(String, String)> {
             s.worker.prefetch.to_string(),
         ),
         (
+            "INGEST__WORKER__INVALID__WINDOW_MS".into(),
+            s.worker.invalid.window_ms.to_string(),
+        ),
+        (
             "RUST_LOG".into(),
             std::env::var("TEST_LOG").unwrap_or_else(|_| "warn".into()),
         ),
