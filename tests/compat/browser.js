@@ -37,6 +37,7 @@ const fs = require('fs')
 const http = require('http')
 const path = require('path')
 const { chromium } = require('playwright-core')
+const { parseArgs: cliArgs } = require('./cli')
 
 const MODES = ['segment-default', 'segment-batching', 'segment-unload', 'rudder-xhr', 'rudder-beacon']
 const DEADLINE_MS = 60000
@@ -52,20 +53,8 @@ const RUDDER_DIR = path.join(__dirname, 'node_modules/@rudderstack/analytics-js'
 const RUDDER_BUNDLE = path.join(RUDDER_DIR, 'dist/npm/modern/bundled/umd/index.js')
 
 function parseArgs(argv) {
-  const usage = `usage: browser.js --sdk ${MODES.join('|')} --url URL --write-key KEY --marker RUN`
-  const args = {}
-  for (let i = 0; i < argv.length; i += 2) {
-    const name = argv[i]
-    const value = argv[i + 1]
-    if (!['--sdk', '--url', '--write-key', '--marker'].includes(name) || value === undefined) {
-      throw new Error(`${usage} (at ${name})`)
-    }
-    args[name.slice(2)] = value
-  }
-  for (const name of ['sdk', 'url', 'write-key', 'marker']) {
-    if (!args[name]) throw new Error(`--${name} is required; ${usage}`)
-  }
-  if (!MODES.includes(args.sdk)) throw new Error(`unknown --sdk ${args.sdk}; ${usage}`)
+  const args = cliArgs(argv, 'browser.js', ['sdk', 'url', 'write-key', 'marker'])
+  if (!MODES.includes(args.sdk)) throw new Error(`unknown --sdk ${args.sdk}: one of ${MODES.join('|')}`)
   return args
 }
 

@@ -10,40 +10,11 @@
 'use strict'
 
 const { Analytics } = require('@segment/analytics-node')
+const { parseArgs, calls } = require('./cli')
 
-function parseArgs(argv) {
-  const args = {}
-  for (let i = 0; i < argv.length; i += 2) {
-    const name = argv[i]
-    const value = argv[i + 1]
-    if (!['--url', '--write-key', '--marker'].includes(name) || value === undefined) {
-      throw new Error(`usage: send.js --url URL --write-key KEY --marker RUN (at ${name})`)
-    }
-    args[name.slice(2)] = value
-  }
-  for (const name of ['url', 'write-key', 'marker']) {
-    if (!args[name]) throw new Error(`--${name} is required`)
-  }
-  return args
-}
-
-// The calls every SDK makes: [method, params].
-function calls(marker) {
-  const userId = `user-${marker}`
-  const anonymousId = `anon-${marker}`
-  return [
-    ['track', { userId, event: 'Application Opened', properties: { compat_run: marker, from_background: false } }],
-    ['track', { anonymousId, event: 'Application Opened', properties: { compat_run: marker, from_background: true } }],
-    ['identify', { userId, traits: { compat_run: marker, plan: 'plus' } }],
-    ['page', { anonymousId, name: 'Home', properties: { compat_run: marker, path: '/' } }],
-    ['screen', { userId, name: 'Cart', properties: { compat_run: marker } }],
-    ['group', { userId, groupId: `group-${marker}`, traits: { compat_run: marker, name: 'Acme' } }],
-    ['alias', { previousId: anonymousId, userId, context: { compat_run: marker } }],
-  ]
-}
 
 async function main() {
-  const args = parseArgs(process.argv.slice(2))
+  const args = parseArgs(process.argv.slice(2), 'send.js', ['url', 'write-key', 'marker'])
   // Batching as in production, flushed within 100 ms; no retries, and a 429 is reported at
   // once rather than waited out.
   const analytics = new Analytics({

@@ -25,14 +25,7 @@ pub struct Reading {
 impl Reading {
     /// From a worker's `/metrics` text; `None` if it is not a worker's.
     pub fn parse(text: &str) -> Option<Self> {
-        let value = |name: &str| {
-            text.lines()
-                .filter(|line| !line.starts_with('#'))
-                .find_map(|line| {
-                    let (series, value) = line.split_once(' ')?;
-                    (series == name).then(|| value.trim().parse::<f64>().ok())?
-                })
-        };
+        let value = |name: &str| crate::exposed_value(text, name);
         value("worker_consuming")?;
         Some(Self {
             pending: value("worker_invalid_overflow_pending").unwrap_or(0.0),

@@ -55,6 +55,17 @@ pub async fn management_rates(
     ))
 }
 
+/// An unlabelled series' value in a service's `/metrics` text (Prometheus exposition); `None`
+/// when it is not there or not a number.
+pub fn exposed_value(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .find_map(|line| {
+            let (series, value) = line.split_once(' ')?;
+            (series == name).then(|| value.trim().parse::<f64>().ok())?
+        })
+}
+
 /// Rates out of a management API queue object: `None` without `message_stats` (the broker
 /// has not sampled the queue yet, or collects no statistics); a rate it has not sampled is 0.
 pub fn parse_rates(queue: &serde_json::Value) -> Option<Rates> {

@@ -23,14 +23,7 @@ pub struct Reading {
 impl Reading {
     /// From a collector's `/metrics` text; `None` when it has no spool (not enabled).
     pub fn parse(text: &str) -> Option<Self> {
-        let value = |name: &str| {
-            text.lines()
-                .filter(|line| !line.starts_with('#'))
-                .find_map(|line| {
-                    let (series, value) = line.split_once(' ')?;
-                    (series == name).then(|| value.trim().parse::<f64>().ok())?
-                })
-        };
+        let value = |name: &str| crate::exposed_value(text, name);
         Some(Self {
             max_bytes: value("collector_spool_max_bytes")?,
             bytes: value("collector_spool_bytes").unwrap_or(0.0),
