@@ -21,4 +21,4 @@ pub mod record;
 
 pub use drive::{closed_loop, open_loop, HttpTarget, Schedule, Target};
 pub use payload::{Generator, Payload, Shape};
-pub use record::{recovery, Ended, Outcome, Recorder, Report};
+pub use record::{during, recovery, Ended, Outcome, Recorder, Report};

@@ -91,6 +91,17 @@ pub fn recovery(timeline: &[Ended], fault: Instant) -> Option<(Duration, usize)>
     Some((first.saturating_duration_since(fault), refused))
 }
 
+/// What an outage cost the clients: of the requests that ended at or after `from` and were sent
+/// before `until` (a fault, and the node back), how many there were and how many were refused
+/// (or failed).
+pub fn during(timeline: &[Ended], from: Instant, until: Instant) -> (usize, usize) {
+    let hit = timeline.iter().filter(|e| e.at >= from && e.due < until);
+    let (all, refused) = hit.fold((0, 0), |(all, refused), e| {
+        (all + 1, refused + usize::from(!e.accepted))
+    });
+    (all, refused)
+}
+
 /// One request of a kept timeline: when it was due, when it ended, and whether it got a 2xx.
 #[derive(Debug, Clone, Copy)]
 pub struct Ended {
@@ -411,6 +422,32 @@ mod tests {
         recorder.completed(at(0), &Outcome::Status(503), &[1], 1);
         assert_eq!(recorder.timeline().len(), 1);
         assert!(Recorder::new(false).timeline().is_empty());
+    }
+
+    #[test]
+    fn during_counts_the_requests_that_ended_after_a_fault_and_were_sent_before_the_node_was_back()
+    {
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let ended = |due: u64, end: u64, accepted: bool| Ended {
+            due: at(due),
+            at: at(end),
+            accepted,
+        };
+        let timeline = [
+            // ended before the fault
+            ended(0, 90, false),
+            // in flight at the fault
+            ended(95, 150, false),
+            ended(200, 210, true),
+            ended(300, 900, false),
+            ended(500, 510, false),
+            // sent once the node was back
+            ended(1000, 1010, false),
+        ];
+        assert_eq!(during(&timeline, at(100), at(1000)), (4, 3));
+        assert_eq!(during(&timeline, at(1000), at(2000)), (1, 1));
+        assert_eq!(during(&timeline, at(2000), at(3000)), (0, 0));
     }
 
     #[test]
