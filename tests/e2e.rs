@@ -7,6 +7,7 @@ mod e2e {
     pub mod built_rule;
     pub mod chaos;
     pub mod cluster;
+    pub mod cluster_nack;
     pub mod compat;
     pub mod dedupe;
     pub mod exposition;

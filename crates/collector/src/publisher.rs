@@ -77,7 +77,7 @@ impl PublishError {
 }
 
 struct Live {
-    connection: Connection,
+    connection: Arc<Connection>,
     channels: Vec<broker::Publisher>,
     next: AtomicUsize,
     /// Raised by a publish that failed on this connection; a later connection has its own.
@@ -296,7 +296,7 @@ async fn supervise(shared: Arc<Shared>, settings: BrokerSettings, topology: Topo
                         }
                         () = tokio::time::sleep(Duration::from_secs(1)) => {
                             if !live.connection.status().connected()
-                                || live.channels.iter().any(|c| !c.channel().status().connected())
+                                || live.channels.iter().any(|c| !c.connected())
                             {
                                 tracing::warn!("broker connection or channel lost");
                                 break;
@@ -371,15 +371,16 @@ async fn open(
     first: &mut usize,
 ) -> lapin::Result<Live> {
     let (connection, node) = broker::connect_from(settings, "collector", *first).await?;
+    let connection = Arc::new(connection);
     *first = node.wrapping_add(1);
     match tokio::time::timeout(DECLARE_TIMEOUT, set_up(settings, topology, &connection)).await {
         Ok(Ok(channels)) => Ok(live(connection, channels)),
         Ok(Err(error)) => {
-            close_aside(connection);
+            close_aside(&connection);
             Err(error)
         }
         Err(_) => {
-            close_aside(connection);
+            close_aside(&connection);
             Err(lapin::Error::from(std::io::Error::new(
                 std::io::ErrorKind::TimedOut,
                 format!("channels and topology not set up within {DECLARE_TIMEOUT:?}"),
@@ -389,7 +390,8 @@ async fn open(
 }
 
 /// Closes a connection without waiting for it.
-fn close_aside(connection: Connection) {
+fn close_aside(connection: &Arc<Connection>) {
+    let connection = connection.clone();
     tokio::spawn(async move {
         let closing = connection.close(320, "reconnecting".into());
         let _ = tokio::time::timeout(CLOSE_TIMEOUT, closing).await;
@@ -400,17 +402,17 @@ fn close_aside(connection: Connection) {
 async fn set_up(
     settings: &BrokerSettings,
     topology: &Topology,
-    connection: &Connection,
+    connection: &Arc<Connection>,
 ) -> lapin::Result<Vec<broker::Publisher>> {
     let mut channels = Vec::with_capacity(settings.publish_channels);
     for _ in 0..settings.publish_channels {
-        channels.push(broker::Publisher::open(connection).await?);
+        channels.push(broker::Publisher::open(connection.clone()).await?);
     }
     topology.declare(connection).await?;
     Ok(channels)
 }
 
-fn live(connection: Connection, channels: Vec<broker::Publisher>) -> Live {
+fn live(connection: Arc<Connection>, channels: Vec<broker::Publisher>) -> Live {
     Live {
         connection,
         channels,

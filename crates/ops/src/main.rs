@@ -622,10 +622,11 @@ async fn dlq(settings: &Settings, command: DlqCommand) -> anyhow::Result<ExitCod
                     .with_context(|| {
                         format!("loading {}", settings.worker.schemas_dir.display())
                     })?;
-            let connection =
-                ingest_pipeline::broker::connect(&settings.broker, "ingestctl-replay").await?;
+            let connection = std::sync::Arc::new(
+                ingest_pipeline::broker::connect(&settings.broker, "ingestctl-replay").await?,
+            );
             let channel = connection.create_channel().await?;
-            let publisher = ingest_pipeline::broker::Publisher::open(&connection).await?;
+            let publisher = ingest_pipeline::broker::Publisher::open(connection.clone()).await?;
             let messages = dead::take(&channel, &queue, limit).await?;
             let seen = messages.len();
             let outcome =

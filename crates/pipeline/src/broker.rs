@@ -8,17 +8,11 @@
 
 use std::time::Duration;
 
-use std::sync::Arc;
-
-use lapin::options::{
-    BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
-    QueueDeclareOptions,
-};
+use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString};
-use lapin::{
-    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
-};
+use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
 
+pub use crate::publish::{confirm_channel, Answer, Publisher};
 use crate::settings::BrokerSettings;
 
 /// Names of the pipeline's queues, all under one prefix.
@@ -390,129 +384,6 @@ pub fn node_address(url: &str) -> &str {
         .split(['/', '?'])
         .next()
         .unwrap_or(after_credentials)
-}
-
-/// A channel in confirm mode: every publish on it gets an ack or a nack from the broker.
-pub async fn confirm_channel(connection: &Connection) -> lapin::Result<Channel> {
-    let channel = connection.create_channel().await?;
-    channel
-        .confirm_select(ConfirmSelectOptions::default())
-        .await?;
-    Ok(channel)
-}
-
-/// A confirm channel that many tasks publish on. lapin numbers a publish and queues its frames
-/// under two different locks, so two concurrent publishes can reach the broker in the other
-/// order and each get the other's confirm; harmless while all are acks, wrong when one is a
-/// nack or a return. The send is therefore serialised (the confirms are still awaited
-/// concurrently, so throughput is unchanged).
-#[derive(Clone)]
-pub struct Publisher {
-    channel: Channel,
-    send: Arc<tokio::sync::Mutex<()>>,
-}
-
-impl Publisher {
-    pub async fn open(connection: &Connection) -> lapin::Result<Self> {
-        Ok(Self {
-            channel: confirm_channel(connection).await?,
-            send: Arc::new(tokio::sync::Mutex::new(())),
-        })
-    }
-
-    pub fn channel(&self) -> &Channel {
-        &self.channel
-    }
-
-    /// Publishes and waits for the broker's answer.
-    pub async fn publish(
-        &self,
-        exchange: &str,
-        routing_key: &str,
-        options: BasicPublishOptions,
-        body: &[u8],
-        properties: BasicProperties,
-    ) -> lapin::Result<Confirmation> {
-        self.send(exchange, routing_key, options, body, properties)
-            .await?
-            .await
-    }
-
-    /// Hands the publish to lapin in order with the others; the returned confirm is its answer.
-    async fn send(
-        &self,
-        exchange: &str,
-        routing_key: &str,
-        options: BasicPublishOptions,
-        body: &[u8],
-        properties: BasicProperties,
-    ) -> lapin::Result<lapin::PublisherConfirm> {
-        let _in_order = self.send.lock().await;
-        self.channel
-            .basic_publish(
-                exchange.into(),
-                routing_key.into(),
-                options,
-                body,
-                properties,
-            )
-            .await
-    }
-}
-
-/// How the broker answered a mandatory publish.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Answer {
-    /// Taken: persisted in a queue.
-    Confirmed,
-    /// Unroutable: the queue (or every queue bound to the exchange) does not exist.
-    Returned,
-    /// Refused, e.g. by a queue at its `reject-publish` cap.
-    Nacked,
-}
-
-impl Publisher {
-    /// Publishes `mandatory` and waits for the broker's answer however long it takes. A publish
-    /// is never abandoned for a late confirm: its frames stay queued in lapin until the broker
-    /// takes them (during a memory alarm it takes none), so publishing the same body again
-    /// would send it twice and grow memory with every round. After `patience` without an
-    /// answer, this logs once and counts `broker_confirm_waits_total`, then goes on waiting;
-    /// a lost connection ends the wait with an error.
-    pub async fn publish_and_wait(
-        &self,
-        exchange: &str,
-        routing_key: &str,
-        body: &[u8],
-        properties: BasicProperties,
-        patience: Duration,
-    ) -> lapin::Result<Answer> {
-        let options = BasicPublishOptions {
-            mandatory: true,
-            ..BasicPublishOptions::default()
-        };
-        let confirm = self
-            .send(exchange, routing_key, options, body, properties)
-            .await?;
-        let mut confirm = std::pin::pin!(confirm);
-        let confirmation = match tokio::time::timeout(patience, &mut confirm).await {
-            Ok(answer) => answer?,
-            Err(_) => {
-                metrics::counter!("broker_confirm_waits_total").increment(1);
-                tracing::warn!(
-                    exchange,
-                    routing_key,
-                    ?patience,
-                    "no confirm from the broker yet (a resource alarm?); waiting, not publishing again"
-                );
-                confirm.await?
-            }
-        };
-        Ok(match confirmation {
-            Confirmation::Ack(None) => Answer::Confirmed,
-            Confirmation::Ack(Some(_)) | Confirmation::Nack(Some(_)) => Answer::Returned,
-            Confirmation::Nack(None) | Confirmation::NotRequested => Answer::Nacked,
-        })
-    }
 }
 
 /// A string header value, if present.

@@ -8,6 +8,7 @@ pub mod built;
 pub mod gzip;
 pub mod message;
 pub mod metrics;
+pub mod publish;
 pub mod settings;
 pub mod shutdown;
 pub mod statsd;

@@ -43,6 +43,7 @@ pub enum Kind {
 pub const CATALOGUE: &[(&str, Kind, &str)] = &[
     // Both services.
     ("runtime_scheduling_delay_seconds", Kind::Histogram, "How late the runtime woke a task that slept 100 ms: what every other task waits too."),
+    ("broker_channels_renewed_total", Kind::Counter, "Publishing channels replaced after the broker nacked a publish on them (the publish is then sent once more on the new channel)."),
     ("broker_confirm_waits_total", Kind::Counter, "Publishes whose confirm took longer than the caller's patience; they are waited for, never sent again."),
     ("broker_raw_queue_without_cap_total", Kind::Counter, "Declares that found the raw queue without the configured length cap (declared by an older release)."),
     ("broker_queue_kept_with_old_arguments_total", Kind::Counter, "Declares that kept an existing queue whose arguments differ from this release's."),

@@ -43,7 +43,7 @@ pub(crate) async fn session(
 ) -> anyhow::Result<()> {
     let topology = &context.topology;
     let connection = Arc::new(broker::connect(&settings.broker, "worker").await?);
-    let publishing = broker::connect(&settings.broker, "worker-publish").await?;
+    let publishing = Arc::new(broker::connect(&settings.broker, "worker-publish").await?);
     let names: Vec<String> = runners.iter().map(|r| r.sink.name().to_owned()).collect();
     topology
         .declare_sinks(&connection, &names, &settings.sinks.retry_delays())
@@ -52,7 +52,7 @@ pub(crate) async fn session(
     channel
         .basic_qos(settings.worker.prefetch, BasicQosOptions::default())
         .await?;
-    let publish = broker::Publisher::open(&publishing).await?;
+    let publish = broker::Publisher::open(publishing.clone()).await?;
 
     // Each sink's queue runner runs beside the raw consumer; any of them failing ends the
     // session. The lanes end once the raw deliveries in hand are settled.
@@ -120,7 +120,7 @@ pub(crate) async fn session(
                 break !stop.is_cancelled();
             }
             _ = health.tick() => {
-                if !publishing.status().connected() || !publish.channel().status().connected() {
+                if !publishing.status().connected() || !publish.connected() {
                     tracing::warn!("the publishing connection is gone");
                     break true;
                 }
@@ -214,7 +214,7 @@ pub(crate) async fn session(
         sink_tasks.abort_all();
     }
     tracing::info!(in_hand, lost, "closing the broker connections");
-    for c in [&*connection, &publishing] {
+    for c in [&*connection, &*publishing] {
         let _ =
             tokio::time::timeout(BROKER_CALL_TIMEOUT, c.close(200, "worker stopping".into())).await;
     }
