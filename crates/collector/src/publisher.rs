@@ -82,7 +82,7 @@ struct Live {
     next: AtomicUsize,
     /// Raised by a publish that failed on this connection; a later connection has its own.
     broken: Notify,
-    /// A publish on this connection got no confirm in time: the node is being left.
+    /// Being left (no confirm in time, or a channel error): publishes go elsewhere.
     leaving: AtomicBool,
     /// When it was opened, and milliseconds from then to the last confirm it brought.
     opened: std::time::Instant,
@@ -140,8 +140,11 @@ impl Publisher {
         }
     }
 
+    /// The connection to publish on: none while the one there is being left (a publish on it
+    /// would wait out the confirm timeout for nothing).
     fn current(&self) -> Option<Arc<Live>> {
-        self.shared.live.read().ok().and_then(|live| live.clone())
+        let live = self.shared.live.read().ok().and_then(|live| live.clone())?;
+        (!live.leaving.load(Ordering::SeqCst)).then_some(live)
     }
 
     pub async fn publish(
@@ -195,17 +198,14 @@ impl Publisher {
                     live.last_confirm_ms.load(Ordering::Relaxed),
                 ));
                 let stalled = !blocked && since_confirm >= self.confirm_timeout;
-                if stalled && !live.leaving.swap(true, Ordering::SeqCst) {
+                if stalled && live.leave() {
                     tracing::warn!(timeout = ?self.confirm_timeout, "no confirm from the broker in time; reconnecting (to another node if there is one)");
-                }
-                if stalled {
-                    live.broken.notify_one();
                 }
                 Err(PublishError::ConfirmTimeout(self.confirm_timeout))
             }
             Ok(Err(error)) => {
                 // A channel or connection error: let the supervisor rebuild this connection.
-                live.broken.notify_one();
+                live.leave();
                 Err(PublishError::Amqp(error))
             }
             Ok(Ok(Confirmation::Ack(None))) => {
@@ -269,7 +269,12 @@ async fn supervise(shared: Arc<Shared>, settings: BrokerSettings, topology: Topo
                 }
                 tracing::info!(queue = %topology.raw(), "connected to the broker");
                 loop {
+                    // Leaving a node comes first: a check or a declare that waits on a stalled
+                    // node must not keep the collector on it (and every request published there).
                     tokio::select! {
+                        biased;
+                        () = live.broken.notified() => break,
+                        () = shared.closed.notified() => break,
                         event = events.next() => match event {
                             Some(Event::ConnectionBlocked(reason)) => {
                                 tracing::warn!(%reason, "broker blocked publishing");
@@ -286,14 +291,14 @@ async fn supervise(shared: Arc<Shared>, settings: BrokerSettings, topology: Topo
                             Some(_) => {}
                             None => break,
                         },
-                        () = live.broken.notified() => break,
-                        () = shared.closed.notified() => break,
-                        () = live.raw_missing.notified() => {
-                            redeclare(&live, &topology, &shared).await;
-                        }
-                        _ = raw_check.tick() => {
-                            check_raw_queue(&live, &topology, &shared).await;
-                        }
+                        () = live.raw_missing.notified() => tokio::select! {
+                            () = redeclare(&live, &topology, &shared) => {}
+                            () = live.broken.notified() => break,
+                        },
+                        _ = raw_check.tick() => tokio::select! {
+                            () = check_raw_queue(&live, &topology, &shared) => {}
+                            () = live.broken.notified() => break,
+                        },
                         () = tokio::time::sleep(Duration::from_secs(1)) => {
                             if !live.connection.status().connected()
                                 || live.channels.iter().any(|c| !c.connected())
@@ -410,6 +415,16 @@ async fn set_up(
     }
     topology.declare(connection).await?;
     Ok(channels)
+}
+
+impl Live {
+    /// Marks this connection as being left, so that no publish goes to it any more, and tells
+    /// the supervisor; whether this call did it first.
+    fn leave(&self) -> bool {
+        let first = !self.leaving.swap(true, Ordering::SeqCst);
+        self.broken.notify_one();
+        first
+    }
 }
 
 fn live(connection: Arc<Connection>, channels: Vec<broker::Publisher>) -> Live {
