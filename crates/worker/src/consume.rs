@@ -28,6 +28,8 @@ use crate::{process, Context};
 
 /// A broker that stopped answering must not hold up shutdown or reconnection.
 pub(crate) const BROKER_CALL_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a lost session waits for the deliveries, lanes and sink runners it holds.
+const LOST_GRACE: Duration = Duration::from_secs(1);
 /// How often the summaries of ended compaction windows (and of overflow) are published.
 const SUMMARIES_EVERY: Duration = Duration::from_secs(1);
 
@@ -164,7 +166,13 @@ pub(crate) async fn session(
         let _ = tokio::time::timeout(BROKER_CALL_TIMEOUT, cancel).await;
     }
     let in_hand = tasks.len();
-    let grace = Duration::from_millis(settings.worker.shutdown_timeout_ms);
+    // A lost session settles little: what it holds returns to its queue when the connection
+    // closes. Waiting the whole grace for it would hold up the reconnect, and the worker of a
+    // node that died would drain nothing meanwhile.
+    let grace = match lost {
+        true => LOST_GRACE,
+        false => Duration::from_millis(settings.worker.shutdown_timeout_ms),
+    };
     let drained = tokio::time::timeout(grace, async {
         while let Some(joined) = tasks.join_next().await {
             if !lost && !settle_joined(&mut acks, joined, &mut tasks).await {
