@@ -395,25 +395,38 @@ impl Report {
 mod tests {
     use super::*;
 
+    /// `t0` plus `ms` milliseconds.
+    fn at(t0: Instant, ms: u64) -> Instant {
+        t0 + Duration::from_millis(ms)
+    }
+
+    /// A timeline of requests (due, ended, accepted), in milliseconds after `t0`.
+    fn timeline(t0: Instant, requests: &[(u64, u64, bool)]) -> Vec<Ended> {
+        let ended = |&(due, end, accepted): &(u64, u64, bool)| Ended {
+            due: at(t0, due),
+            at: at(t0, end),
+            accepted,
+        };
+        requests.iter().map(ended).collect()
+    }
+
     #[test]
     fn recovery_counts_from_the_fault_to_the_first_2xx_of_a_request_due_after_it() {
         let t0 = Instant::now();
-        let at = |ms: u64| t0 + Duration::from_millis(ms);
-        let ended = |due: u64, end: u64, accepted: bool| Ended {
-            due: at(due),
-            at: at(end),
-            accepted,
-        };
-        let timeline = [
-            ended(0, 5, true),
-            // due before the fault, answered 2xx after it: not a sign of recovery
-            ended(90, 120, true),
-            ended(110, 150, false),
-            ended(130, 400, false),
-            ended(300, 700, true),
-            ended(600, 650, true),
-            ended(800, 900, false),
-        ];
+        let at = |ms: u64| at(t0, ms);
+        let timeline = timeline(
+            t0,
+            &[
+                (0, 5, true),
+                // due before the fault, answered 2xx after it: not a sign of recovery
+                (90, 120, true),
+                (110, 150, false),
+                (130, 400, false),
+                (300, 700, true),
+                (600, 650, true),
+                (800, 900, false),
+            ],
+        );
         let (took, refused) = recovery(&timeline, at(100)).expect("recovered");
         assert_eq!(took, Duration::from_millis(550));
         assert_eq!(refused, 2);
@@ -428,23 +441,21 @@ mod tests {
     fn during_counts_the_requests_that_ended_after_a_fault_and_were_sent_before_the_node_was_back()
     {
         let t0 = Instant::now();
-        let at = |ms: u64| t0 + Duration::from_millis(ms);
-        let ended = |due: u64, end: u64, accepted: bool| Ended {
-            due: at(due),
-            at: at(end),
-            accepted,
-        };
-        let timeline = [
-            // ended before the fault
-            ended(0, 90, false),
-            // in flight at the fault
-            ended(95, 150, false),
-            ended(200, 210, true),
-            ended(300, 900, false),
-            ended(500, 510, false),
-            // sent once the node was back
-            ended(1000, 1010, false),
-        ];
+        let at = |ms: u64| at(t0, ms);
+        let timeline = timeline(
+            t0,
+            &[
+                // ended before the fault
+                (0, 90, false),
+                // in flight at the fault
+                (95, 150, false),
+                (200, 210, true),
+                (300, 900, false),
+                (500, 510, false),
+                // sent once the node was back
+                (1000, 1010, false),
+            ],
+        );
         assert_eq!(during(&timeline, at(100), at(1000)), (4, 3));
         assert_eq!(during(&timeline, at(1000), at(2000)), (1, 1));
         assert_eq!(during(&timeline, at(2000), at(3000)), (0, 0));

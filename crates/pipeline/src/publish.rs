@@ -108,17 +108,8 @@ impl Publisher {
         body: &[u8],
         properties: BasicProperties,
     ) -> lapin::Result<Confirmation> {
-        let (generation, confirm) = self
-            .send(exchange, routing_key, options, body, properties.clone())
-            .await?;
-        let confirmation = confirm.await?;
-        if !matches!(confirmation, Confirmation::Nack(None)) || !self.renew(generation).await {
-            return Ok(confirmation);
-        }
-        let (_, confirm) = self
-            .send(exchange, routing_key, options, body, properties)
-            .await?;
-        confirm.await
+        self.confirmed(exchange, routing_key, options, body, properties, None)
+            .await
     }
 
     /// Publishes `mandatory` and waits for the broker's answer however long it takes. A publish
@@ -140,21 +131,49 @@ impl Publisher {
             mandatory: true,
             ..BasicPublishOptions::default()
         };
-        let (generation, confirm) = self
-            .send(exchange, routing_key, options, body, properties.clone())
+        let confirmation = self
+            .confirmed(
+                exchange,
+                routing_key,
+                options,
+                body,
+                properties,
+                Some(patience),
+            )
             .await?;
-        let mut confirmation = patiently(confirm, exchange, routing_key, patience).await?;
-        if matches!(confirmation, Confirmation::Nack(None)) && self.renew(generation).await {
-            let (_, confirm) = self
-                .send(exchange, routing_key, options, body, properties)
-                .await?;
-            confirmation = patiently(confirm, exchange, routing_key, patience).await?;
-        }
         Ok(match confirmation {
             Confirmation::Ack(None) => Answer::Confirmed,
             Confirmation::Ack(Some(_)) | Confirmation::Nack(Some(_)) => Answer::Returned,
             Confirmation::Nack(None) | Confirmation::NotRequested => Answer::Nacked,
         })
+    }
+
+    /// Sends and waits for the confirm (logging once past `patience`, if given); after a nack,
+    /// sends once more on a fresh channel.
+    async fn confirmed(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        options: BasicPublishOptions,
+        body: &[u8],
+        properties: BasicProperties,
+        patience: Option<Duration>,
+    ) -> lapin::Result<Confirmation> {
+        let mut sent_again = false;
+        loop {
+            let (generation, confirm) = self
+                .send(exchange, routing_key, options, body, properties.clone())
+                .await?;
+            let confirmation = match patience {
+                Some(patience) => patiently(confirm, exchange, routing_key, patience).await?,
+                None => confirm.await?,
+            };
+            let nacked = matches!(confirmation, Confirmation::Nack(None));
+            if !nacked || sent_again || !self.renew(generation).await {
+                return Ok(confirmation);
+            }
+            sent_again = true;
+        }
     }
 
     /// Hands the publish to lapin in order with the others; the returned confirm is its answer,
