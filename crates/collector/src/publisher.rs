@@ -314,10 +314,7 @@ async fn supervise(shared: Arc<Shared>, settings: BrokerSettings, topology: Topo
                 }
                 shared.blocked.store(false, Ordering::SeqCst);
                 // Closed aside: a node that stopped answering would hold up the reconnect.
-                tokio::spawn(async move {
-                    let closing = live.connection.close(320, "reconnecting".into());
-                    let _ = tokio::time::timeout(CLOSE_TIMEOUT, closing).await;
-                });
+                close_aside(&live.connection);
             }
             Err(error) => {
                 tracing::warn!(%error, "cannot connect to the broker");
