@@ -334,6 +334,16 @@ async fn on_a_three_node_cluster_lost_and_frozen_nodes_lose_no_2xxd_event() {
         .collect();
     assert!(!accepted.is_empty(), "{}", report.text());
     let settled = settle_accepted(&s, &first_node, &accepted).await;
+    if settled.missing > 0 {
+        // Where the missing events might still be: not consumed, or spilled and not stored.
+        let sink = topology.sink_queues("mongo", &s.sinks.retry_delays());
+        let mut depths = vec![(raw.clone(), depth(&first_node, &raw).await)];
+        for queue in sink {
+            let held = depth(&first_node, &queue).await;
+            depths.push((queue, held));
+        }
+        eprintln!("cluster queues at the end: {depths:?}");
+    }
     eprintln!(
         "cluster result: {} events 2xx'd, {} missing from MongoDB, {} stored more than once; {} requests refused {:?}",
         settled.accepted,

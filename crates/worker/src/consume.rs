@@ -28,6 +28,10 @@ use crate::{process, Context};
 
 /// A broker that stopped answering must not hold up shutdown or reconnection.
 pub(crate) const BROKER_CALL_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long one broker call of a session's start may take: a node that takes the connection
+/// and then never answers a declare or a consume must not hold the worker (it starts again,
+/// from a node picked anew).
+const SETUP_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a lost session waits for the deliveries, lanes and sink runners it holds.
 const LOST_GRACE: Duration = Duration::from_secs(1);
 /// How often the summaries of ended compaction windows (and of overflow) are published.
@@ -44,17 +48,27 @@ pub(crate) async fn session(
     stop: &CancellationToken,
 ) -> anyhow::Result<()> {
     let topology = &context.topology;
-    let connection = Arc::new(broker::connect(&settings.broker, "worker").await?);
-    let publishing = Arc::new(broker::connect(&settings.broker, "worker-publish").await?);
+    let connection =
+        Arc::new(step("connecting", broker::connect(&settings.broker, "worker")).await?);
+    let publishing = Arc::new(
+        step(
+            "connecting",
+            broker::connect(&settings.broker, "worker-publish"),
+        )
+        .await?,
+    );
     let names: Vec<String> = runners.iter().map(|r| r.sink.name().to_owned()).collect();
-    topology
-        .declare_sinks(&connection, &names, &settings.sinks.retry_delays())
-        .await?;
-    let channel = connection.create_channel().await?;
-    channel
-        .basic_qos(settings.worker.prefetch, BasicQosOptions::default())
-        .await?;
-    let publish = broker::Publisher::open(publishing.clone()).await?;
+    let retry_delays = settings.sinks.retry_delays();
+    let declaring = topology.declare_sinks(&connection, &names, &retry_delays);
+    step("declaring the queues", declaring).await?;
+    let channel = step("opening a channel", connection.create_channel()).await?;
+    let qos = channel.basic_qos(settings.worker.prefetch, BasicQosOptions::default());
+    step("setting the prefetch", qos).await?;
+    let publish = step(
+        "opening the publishing channel",
+        broker::Publisher::open(publishing.clone()),
+    )
+    .await?;
 
     // Each sink's queue runner runs beside the raw consumer; any of them failing ends the
     // session. The lanes end once the raw deliveries in hand are settled.
@@ -90,14 +104,13 @@ pub(crate) async fn session(
         confirm_timeout: context.confirm_timeout,
     });
     let tag = format!("worker-{}", uuid::Uuid::new_v4());
-    let mut consumer = channel
-        .basic_consume(
-            topology.raw().into(),
-            tag.as_str().into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
+    let consuming = channel.basic_consume(
+        topology.raw().into(),
+        tag.as_str().into(),
+        BasicConsumeOptions::default(),
+        FieldTable::default(),
+    );
+    let mut consumer = step("consuming the raw queue", consuming).await?;
     tracing::info!(queue = %topology.raw(), prefetch = settings.worker.prefetch, sinks = ?names, "consuming");
     context.health.set_consuming(true);
 
@@ -258,6 +271,14 @@ async fn settle_joined(
             tracing::warn!(%error, "cannot ack: the channel is gone");
             false
         }
+    }
+}
+
+/// One broker call of a session's start, given up after [`SETUP_TIMEOUT`].
+async fn step<T>(what: &str, call: impl Future<Output = lapin::Result<T>>) -> anyhow::Result<T> {
+    match tokio::time::timeout(SETUP_TIMEOUT, call).await {
+        Ok(result) => Ok(result?),
+        Err(_) => anyhow::bail!("{what} took longer than {SETUP_TIMEOUT:?}"),
     }
 }
 
