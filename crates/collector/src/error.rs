@@ -42,7 +42,7 @@ pub enum CaptureError {
     BodyRead(String),
     #[error("too many requests or bytes in flight; retry later")]
     Overloaded {
-        full: crate::api::Full,
+        full: crate::in_flight::Full,
         retry_after_secs: u64,
     },
     #[error("the collector is overloaded (scheduling delay {delay_ms} ms); retry later")]
@@ -130,11 +130,11 @@ impl CaptureError {
     pub fn shed_reason(&self) -> Option<&'static str> {
         Some(match self {
             Self::Overloaded {
-                full: crate::api::Full::Requests,
+                full: crate::in_flight::Full::Requests,
                 ..
             } => "in_flight",
             Self::Overloaded {
-                full: crate::api::Full::Bytes,
+                full: crate::in_flight::Full::Bytes,
                 ..
             } => "max_in_flight_bytes",
             Self::Lagging { .. } => "scheduling_delay",

@@ -5,6 +5,9 @@ pub mod api;
 pub mod auth;
 pub mod body;
 pub mod error;
+pub mod head;
+pub mod in_flight;
+pub mod limits;
 pub mod per_client;
 pub mod publisher;
 pub mod ratelimit;
@@ -24,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api::AppState;
 use crate::auth::WriteKeys;
-use crate::body::Limits;
+use crate::limits::Limits;
 use crate::publisher::Publisher;
 use crate::spool::Spool;
 
@@ -55,7 +58,7 @@ pub async fn serve(
     let state = Arc::new(AppState {
         publisher: publisher.clone(),
         spool,
-        in_flight: api::InFlight::new(
+        in_flight: in_flight::InFlight::new(
             c.max_in_flight,
             c.unauthenticated_in_flight(),
             c.max_in_flight_bytes,
