@@ -1,0 +1,175 @@
+//! `ingestctl`'s command line: every command and option, with the help text `--help` prints.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+use ingestctl::Range;
+
+/// Operate the analytics ingest pipeline. Reads the same configuration as the services
+/// (config/$APP_ENV.toml, INGEST__… environment variables).
+#[derive(Parser)]
+#[command(name = "ingestctl", version)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Every pipeline queue with its depth and consumer count (and, with the management API,
+    /// rates and each quorum queue's leader and members).
+    Queues {
+        #[arg(long)]
+        json: bool,
+    },
+    /// A Nagios / monitoring-plugins check on one queue's depth, or with --drain-time on the
+    /// seconds until it is empty; with the management API also on a quorum queue's members
+    /// online. With --cluster, on the cluster's nodes instead; with --spool, on a collector's
+    /// spool; with --invalid, on the invalid queue's byte cap (exit 0/1/2/3).
+    Check {
+        /// Full queue name, or its role under the configured prefix (`raw`, `invalid`, `sink.mongo.dlq`).
+        #[arg(long, required_unless_present_any = ["cluster", "spool", "invalid"])]
+        queue: Option<String>,
+        /// Check the invalid queue's byte cap: CRITICAL while a worker (--worker, one per
+        /// worker) counts invalid events the queue refused and has not summarised in it yet;
+        /// with the management API, --fill-warning/--fill-critical on its bytes in percent of
+        /// broker.invalid_max_length_bytes.
+        #[arg(long, conflicts_with_all = ["queue", "cluster", "spool", "consumers", "drain_time"])]
+        invalid: bool,
+        /// With --invalid: a worker's base URL (its /metrics).
+        #[arg(long = "worker", value_name = "WORKER_URL", requires = "invalid")]
+        workers: Vec<String>,
+        /// Check the spool of the collector at this base URL (from its /metrics): -w/-c are on
+        /// the oldest spooled request's age in seconds (default 60 and 600), --fill-warning and
+        /// --fill-critical on the percent of collector.spool.max_bytes in use.
+        #[arg(
+            long,
+            value_name = "COLLECTOR_URL",
+            conflicts_with_all = ["queue", "cluster", "consumers", "drain_time"]
+        )]
+        spool: Option<String>,
+        #[arg(long, default_value_t = 50.0)]
+        fill_warning: f64,
+        #[arg(long, default_value_t = 90.0)]
+        fill_critical: f64,
+        /// Check the cluster through the management API: nodes not running, network
+        /// partitions, memory and disk alarms are CRITICAL.
+        #[arg(
+            long,
+            conflicts_with_all = ["queue", "warning", "critical", "consumers", "drain_time"]
+        )]
+        cluster: bool,
+        #[arg(long, short = 'w')]
+        warning: Option<Range>,
+        #[arg(long, short = 'c')]
+        critical: Option<Range>,
+        /// CRITICAL when the queue holds messages and nothing consumes it.
+        #[arg(long)]
+        consumers: bool,
+        /// Thresholds are on the seconds the backlog takes to be worked off: depth / ack rate
+        /// with the management API, otherwise depth / shrink rate between two depth samples
+        /// --sample seconds apart. A queue with messages and nothing working them off alerts.
+        #[arg(long, conflicts_with = "consumers")]
+        drain_time: bool,
+        /// Without the management API: seconds between the two depth samples of --drain-time.
+        #[arg(long, default_value_t = 5)]
+        sample: u64,
+        /// Without the management API: a queue with consumers that does not shrink is stalled
+        /// only above this depth (a busy queue in a steady state does not shrink either).
+        #[arg(long, default_value_t = 0)]
+        min_depth: u64,
+    },
+    /// Send tagged synthetic events through a collector and time their arrival in MongoDB.
+    Canary {
+        /// The collector's base URL (default: from collector.listen).
+        #[arg(long)]
+        url: Option<String>,
+        /// A write key; or use --source to take a configured source's key.
+        #[arg(long, env = "INGEST_CANARY_WRITE_KEY", hide_env_values = true)]
+        write_key: Option<String>,
+        #[arg(long)]
+        source: Option<String>,
+        #[arg(long, short = 'n', default_value_t = 10)]
+        events: usize,
+        /// Seconds to wait for the last event.
+        #[arg(long, default_value_t = 30)]
+        timeout: u64,
+        /// Milliseconds between two events.
+        #[arg(long, default_value_t = 100)]
+        spacing_ms: u64,
+        /// Print one Nagios status line and exit 0/1/2/3.
+        #[arg(long)]
+        nagios: bool,
+        /// With --nagios: thresholds on the p99 latency in milliseconds.
+        #[arg(long, short = 'w')]
+        warning: Option<Range>,
+        #[arg(long, short = 'c')]
+        critical: Option<Range>,
+        /// Delete this run's events from MongoDB afterwards.
+        #[arg(long)]
+        clean_up: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// How many workers would drain the raw queue within a target time.
+    Scale {
+        /// Seconds the backlog should be drained in.
+        #[arg(long, default_value_t = 300)]
+        target: u64,
+        /// Messages per second one worker drains (e.g. from BENCHMARKS.md); measured from the
+        /// management API when not given.
+        #[arg(long)]
+        per_worker_rate: Option<f64>,
+        /// Without the management API: seconds between the two depth samples.
+        #[arg(long, default_value_t = 5)]
+        sample: u64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The invalid queue and the sinks' dead-letter queues.
+    Dlq {
+        #[command(subcommand)]
+        command: DlqCommand,
+    },
+    /// Check payloads against the tracking plan locally.
+    Schema {
+        #[command(subcommand)]
+        command: SchemaCommand,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum DlqCommand {
+    /// Each dead-letter queue with its depth.
+    List,
+    /// Print messages of a queue (they stay in it).
+    Show {
+        /// Full name, or the role under the prefix (`invalid`, `sink.mongo.dlq`).
+        queue: String,
+        #[arg(long, default_value_t = 10)]
+        limit: usize,
+        #[arg(long, default_value_t = 65536)]
+        max_body: usize,
+    },
+    /// Re-validate against the current schemas and send back what now passes.
+    Replay {
+        queue: String,
+        /// Messages looked at in this run (they are held in memory until it ends).
+        #[arg(long, default_value_t = 1000)]
+        limit: usize,
+        /// Report what would be replayed; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum SchemaCommand {
+    /// Validate a file holding one event or a `{"batch": [...]}` payload; prints every error.
+    Check {
+        file: PathBuf,
+        /// Treat track events with no schema as errors (the worker's `reject` policy).
+        #[arg(long)]
+        reject_unknown: bool,
+    },
+}
