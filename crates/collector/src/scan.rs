@@ -14,7 +14,7 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 
 use ingest_pipeline::built;
-use ingest_pipeline::message::RefusedEvent;
+use ingest_pipeline::message::{RefusedEvent, EVENT_TYPES};
 use serde::de::{DeserializeSeed, Error as _, MapAccess, SeqAccess, Visitor};
 use serde_json::value::RawValue;
 
@@ -72,9 +72,6 @@ pub struct Refused {
 pub const NOT_AN_OBJECT: &str = "not_an_object";
 pub const BAD_TYPE: &str = "bad_type";
 pub const BAD_MESSAGE_ID: &str = "bad_message_id";
-
-/// The event types a batch element may have: what the worker can store and validate.
-const TYPES: [&str; 6] = ["track", "identify", "page", "screen", "group", "alias"];
 
 impl Refused {
     /// Its code in the answer (and, for [`RefusedEvent::TOO_LARGE`], in the raw message's
@@ -454,13 +451,13 @@ impl<'de> Visitor<'de> for Event<'_> {
         fields.unusable = match (kind, message_id) {
             (Text::Null, _) => Some((BAD_TYPE, "has no `type`".to_owned())),
             (Text::Other, _) => Some((BAD_TYPE, "has a `type` that is not a string".to_owned())),
-            (Text::Str(kind), _) if !TYPES.contains(&kind.as_ref()) => {
+            (Text::Str(kind), _) if !EVENT_TYPES.contains(&kind.as_ref()) => {
                 let shown: String = kind.chars().take(40).collect();
                 Some((
                     BAD_TYPE,
                     format!(
                         "has the unknown `type` {shown:?} (expected one of {})",
-                        TYPES.join(", ")
+                        EVENT_TYPES.join(", ")
                     ),
                 ))
             }

@@ -17,6 +17,8 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::BasicProperties;
 
+pub use ingest_schema::EVENT_TYPES;
+
 use crate::broker::{header_str, long_string};
 
 /// Header names.

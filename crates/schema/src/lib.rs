@@ -12,5 +12,5 @@ mod slug;
 
 pub use error::LoadError;
 pub use event::{Invalid, Issue, ValidatedEvent};
-pub use registry::{Registry, UnknownEventPolicy};
+pub use registry::{Registry, UnknownEventPolicy, EVENT_TYPES};
 pub use slug::event_slug;

@@ -18,7 +18,9 @@ use serde_json::{Map, Value};
 
 use crate::{event_slug, Invalid, Issue, LoadError, ValidatedEvent};
 
-const EVENT_TYPES: [&str; 6] = ["track", "identify", "page", "screen", "group", "alias"];
+/// The event types the pipeline takes: each has its envelope rules here, and the collector
+/// refuses a batch event of any other type. The one list; the pipeline re-exports it.
+pub const EVENT_TYPES: [&str; 6] = ["track", "identify", "page", "screen", "group", "alias"];
 const EVENT_NAME_KEY: &str = "x-event";
 
 /// What to do with a track event whose name has no schema in the tracking plan.

@@ -185,3 +185,16 @@ fn the_brokers_death_records_are_told_apart() {
         assert!(!is_death_record(name), "{name}");
     }
 }
+
+#[test]
+fn the_single_event_endpoints_are_the_event_types() {
+    let named: Vec<&str> = Endpoint::ALL
+        .into_iter()
+        .filter(|e| *e != Endpoint::Batch)
+        .map(Endpoint::as_str)
+        .collect();
+    assert_eq!(named, EVENT_TYPES);
+    for kind in EVENT_TYPES {
+        assert_eq!(Endpoint::parse(kind).map(Endpoint::as_str), Some(kind));
+    }
+}
