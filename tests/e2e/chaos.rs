@@ -360,8 +360,7 @@ async fn post(
     body: Vec<u8>,
 ) -> (String, Option<String>) {
     let request = client
-        .post(format!("{url}/v1/batch"))
-        .basic_auth(key, Some(""))
+        .post_as(format!("{url}/v1/batch"), key)
         .header("content-type", "application/json")
         .body(body);
     match request.send().await {

@@ -54,8 +54,7 @@ async fn promtool_finds_nothing_to_flag_in_the_collectors_or_the_workers_metrics
     .await;
     assert_eq!(r.status(), 200);
     let refused = client
-        .post(format!("{}/v1/batch", collector.url))
-        .basic_auth("not-a-key", Some(""))
+        .post_as(format!("{}/v1/batch", collector.url), "not-a-key")
         .json(&json!({"batch": []}))
         .send()
         .await

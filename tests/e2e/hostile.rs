@@ -96,8 +96,7 @@ async fn healthz_on(stream: &mut TcpStream) -> Option<u16> {
 
 async fn post_good(url: &str, id: &str) -> u16 {
     http()
-        .post(format!("{url}/v1/batch"))
-        .basic_auth(IOS_KEY, Some(""))
+        .post_as(format!("{url}/v1/batch"), IOS_KEY)
         .json(&batch(vec![product_viewed(id)]))
         .send()
         .await
@@ -398,7 +397,7 @@ async fn hostile_bodies_get_clear_4xx_json_errors_bounded_memory_and_publish_not
         "bomb of {} bytes",
         bomb.len()
     );
-    let post = |url: &str| http().post(url).basic_auth(IOS_KEY, Some(""));
+    let post = |url: &str| http().post_as(url, IOS_KEY);
     let huge_string = format!("\"{}\"", "x".repeat(1_500_000));
     let cases: Vec<(&str, reqwest::RequestBuilder, u16, &str)> = vec![
         (
@@ -558,8 +557,7 @@ async fn duplicate_keys_keep_the_last_value_but_duplicate_write_key_or_batch_is_
     // to the worker, so a duplicate of those is refused (see the hostile_bodies test).
     let body = r#"{"batch":[{"type":"track","event":"Custom","messageId":"dup-1","userId":"first","userId":"last"}]}"#;
     let r = http()
-        .post(format!("{}/v1/batch", collector.url))
-        .basic_auth(IOS_KEY, Some(""))
+        .post_as(format!("{}/v1/batch", collector.url), IOS_KEY)
         .body(body)
         .send()
         .await
@@ -667,8 +665,7 @@ async fn a_small_batch_whose_shared_context_would_expand_to_660_mb_is_refused_wi
         body.len()
     );
     let r = http()
-        .post(&url)
-        .basic_auth(IOS_KEY, Some(""))
+        .post_as(&url, IOS_KEY)
         .header("content-type", "application/json")
         .body(body)
         .send()

@@ -22,8 +22,7 @@ async fn batch_with_basic_auth_lands_in_mongo_with_enrichment() {
         screen("sc-1"),
     ]);
     let r = http()
-        .post(format!("{}/v1/batch", collector.url))
-        .basic_auth(IOS_KEY, Some(""))
+        .post_as(format!("{}/v1/batch", collector.url), IOS_KEY)
         .header("user-agent", "Shop/4.2.0 CFNetwork")
         .header("x-forwarded-for", "198.51.100.7")
         .json(&body)
@@ -121,8 +120,7 @@ async fn gzip_body_lands() {
     let ids = ids("gz", 40);
     let body = batch(ids.iter().map(|id| product_viewed(id)).collect());
     let r = http()
-        .post(format!("{}/v1/batch", collector.url))
-        .basic_auth(IOS_KEY, Some(""))
+        .post_as(format!("{}/v1/batch", collector.url), IOS_KEY)
         .header("content-type", "application/json")
         .header("content-encoding", "gzip")
         .body(gzip(body.to_string().as_bytes()))
@@ -178,14 +176,14 @@ async fn refusals_are_401_413_400_with_json_errors_and_publish_nothing() {
 
     let cases: Vec<(reqwest::RequestBuilder, u16, &str)> = vec![
         (http().post(&url).body(good.clone()), 401, "missing_write_key"),
-        (http().post(&url).basic_auth("wrong-key", Some("")).body(good.clone()), 401, "unknown_write_key"),
+        (http().post_as(&url, "wrong-key").body(good.clone()), 401, "unknown_write_key"),
         (
             http().post(&url).body(json!({"writeKey": "nope", "batch": []}).to_string()),
             401,
             "unknown_write_key",
         ),
         (
-            http().post(&url).basic_auth(IOS_KEY, Some("")).body(format!(
+            http().post_as(&url, IOS_KEY).body(format!(
                 r#"{{"batch":[{{"type":"track","event":"Big","userId":"u","properties":{{"blob":"{}"}}}}]}}"#,
                 "x".repeat(40_000)
             )),
@@ -193,24 +191,23 @@ async fn refusals_are_401_413_400_with_json_errors_and_publish_nothing() {
             "event_too_large",
         ),
         (
-            http().post(&url).basic_auth(IOS_KEY, Some("")).body("x".repeat(600_000)),
+            http().post_as(&url, IOS_KEY).body("x".repeat(600_000)),
             413,
             "batch_too_large",
         ),
         (
-            http().post(&url).basic_auth(IOS_KEY, Some("")).body(r#"{"batch":[{"type":"track""#),
+            http().post_as(&url, IOS_KEY).body(r#"{"batch":[{"type":"track""#),
             400,
             "malformed_json",
         ),
         (
-            http().post(&url).basic_auth(IOS_KEY, Some("")).body(vec![b'{', b'"', 0xff, b'"', b':', b'1', b'}']),
+            http().post_as(&url, IOS_KEY).body(vec![b'{', b'"', 0xff, b'"', b':', b'1', b'}']),
             400,
             "malformed_json",
         ),
         (
             http()
-                .post(&url)
-                .basic_auth(IOS_KEY, Some(""))
+                .post_as(&url, IOS_KEY)
                 .header("content-encoding", "gzip")
                 .body("definitely not gzip"),
             400,
@@ -233,8 +230,7 @@ async fn refusals_are_401_413_400_with_json_errors_and_publish_nothing() {
     );
     // and the same collector still accepts a good one
     let r = http()
-        .post(&url)
-        .basic_auth(IOS_KEY, Some(""))
+        .post_as(&url, IOS_KEY)
         .body(good)
         .send()
         .await
@@ -260,8 +256,7 @@ async fn invalid_event_goes_to_the_invalid_queue_while_its_siblings_land() {
         .remove("product_id");
     let body = batch(vec![product_viewed("ok-1"), bad, screen("ok-2")]);
     let r = http()
-        .post(format!("{}/v1/batch", collector.url))
-        .basic_auth(IOS_KEY, Some(""))
+        .post_as(format!("{}/v1/batch", collector.url), IOS_KEY)
         .json(&body)
         .send()
         .await
@@ -328,8 +323,7 @@ async fn the_same_message_id_posted_twice_is_stored_once() {
     let _worker = Worker::start(&s);
     for _ in 0..2 {
         let r = http()
-            .post(format!("{}/v1/batch", collector.url))
-            .basic_auth(IOS_KEY, Some(""))
+            .post_as(format!("{}/v1/batch", collector.url), IOS_KEY)
             .json(&batch(vec![
                 product_viewed("twice-1"),
                 product_viewed("once-2"),
@@ -399,8 +393,7 @@ async fn an_event_with_a_reserved_key_is_kept_as_invalid_not_lost_or_mistaken_fo
     let mut second = product_viewed("res-2");
     second["_id"] = json!("same");
     let r = http()
-        .post(format!("{}/v1/batch", collector.url))
-        .basic_auth(IOS_KEY, Some(""))
+        .post_as(format!("{}/v1/batch", collector.url), IOS_KEY)
         .json(&batch(vec![first, second, product_viewed("res-ok")]))
         .send()
         .await
@@ -444,8 +437,7 @@ async fn past_the_in_flight_bound_the_collector_answers_503_with_retry_after_at_
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     let r = http()
-        .post(format!("{}/v1/batch", collector.url))
-        .basic_auth(IOS_KEY, Some(""))
+        .post_as(format!("{}/v1/batch", collector.url), IOS_KEY)
         .json(&batch(vec![product_viewed("busy-1")]))
         .send()
         .await
@@ -459,8 +451,7 @@ async fn past_the_in_flight_bound_the_collector_answers_503_with_retry_after_at_
     assert!(
         eventually(Duration::from_secs(5), || async {
             http()
-                .post(format!("{}/v1/batch", collector.url))
-                .basic_auth(IOS_KEY, Some(""))
+                .post_as(format!("{}/v1/batch", collector.url), IOS_KEY)
                 .json(&batch(vec![product_viewed("busy-2")]))
                 .send()
                 .await
@@ -479,8 +470,7 @@ async fn a_source_over_its_rate_gets_429_with_retry_after_and_other_sources_do_n
     let collector = Collector::start(&s).await;
     let post = |key: &'static str, id: &'static str| {
         http()
-            .post(format!("{}/v1/batch", collector.url))
-            .basic_auth(key, Some(""))
+            .post_as(format!("{}/v1/batch", collector.url), key)
             .json(&batch(vec![product_viewed(id)]))
             .send()
     };
@@ -524,13 +514,7 @@ async fn a_batch_with_a_too_large_and_a_non_object_event_stores_the_rest_and_nam
     bad_id["messageId"] = json!(42);
     let body = json!({"batch": [product_viewed("pe-1"), big, 7, screen("pe-2"), bad_type, bad_id]});
     let url = format!("{}/v1/batch", collector.url);
-    let post = |body: serde_json::Value| {
-        http()
-            .post(url.clone())
-            .basic_auth(IOS_KEY, Some(""))
-            .json(&body)
-            .send()
-    };
+    let post = |body: serde_json::Value| http().post_as(url.clone(), IOS_KEY).json(&body).send();
     let r = post(body).await.unwrap();
     assert_eq!(r.status(), 200);
     let answer: serde_json::Value = r.json().await.unwrap();
@@ -591,8 +575,7 @@ async fn a_batch_with_a_too_large_and_a_non_object_event_stores_the_rest_and_nam
     whole.collector.partial_batches = false;
     let strict = Collector::start(&whole).await;
     let r = http()
-        .post(format!("{}/v1/batch", strict.url))
-        .basic_auth(IOS_KEY, Some(""))
+        .post_as(format!("{}/v1/batch", strict.url), IOS_KEY)
         .json(&json!({"batch": [product_viewed("pe-3"), big]}))
         .send()
         .await

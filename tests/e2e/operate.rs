@@ -352,8 +352,7 @@ async fn both_services_export_prometheus_metrics_for_requests_publishes_and_sink
         200
     );
     let bad = client
-        .post(format!("{collector}/v1/batch"))
-        .basic_auth("not-a-key", Some(""))
+        .post_as(format!("{collector}/v1/batch"), "not-a-key")
         .json(&events("m-bad", 1))
         .send()
         .await

@@ -272,8 +272,7 @@ async fn dlq_replay_after_a_schema_fix_moves_invalid_events_into_mongodb() {
     broken["properties"]["price"] = json!("free"); // invalid under both plans
     events.push(broken);
     let r = http()
-        .post(format!("{}/v1/batch", collector.url))
-        .basic_auth(IOS_KEY, Some(""))
+        .post_as(format!("{}/v1/batch", collector.url), IOS_KEY)
         .json(&batch(events))
         .send()
         .await

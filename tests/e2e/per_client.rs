@@ -86,8 +86,7 @@ async fn a_request_head_past_max_header_bytes_gets_431_and_holds_no_more_memory(
     );
     // A head within the bound is served: a large cookie and user agent.
     let r = http()
-        .post(format!("{}/v1/batch", collector.url))
-        .basic_auth(IOS_KEY, Some(""))
+        .post_as(format!("{}/v1/batch", collector.url), IOS_KEY)
         .header("cookie", "c".repeat(6000))
         .header("user-agent", "u".repeat(2000))
         .json(&batch(vec![product_viewed("big-but-fine")]))
@@ -158,8 +157,7 @@ async fn behind_a_trusted_proxy_one_forwarded_address_gets_429_past_its_share_an
     }
     let from = |client: &'static str, id: &'static str| {
         http()
-            .post(format!("{}/v1/batch", collector.url))
-            .basic_auth(IOS_KEY, Some(""))
+            .post_as(format!("{}/v1/batch", collector.url), IOS_KEY)
             .header("x-forwarded-for", client)
             .json(&batch(vec![product_viewed(id)]))
             .send()
@@ -243,8 +241,7 @@ async fn bodies_without_a_valid_key_cost_their_address_a_bounded_share_and_no_on
         .unwrap();
     assert_eq!(r.status(), 200);
     let r = attacker
-        .post(format!("{}/v1/batch", collector.url))
-        .basic_auth(IOS_KEY, Some(""))
+        .post_as(format!("{}/v1/batch", collector.url), IOS_KEY)
         .json(&batch(vec![product_viewed("header-keyed")]))
         .send()
         .await

@@ -27,8 +27,7 @@ async fn post_batches(
                 .collect();
             async move {
                 client
-                    .post(url)
-                    .basic_auth(IOS_KEY, Some(""))
+                    .post_as(url, IOS_KEY)
                     .json(&batch(events))
                     .send()
                     .await
@@ -147,8 +146,7 @@ async fn with_the_broker_down_the_collector_answers_503_never_2xx_and_recovers_b
     let client = http();
     let post = |id: String| {
         client
-            .post(format!("{}/v1/batch", collector.url))
-            .basic_auth(IOS_KEY, Some(""))
+            .post_as(format!("{}/v1/batch", collector.url), IOS_KEY)
             .json(&batch(vec![product_viewed(&id)]))
             .send()
     };
@@ -212,8 +210,7 @@ async fn a_deleted_raw_queue_is_declared_again_and_requests_get_200_into_it() {
     let raw = format!("{}.raw", s.broker.prefix);
     let post = |id: String| {
         client
-            .post(format!("{}/v1/batch", collector.url))
-            .basic_auth(IOS_KEY, Some(""))
+            .post_as(format!("{}/v1/batch", collector.url), IOS_KEY)
             .json(&batch(vec![product_viewed(&id)]))
             .send()
     };

@@ -264,8 +264,7 @@ async fn one_sources_refused_event_dead_letters_only_itself_and_no_post_exceeds_
         let (client, url) = (client.clone(), format!("{}/v1/batch", collector.url));
         async move {
             let r = client
-                .post(url)
-                .basic_auth(key, Some(""))
+                .post_as(url, key)
                 .json(&batch(events))
                 .send()
                 .await

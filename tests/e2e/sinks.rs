@@ -50,8 +50,7 @@ async fn post_mixed(collector: &Collector, tag: &str, requests: usize) -> Vec<St
             ]);
             async move {
                 client
-                    .post(url)
-                    .basic_auth(IOS_KEY, Some(""))
+                    .post_as(url, IOS_KEY)
                     .json(&body)
                     .send()
                     .await
@@ -421,8 +420,7 @@ async fn an_event_the_driver_cannot_encode_is_invalid_and_never_holds_other_even
             events.insert(7, nested.clone());
         }
         let status = client
-            .post(format!("{}/v1/batch", collector.url))
-            .basic_auth(IOS_KEY, Some(""))
+            .post_as(format!("{}/v1/batch", collector.url), IOS_KEY)
             .json(&batch(events))
             .send()
             .await
@@ -468,8 +466,7 @@ async fn the_same_message_id_from_two_sources_is_two_events_and_each_is_stored_o
         let (client, url) = (client.clone(), format!("{}/v1/batch", collector.url));
         async move {
             let r = client
-                .post(url)
-                .basic_auth(key, Some(""))
+                .post_as(url, key)
                 .json(&batch(vec![event]))
                 .send()
                 .await
@@ -528,8 +525,7 @@ async fn an_earlier_releases_unique_message_id_index_is_dropped_so_a_second_sour
     let _worker = Worker::start(&s);
     for key in [IOS_KEY, WEB_KEY] {
         let r = http()
-            .post(format!("{}/v1/batch", collector.url))
-            .basic_auth(key, Some(""))
+            .post_as(format!("{}/v1/batch", collector.url), key)
             .json(&batch(vec![screen("upgraded")]))
             .send()
             .await
@@ -570,8 +566,7 @@ async fn a_stalled_mongodb_makes_the_worker_unready_and_its_batch_a_retry_not_a_
         async move {
             let events = (0..10).map(|i| screen(&format!("{tag}-{i}"))).collect();
             let r = client
-                .post(url)
-                .basic_auth(IOS_KEY, Some(""))
+                .post_as(url, IOS_KEY)
                 .json(&batch(events))
                 .send()
                 .await

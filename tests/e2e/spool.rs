@@ -271,8 +271,7 @@ async fn a_full_spool_answers_503_with_retry_after_and_every_request_it_took_is_
             })
             .collect();
         let r = client
-            .post(format!("{}/v1/batch", collector.url))
-            .basic_auth(IOS_KEY, Some(""))
+            .post_as(format!("{}/v1/batch", collector.url), IOS_KEY)
             .json(&batch(events))
             .send()
             .await

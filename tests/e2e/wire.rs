@@ -149,9 +149,7 @@ async fn a_json_body_lands_whatever_content_type_it_declares() {
         for gzipped in [false, true] {
             let id = format!("type-{n}-{gzipped}");
             let mut body = batch(vec![product_viewed(&id)]).to_string().into_bytes();
-            let mut request = http()
-                .post(format!("{}/v1/batch", collector.url))
-                .basic_auth(IOS_KEY, Some(""));
+            let mut request = http().post_as(format!("{}/v1/batch", collector.url), IOS_KEY);
             if gzipped {
                 body = gzip(&body);
                 request = request.header("content-encoding", "gzip");

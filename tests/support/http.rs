@@ -167,6 +167,26 @@ impl Drop for Receiver {
     }
 }
 
+/// A POST with a write key as the SDKs send it: the key as the Basic username, no password.
+/// The one way the tests post as a source.
+pub trait PostAs {
+    fn post_as(
+        &self,
+        url: impl reqwest::IntoUrl,
+        key: impl std::fmt::Display,
+    ) -> reqwest::RequestBuilder;
+}
+
+impl PostAs for reqwest::Client {
+    fn post_as(
+        &self,
+        url: impl reqwest::IntoUrl,
+        key: impl std::fmt::Display,
+    ) -> reqwest::RequestBuilder {
+        self.post(url).basic_auth(key, Some(""))
+    }
+}
+
 /// `POST {collector}/v1/batch` with the iOS test key.
 pub async fn post_batch(
     client: &reqwest::Client,
@@ -174,8 +194,7 @@ pub async fn post_batch(
     body: &serde_json::Value,
 ) -> reqwest::Response {
     client
-        .post(format!("{collector}/v1/batch"))
-        .basic_auth(IOS_KEY, Some(""))
+        .post_as(format!("{collector}/v1/batch"), IOS_KEY)
         .json(body)
         .send()
         .await
