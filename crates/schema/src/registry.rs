@@ -269,3 +269,6 @@ fn file_stem(path: &Path) -> Option<&str> {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod load_tests;
