@@ -1,6 +1,7 @@
 //! RabbitMQ for tests: nodes and clusters a test owns, reading, publishing to and draining
 //! queues, and a TCP proxy that stalls a broker's answers.
 
+use ingest_pipeline::broker::{until_taken, Policy, Publisher};
 use ingest_pipeline::Settings;
 use lapin::options::{BasicAckOptions, BasicGetOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
@@ -281,36 +282,25 @@ pub async fn publish_raw(url: &str, queue: &str, body: &[u8]) {
 /// quorum queue still electing its leader under a loaded broker) is retried, as a collector's
 /// client would.
 pub async fn publish_raw_encoded(url: &str, queue: &str, body: &[u8], encoding: Option<&str>) {
-    let (conn, ch) = channel(url).await;
-    ch.confirm_select(lapin::options::ConfirmSelectOptions::default())
+    let connection = lapin::Connection::connect(url, lapin::ConnectionProperties::default())
         .await
         .unwrap();
+    let connection = std::sync::Arc::new(connection);
+    let publisher = Publisher::open(connection.clone()).await.unwrap();
     let mut properties = lapin::BasicProperties::default().with_delivery_mode(2);
     if let Some(encoding) = encoding {
         properties = properties.with_content_encoding(encoding.into());
     }
-    let mut last = None;
-    for _ in 0..50 {
-        let confirm = ch
-            .basic_publish(
-                "".into(),
-                queue.into(),
-                lapin::options::BasicPublishOptions::default(),
-                body,
-                properties.clone(),
-            )
-            .await
-            .unwrap()
-            .await
-            .unwrap();
-        if confirm.is_ack() {
-            let _ = conn.close(200, "".into()).await;
-            return;
-        }
-        last = Some(confirm);
-        tokio::time::sleep(Duration::from_millis(200)).await;
+    let policy = Policy {
+        nacks: 50,
+        pause_max: Duration::from_millis(200),
+        ..Policy::patient(Duration::from_secs(10))
+    };
+    let taken = until_taken(&publisher, "", queue, body, properties, &policy).await;
+    let _ = connection.close(200, "".into()).await;
+    if let Err(error) = taken {
+        panic!("the broker did not take the publish into {queue}: {error}");
     }
-    panic!("the broker never confirmed the publish: {last:?}");
 }
 
 /// Takes (and acks) every message in a queue, as parsed JSON.
@@ -422,24 +412,18 @@ pub async fn publish_once(
         let connection = lapin::Connection::connect(url, lapin::ConnectionProperties::default())
             .await
             .map_err(|e| format!("connect: {e}"))?;
-        let confirmed = async {
-            let ch = connection.create_channel().await?;
-            ch.confirm_select(lapin::options::ConfirmSelectOptions::default())
-                .await?;
-            let mandatory = lapin::options::BasicPublishOptions {
-                mandatory: true,
-                ..lapin::options::BasicPublishOptions::default()
-            };
-            ch.basic_publish("".into(), queue.into(), mandatory, body, properties)
-                .await?
-                .await
-        }
-        .await;
+        let connection = std::sync::Arc::new(connection);
+        let taken = match Publisher::open(connection.clone()).await {
+            Ok(publisher) => {
+                let policy = Policy::answer_within(within);
+                until_taken(&publisher, "", queue, body, properties, &policy)
+                    .await
+                    .map_err(|e| format!("not taken: {e}"))
+            }
+            Err(e) => Err(format!("channel: {e}")),
+        };
         let _ = connection.close(200, "".into()).await;
-        match confirmed.map_err(|e| format!("publish: {e}"))? {
-            lapin::Confirmation::Ack(None) => Ok(()),
-            other => Err(format!("not confirmed: {other:?}")),
-        }
+        taken
     };
     tokio::time::timeout(within, attempt)
         .await

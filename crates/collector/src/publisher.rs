@@ -13,11 +13,11 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use ingest_pipeline::broker::long_string;
+use ingest_pipeline::broker::{until_taken, Policy, PublishError as Refused};
 use ingest_pipeline::message::{headers, RequestMeta};
 use ingest_pipeline::settings::BrokerSettings;
 use ingest_pipeline::{broker, Backoff, Topology};
-use lapin::options::BasicPublishOptions;
-use lapin::{BasicProperties, Confirmation, Connection, Event};
+use lapin::{BasicProperties, Connection, Event};
 use tokio::sync::Notify;
 
 /// A broker that stopped answering must not hold up shutdown or reconnection.
@@ -27,20 +27,16 @@ const DECLARE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often the supervisor checks that the raw queue exists (a passive declare).
 const RAW_CHECK_EVERY: Duration = Duration::from_secs(5);
 
+/// Why a request's payload is not in the raw queue: nothing to publish on, or the broker's
+/// own answer to the publish.
 #[derive(Debug, thiserror::Error)]
 pub enum PublishError {
     #[error("no connection to the broker")]
     Unavailable,
     #[error("the broker blocked publishing (resource alarm)")]
     Blocked,
-    #[error("the broker refused the message (nack)")]
-    Nacked,
-    #[error("the message could not be routed to the raw queue")]
-    Unroutable,
-    #[error("no confirm from the broker within {0:?}")]
-    ConfirmTimeout(Duration),
-    #[error("broker error: {0}")]
-    Amqp(#[from] lapin::Error),
+    #[error(transparent)]
+    Broker(#[from] broker::PublishError),
 }
 
 /// The properties a request's raw message is published with (from the spool too): its
@@ -68,10 +64,10 @@ impl PublishError {
         match self {
             Self::Unavailable => "broker_unavailable",
             Self::Blocked => "broker_blocked",
-            Self::Nacked => "broker_nack",
-            Self::Unroutable => "unroutable",
-            Self::ConfirmTimeout(_) => "confirm_timeout",
-            Self::Amqp(_) => "broker_error",
+            Self::Broker(broker::PublishError::Nacked) => "broker_nack",
+            Self::Broker(broker::PublishError::Returned) => "unroutable",
+            Self::Broker(broker::PublishError::TimedOut(_)) => "confirm_timeout",
+            Self::Broker(broker::PublishError::Lost(_)) => "broker_error",
         }
     }
 }
@@ -159,32 +155,19 @@ impl Publisher {
         let index = live.next.fetch_add(1, Ordering::Relaxed) % live.channels.len();
         let channel = &live.channels[index];
         let started = std::time::Instant::now();
-        let result = tokio::time::timeout(self.confirm_timeout, async {
-            channel
-                .publish(
-                    "",
-                    &self.queue,
-                    BasicPublishOptions {
-                        mandatory: true,
-                        ..BasicPublishOptions::default()
-                    },
-                    body,
-                    properties,
-                )
-                .await
-        })
-        .await;
+        let policy = Policy::answer_within(self.confirm_timeout);
+        let result = until_taken(channel, "", &self.queue, body, properties, &policy).await;
         let outcome = match &result {
-            Ok(Ok(Confirmation::Ack(None))) => "ack",
-            Ok(Ok(_)) => "nack",
-            Ok(Err(_)) => "error",
-            Err(_) => "timeout",
+            Ok(()) => "ack",
+            Err(Refused::Nacked | Refused::Returned) => "nack",
+            Err(Refused::Lost(_)) => "error",
+            Err(Refused::TimedOut(_)) => "timeout",
         };
         let waited = started.elapsed();
         metrics::histogram!("collector_publish_confirm_seconds", "outcome" => outcome)
             .record(waited.as_secs_f64());
-        match result {
-            Err(_) => {
+        match &result {
+            Err(Refused::TimedOut(_)) => {
                 // A node that confirms nothing for this long is stalled (frozen, its disk
                 // stuck, a queue without a majority): leave it for another node of the
                 // cluster rather than wait for its heartbeat to time out. One slow publish is
@@ -201,31 +184,27 @@ impl Publisher {
                 if stalled && live.leave() {
                     tracing::warn!(timeout = ?self.confirm_timeout, "no confirm from the broker in time; reconnecting (to another node if there is one)");
                 }
-                Err(PublishError::ConfirmTimeout(self.confirm_timeout))
             }
-            Ok(Err(error)) => {
+            Err(Refused::Lost(_)) => {
                 // A channel or connection error: let the supervisor rebuild this connection.
                 live.leave();
-                Err(PublishError::Amqp(error))
             }
-            Ok(Ok(Confirmation::Ack(None))) => {
+            Ok(()) => {
                 // The confirm's time from the connection's opening, without reading the clock
                 // again on this path.
                 let confirmed = started.saturating_duration_since(live.opened) + waited;
                 let since_open = u64::try_from(confirmed.as_millis()).unwrap_or(u64::MAX);
                 live.last_confirm_ms
                     .fetch_max(since_open, Ordering::Relaxed);
-                Ok(())
             }
-            Ok(Ok(Confirmation::Ack(Some(_)) | Confirmation::Nack(Some(_)))) => {
+            Err(Refused::Returned) => {
                 // Returned: the raw queue is gone. Declared again by the supervisor.
                 self.shared.raw_missing.store(true, Ordering::SeqCst);
                 live.raw_missing.notify_one();
-                Err(PublishError::Unroutable)
             }
-            Ok(Ok(Confirmation::Nack(None))) => Err(PublishError::Nacked),
-            Ok(Ok(Confirmation::NotRequested)) => Err(PublishError::Nacked),
+            Err(Refused::Nacked) => {}
         }
+        result.map_err(PublishError::from)
     }
 
     /// Closes the connection after in-flight publishes have been answered.

@@ -9,17 +9,18 @@
 //! `--limit` bounds the memory a replay takes.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
-use ingest_pipeline::broker::{long_string, Publisher};
+use ingest_pipeline::broker::{long_string, until_taken, Policy, Publisher};
 use ingest_pipeline::message::{
     headers, is_death_record, mark_replayed, read_batch_key, Endpoint, RequestMeta,
 };
 use ingest_pipeline::Topology;
 use ingest_schema::Registry;
 use lapin::message::BasicGetMessage;
-use lapin::options::{BasicAckOptions, BasicGetOptions, BasicPublishOptions};
+use lapin::options::{BasicAckOptions, BasicGetOptions};
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::{BasicProperties, Channel, Confirmation};
+use lapin::{BasicProperties, Channel};
 use serde_json::{json, Value};
 
 /// Which kind of queue a name is, under the configured prefix.
@@ -217,20 +218,14 @@ pub async fn replay(
             Err(why) => *outcome.kept.entry(why).or_default() += 1,
             Ok(_) if dry_run => outcome.replayed += 1,
             Ok((queue, body, properties)) => {
-                let options = BasicPublishOptions {
-                    mandatory: true,
-                    ..BasicPublishOptions::default()
-                };
-                match publisher
-                    .publish("", &queue, options, &body, properties)
-                    .await?
-                {
-                    Confirmation::Ack(None) => {
+                let patient = Policy::patient(Duration::from_secs(10));
+                match until_taken(publisher, "", &queue, &body, properties, &patient).await {
+                    Ok(()) => {
                         message.delivery.ack(BasicAckOptions::default()).await?;
                         outcome.replayed += 1;
                     }
-                    _ => {
-                        anyhow::bail!("the broker did not take the replayed message into {queue}; stopped (nothing was lost)")
+                    Err(error) => {
+                        anyhow::bail!("the broker did not take the replayed message into {queue} ({error}); stopped (nothing was lost)")
                     }
                 }
             }

@@ -4,7 +4,8 @@
 //! can see it instead of looping. RabbitMQ refuses a declare whose arguments differ from the
 //! existing queue's; a queue declared by an earlier release (without the byte cap or the
 //! delivery limit) is used as it is, with a warning and a metric, so that an upgrade does not
-//! stop ingest (the README says how to apply the new arguments with a policy).
+//! stop ingest (`docs/design.md`, "Changing a queue's arguments", says how to apply the new arguments
+//! with a policy).
 
 use std::time::Duration;
 
@@ -12,7 +13,9 @@ use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptio
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
 
-pub use crate::publish::{confirm_channel, Answer, Publisher};
+pub use crate::publish::{
+    confirm_channel, until_taken, ConfirmWait, Confirmed, Policy, PublishError, Publisher,
+};
 use crate::settings::BrokerSettings;
 
 /// Names of the pipeline's queues, all under one prefix.
@@ -256,7 +259,7 @@ async fn declare_or_keep(
             tracing::warn!(
                 queue,
                 %refused,
-                "queue exists with an earlier release's arguments (no delivery limit or byte cap); using it as it is (README: \"Changing a queue's arguments\")"
+                "queue exists with an earlier release's arguments (no delivery limit or byte cap); using it as it is (docs/design.md: \"Changing a queue's arguments\")"
             );
             metrics::counter!("broker_queue_kept_with_old_arguments_total", "queue" => queue.to_owned())
                 .increment(1);

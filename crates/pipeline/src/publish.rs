@@ -35,15 +35,21 @@ pub async fn confirm_channel(connection: &Connection) -> lapin::Result<Channel> 
     Ok(channel)
 }
 
-/// How the broker answered a mandatory publish.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Answer {
-    /// Taken: persisted in a queue.
-    Confirmed,
-    /// Unroutable: the queue (or every queue bound to the exchange) does not exist.
-    Returned,
-    /// Refused, e.g. by a queue at its `reject-publish` cap.
+/// Why the broker did not take a publish.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    /// Refused, e.g. by a queue at its `reject-publish` cap or without a majority.
+    #[error("the broker refused the message (nack)")]
     Nacked,
+    /// Unroutable: the queue (or every queue bound to the exchange) does not exist.
+    #[error("the message could not be routed (its queue is missing)")]
+    Returned,
+    /// No answer within the caller's time (the message may still be taken later).
+    #[error("no confirm from the broker within {0:?}")]
+    TimedOut(Duration),
+    /// The channel or its connection failed before the broker answered.
+    #[error("the channel to the broker was lost: {0}")]
+    Lost(#[from] lapin::Error),
 }
 
 /// The channel publishes go to now; `generation` counts the renewals.
@@ -98,27 +104,13 @@ impl Publisher {
         self.current().generation
     }
 
-    /// Publishes and waits for the broker's answer. A nack is answered by publishing once more
-    /// on a fresh channel (see the module's notes); the answer to that is returned.
-    pub async fn publish(
-        &self,
-        exchange: &str,
-        routing_key: &str,
-        options: BasicPublishOptions,
-        body: &[u8],
-        properties: BasicProperties,
-    ) -> lapin::Result<Confirmation> {
-        self.confirmed(exchange, routing_key, options, body, properties, None)
-            .await
-    }
-
     /// Publishes `mandatory` and waits for the broker's answer however long it takes. A publish
     /// is never abandoned for a late confirm: its frames stay queued in lapin until the broker
     /// takes them (during a memory alarm it takes none), so publishing the same body again
     /// would send it twice and grow memory with every round. After `patience` without an
     /// answer, this logs once and counts `broker_confirm_waits_total`, then goes on waiting;
-    /// a lost connection ends the wait with an error. A nack is answered as by
-    /// [`Publisher::publish`].
+    /// a lost connection ends the wait with an error. A nack is answered by publishing once
+    /// more on a fresh channel (see the module's notes); the answer to that is returned.
     pub async fn publish_and_wait(
         &self,
         exchange: &str,
@@ -126,29 +118,22 @@ impl Publisher {
         body: &[u8],
         properties: BasicProperties,
         patience: Duration,
-    ) -> lapin::Result<Answer> {
+    ) -> Result<(), PublishError> {
         let options = BasicPublishOptions {
             mandatory: true,
             ..BasicPublishOptions::default()
         };
         let confirmation = self
-            .confirmed(
-                exchange,
-                routing_key,
-                options,
-                body,
-                properties,
-                Some(patience),
-            )
+            .confirmed(exchange, routing_key, options, body, properties, patience)
             .await?;
-        Ok(match confirmation {
-            Confirmation::Ack(None) => Answer::Confirmed,
-            Confirmation::Ack(Some(_)) | Confirmation::Nack(Some(_)) => Answer::Returned,
-            Confirmation::Nack(None) | Confirmation::NotRequested => Answer::Nacked,
-        })
+        match confirmation {
+            Confirmation::Ack(None) => Ok(()),
+            Confirmation::Ack(Some(_)) | Confirmation::Nack(Some(_)) => Err(PublishError::Returned),
+            Confirmation::Nack(None) | Confirmation::NotRequested => Err(PublishError::Nacked),
+        }
     }
 
-    /// Sends and waits for the confirm (logging once past `patience`, if given); after a nack,
+    /// Sends and waits for the confirm (logging once past `patience`); after a nack,
     /// sends once more on a fresh channel.
     async fn confirmed(
         &self,
@@ -157,17 +142,14 @@ impl Publisher {
         options: BasicPublishOptions,
         body: &[u8],
         properties: BasicProperties,
-        patience: Option<Duration>,
+        patience: Duration,
     ) -> lapin::Result<Confirmation> {
         let mut sent_again = false;
         loop {
             let (generation, confirm) = self
                 .send(exchange, routing_key, options, body, properties.clone())
                 .await?;
-            let confirmation = match patience {
-                Some(patience) => patiently(confirm, exchange, routing_key, patience).await?,
-                None => confirm.await?,
-            };
+            let confirmation = patiently(confirm, exchange, routing_key, patience).await?;
             let nacked = matches!(confirmation, Confirmation::Nack(None));
             if !nacked || sent_again || !self.renew(generation).await {
                 return Ok(confirmation);
@@ -273,3 +255,165 @@ async fn patiently(
         }
     }
 }
+
+/// How long to wait for the broker's confirm of one publish.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConfirmWait {
+    /// However long it takes, logging once past this long: a publish is never sent twice for a
+    /// late confirm (see [`Publisher::publish_and_wait`]).
+    Patient(Duration),
+    /// Give up after this long, tries and pauses included: for a caller that must answer its
+    /// own client in time and keeps the message elsewhere if the broker was too slow.
+    GiveUpAfter(Duration),
+}
+
+/// How [`until_taken`] tries: how many refusals of each kind it rides out, the pause between
+/// tries, and how long it waits for a confirm.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Policy {
+    /// Publishes the broker may nack before the nack is the answer (each is already sent again
+    /// once on a fresh channel by the [`Publisher`]).
+    pub nacks: u32,
+    /// Publishes that may come back unroutable before that is the answer; the caller's
+    /// [`Confirmed::returned`] (declaring the queues again) runs before each next try.
+    pub returns: u32,
+    /// The pause before the first try again, doubled each time up to `pause_max`.
+    pub pause: Duration,
+    pub pause_max: Duration,
+    pub confirm: ConfirmWait,
+}
+
+impl Policy {
+    /// One try, answered within `timeout`: the collector, which spools what the broker does
+    /// not take in time and must answer its client meanwhile.
+    pub fn answer_within(timeout: Duration) -> Self {
+        Self {
+            nacks: 1,
+            returns: 1,
+            pause: Duration::ZERO,
+            pause_max: Duration::ZERO,
+            confirm: ConfirmWait::GiveUpAfter(timeout),
+        }
+    }
+
+    /// The worker and `ingestctl`, which hold a delivery until the broker takes what it
+    /// publishes: nacks are ridden out for about 3 s (a quorum queue's leader election),
+    /// unroutable returns ten times with the queues declared again, and a late confirm is
+    /// waited for (logged after `patience`).
+    pub fn patient(patience: Duration) -> Self {
+        Self {
+            nacks: 5,
+            returns: 10,
+            pause: Duration::from_millis(200),
+            pause_max: Duration::from_millis(1600),
+            confirm: ConfirmWait::Patient(patience),
+        }
+    }
+
+    /// The same, with `nacks` refusals ridden out.
+    pub fn with_nacks(self, nacks: u32) -> Self {
+        Self {
+            nacks: nacks.max(1),
+            ..self
+        }
+    }
+}
+
+/// One confirmed publish, which [`until_taken`] drives: the [`Publisher`], or a stand-in in a
+/// unit test. The hooks are the caller's answer to a refusal, before the next try.
+#[async_trait::async_trait]
+pub trait Confirmed: Send + Sync {
+    /// Publishes `mandatory` and waits for the broker's answer (see [`ConfirmWait::Patient`]).
+    async fn publish_once(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        properties: BasicProperties,
+        patience: Duration,
+    ) -> Result<(), PublishError>;
+
+    /// The publish came back unroutable: e.g. count it and declare the queues again.
+    async fn returned(&self, _routing_key: &str) {}
+
+    /// The broker nacked the publish: e.g. count it.
+    fn nacked(&self, _routing_key: &str) {}
+}
+
+#[async_trait::async_trait]
+impl Confirmed for Publisher {
+    async fn publish_once(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        properties: BasicProperties,
+        patience: Duration,
+    ) -> Result<(), PublishError> {
+        self.publish_and_wait(exchange, routing_key, body, properties, patience)
+            .await
+    }
+}
+
+/// Publishes until the broker takes the message, as `policy` says: `Ok` once it is confirmed,
+/// else the last refusal (`Nacked`, `Returned`), `TimedOut` (only with
+/// [`ConfirmWait::GiveUpAfter`]) or `Lost` at once (a lost channel is not tried again here: its
+/// publishes in flight may still be taken, and the caller's connection is gone).
+pub async fn until_taken(
+    via: &dyn Confirmed,
+    exchange: &str,
+    routing_key: &str,
+    body: &[u8],
+    properties: BasicProperties,
+    policy: &Policy,
+) -> Result<(), PublishError> {
+    let tries = tries(via, exchange, routing_key, body, properties, policy);
+    match policy.confirm {
+        ConfirmWait::Patient(_) => tries.await,
+        ConfirmWait::GiveUpAfter(limit) => tokio::time::timeout(limit, tries)
+            .await
+            .unwrap_or(Err(PublishError::TimedOut(limit))),
+    }
+}
+
+async fn tries(
+    via: &dyn Confirmed,
+    exchange: &str,
+    routing_key: &str,
+    body: &[u8],
+    properties: BasicProperties,
+    policy: &Policy,
+) -> Result<(), PublishError> {
+    let patience = match policy.confirm {
+        ConfirmWait::Patient(patience) | ConfirmWait::GiveUpAfter(patience) => patience,
+    };
+    let mut pause = crate::Backoff::new(policy.pause, policy.pause_max);
+    let (mut nacked, mut returned) = (0, 0);
+    loop {
+        let answer = via
+            .publish_once(exchange, routing_key, body, properties.clone(), patience)
+            .await;
+        match answer {
+            Err(PublishError::Returned) => {
+                returned += 1;
+                if returned >= policy.returns {
+                    return Err(PublishError::Returned);
+                }
+                via.returned(routing_key).await;
+            }
+            Err(PublishError::Nacked) => {
+                via.nacked(routing_key);
+                nacked += 1;
+                if nacked >= policy.nacks {
+                    return Err(PublishError::Nacked);
+                }
+            }
+            done => return done,
+        }
+        tokio::time::sleep(pause.next_delay()).await;
+    }
+}
+
+#[cfg(test)]
+#[path = "publish/tests.rs"]
+mod tests;

@@ -11,18 +11,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::{FutureExt as _, StreamExt as _};
-use ingest_pipeline::broker::{Answer, Publisher};
-use ingest_pipeline::{broker, Settings, Topology};
+use ingest_pipeline::{broker, Settings};
 use lapin::message::Delivery;
 use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
-use lapin::BasicProperties;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::acks::{Acks, Settled};
-use crate::fanout::Fanout;
-use crate::settle::{Durable, SinkRunner};
+use crate::delivery::fanout::Fanout;
+use crate::delivery::{Durable, SinkRunner};
+use crate::out::Out;
 use crate::sinks::Event;
 use crate::{process, Context};
 
@@ -70,38 +69,41 @@ pub(crate) async fn session(
     )
     .await?;
 
+    let out = Arc::new(Out::new(
+        publish.clone(),
+        connection.clone(),
+        topology.clone(),
+        names.clone(),
+        settings.sinks.retry_delays(),
+        context.confirm_timeout,
+    ));
+
     // Each sink's queue runner runs beside the raw consumer; any of them failing ends the
     // session. The lanes end once the raw deliveries in hand are settled.
     let session_stop = stop.child_token();
     let mut sink_tasks = JoinSet::new();
     for runner in runners {
-        let (runner, topology, connection, publish, session_stop) = (
+        let (runner, topology, connection, out, session_stop) = (
             runner.clone(),
             topology.clone(),
             connection.clone(),
-            publish.clone(),
+            out.clone(),
             session_stop.clone(),
         );
         sink_tasks.spawn(async move {
             let result = runner
-                .run(&topology, &connection, &publish, &session_stop)
+                .run(&topology, &connection, &*out, &session_stop)
                 .await;
             session_stop.cancel();
             result
         });
     }
-    let durable: Arc<dyn Durable> = Arc::new(publish.clone());
+    let durable: Arc<dyn Durable> = out.clone();
     let lanes_stop = CancellationToken::new();
     let (fanout, mut lanes) = Fanout::start(runners, topology, durable, &lanes_stop);
     let shared = Arc::new(Session {
-        publish: publish.clone(),
+        out: out.clone(),
         fanout,
-        connection: connection.clone(),
-        sinks: names.clone(),
-        retry_delays: settings.sinks.retry_delays(),
-        topology: topology.clone(),
-        last_declared: tokio::sync::Mutex::new(None),
-        confirm_timeout: context.confirm_timeout,
     });
     let tag = format!("worker-{}", uuid::Uuid::new_v4());
     let consuming = channel.basic_consume(
@@ -144,7 +146,7 @@ pub(crate) async fn session(
                 if flushing.as_ref().is_none_or(|f| f.is_finished()) {
                     let (context, shared) = (context.clone(), shared.clone());
                     flushing = Some(tokio::spawn(async move {
-                        context.invalid.flush(&*shared, false).await;
+                        context.invalid.flush(&*shared.out, false).await;
                     }));
                 }
             }
@@ -210,7 +212,7 @@ pub(crate) async fn session(
     if !lost {
         // Stopping: every open window's summary, and what overflowed, while the channel lasts
         // (`serve` says what is left).
-        let _ = tokio::time::timeout(grace, context.invalid.flush(&*shared, true)).await;
+        let _ = tokio::time::timeout(grace, context.invalid.flush(&*shared.out, true)).await;
     }
     // Raw deliveries are settled: the lanes finish what they hold, then the runners stop.
     drop(shared);
@@ -312,7 +314,7 @@ async fn handle(delivery: Delivery, context: Arc<Context>, session: Arc<Session>
         .record(waited.num_milliseconds().max(0) as f64 / 1000.0);
     let events: Vec<Arc<Event>> = outcome.valid.into_iter().map(Arc::new).collect();
     let stored = async {
-        context.invalid.keep(&*session, outcome.invalid).await?;
+        context.invalid.keep(&*session.out, outcome.invalid).await?;
         if !events.is_empty() {
             session.fanout.deliver(&events).await?;
         }
@@ -334,56 +336,8 @@ async fn handle(delivery: Delivery, context: Arc<Context>, session: Arc<Session>
     }
 }
 
-/// What a session's delivery tasks share: the publishing channel, the sinks' lanes, and the
-/// connection to declare the topology again on (a queue deleted under a running worker).
+/// What a session's delivery tasks share: the way into the broker and the sinks' lanes.
 struct Session {
-    publish: Publisher,
+    out: Arc<Out>,
     fanout: Fanout,
-    connection: Arc<lapin::Connection>,
-    sinks: Vec<String>,
-    retry_delays: Vec<Duration>,
-    topology: Topology,
-    last_declared: tokio::sync::Mutex<Option<tokio::time::Instant>>,
-    confirm_timeout: Duration,
-}
-
-#[async_trait::async_trait]
-impl crate::invalid_publish::Target for Session {
-    fn queue(&self) -> String {
-        self.topology.invalid()
-    }
-
-    async fn publish(&self, body: &[u8], properties: BasicProperties) -> Result<Answer, String> {
-        let queue = self.topology.invalid();
-        self.publish
-            .publish_and_wait("", &queue, body, properties, self.confirm_timeout)
-            .await
-            .map_err(|error| format!("{queue}: {error}"))
-    }
-
-    async fn redeclare(&self) {
-        Session::redeclare(self).await;
-    }
-}
-
-impl Session {
-    /// Declares every queue again, at most once a second however many tasks ask.
-    async fn redeclare(&self) {
-        let mut last = self.last_declared.lock().await;
-        if last.is_some_and(|at| at.elapsed() < Duration::from_secs(1)) {
-            return;
-        }
-        *last = Some(tokio::time::Instant::now());
-        let declared = tokio::time::timeout(
-            BROKER_CALL_TIMEOUT,
-            self.topology
-                .declare_sinks(&self.connection, &self.sinks, &self.retry_delays),
-        )
-        .await;
-        match declared {
-            Ok(Ok(())) => tracing::info!("declared the queues again"),
-            Ok(Err(error)) => tracing::warn!(%error, "declaring the queues again failed"),
-            Err(_) => tracing::warn!("declaring the queues again timed out"),
-        }
-    }
 }

@@ -13,10 +13,9 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use ingest_pipeline::broker::Answer;
+use ingest_pipeline::broker::{until_taken, Confirmed, Policy, PublishError};
 use ingest_pipeline::message::invalid_headers;
 use ingest_pipeline::settings::InvalidSettings;
-use ingest_pipeline::Backoff;
 use lapin::BasicProperties;
 
 use crate::compact::{Compactor, Summary};
@@ -33,14 +32,11 @@ const RETURN_ATTEMPTS: u32 = 10;
 /// How often overflow summaries are tried while the queue refuses them.
 const OVERFLOW_RETRY: Duration = Duration::from_secs(5);
 
-/// Where the records go: the invalid queue, on the session's publishing channel.
-#[async_trait::async_trait]
-pub(crate) trait Target: Send + Sync {
+/// Where the records go: the invalid queue, through the session's publishing channel.
+pub(crate) trait Target: Confirmed {
     fn queue(&self) -> String;
-    /// Publishes (mandatory) and waits for the broker's answer; an error is a lost channel.
-    async fn publish(&self, body: &[u8], properties: BasicProperties) -> Result<Answer, String>;
-    /// Declares the queues again, after a publish came back unroutable.
-    async fn redeclare(&self);
+    /// How a record is published until the broker takes it (the worker's patient policy).
+    fn policy(&self) -> Policy;
 }
 
 pub(crate) struct InvalidQueue {
@@ -196,8 +192,9 @@ impl InvalidQueue {
         Ok(taken)
     }
 
-    /// Publishes until the broker takes it (`true`) or refuses it as the cap does (`false`).
-    /// A late confirm is waited for, never answered with a second copy; an unroutable publish
+    /// Publishes until the broker takes it (`true`) or refuses it as the cap does (`false`):
+    /// [`NACK_ATTEMPTS`] nacks are ridden out, one while the queue keeps refusing. A late
+    /// confirm is waited for, never answered with a second copy; an unroutable publish
     /// declares the queues again first.
     async fn publish(
         &self,
@@ -206,46 +203,31 @@ impl InvalidQueue {
         properties: BasicProperties,
     ) -> Result<bool, String> {
         let queue = target.queue();
-        let attempts = match self.refusing.load(Ordering::Relaxed) {
+        let nacks = match self.refusing.load(Ordering::Relaxed) {
             true => 1,
             false => NACK_ATTEMPTS,
         };
-        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_millis(1600));
-        let (mut nacked, mut returned) = (0, 0);
-        loop {
-            match target.publish(body, properties.clone()).await? {
-                Answer::Confirmed => {
-                    if self.refusing.swap(false, Ordering::Relaxed) {
-                        tracing::info!(queue, "the invalid queue takes records again");
-                    }
-                    return Ok(true);
+        let policy = Policy {
+            returns: RETURN_ATTEMPTS,
+            ..target.policy().with_nacks(nacks)
+        };
+        match until_taken(target, "", &queue, body, properties, &policy).await {
+            Ok(()) => {
+                if self.refusing.swap(false, Ordering::Relaxed) {
+                    tracing::info!(queue, "the invalid queue takes records again");
                 }
-                Answer::Returned => {
-                    metrics::counter!("worker_publish_returned_total", "target" => queue.clone())
-                        .increment(1);
-                    tracing::warn!(
-                        queue,
-                        "the broker could not route a publish; declaring the queues again"
-                    );
-                    returned += 1;
-                    if returned >= RETURN_ATTEMPTS {
-                        return Err(format!("{queue}: {RETURN_ATTEMPTS} publishes unroutable"));
-                    }
-                    target.redeclare().await;
-                }
-                Answer::Nacked => {
-                    metrics::counter!("worker_publish_nacked_total", "target" => queue.clone())
-                        .increment(1);
-                    nacked += 1;
-                    if nacked >= attempts {
-                        if !self.refusing.swap(true, Ordering::Relaxed) {
-                            tracing::warn!(queue, "the invalid queue refuses records (at its byte cap?): they are counted in worker_invalid_overflow_total and summarised once it has room");
-                        }
-                        return Ok(false);
-                    }
-                }
+                Ok(true)
             }
-            tokio::time::sleep(backoff.next_delay()).await;
+            Err(PublishError::Nacked) => {
+                if !self.refusing.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(queue, "the invalid queue refuses records (at its byte cap?): they are counted in worker_invalid_overflow_total and summarised once it has room");
+                }
+                Ok(false)
+            }
+            Err(PublishError::Returned) => {
+                Err(format!("{queue}: {RETURN_ATTEMPTS} publishes unroutable"))
+            }
+            Err(error) => Err(format!("{queue}: {error}")),
         }
     }
 

@@ -6,19 +6,17 @@
 //! in-process.
 
 pub mod acks;
-pub mod breaker;
 pub mod compact;
 pub mod consume;
 pub mod decode;
+pub mod delivery;
 pub mod enrich;
-pub mod fanout;
 pub mod health;
 pub mod invalid;
 pub(crate) mod invalid_publish;
+pub(crate) mod out;
 pub mod overflow;
 pub mod process;
-pub mod runner;
-pub mod settle;
 pub mod sinks;
 
 use std::future::Future;
@@ -33,8 +31,8 @@ use ingest_schema::Registry;
 use tokio_util::sync::CancellationToken;
 
 use crate::consume::BROKER_CALL_TIMEOUT;
+use crate::delivery::SinkRunner;
 use crate::process::PayloadLimits;
-use crate::settle::SinkRunner;
 use crate::sinks::http::HttpSink;
 use crate::sinks::mongo::MongoSink;
 use crate::sinks::statsd::StatsdSink;

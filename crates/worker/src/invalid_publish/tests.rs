@@ -16,24 +16,37 @@ struct Queue {
 }
 
 #[async_trait::async_trait]
+impl Confirmed for Queue {
+    async fn publish_once(
+        &self,
+        _: &str,
+        _: &str,
+        body: &[u8],
+        _: BasicProperties,
+        _: Duration,
+    ) -> Result<(), PublishError> {
+        if self.broken.load(Ordering::Relaxed) {
+            let closed =
+                lapin::ErrorKind::InvalidChannelState(lapin::ChannelState::Closed, "closed");
+            return Err(PublishError::Lost(closed.into()));
+        }
+        if self.full.load(Ordering::Relaxed) {
+            return Err(PublishError::Nacked);
+        }
+        let record = serde_json::from_slice(body).map_err(|_| PublishError::Returned)?;
+        lock(&self.taken).push(record);
+        Ok(())
+    }
+}
+
 impl Target for Queue {
     fn queue(&self) -> String {
         "t.invalid".into()
     }
 
-    async fn publish(&self, body: &[u8], _: BasicProperties) -> Result<Answer, String> {
-        if self.broken.load(Ordering::Relaxed) {
-            return Err("channel closed".into());
-        }
-        if self.full.load(Ordering::Relaxed) {
-            return Ok(Answer::Nacked);
-        }
-        let record = serde_json::from_slice(body).map_err(|e| e.to_string())?;
-        lock(&self.taken).push(record);
-        Ok(Answer::Confirmed)
+    fn policy(&self) -> Policy {
+        Policy::patient(Duration::from_secs(10))
     }
-
-    async fn redeclare(&self) {}
 }
 
 impl Queue {

@@ -9,8 +9,6 @@
 pub mod http;
 pub mod mongo;
 pub mod statsd;
-#[cfg(test)]
-pub mod testing;
 
 use std::sync::Arc;
 use std::time::Duration;

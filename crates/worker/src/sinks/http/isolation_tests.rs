@@ -21,8 +21,8 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::*;
-use crate::fanout::Fanout;
-use crate::settle::{Durable, SinkRunner};
+use crate::delivery::fanout::Fanout;
+use crate::delivery::{Durable, SinkRunner};
 
 const NAME: &str = "vendor";
 

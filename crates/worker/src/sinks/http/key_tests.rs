@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use crate::settle::{json_len, SinkRunner};
+use crate::delivery::settle::{json_len, SinkRunner};
 use crate::sinks::{EventId, EVENT_KEY_NAMESPACE};
 
 use super::*;

@@ -19,7 +19,7 @@ use std::sync::Arc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::{batch_key, decide, Decision, SinkRunner};
+use super::settle::{batch_key, decide, Decision, SinkRunner};
 use crate::sinks::{Batch, Event, SinkError};
 
 /// The bytes `event` takes in a JSON body.
@@ -290,5 +290,5 @@ impl SinkRunner {
 }
 
 #[cfg(test)]
-#[path = "split_tests.rs"]
+#[path = "split/tests.rs"]
 mod tests;

@@ -8,8 +8,8 @@ use std::sync::Mutex;
 use ingest_pipeline::message::{read_attempts, read_batch_key};
 use lapin::types::FieldTable;
 
-use super::{Batch, Sink, SinkError};
-use crate::settle::Durable;
+use super::store::Durable;
+use crate::sinks::{Batch, Sink, SinkError};
 
 /// Answers each call with the next scripted result; after the script, with `then`.
 pub struct Scripted {

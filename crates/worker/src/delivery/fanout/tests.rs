@@ -4,8 +4,8 @@ use ingest_pipeline::settings::DeliverySettings;
 use serde_json::json;
 
 use super::*;
-use crate::sinks::testing::{Recorder, Scripted};
-use crate::sinks::Sink;
+use crate::delivery::testing::{Recorder, Scripted};
+use crate::sinks::{Batch, Sink};
 
 fn events(ids: &[&str], kind: &str) -> Vec<Arc<Event>> {
     ids.iter()

@@ -12,7 +12,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use ingest_pipeline::broker::Publisher;
 use ingest_pipeline::message::{batch_headers, read_attempts, read_batch_key};
 use ingest_pipeline::settings::DeliverySettings;
 use ingest_pipeline::Topology;
@@ -25,8 +24,9 @@ use lapin::Connection;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::settle::split::Part;
-use crate::settle::{body_share, json_len, Durable, Outcome, Path, Placed, SinkRunner, BODY_START};
+use super::settle::{body_share, json_len, Outcome, Path, Placed, SinkRunner, BODY_START};
+use super::split::Part;
+use super::store::Durable;
 use crate::sinks::Event;
 
 /// Fresh events waiting to be delivered together, and which message each came in.
@@ -79,7 +79,7 @@ impl SinkRunner {
         &self,
         topology: &Topology,
         connection: &Connection,
-        publish: &Publisher,
+        out: &dyn Durable,
         stop: &CancellationToken,
     ) -> anyhow::Result<()> {
         let name = self.sink.name().to_owned();
@@ -109,25 +109,25 @@ impl SinkRunner {
             tokio::select! {
                 () = stop.cancelled() => break false,
                 () = sleep_until_opt(deadline), if deadline.is_some() => {
-                    self.flush(&mut pending, topology, publish, stop).await;
+                    self.flush(&mut pending, topology, out, stop).await;
                 }
                 next = consumer.next() => match next {
                     Some(Ok(delivery)) => {
                         if read_batch_key(delivery.properties.headers().as_ref()).is_some() {
                             // A retried batch comes back whole and is delivered alone.
-                            self.flush(&mut pending, topology, publish, stop).await;
-                            self.retry(delivery, topology, publish, stop).await;
+                            self.flush(&mut pending, topology, out, stop).await;
+                            self.retry(delivery, topology, out, stop).await;
                             continue;
                         }
-                        let Some(fresh) = self.read_fresh(delivery, topology, publish).await else {
+                        let Some(fresh) = self.read_fresh(delivery, topology, out).await else {
                             continue;
                         };
                         if !pending.fits(&fresh, &self.delivery) {
-                            self.flush(&mut pending, topology, publish, stop).await;
+                            self.flush(&mut pending, topology, out, stop).await;
                         }
                         pending.push(fresh, linger);
                         if pending.is_full(&self.delivery) {
-                            self.flush(&mut pending, topology, publish, stop).await;
+                            self.flush(&mut pending, topology, out, stop).await;
                         }
                     }
                     Some(Err(error)) => {
@@ -141,7 +141,7 @@ impl SinkRunner {
         if !lost {
             let cancel = channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default());
             let _ = tokio::time::timeout(Duration::from_secs(5), cancel).await;
-            self.flush(&mut pending, topology, publish, stop).await;
+            self.flush(&mut pending, topology, out, stop).await;
             if let Err(error) = self.sink.flush().await {
                 tracing::warn!(sink = %name, %error, "sink flush failed");
             }
@@ -163,12 +163,12 @@ impl SinkRunner {
         &self,
         delivery: Delivery,
         topology: &Topology,
-        publish: &Publisher,
+        out: &dyn Durable,
     ) -> Option<Fresh> {
         let events: Vec<Event> = match serde_json::from_slice(&delivery.data) {
             Ok(events) => events,
             Err(error) => {
-                self.undecodable(delivery, &error, topology, publish).await;
+                self.undecodable(delivery, &error, topology, out).await;
                 return None;
             }
         };
@@ -196,7 +196,7 @@ impl SinkRunner {
         &self,
         pending: &mut Pending,
         topology: &Topology,
-        publish: &Publisher,
+        out: &dyn Durable,
         stop: &CancellationToken,
     ) {
         pending.deadline = None;
@@ -210,7 +210,7 @@ impl SinkRunner {
         let (parts, _) = self
             .deliver_all(&events, &sizes, None, 0, Path::Queue, stop)
             .await;
-        let placed = self.place_parts(parts, topology, publish).await;
+        let placed = self.place_parts(parts, topology, out).await;
         let mut done = Vec::new();
         let mut failed = Vec::new();
         for (delivery, range) in deliveries {
@@ -231,7 +231,7 @@ impl SinkRunner {
         &self,
         delivery: Delivery,
         topology: &Topology,
-        publish: &Publisher,
+        out: &dyn Durable,
         stop: &CancellationToken,
     ) {
         let headers = delivery.properties.headers().as_ref();
@@ -240,7 +240,7 @@ impl SinkRunner {
         let attempts = read_attempts(headers);
         let events: Vec<Event> = match serde_json::from_slice(&delivery.data) {
             Ok(events) => events,
-            Err(error) => return self.undecodable(delivery, &error, topology, publish).await,
+            Err(error) => return self.undecodable(delivery, &error, topology, out).await,
         };
         let events: Vec<Arc<Event>> = events.into_iter().map(Arc::new).collect();
         let sizes: Vec<usize> = events.iter().map(|e| json_len(e)).collect();
@@ -249,7 +249,7 @@ impl SinkRunner {
         let (parts, _) = self
             .deliver_all(&events, &sizes, Some(&key), attempts, Path::Queue, stop)
             .await;
-        let placed = self.place_parts(parts, topology, publish).await;
+        let placed = self.place_parts(parts, topology, out).await;
         settle_messages(
             vec![delivery],
             placed.of(&(0..events.len())),
@@ -263,13 +263,11 @@ impl SinkRunner {
         &self,
         parts: Vec<Part>,
         topology: &Topology,
-        publish: &Publisher,
+        out: &dyn Durable,
     ) -> Placed {
         let mut placed = Placed::default();
         for part in parts {
-            let result = self
-                .place(&part.batch, part.decision, topology, publish)
-                .await;
+            let result = self.place(&part.batch, part.decision, topology, out).await;
             placed.push(part.range, result);
         }
         placed
@@ -282,13 +280,13 @@ impl SinkRunner {
         delivery: Delivery,
         error: &serde_json::Error,
         topology: &Topology,
-        publish: &Publisher,
+        out: &dyn Durable,
     ) {
         let reason = format!("undecodable sink message: {error}");
         tracing::error!(sink = self.sink.name(), %reason, "dead-lettering a message");
         let queue = topology.sink_dlq(self.sink.name());
         let headers = batch_headers(self.sink.name(), "", 0, &reason);
-        let moved = publish.store(&queue, &delivery.data, headers).await;
+        let moved = out.store(&queue, &delivery.data, headers).await;
         settle_messages(vec![delivery], moved, self.sink.name()).await;
     }
 }

@@ -3,7 +3,7 @@ use std::collections::VecDeque;
 use serde_json::json;
 
 use super::*;
-use crate::sinks::testing::{Recorder, Scripted};
+use crate::delivery::testing::{Recorder, Scripted};
 
 fn event(v: serde_json::Value) -> Event {
     v.as_object().cloned().unwrap_or_default().into()

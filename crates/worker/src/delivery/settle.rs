@@ -14,22 +14,18 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use ingest_pipeline::broker::{Answer, Publisher};
 use ingest_pipeline::message::batch_headers;
 use ingest_pipeline::settings::DeliverySettings;
 use ingest_pipeline::{Backoff, Topology};
-use lapin::types::FieldTable;
-use lapin::BasicProperties;
 use serde_json::Value;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::breaker::Breaker;
+use super::breaker::Breaker;
+use super::store::Durable;
 use crate::sinks::{Batch, Event, Sink, SinkError};
 
-pub mod split;
-
-pub use split::{body_share, json_len, Path, Placed, BODY_START};
+pub use super::split::{body_share, json_len, Path, Placed, BODY_START};
 
 const KEY_NAMESPACE: uuid::Uuid = uuid::Uuid::from_u128(0x3d0a_91e4_7c25_4b8e_b6f3_5e1d_0a7c_9f42);
 
@@ -128,33 +124,6 @@ pub fn delay_for(retry_delays: &[Duration], attempts: u32, at_least: Duration) -
         .copied()
         .find(|d| *d >= at_least)
         .or_else(|| retry_delays.last().copied())
-}
-
-/// Where batches go when the sink did not take them: a queue that confirms what it holds.
-#[async_trait::async_trait]
-pub trait Durable: Send + Sync {
-    /// Stores `body` (a JSON array of events) in `queue` with the batch's headers; `Ok` once
-    /// it is confirmed.
-    async fn store(&self, queue: &str, body: &[u8], headers: FieldTable) -> Result<(), String>;
-}
-
-#[async_trait::async_trait]
-impl Durable for Publisher {
-    async fn store(&self, queue: &str, body: &[u8], headers: FieldTable) -> Result<(), String> {
-        let properties = BasicProperties::default()
-            .with_delivery_mode(2)
-            .with_content_type("application/json".into())
-            .with_headers(headers);
-        // A late confirm is waited for, not answered with a second copy.
-        let answer = self
-            .publish_and_wait("", queue, body, properties, Duration::from_secs(10))
-            .await
-            .map_err(|error| error.to_string())?;
-        match answer {
-            Answer::Confirmed => Ok(()),
-            other => Err(format!("{queue} did not take the batch: {other:?}")),
-        }
-    }
 }
 
 #[derive(Debug, Clone, Copy)]

@@ -23,23 +23,22 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ingest_pipeline::settings::DeliverySettings;
-use ingest_pipeline::{Backoff, Topology};
+use ingest_pipeline::Topology;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::settle::split::Part;
-use crate::settle::{
-    body_share, json_len, Decision, Durable, Outcome, Path, Placed, SinkRunner, BODY_START,
+use super::settle::{
+    body_share, json_len, Decision, Outcome, Path, Placed, SinkRunner, BODY_START,
 };
-use crate::sinks::{Batch, Event};
+use super::split::Part;
+use super::store::Durable;
+use crate::sinks::Event;
 
 /// Jobs waiting per sink beyond those being delivered; with the raw prefetch this bounds
 /// memory (a full lane makes deliveries wait, which stops the consumer at its prefetch).
 const LANE_DEPTH: usize = 1024;
-/// Tries to place a batch in the sink's queues before its deliveries go back to raw.
-const PLACE_ATTEMPTS: u32 = 5;
 
 struct Job {
     events: Vec<Arc<Event>>,
@@ -270,8 +269,9 @@ async fn lane(
             };
             let mut placed = Placed::default();
             for part in parts {
-                let result =
-                    place(&runner, &part.batch, part.decision, &topology, &*out, &stop).await;
+                let result = runner
+                    .place(&part.batch, part.decision, &topology, &*out)
+                    .await;
                 placed.push(part.range, result);
             }
             group.answer(&placed);
@@ -279,31 +279,6 @@ async fn lane(
         while deliveries.try_join_next().is_some() {}
     }
     while deliveries.join_next().await.is_some() {}
-}
-
-/// Carries out a decision, trying again a few times if the broker refuses.
-async fn place(
-    runner: &SinkRunner,
-    batch: &Batch,
-    decision: Decision,
-    topology: &Topology,
-    out: &dyn Durable,
-    stop: &CancellationToken,
-) -> Result<(), String> {
-    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(2));
-    let mut last = String::new();
-    for _ in 0..PLACE_ATTEMPTS {
-        match runner.place(batch, decision.clone(), topology, out).await {
-            Ok(()) => return Ok(()),
-            Err(error) if decision == Decision::Release => return Err(error),
-            Err(error) => last = error,
-        }
-        tokio::select! {
-            () = tokio::time::sleep(backoff.next_delay()) => {}
-            () = stop.cancelled() => break,
-        }
-    }
-    Err(last)
 }
 
 #[cfg(test)]
