@@ -16,10 +16,13 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine as _;
 use ingest_e2e::*;
 use ingest_loadgen::payload::id_string;
 use ingest_loadgen::{open_loop, Generator, HttpTarget, Recorder, Report, Schedule, Shape};
 use ingest_pipeline::broker::long_string;
+use ingest_pipeline::headers::LAST_ERROR;
 use ingest_pipeline::settings::Settings;
 use ingest_pipeline::Topology;
 use serde_json::{json, Value};
@@ -545,7 +548,7 @@ impl Kept {
             }
         }
         for (headers, body) in &self.mongo_dlq {
-            if headers.get("x-last-error").is_none_or(|e| e.is_empty()) {
+            if headers.get(LAST_ERROR).is_none_or(|e| e.is_empty()) {
                 places.faults.push(format!(
                     "kept without a reason in the mongo DLQ: {headers:?} {body}"
                 ));
@@ -665,24 +668,6 @@ fn judge(
             }
         }
     }
-}
-
-/// Standard base64, as the invalid queue's `rawBase64`.
-fn base64_decode(text: &str) -> Option<Vec<u8>> {
-    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = Vec::with_capacity(text.len() / 4 * 3);
-    let (mut bits, mut held) = (0u32, 0u32);
-    for c in text.bytes().filter(|c| *c != b'=') {
-        let value = ALPHABET.iter().position(|a| *a == c)? as u32;
-        bits = (bits << 6) | value;
-        held += 6;
-        if held >= 8 {
-            held -= 8;
-            out.push((bits >> held) as u8);
-            bits &= (1 << held) - 1;
-        }
-    }
-    Some(out)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1037,7 +1022,9 @@ async fn chaos(spool: bool) {
             ));
         }
         for record in places.records.get(&p.marker).into_iter().flatten() {
-            let raw = record["rawBase64"].as_str().and_then(base64_decode);
+            let raw = record["rawBase64"]
+                .as_str()
+                .and_then(|text| STANDARD.decode(text).ok());
             let good = raw.as_ref().is_some_and(|raw| {
                 let text = String::from_utf8_lossy(raw);
                 !text.contains(IOS_KEY) && (p.kind == Kind::Poison || text.contains(&p.marker))

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use ingest_e2e::*;
+use ingest_pipeline::headers::{ATTEMPT, BATCH_KEY};
 use ingest_pipeline::Topology;
 use lapin::options::{
     BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, QueueDeleteOptions,
@@ -238,11 +239,8 @@ async fn a_sink_message_with_the_largest_attempt_count_is_dead_lettered_not_a_pa
         .await
         .unwrap();
     let mut headers = FieldTable::default();
-    headers.insert(
-        "x-batch-key".into(),
-        ingest_pipeline::broker::long_string("k"),
-    );
-    headers.insert("x-attempt".into(), AMQPValue::LongUInt(u32::MAX));
+    headers.insert(BATCH_KEY.into(), ingest_pipeline::broker::long_string("k"));
+    headers.insert(ATTEMPT.into(), AMQPValue::LongUInt(u32::MAX));
     let event = json!([{"type":"track","event":"Custom","userId":"u","messageId":"max-1"}]);
     let confirm = ch
         .basic_publish(

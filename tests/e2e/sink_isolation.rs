@@ -4,19 +4,14 @@
 //! other event is delivered once; and no POST carries more than `batch_max_events`, whichever
 //! path the events took (in process, or through the sink's own queue).
 
-use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
 use ingest_e2e::*;
+use ingest_pipeline::headers::{ATTEMPT, BATCH_KEY, LAST_ERROR};
 use ingest_pipeline::Settings;
 use lapin::types::{AMQPValue, FieldTable};
 use mongodb::bson::doc;
 use serde_json::{json, Value};
-use tokio::sync::watch;
-use tokio::task::JoinHandle;
 
 use super::fixtures::*;
 
@@ -24,135 +19,6 @@ const LAND: Duration = Duration::from_secs(60);
 /// The vendor refuses (400) any batch holding an event whose properties carry this, true.
 const MARKER: &str = "vendor_refuses";
 const BATCH_MAX_EVENTS: usize = 500;
-
-/// What the vendor saw.
-#[derive(Default)]
-struct Log {
-    /// Events in each POST, in arrival order.
-    posts: Vec<usize>,
-    /// POSTs answered 400.
-    refused: usize,
-    /// Idempotency-Key → the messageIds accepted under it (a repeat of a key is not taken again).
-    accepted: BTreeMap<String, Vec<String>>,
-    /// POSTs that repeated a key already accepted.
-    repeats: usize,
-}
-
-struct VendorState {
-    open: watch::Receiver<bool>,
-    log: Mutex<Log>,
-}
-
-/// A vendor's webhook that refuses, with a reason naming it, any batch holding a marked event,
-/// honours `Idempotency-Key`, and answers nothing until it is opened.
-struct Vendor {
-    url: String,
-    state: Arc<VendorState>,
-    gate: watch::Sender<bool>,
-    task: JoinHandle<()>,
-}
-
-impl Vendor {
-    async fn start(open: bool) -> Self {
-        let (open_tx, open_rx) = watch::channel(open);
-        let state = Arc::new(VendorState {
-            open: open_rx,
-            log: Mutex::new(Log::default()),
-        });
-        let app = axum::Router::new()
-            .route("/hook", axum::routing::post(answer))
-            .with_state(state.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}/hook", listener.local_addr().unwrap());
-        let task = tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
-        });
-        Self {
-            url,
-            state,
-            gate: open_tx,
-            task,
-        }
-    }
-
-    fn open(&self) {
-        let _ = self.gate.send(true);
-    }
-
-    /// messageId → the keys it was accepted under.
-    fn accepted(&self) -> BTreeMap<String, Vec<String>> {
-        let log = self.state.log.lock().unwrap();
-        let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
-        for (key, ids) in &log.accepted {
-            for id in ids {
-                out.entry(id.clone()).or_default().push(key.clone());
-            }
-        }
-        out
-    }
-
-    fn posts(&self) -> Vec<usize> {
-        self.state.log.lock().unwrap().posts.clone()
-    }
-
-    fn figures(&self) -> String {
-        let log = self.state.log.lock().unwrap();
-        format!(
-            "{} POSTs (largest {} events), {} refused, {} repeated keys",
-            log.posts.len(),
-            log.posts.iter().max().unwrap_or(&0),
-            log.refused,
-            log.repeats
-        )
-    }
-}
-
-impl Drop for Vendor {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-async fn answer(
-    State(state): State<Arc<VendorState>>,
-    headers: HeaderMap,
-    body: axum::body::Bytes,
-) -> (StatusCode, String) {
-    let mut open = state.open.clone();
-    let _ = open.wait_for(|open| *open).await;
-    let Ok(events) = serde_json::from_slice::<Vec<Value>>(&body) else {
-        return (StatusCode::BAD_REQUEST, "not a JSON array".to_owned());
-    };
-    let key = headers
-        .get("idempotency-key")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default()
-        .to_owned();
-    let mut log = state.log.lock().unwrap();
-    log.posts.push(events.len());
-    if let Some(bad) = events
-        .iter()
-        .find(|e| e["properties"][MARKER] == json!(true))
-    {
-        log.refused += 1;
-        let id = bad["messageId"].as_str().unwrap_or_default();
-        return (
-            StatusCode::BAD_REQUEST,
-            format!("event {id} has a property we refuse"),
-        );
-    }
-    match log.accepted.entry(key) {
-        std::collections::btree_map::Entry::Occupied(_) => log.repeats += 1,
-        std::collections::btree_map::Entry::Vacant(entry) => {
-            let ids = events
-                .iter()
-                .map(|e| e["messageId"].as_str().unwrap_or_default().to_owned())
-                .collect();
-            entry.insert(ids);
-        }
-    }
-    (StatusCode::OK, String::new())
-}
 
 fn with_vendor(name: &str, url: &str, delivery: Value) -> Settings {
     let mut s = settings(name);
@@ -179,7 +45,7 @@ async fn dead_letters(s: &Settings) -> Vec<(String, String)> {
         .await
         .into_iter()
         .flat_map(|(headers, events)| {
-            let reason = headers.get("x-last-error").cloned().unwrap_or_default();
+            let reason = headers.get(LAST_ERROR).cloned().unwrap_or_default();
             events
                 .as_array()
                 .cloned()
@@ -195,9 +61,9 @@ async fn dead_letters(s: &Settings) -> Vec<(String, String)> {
 
 /// Every expected id accepted under exactly one key, nothing else accepted, no POST above the
 /// bound, and exactly `bad` in the dead-letter queue, each with the vendor's answer to it.
-async fn assert_isolated(s: &Settings, vendor: &Vendor, good: &[String], bad: &[String]) {
+async fn assert_isolated(s: &Settings, vendor: &Receiver, good: &[String], bad: &[String]) {
     let dead = dead_letters(s).await;
-    let accepted = vendor.accepted();
+    let accepted = vendor.receipts();
     let posts = vendor.posts();
     let good_dead = dead.iter().filter(|(id, _)| !bad.contains(id)).count();
     eprintln!(
@@ -249,7 +115,7 @@ async fn assert_isolated(s: &Settings, vendor: &Vendor, good: &[String], bad: &[
 /// MongoDB, so the rest wait in the sink's lane together, as they do behind a slow vendor.
 #[tokio::test]
 async fn one_sources_refused_event_dead_letters_only_itself_and_no_post_exceeds_batch_max_events() {
-    let vendor = Vendor::start(false).await;
+    let vendor = Receiver::honouring_keys(Mode::Held).await;
     let s = with_vendor(
         "isolate",
         &vendor.url,
@@ -285,11 +151,11 @@ async fn one_sources_refused_event_dead_letters_only_itself_and_no_post_exceeds_
     good.extend(big);
 
     assert_eq!(wait_for_count(&s, doc! {}, 2_301, LAND).await, 2_301);
-    vendor.open();
+    vendor.set_mode(Mode::RefuseMarked(MARKER));
     let dlq = format!("{}.sink.vendor.dlq", s.broker.prefix);
     let url = s.broker.url.expose().to_owned();
     eventually(LAND, || async {
-        vendor.accepted().len() >= good.len() && depth(&url, &dlq).await >= 1
+        vendor.receipts().len() >= good.len() && depth(&url, &dlq).await >= 1
     })
     .await;
     // Anything still under way lands before the queues are read.
@@ -303,7 +169,7 @@ async fn one_sources_refused_event_dead_letters_only_itself_and_no_post_exceeds_
 /// each of 1,200 events with one the vendor refuses.
 #[tokio::test]
 async fn a_large_batch_in_the_sinks_queue_is_split_and_only_its_refused_event_dead_lettered() {
-    let vendor = Vendor::start(true).await;
+    let vendor = Receiver::honouring_keys(Mode::RefuseMarked(MARKER)).await;
     let s = with_vendor(
         "isolateq",
         &vendor.url,
@@ -341,11 +207,8 @@ async fn a_large_batch_in_the_sinks_queue_is_split_and_only_its_refused_event_de
         );
         let mut headers = FieldTable::default();
         if let Some(key) = key {
-            headers.insert(
-                "x-batch-key".into(),
-                ingest_pipeline::broker::long_string(key),
-            );
-            headers.insert("x-attempt".into(), AMQPValue::LongUInt(1));
+            headers.insert(BATCH_KEY.into(), ingest_pipeline::broker::long_string(key));
+            headers.insert(ATTEMPT.into(), AMQPValue::LongUInt(1));
         }
         let properties = lapin::BasicProperties::default()
             .with_delivery_mode(2)
@@ -358,7 +221,7 @@ async fn a_large_batch_in_the_sinks_queue_is_split_and_only_its_refused_event_de
 
     let dlq = format!("{}.sink.vendor.dlq", s.broker.prefix);
     eventually(LAND, || async {
-        vendor.accepted().len() >= good.len() && depth(&url, &dlq).await >= 2
+        vendor.receipts().len() >= good.len() && depth(&url, &dlq).await >= 2
     })
     .await;
     tokio::time::sleep(Duration::from_secs(1)).await;

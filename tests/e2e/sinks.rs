@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use ingest_e2e::*;
+use ingest_pipeline::headers::{LAST_ERROR, SINK};
 use ingest_pipeline::Settings;
 use mongodb::bson::doc;
 use serde_json::{json, Value};
@@ -307,8 +308,8 @@ async fn a_refusing_http_sink_dead_letters_with_the_error_and_nothing_else_is_af
         "every event refused by the vendor is in its DLQ, once"
     );
     for (headers, _) in &dead {
-        assert!(headers["x-last-error"].contains("400"), "{headers:?}");
-        assert_eq!(headers["x-sink"], "vendor");
+        assert!(headers[LAST_ERROR].contains("400"), "{headers:?}");
+        assert_eq!(headers[SINK], "vendor");
     }
     assert_eq!(
         retry_depth(&s, "vendor").await,

@@ -59,6 +59,11 @@ pub enum Mode {
     Hang,
     /// Never answer the first request; answer every later one as `Ok`.
     HangFirst,
+    /// Hold every request until the mode is changed, then answer it as the new mode says.
+    Held,
+    /// A vendor with rules: 400, with a reason naming the event, for a batch holding an event
+    /// whose `properties.<marker>` is `true`; every other batch as `Ok`.
+    RefuseMarked(&'static str),
 }
 
 /// A batch the receiver accepted (answered 200).
@@ -73,11 +78,21 @@ pub struct Received {
 #[derive(Default)]
 pub struct ReceiverState {
     pub mode: std::sync::Mutex<Option<Mode>>,
+    /// Bumped on every change of mode, for the requests it holds.
+    changed: std::sync::Mutex<Option<tokio::sync::watch::Sender<u64>>>,
     pub received: std::sync::Mutex<Vec<Received>>,
     pub hits: std::sync::atomic::AtomicUsize,
+    /// Events in each POST that was a JSON array, in arrival order, refused ones too.
+    pub posts: std::sync::Mutex<Vec<usize>>,
+    /// POSTs answered 400 by [`Mode::RefuseMarked`].
+    pub refused: std::sync::atomic::AtomicUsize,
+    /// With keys honoured: POSTs that repeated a key already accepted (answered 200, not kept).
+    pub repeats: std::sync::atomic::AtomicUsize,
+    honour_keys: std::sync::atomic::AtomicBool,
 }
 
-/// A real HTTP server on 127.0.0.1 standing in for a vendor's webhook.
+/// A real HTTP server on 127.0.0.1 standing in for a vendor's webhook: the one every test
+/// that needs a webhook uses.
 pub struct Receiver {
     pub url: String,
     pub state: std::sync::Arc<ReceiverState>,
@@ -86,42 +101,83 @@ pub struct Receiver {
 
 impl Receiver {
     pub async fn start(mode: Mode) -> Self {
+        Self::serve(mode, false).await
+    }
+
+    /// A receiver that honours `Idempotency-Key` as a vendor that deduplicates does: a POST
+    /// repeating a key it already accepted is answered 200 and not kept again.
+    pub async fn honouring_keys(mode: Mode) -> Self {
+        Self::serve(mode, true).await
+    }
+
+    async fn serve(mode: Mode, honour_keys: bool) -> Self {
         use axum::extract::State;
         use axum::http::{HeaderMap, StatusCode};
+        use std::sync::atomic::Ordering::SeqCst;
         let state = std::sync::Arc::new(ReceiverState::default());
         *state.mode.lock().unwrap() = Some(mode);
+        *state.changed.lock().unwrap() = Some(tokio::sync::watch::channel(0).0);
+        state.honour_keys.store(honour_keys, SeqCst);
         async fn receive(
             State(state): State<std::sync::Arc<ReceiverState>>,
             headers: HeaderMap,
             body: axum::body::Bytes,
-        ) -> StatusCode {
-            let earlier = state.hits.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            let mode = match state.mode.lock().unwrap().unwrap_or(Mode::Ok) {
+        ) -> (StatusCode, String) {
+            let earlier = state.hits.fetch_add(1, SeqCst);
+            let mut changed = state.changed.lock().unwrap().as_ref().unwrap().subscribe();
+            let current = || state.mode.lock().unwrap().unwrap_or(Mode::Ok);
+            while current() == Mode::Held {
+                let _ = changed.changed().await;
+            }
+            let mode = match current() {
                 Mode::HangFirst if earlier == 0 => Mode::Hang,
                 Mode::HangFirst => Mode::Ok,
                 mode => mode,
             };
+            let events = serde_json::from_slice::<Vec<serde_json::Value>>(&body);
+            if let Ok(events) = &events {
+                state.posts.lock().unwrap().push(events.len());
+            }
             match mode {
-                Mode::Hang | Mode::HangFirst => {
+                Mode::Hang | Mode::HangFirst | Mode::Held => {
                     std::future::pending::<()>().await;
-                    StatusCode::OK
+                    (StatusCode::OK, String::new())
                 }
-                Mode::Status(code) => StatusCode::from_u16(code).unwrap(),
-                Mode::Ok => {
+                Mode::Status(code) => (StatusCode::from_u16(code).unwrap(), String::new()),
+                Mode::Ok | Mode::RefuseMarked(_) => {
+                    let Ok(events) = events else {
+                        return (StatusCode::BAD_REQUEST, "not a JSON array".to_owned());
+                    };
+                    if let Mode::RefuseMarked(marker) = mode {
+                        let marked = events
+                            .iter()
+                            .find(|e| e["properties"][marker] == serde_json::json!(true));
+                        if let Some(bad) = marked {
+                            state.refused.fetch_add(1, SeqCst);
+                            let id = bad["messageId"].as_str().unwrap_or_default();
+                            let why = format!("event {id} has a property we refuse");
+                            return (StatusCode::BAD_REQUEST, why);
+                        }
+                    }
                     let header = |name: &str| {
                         headers
                             .get(name)
                             .and_then(|v| v.to_str().ok())
                             .map(str::to_owned)
                     };
-                    let events: Vec<serde_json::Value> = serde_json::from_slice(&body).unwrap();
-                    state.received.lock().unwrap().push(Received {
-                        key: header("idempotency-key").unwrap_or_default(),
+                    let key = header("idempotency-key").unwrap_or_default();
+                    let mut received = state.received.lock().unwrap();
+                    if state.honour_keys.load(SeqCst) && received.iter().any(|r| r.key == key) {
+                        state.repeats.fetch_add(1, SeqCst);
+                        return (StatusCode::OK, String::new());
+                    }
+                    received.push(Received {
+                        key,
                         authorization: header("authorization"),
                         content_type: header("content-type"),
                         events,
                     });
-                    StatusCode::OK
+                    (StatusCode::OK, String::new())
                 }
             }
         }
@@ -136,8 +192,12 @@ impl Receiver {
         Self { url, state, task }
     }
 
+    /// Changes how it answers; requests it holds ([`Mode::Held`]) are answered as `mode` says.
     pub fn set_mode(&self, mode: Mode) {
         *self.state.mode.lock().unwrap() = Some(mode);
+        if let Some(changed) = self.state.changed.lock().unwrap().as_ref() {
+            changed.send_modify(|generation| *generation += 1);
+        }
     }
 
     pub fn received(&self) -> Vec<Received> {
@@ -158,6 +218,24 @@ impl Receiver {
 
     pub fn hits(&self) -> usize {
         self.state.hits.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Events in each POST, in arrival order.
+    pub fn posts(&self) -> Vec<usize> {
+        self.state.posts.lock().unwrap().clone()
+    }
+
+    /// What it saw, for a test's log line.
+    pub fn figures(&self) -> String {
+        use std::sync::atomic::Ordering::SeqCst;
+        let posts = self.posts();
+        format!(
+            "{} POSTs (largest {} events), {} refused, {} repeated keys",
+            posts.len(),
+            posts.iter().max().unwrap_or(&0),
+            self.state.refused.load(SeqCst),
+            self.state.repeats.load(SeqCst)
+        )
     }
 }
 
