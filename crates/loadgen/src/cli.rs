@@ -276,6 +276,20 @@ pub enum Command {
         #[arg(long, default_value_t = 0)]
         index: usize,
     },
+    /// The worker's CPU per event, stage by stage (decode, enrich, validate, each sink's
+    /// encoding), on generated payloads: one thread, no I/O, the fastest of `rounds` rounds.
+    Stages {
+        #[arg(long, default_value = "schemas")]
+        schemas: PathBuf,
+        #[arg(long, default_value_t = 2000)]
+        requests: usize,
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+        #[arg(long, default_value_t = 0x5eed)]
+        seed: u64,
+        #[arg(long)]
+        json: bool,
+    },
     /// PNG plots from JSON results.
     Plot {
         #[command(subcommand)]

@@ -18,6 +18,7 @@ pub mod plot;
 pub mod proc;
 pub mod receiver;
 pub mod record;
+pub mod stages;
 
 pub use drive::{closed_loop, open_loop, HttpTarget, Schedule, Target};
 pub use payload::{Generator, Payload, Shape};

@@ -11,7 +11,7 @@ use ingest_loadgen::amqp::{self, DepthProbe, PublishTarget};
 use ingest_loadgen::drive::{closed_loop, open_loop, HttpTarget, Schedule, Target};
 use ingest_loadgen::payload::{Generator, Shape};
 use ingest_loadgen::record::{Recorder, Report};
-use ingest_loadgen::{mongo, plot, proc, receiver};
+use ingest_loadgen::{mongo, plot, proc, receiver, stages};
 
 mod cli;
 mod drain;
@@ -357,6 +357,32 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             }
             std::fs::write(&out, &payload.body)?;
             println!("{} events, {} bytes", payload.events(), payload.body.len());
+        }
+        Command::Stages {
+            schemas,
+            requests,
+            rounds,
+            seed,
+            json,
+        } => {
+            let generator = Generator::new(&Shape {
+                seed,
+                ..Shape::default()
+            });
+            let report = stages::run(&schemas, generator, requests, rounds)?;
+            print(json, &report, || {
+                let mut text = format!(
+                    "{} requests, {} events, fastest of {} rounds\n",
+                    report.requests, report.events, report.rounds
+                );
+                for stage in &report.stages {
+                    text.push_str(&format!(
+                        "{:>8.2} µs/event {:>10.0} events/CPU-s  {}\n",
+                        stage.us_per_event, stage.events_per_cpu_s, stage.stage
+                    ));
+                }
+                text
+            });
         }
         Command::Plot { what } => match what {
             PlotCommand::Peak { report, out } => {

@@ -240,6 +240,22 @@ fn lines_in(lines: &[String], from: usize, bytes: usize) -> usize {
     at
 }
 
+/// The sink's line encoding alone, without a socket or the window of recent events: what the
+/// benchmark's per-stage table times (`ingest-loadgen stages`).
+#[derive(Debug)]
+pub struct Encoder(LineBuilder);
+
+impl Encoder {
+    pub fn new(settings: &StatsdSinkSettings) -> Self {
+        Self(LineBuilder::new(settings))
+    }
+
+    /// The lines for `events`, as the sink would send them (before packing into datagrams).
+    pub fn lines(&self, events: &[Arc<Event>]) -> Vec<String> {
+        self.0.batch(events, &mut fastrand::Rng::with_seed(0)).lines
+    }
+}
+
 /// The settings turned into what every event needs: property names already cleaned, and the
 /// event names admitted so far.
 #[derive(Debug)]
