@@ -8,10 +8,11 @@
 //!   sink refuses is split so one bad event never takes its neighbours with it.
 //! - [`settle`]: the one decision for a batch, the same on every path. [`SinkRunner::attempt`]
 //!   calls the sink (inline retries, the [`breaker`], a time bound); [`settle::decide`] turns
-//!   the result into a [`settle::Decision`] (delivered, spilled, delayed, dead-lettered), and
-//!   [`SinkRunner::place`] carries it out.
-//! - [`store`]: placing a batch into one of the sink's queues (its own queue, a delay tier,
-//!   its dead-letter queue), confirmed by the broker ([`Durable`]).
+//!   the result into a [`settle::Decision`] (delivered, spilled, delayed, dead-lettered). No
+//!   I/O but the sink's call: its unit tests use the in-memory sink and store of [`testing`].
+//! - [`store`]: [`SinkRunner::place`] carries the decision out, placing a batch into one of
+//!   the sink's queues (its own queue, a delay tier, its dead-letter queue), confirmed by the
+//!   broker ([`Durable`]).
 //! - [`runner`]: the sink's own queue, consumed beside the raw queue: spilled batches, and
 //!   retried ones coming back from the delay queues, go through the same decision.
 //! - [`testing`] (unit tests only): a scripted sink and a recording store.

@@ -4,6 +4,7 @@ use serde_json::json;
 
 use super::*;
 use crate::delivery::testing::{Recorder, Scripted};
+use ingest_pipeline::Topology;
 
 fn event(v: serde_json::Value) -> Event {
     v.as_object().cloned().unwrap_or_default().into()
