@@ -233,13 +233,17 @@ impl Publisher {
     }
 }
 
-/// Waits for a confirm; past `patience`, logs once and counts, then waits on.
+/// Waits for a confirm; past `patience` (unless it is `Duration::MAX`), logs once and counts,
+/// then waits on.
 async fn patiently(
     confirm: lapin::PublisherConfirm,
     exchange: &str,
     routing_key: &str,
     patience: Duration,
 ) -> lapin::Result<Confirmation> {
+    if patience == Duration::MAX {
+        return confirm.await;
+    }
     let mut confirm = std::pin::pin!(confirm);
     match tokio::time::timeout(patience, &mut confirm).await {
         Ok(answer) => answer,
@@ -384,8 +388,10 @@ async fn tries(
     properties: BasicProperties,
     policy: &Policy,
 ) -> Result<(), PublishError> {
+    // Giving up is the caller's timeout around all of this: no second timer per publish.
     let patience = match policy.confirm {
-        ConfirmWait::Patient(patience) | ConfirmWait::GiveUpAfter(patience) => patience,
+        ConfirmWait::Patient(patience) => patience,
+        ConfirmWait::GiveUpAfter(_) => Duration::MAX,
     };
     let mut pause = crate::Backoff::new(policy.pause, policy.pause_max);
     let (mut nacked, mut returned) = (0, 0);
