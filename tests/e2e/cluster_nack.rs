@@ -44,8 +44,8 @@ async fn bare_answer(channel: &lapin::Channel, queue: &str) -> Option<Confirmati
 
 async fn answer(publisher: &broker::Publisher, queue: &str) -> Result<(), String> {
     let patience = Duration::from_secs(10);
-    let publish =
-        publisher.publish_and_wait("", queue, b"{}", BasicProperties::default(), patience);
+    let properties = BasicProperties::default();
+    let publish = publisher.publish_and_wait("", queue, b"{}", &properties, patience);
     match tokio::time::timeout(Duration::from_secs(30), publish).await {
         Ok(Ok(())) => Ok(()),
         Ok(Err(error)) => Err(error.to_string()),

@@ -116,7 +116,7 @@ impl Publisher {
         exchange: &str,
         routing_key: &str,
         body: &[u8],
-        properties: BasicProperties,
+        properties: &BasicProperties,
         patience: Duration,
     ) -> Result<(), PublishError> {
         let options = BasicPublishOptions {
@@ -141,7 +141,7 @@ impl Publisher {
         routing_key: &str,
         options: BasicPublishOptions,
         body: &[u8],
-        properties: BasicProperties,
+        properties: &BasicProperties,
         patience: Duration,
     ) -> lapin::Result<Confirmation> {
         let mut sent_again = false;
@@ -333,7 +333,7 @@ pub trait Confirmed: Send + Sync {
         exchange: &str,
         routing_key: &str,
         body: &[u8],
-        properties: BasicProperties,
+        properties: &BasicProperties,
         patience: Duration,
     ) -> Result<(), PublishError>;
 
@@ -351,7 +351,7 @@ impl Confirmed for Publisher {
         exchange: &str,
         routing_key: &str,
         body: &[u8],
-        properties: BasicProperties,
+        properties: &BasicProperties,
         patience: Duration,
     ) -> Result<(), PublishError> {
         self.publish_and_wait(exchange, routing_key, body, properties, patience)
@@ -397,7 +397,7 @@ async fn tries(
     let (mut nacked, mut returned) = (0, 0);
     loop {
         let answer = via
-            .publish_once(exchange, routing_key, body, properties.clone(), patience)
+            .publish_once(exchange, routing_key, body, &properties, patience)
             .await;
         match answer {
             Err(PublishError::Returned) => {

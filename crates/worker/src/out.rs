@@ -78,7 +78,7 @@ impl Confirmed for Out {
         exchange: &str,
         routing_key: &str,
         body: &[u8],
-        properties: BasicProperties,
+        properties: &BasicProperties,
         patience: Duration,
     ) -> Result<(), PublishError> {
         self.publisher

@@ -40,7 +40,7 @@ impl Confirmed for Script {
         _: &str,
         _: &str,
         _: &[u8],
-        _: BasicProperties,
+        _: &BasicProperties,
         _: Duration,
     ) -> Result<(), PublishError> {
         self.tries.fetch_add(1, Ordering::Relaxed);

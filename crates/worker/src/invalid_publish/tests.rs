@@ -22,7 +22,7 @@ impl Confirmed for Queue {
         _: &str,
         _: &str,
         body: &[u8],
-        _: BasicProperties,
+        _: &BasicProperties,
         _: Duration,
     ) -> Result<(), PublishError> {
         if self.broken.load(Ordering::Relaxed) {
