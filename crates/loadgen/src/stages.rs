@@ -80,6 +80,11 @@ fn time<I, O>(
     best * 1e6 / events.max(1) as f64
 }
 
+/// [`time`] for a stage whose input is shared data made before (nothing to prepare per round).
+fn over<O>(rounds: usize, events: usize, mut run: impl FnMut() -> O) -> f64 {
+    time(rounds, events, || (), |()| run())
+}
+
 pub fn run(
     schemas: &Path,
     mut generator: Generator,
@@ -156,32 +161,22 @@ pub fn run(
             events_per_cpu_s: if us > 0.0 { 1e6 / us } else { 0.0 },
         })
     };
-    let gunzip = time(
-        rounds,
-        events,
-        || (),
-        |()| {
-            inputs
-                .iter()
-                .map(|r| decode::payload(&r.body, is_gzip(&r.properties), LIMITS.max_bytes))
-                .filter_map(Result::ok)
-                .map(|json| json.len())
-                .sum::<usize>()
-        },
-    );
+    let gunzip = over(rounds, events, || {
+        inputs
+            .iter()
+            .map(|r| decode::payload(&r.body, is_gzip(&r.properties), LIMITS.max_bytes))
+            .filter_map(Result::ok)
+            .map(|json| json.len())
+            .sum::<usize>()
+    });
     stage("gunzip (the requests sent gzipped)", gunzip);
-    let parse = time(
-        rounds,
-        events,
-        || (),
-        |()| {
-            jsons
-                .iter()
-                .zip(&metas)
-                .filter_map(|(json, meta)| split(json, meta).ok())
-                .collect::<Vec<_>>()
-        },
-    );
+    let parse = over(rounds, events, || {
+        jsons
+            .iter()
+            .zip(&metas)
+            .filter_map(|(json, meta)| split(json, meta).ok())
+            .collect::<Vec<_>>()
+    });
     stage("parse and split (JSON into a Value tree per event)", parse);
     let enrich = time(rounds, events, || raw_events.clone(), enrich_all);
     stage("enrich", enrich);
@@ -200,59 +195,39 @@ pub fn run(
         },
     );
     stage("validate (tracking plan)", validate);
-    let bson = time(
-        rounds,
-        events,
-        || (),
-        |()| {
-            validated
-                .iter()
-                .filter_map(|event| to_document(event).ok())
-                .map(|d| d.as_bytes().len())
-                .sum::<usize>()
-        },
-    );
+    let bson = over(rounds, events, || {
+        validated
+            .iter()
+            .filter_map(|event| to_document(event).ok())
+            .map(|d| d.as_bytes().len())
+            .sum::<usize>()
+    });
     stage("MongoDB document (BSON)", bson);
-    let json = time(
-        rounds,
-        events,
-        || (),
-        |()| {
-            by_request
-                .iter()
-                .filter_map(|events| http::encode(events, BodyFormat::Json).ok())
-                .map(|body| body.len())
-                .sum::<usize>()
-        },
-    );
+    let json = over(rounds, events, || {
+        by_request
+            .iter()
+            .filter_map(|events| http::encode(events, BodyFormat::Json).ok())
+            .map(|body| body.len())
+            .sum::<usize>()
+    });
     stage("HTTP sink body (JSON)", json);
-    let lines = time(
-        rounds,
-        events,
-        || (),
-        |()| {
-            by_request
-                .iter()
-                .map(|events| statsd.lines(events).len())
-                .sum::<usize>()
-        },
-    );
+    let lines = over(rounds, events, || {
+        by_request
+            .iter()
+            .map(|events| statsd.lines(events).len())
+            .sum::<usize>()
+    });
     stage("statsd lines", lines);
-    let whole = time(
-        rounds,
-        events,
-        || (),
-        |()| {
-            inputs
-                .iter()
-                .map(|r| {
-                    process(&registry, &r.properties, &r.body, LIMITS)
-                        .valid
-                        .len()
-                })
-                .sum::<usize>()
-        },
-    );
+    let whole = over(rounds, events, || {
+        inputs
+            .iter()
+            .map(|r| {
+                process(&registry, &r.properties, &r.body, LIMITS)
+                    .valid
+                    .len()
+            })
+            .sum::<usize>()
+    });
     stage(
         "whole process() (gunzip to documents, as the consumer calls it)",
         whole,
