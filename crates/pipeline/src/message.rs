@@ -239,6 +239,17 @@ pub fn batch_headers(sink: &str, key: &str, attempts: u32, last_error: &str) -> 
     table
 }
 
+/// Headers of events spilled into a sink's queue before the sink was given them: the sink and
+/// why, and no batch key, so the sink's runner takes them as fresh events and batches them
+/// with others (a batch the sink may have seen keeps its key: [`batch_headers`]).
+pub fn spilled_headers(sink: &str, reason: &str) -> FieldTable {
+    let mut table = FieldTable::default();
+    let reason: String = reason.chars().take(LAST_ERROR_CHARS).collect();
+    table.insert(headers::LAST_ERROR.into(), long_string(&reason));
+    table.insert(headers::SINK.into(), long_string(sink));
+    table
+}
+
 /// A batch's key, if the message is a batch the worker wrote (spilled, retried or
 /// dead-lettered); a previous release's messages of fresh events have none.
 pub fn read_batch_key(table: Option<&FieldTable>) -> Option<&str> {

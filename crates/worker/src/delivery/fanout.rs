@@ -1,9 +1,10 @@
 //! The happy path: a raw delivery's valid events go to every sink in this process, without
 //! crossing the broker again. Each sink has a lane: a bounded queue of jobs and a batcher that
-//! takes the jobs waiting when one of the sink's `max_in_flight` slots is free (so batches
-//! grow with load, up to `batch_max_events` and `batch_max_bytes`; a job larger than that is
-//! cut), delivers, and answers each job once its own events are in the sink or confirmed into
-//! the sink's own queue:
+//! takes the jobs waiting and delivers them once one of the sink's `max_in_flight` slots is
+//! free (so batches grow with load, up to `batch_max_events`, `batch_max_bytes` and what the
+//! sink has been taking in half of `spill_after_ms` (its [`pace`](super::pace)); a job larger
+//! than that is cut), and answers each job once its own events are in the sink or confirmed
+//! into the sink's own queue:
 //!
 //! - delivered (after inline retries if needed): done;
 //! - still failing, circuit open: the batch goes to the sink's delay queue (as the queue path
@@ -74,9 +75,9 @@ impl Group {
         group
     }
 
-    /// Whether `job` can join without the batch going past the sink's bounds.
-    fn fits(&self, job: &Job, delivery: &DeliverySettings) -> bool {
-        self.events.len() + job.events.len() <= delivery.batch_max_events
+    /// Whether `job` can join without the batch going past `max_events` or the sink's bytes.
+    fn fits(&self, job: &Job, max_events: usize, delivery: &DeliverySettings) -> bool {
+        self.events.len() + job.events.len() <= max_events
             && self.bytes.saturating_add(body_share(&job.sizes)) <= delivery.batch_max_bytes
     }
 
@@ -170,10 +171,10 @@ impl Fanout {
     }
 }
 
-/// One sink's batcher. A batch is the oldest waiting job and whatever else waits behind it
-/// within the sink's bounds (a job that would not fit waits for the next batch); it goes to
-/// the sink once a slot is free, and to the sink's queue if no slot frees, or the sink does
-/// not answer, before the oldest job's `spill_after_ms` is up.
+/// One sink's batcher. Once a slot is free for the oldest waiting job, a batch is that job and
+/// whatever else waits behind it within the sink's bounds and its pace (a job that would not
+/// fit waits for the next batch); it goes to the sink, and to the sink's queue if no slot
+/// frees, or the sink does not answer, before the oldest job's `spill_after_ms` is up.
 ///
 /// A sink that just missed that bound is *slow*: from then on a job goes to the sink only if a
 /// slot is free at once, alone (a probe), and every other job goes straight to the sink's
@@ -203,35 +204,46 @@ async fn lane(
         };
         let Some(first) = first else { break };
         let deadline = first.at + spill_after;
-        let mut group = Group::new(first);
-        let is_slow = slow.load(Ordering::Relaxed);
-        let probe = if is_slow {
-            slots.clone().try_acquire_owned().ok()
-        } else {
-            None
-        };
-        if probe.is_none() {
-            while group.events.len() < runner.delivery.batch_max_events {
-                match jobs.try_recv() {
-                    Ok(job) if group.fits(&job, &runner.delivery) => group.push(job),
-                    Ok(job) => {
-                        held = Some(job);
-                        break;
-                    }
-                    Err(_) => break,
-                }
-            }
-        }
-        let slot = if is_slow {
-            probe
+        // A slot first, then the batch: what arrived meanwhile joins it.
+        let (slot, alone) = if slow.load(Ordering::Relaxed) {
+            // A probe: only if a slot is free at once, and alone.
+            let probe = slots.clone().try_acquire_owned().ok();
+            let alone = probe.is_some();
+            (probe, alone)
         } else {
             // Past the bound, spill even if a slot is free: the raw delivery has waited enough.
-            tokio::select! {
+            let slot = tokio::select! {
                 biased;
                 () = tokio::time::sleep_until(deadline) => None,
                 slot = slots.clone().acquire_owned() => slot.ok(),
-            }
+            };
+            (slot, false)
         };
+        // To the sink, no more than it has been taking in half the time left before the bound
+        // (see `pace`), so that it is not still storing the batch when the batch spills; if
+        // not even the oldest job fits, it goes to the sink's queue without being sent.
+        let left = deadline.saturating_duration_since(Instant::now());
+        let slot = slot.filter(|_| runner.pace.takes_within(first.events.len(), left));
+        let room = runner
+            .pace
+            .batch_cap(left, runner.delivery.batch_max_events);
+        let cap = match (&slot, alone) {
+            (Some(_), true) => 0,
+            (Some(_), false) => room,
+            // To the sink's queue: as much as one batch message holds.
+            (None, _) => runner.delivery.batch_max_events,
+        };
+        let mut group = Group::new(first);
+        while group.events.len() < cap {
+            match jobs.try_recv() {
+                Ok(job) if group.fits(&job, cap, &runner.delivery) => group.push(job),
+                Ok(job) => {
+                    held = Some(job);
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
         let (runner, topology, out, stop, slow) = (
             runner.clone(),
             topology.clone(),
@@ -262,6 +274,7 @@ async fn lane(
                             decision: Decision::Spill {
                                 attempts: 0,
                                 reason: reason.clone(),
+                                sent: false,
                             },
                         })
                         .collect()

@@ -10,6 +10,8 @@
 //!   calls the sink (inline retries, the [`breaker`], a time bound); [`settle::decide`] turns
 //!   the result into a [`settle::Decision`] (delivered, spilled, delayed, dead-lettered). No
 //!   I/O but the sink's call: its unit tests use the in-memory sink and store of [`testing`].
+//!   Each successful call feeds the sink's [`pace`], which sizes the happy path's batches to
+//!   what the sink takes within half its `spill_after_ms`.
 //! - [`store`]: [`SinkRunner::place`] carries the decision out, placing a batch into one of
 //!   the sink's queues (its own queue, a delay tier, its dead-letter queue), confirmed by the
 //!   broker ([`Durable`]).
@@ -24,6 +26,7 @@
 
 pub mod breaker;
 pub mod fanout;
+pub mod pace;
 pub mod runner;
 pub mod settle;
 pub mod split;

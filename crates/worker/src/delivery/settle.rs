@@ -21,6 +21,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::breaker::Breaker;
+use super::pace::Pace;
 use crate::sinks::{Batch, Event, Sink, SinkError};
 
 pub use super::split::{body_share, json_len, Path, Placed, BODY_START};
@@ -57,8 +58,15 @@ pub enum Decision {
         reason: String,
     },
     /// The sink did not finish within `spill_after_ms` (in-process path): the batch goes to
-    /// the sink's own queue as it is, without spending an attempt, for its runner to deliver.
-    Spill { attempts: u32, reason: String },
+    /// the sink's own queue, without spending an attempt, for its runner to deliver. `sent`:
+    /// the sink was given it (and may have it), so it keeps its key and is delivered again
+    /// alone, as it was; a batch the sink never saw goes as fresh events, which the runner
+    /// batches with others.
+    Spill {
+        attempts: u32,
+        reason: String,
+        sent: bool,
+    },
     /// The worker is stopping: leave the batch where it came from.
     Release,
 }
@@ -171,6 +179,8 @@ pub struct SinkRunner {
     pub max_attempts: u32,
     pub stats: Arc<SinkStats>,
     pub breaker: Mutex<Breaker>,
+    /// How fast the sink has been taking events (sizes the in-process path's batches).
+    pub pace: Pace,
 }
 
 impl SinkRunner {
@@ -191,6 +201,7 @@ impl SinkRunner {
             max_attempts,
             stats: Arc::new(SinkStats::default()),
             breaker: Mutex::new(breaker),
+            pace: Pace::default(),
         }
     }
 
@@ -255,8 +266,12 @@ impl SinkRunner {
                 Err(e) if e.is_retryable() => "retryable",
                 Err(_) => "permanent",
             };
+            let took = started.elapsed();
+            if result.is_ok() {
+                self.pace.record(batch.events.len(), took);
+            }
             metrics::histogram!("sink_deliver_seconds", "sink" => sink.clone(), "result" => result_label)
-                .record(started.elapsed().as_secs_f64());
+                .record(took.as_secs_f64());
             metrics::histogram!("sink_batch_size", "sink" => sink)
                 .record(batch.events.len() as f64);
             self.breaker().record(

@@ -192,23 +192,27 @@ impl SinkRunner {
                 key,
                 events: batch.events[range.clone()].to_vec(),
             };
+            // `Err(sent)`: out of time, after giving the sink the batch or before.
             let result = match path {
-                Path::InProcess { deadline } if Instant::now() >= deadline => None,
+                Path::InProcess { deadline } if Instant::now() >= deadline => Err(false),
                 Path::InProcess { deadline } => {
                     tokio::time::timeout_at(deadline, self.attempt(&part, false, stop))
                         .await
-                        .ok()
+                        .map_err(|_| true)
                 }
-                Path::Queue => Some(self.attempt(&part, true, stop).await),
+                Path::Queue => Ok(self.attempt(&part, true, stop).await),
             };
-            let Some(result) = result else {
-                in_time = false;
-                parts.push(self.spill(range, part, attempts));
-                while let Some((range, key)) = todo.pop() {
-                    let events = batch.events[range.clone()].to_vec();
-                    parts.push(self.spill(range, Batch { key, events }, attempts));
+            let result = match result {
+                Ok(result) => result,
+                Err(sent) => {
+                    in_time = false;
+                    parts.push(self.spill(range, part, attempts, sent));
+                    while let Some((range, key)) = todo.pop() {
+                        let events = batch.events[range.clone()].to_vec();
+                        parts.push(self.spill(range, Batch { key, events }, attempts, false));
+                    }
+                    break;
                 }
-                break;
             };
             match result {
                 Some(Err(SinkError::Permanent(reason))) if range.len() > 1 => {
@@ -244,7 +248,7 @@ impl SinkRunner {
         (self.merge_dead_letters(parts), in_time)
     }
 
-    fn spill(&self, range: Range<usize>, batch: Batch, attempts: u32) -> Part {
+    fn spill(&self, range: Range<usize>, batch: Batch, attempts: u32, sent: bool) -> Part {
         let reason = format!(
             "not taken within spill_after_ms ({} ms)",
             self.delivery.spill_after_ms
@@ -252,7 +256,11 @@ impl SinkRunner {
         Part {
             range,
             batch,
-            decision: Decision::Spill { attempts, reason },
+            decision: Decision::Spill {
+                attempts,
+                reason,
+                sent,
+            },
         }
     }
 

@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-use ingest_pipeline::message::batch_headers;
+use ingest_pipeline::message::{batch_headers, spilled_headers};
 use ingest_pipeline::Topology;
 use lapin::types::FieldTable;
 
@@ -40,9 +40,20 @@ impl SinkRunner {
                 Ok(())
             }
             Decision::Release => Err("shutting down".to_owned()),
-            Decision::Spill { attempts, reason } => {
+            Decision::Spill {
+                attempts,
+                reason,
+                sent,
+            } => {
                 let queue = topology.sink_queue(name);
-                self.store(&queue, batch, attempts, &reason, out).await?;
+                if sent {
+                    self.store(&queue, batch, attempts, &reason, out).await?;
+                } else {
+                    // Fresh events, without a key: the runner batches them with others.
+                    let body = serde_json::to_vec(&batch.events).map_err(|e| e.to_string())?;
+                    out.store(&queue, &body, spilled_headers(name, &reason))
+                        .await?;
+                }
                 metrics::counter!("sink_spilled_batches_total", "sink" => name.to_owned())
                     .increment(1);
                 self.count(Outcome::Retried, batch.events.len());

@@ -19,6 +19,8 @@ pub struct Scripted {
     calls: AtomicUsize,
     delivered: Mutex<Vec<String>>,
     delay: Option<std::time::Duration>,
+    /// For [`Scripted::per_event`]: the time each event of a batch takes.
+    per_event: Option<std::time::Duration>,
 }
 
 impl Scripted {
@@ -30,6 +32,17 @@ impl Scripted {
             calls: AtomicUsize::new(0),
             delivered: Mutex::new(Vec::new()),
             delay: None,
+            per_event: None,
+        }
+    }
+
+    /// A store that takes `each` per event of a batch and has the events from the moment it is
+    /// called, as a database has an insert it was sent whether or not its caller waits for
+    /// the answer: [`Scripted::delivered`] lists them then, even if the call is dropped.
+    pub fn per_event(name: &str, each: std::time::Duration) -> Self {
+        Self {
+            per_event: Some(each),
+            ..Self::new(name, VecDeque::new())
         }
     }
 
@@ -75,6 +88,12 @@ impl Sink for Scripted {
 
     async fn deliver(&self, batch: &Batch) -> Result<(), SinkError> {
         self.calls.fetch_add(1, Ordering::SeqCst);
+        if let Some(each) = self.per_event {
+            self.record(batch);
+            let events = u32::try_from(batch.events.len()).unwrap_or(u32::MAX);
+            tokio::time::sleep(each.saturating_mul(events)).await;
+            return Ok(());
+        }
         if let Some(delay) = self.delay {
             tokio::time::sleep(delay).await;
         }
@@ -83,16 +102,22 @@ impl Sink for Scripted {
             return std::future::pending().await;
         };
         if answer.is_ok() {
-            if let Ok(mut delivered) = self.delivered.lock() {
-                delivered.extend(batch.events.iter().map(|e| {
-                    e.get("messageId")
-                        .and_then(|v| v.as_str())
-                        .unwrap_or_default()
-                        .to_owned()
-                }));
-            }
+            self.record(batch);
         }
         answer
+    }
+}
+
+impl Scripted {
+    fn record(&self, batch: &Batch) {
+        if let Ok(mut delivered) = self.delivered.lock() {
+            delivered.extend(batch.events.iter().map(|e| {
+                e.get("messageId")
+                    .and_then(|v| v.as_str())
+                    .unwrap_or_default()
+                    .to_owned()
+            }));
+        }
     }
 }
 

@@ -115,6 +115,8 @@ async fn a_sink_that_does_not_finish_in_time_spills_to_its_own_queue() {
     assert_eq!(stored.len(), 1);
     assert_eq!(stored[0].queue, "t.sink.slow");
     assert_eq!(stored[0].attempts, 0);
+    // The sink was given the batch and may have it: it keeps its key, to be sent again as it was.
+    assert!(!stored[0].key.is_empty());
 }
 
 #[tokio::test(start_paused = true)]
@@ -180,6 +182,10 @@ async fn a_sink_busy_past_spill_after_ms_spills_what_waits_for_it() {
     // The first batch took the one slot and was spilled at the bound too (1.5 s > 1 s).
     assert_eq!(out.stored().len(), 4);
     assert!(out.stored().iter().all(|s| s.queue == "t.sink.slow"));
+    // Only that one was given to the sink: it keeps its key; the three the sink never saw go
+    // as fresh events (no key), for the runner to batch with others.
+    let keyed = out.stored().iter().filter(|s| !s.key.is_empty()).count();
+    assert_eq!(keyed, 1, "{:?}", out.stored());
 }
 
 /// Once a sink has missed the bound, a delivery does not wait for it at all unless a slot is
@@ -286,4 +292,103 @@ async fn a_delivery_is_answered_by_what_became_of_its_own_events_not_of_those_ba
     assert_eq!(first.await.expect("task"), Ok(()));
     assert_eq!(good.await.expect("task"), Ok(()));
     assert!(bad.await.expect("task").is_err());
+}
+
+/// A store with a fixed cost per batch (a journal flush per insert), fed as the consumer feeds
+/// it: `held` raw deliveries in hand at once, each taken up again once it is answered. The
+/// batches must grow to what waits, not shrink to one delivery each: a slot that frees while
+/// deliveries are still being processed must not take the first one alone.
+#[tokio::test(start_paused = true)]
+async fn under_steady_load_a_store_with_a_cost_per_batch_gets_few_large_batches() {
+    const HELD: usize = 64;
+    const ROUNDS: usize = 10;
+    let sink = Arc::new(Scripted::slow("store", Duration::from_millis(50)));
+    let like_mongo = DeliverySettings {
+        batch_max_events: 1000,
+        linger_ms: 50,
+        ..DeliverySettings::default()
+    };
+    let runners = [runner(sink.clone(), like_mongo)];
+    let out = Arc::new(Recorder::default());
+    let (fanout, _tasks) = lanes(&runners, &out);
+    futures_util::future::join_all((0..HELD).map(|slot| {
+        let fanout = fanout.clone();
+        async move {
+            for round in 0..ROUNDS {
+                // Taking the next delivery from the broker and processing it.
+                tokio::time::sleep(Duration::from_micros(300 * (slot as u64 % 8 + 1))).await;
+                let batch = events(&[format!("m{slot}-{round}").as_str()], "track");
+                fanout.deliver(&batch).await.expect("settled");
+            }
+        }
+    }))
+    .await;
+    assert_eq!(sink.delivered().len(), HELD * ROUNDS);
+    assert!(out.stored().is_empty(), "nothing spilled");
+    // Ideally one batch per slot per round of HELD deliveries; a quarter of that is the bound.
+    assert!(
+        sink.calls() <= ROUNDS * 2 * 4,
+        "{} batches for {} deliveries",
+        sink.calls(),
+        HELD * ROUNDS
+    );
+}
+
+/// A store that takes about the bound for a full batch (1 ms an event; 1,000 events; 1 s),
+/// under steady load: a batch spilled while the store was still taking it would be stored
+/// twice. No event is both taken by the store and spilled into its queue, and every event is
+/// in one or the other.
+#[tokio::test(start_paused = true)]
+async fn a_store_is_not_handed_a_batch_it_cannot_take_within_the_bound() {
+    const HELD: usize = 128;
+    const ROUNDS: usize = 10;
+    const EVENTS: usize = 20;
+    let sink = Arc::new(Scripted::per_event("store", Duration::from_millis(1)));
+    let like_mongo = DeliverySettings {
+        batch_max_events: 1000,
+        linger_ms: 50,
+        ..DeliverySettings::default()
+    };
+    let runners = [runner(sink.clone(), like_mongo)];
+    let out = Arc::new(Recorder::default());
+    let (fanout, _tasks) = lanes(&runners, &out);
+    futures_util::future::join_all((0..HELD).map(|slot| {
+        let fanout = fanout.clone();
+        async move {
+            for round in 0..ROUNDS {
+                tokio::time::sleep(Duration::from_micros(300 * (slot as u64 % 8 + 1))).await;
+                let ids: Vec<String> = (0..EVENTS)
+                    .map(|e| format!("m{slot}-{round}-{e}"))
+                    .collect();
+                let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+                fanout
+                    .deliver(&events(&ids, "track"))
+                    .await
+                    .expect("settled");
+            }
+        }
+    }))
+    .await;
+    let taken = sink.delivered();
+    let spilled: Vec<String> = out
+        .stored()
+        .into_iter()
+        .flat_map(|s| s.message_ids)
+        .collect();
+    let taken_once: std::collections::HashSet<&String> = taken.iter().collect();
+    assert_eq!(
+        taken_once.len(),
+        taken.len(),
+        "the store took an event twice"
+    );
+    let both = spilled.iter().filter(|id| taken_once.contains(id)).count();
+    assert_eq!(
+        both,
+        0,
+        "{both} events taken by the store and spilled too ({} taken in {} batches, {} spilled)",
+        taken.len(),
+        sink.calls(),
+        spilled.len()
+    );
+    assert_eq!(taken.len() + spilled.len(), HELD * ROUNDS * EVENTS);
 }
