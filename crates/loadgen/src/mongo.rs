@@ -9,7 +9,7 @@ use bson::{doc, Document, RawDocumentBuf};
 use futures_util::TryStreamExt;
 use ingest_schema::{Registry, UnknownEventPolicy};
 use mongodb::{Client, Collection};
-use worker::process::{process, PayloadLimits};
+use worker::process::{process, Documents, PayloadLimits};
 use worker::sinks::mongo::to_document;
 
 use crate::amqp::collector_properties;
@@ -46,6 +46,7 @@ pub fn worker_documents(
             &collector_properties("shop-ios", payload.gzip),
             &payload.body,
             limits,
+            Documents::Made,
         );
         if let Some(invalid) = outcome.invalid.first() {
             anyhow::bail!(

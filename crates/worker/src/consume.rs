@@ -305,6 +305,7 @@ async fn handle(delivery: Delivery, context: Arc<Context>, session: Arc<Session>
         &delivery.properties,
         &delivery.data,
         context.limits,
+        context.documents,
     );
     let (valid, invalid) = (outcome.valid.len(), outcome.invalid.len());
     metrics::counter!("worker_events_total", "result" => "valid").increment(valid as u64);

@@ -32,7 +32,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::consume::BROKER_CALL_TIMEOUT;
 use crate::delivery::SinkRunner;
-use crate::process::PayloadLimits;
+use crate::process::{Documents, PayloadLimits};
 use crate::sinks::http::HttpSink;
 use crate::sinks::mongo::MongoSink;
 use crate::sinks::statsd::StatsdSink;
@@ -45,6 +45,8 @@ pub(crate) struct Context {
     registry: Registry,
     topology: Topology,
     limits: PayloadLimits,
+    /// Made only when MongoDB is a sink.
+    documents: Documents,
     confirm_timeout: Duration,
     /// Compaction and the byte cap's overflow, across broker sessions.
     invalid: invalid_publish::InvalidQueue,
@@ -166,6 +168,11 @@ pub async fn serve(
             max_bytes: w.max_payload_bytes,
             max_events: w.max_payload_events,
             max_built_bytes: w.max_built_bytes,
+        },
+        documents: if settings.sinks.mongo.enabled {
+            Documents::Made
+        } else {
+            Documents::NotNeeded
         },
         confirm_timeout: settings.broker.confirm_timeout(),
         invalid: invalid_publish::InvalidQueue::new(&w.invalid),

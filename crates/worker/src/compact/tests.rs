@@ -1,7 +1,7 @@
 //! The compaction window, on records the worker really makes from a request.
 
 use super::*;
-use crate::process::{process, PayloadLimits};
+use crate::process::{process, Documents, PayloadLimits};
 use ingest_pipeline::message::{Endpoint, RequestMeta};
 use ingest_schema::{Registry, UnknownEventPolicy};
 use lapin::BasicProperties;
@@ -26,6 +26,7 @@ fn invalid(registry: &Registry, batch: Vec<Value>) -> Vec<InvalidRecord> {
         &BasicProperties::default(),
         body.as_bytes(),
         LIMITS,
+        Documents::Made,
     );
     assert!(outcome.valid.is_empty());
     outcome.invalid
