@@ -19,7 +19,8 @@ use ingest_schema::{Registry, UnknownEventPolicy};
 use lapin::BasicProperties;
 use serde_json::{Map, Value};
 use worker::decode::{self, Element};
-use worker::process::{process, PayloadLimits};
+use worker::delivery::split::json_len;
+use worker::process::{process, Documents, PayloadLimits};
 use worker::sinks::mongo::to_document;
 use worker::sinks::{http, statsd, Event};
 
@@ -203,14 +204,39 @@ pub fn run(
             .sum::<usize>()
     });
     stage("MongoDB document (BSON)", bson);
-    let json = over(rounds, events, || {
-        by_request
-            .iter()
-            .filter_map(|events| http::encode(events, BodyFormat::Json).ok())
-            .map(|body| body.len())
-            .sum::<usize>()
-    });
-    stage("HTTP sink body (JSON)", json);
+    // Each event's JSON is written once and kept (`Event::json`): the lane asks for it to size
+    // the batch, the body copies it. Fresh events each round, so the writing is timed.
+    let json = time(
+        rounds,
+        events,
+        || {
+            by_request
+                .iter()
+                .map(|events| {
+                    events
+                        .iter()
+                        .map(|e| Arc::new(Event::from(e.fields().clone())))
+                        .collect::<Vec<_>>()
+                })
+                .collect::<Vec<_>>()
+        },
+        |fresh| {
+            let bytes = fresh
+                .iter()
+                .map(|events| {
+                    let sized: usize = events.iter().map(|e| json_len(e)).sum();
+                    let body = http::encode(events, BodyFormat::Json).map_or(0, |b| b.len());
+                    sized + body
+                })
+                .sum::<usize>();
+            // Freed after the clock stops, as the other stages' inputs are.
+            (bytes, fresh)
+        },
+    );
+    stage(
+        "HTTP sink body (JSON: sized by the lane, then the body)",
+        json,
+    );
     let lines = over(rounds, events, || {
         by_request
             .iter()
@@ -218,16 +244,23 @@ pub fn run(
             .sum::<usize>()
     });
     stage("statsd lines", lines);
-    let whole = over(rounds, events, || {
-        inputs
-            .iter()
-            .map(|r| {
-                process(&registry, &r.properties, &r.body, LIMITS)
-                    .valid
-                    .len()
-            })
-            .sum::<usize>()
-    });
+    let whole_for = |documents: Documents| {
+        over(rounds, events, || {
+            inputs
+                .iter()
+                .map(|r| {
+                    process(&registry, &r.properties, &r.body, LIMITS, documents)
+                        .valid
+                        .len()
+                })
+                .sum::<usize>()
+        })
+    };
+    stage(
+        "whole process() without documents (MongoDB not a sink)",
+        whole_for(Documents::NotNeeded),
+    );
+    let whole = whole_for(Documents::Made);
     stage(
         "whole process() (gunzip to documents, as the consumer calls it)",
         whole,

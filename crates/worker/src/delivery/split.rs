@@ -12,7 +12,6 @@
 //! Bisection ends: halves strictly shrink, and a single refused event is dead-lettered. It
 //! costs at most two calls per level for each refused event, `2·⌈log2 n⌉` for one in `n`.
 
-use std::io;
 use std::ops::Range;
 use std::sync::Arc;
 
@@ -24,23 +23,8 @@ use crate::sinks::{Batch, Event, SinkError};
 
 /// The bytes `event` takes in a JSON body.
 pub fn json_len(event: &Event) -> usize {
-    struct Count(usize);
-    impl io::Write for Count {
-        fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
-            self.0 += bytes.len();
-            Ok(bytes.len())
-        }
-        fn flush(&mut self) -> io::Result<()> {
-            Ok(())
-        }
-    }
-    let mut count = Count(0);
-    match serde_json::to_writer(&mut count, event) {
-        Ok(()) => count.0,
-        // Writing a JSON object into a counter does not fail; if it did, the event would be
-        // sent alone.
-        Err(_) => usize::MAX,
-    }
+    // An event that cannot be written would be sent alone.
+    event.json().map_or(usize::MAX, <[u8]>::len)
 }
 
 /// The bytes of a body before its events: a JSON array's `[` (NDJSON has none).

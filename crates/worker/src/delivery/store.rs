@@ -11,7 +11,7 @@ use ingest_pipeline::Topology;
 use lapin::types::FieldTable;
 
 use super::settle::{batch_key, delay_for, Decision, Outcome, SinkRunner};
-use crate::sinks::{Batch, Event};
+use crate::sinks::{json_array, Batch, Event};
 
 /// Where batches go when the sink did not take them: a queue that confirms what it holds.
 #[async_trait::async_trait]
@@ -50,7 +50,7 @@ impl SinkRunner {
                     self.store(&queue, batch, attempts, &reason, out).await?;
                 } else {
                     // Fresh events, without a key: the runner batches them with others.
-                    let body = serde_json::to_vec(&batch.events).map_err(|e| e.to_string())?;
+                    let body = json_array(&batch.events).map_err(|e| e.to_string())?;
                     out.store(&queue, &body, spilled_headers(name, &reason))
                         .await?;
                 }
@@ -123,7 +123,7 @@ impl SinkRunner {
         reason: &str,
         out: &dyn Durable,
     ) -> Result<(), String> {
-        let body = serde_json::to_vec(&batch.events).map_err(|e| e.to_string())?;
+        let body = json_array(&batch.events).map_err(|e| e.to_string())?;
         let headers = batch_headers(self.sink.name(), &batch.key, attempts, reason);
         out.store(queue, &body, headers).await
     }

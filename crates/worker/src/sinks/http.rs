@@ -138,6 +138,33 @@ impl Serialize for Meta<'_> {
     }
 }
 
+/// Writes one event as [`Outgoing`] does: its JSON text as kept ([`Event::json`]) with the
+/// key added before the closing brace when it has no [`META_FIELD`] of its own, written anew
+/// otherwise.
+fn write_outgoing(body: &mut Vec<u8>, event: &Event) -> Result<(), serde_json::Error> {
+    let kept = event
+        .json()
+        .filter(|json| json.len() > 2 && json.ends_with(b"}"));
+    match (EventId::of(event), kept) {
+        (Some(id), Some(json)) if !event.contains_key(META_FIELD) => {
+            body.extend_from_slice(&json[..json.len() - 1]);
+            body.push(b',');
+            serde_json::to_writer(&mut *body, META_FIELD)?;
+            body.push(b':');
+            let mut buffer = uuid::Uuid::encode_buffer();
+            let key: &str = id.key().hyphenated().encode_lower(&mut buffer);
+            serde_json::to_writer(&mut *body, &Meta(key))?;
+            body.push(b'}');
+            Ok(())
+        }
+        (None, Some(json)) => {
+            body.extend_from_slice(json);
+            Ok(())
+        }
+        _ => serde_json::to_writer(body, &Outgoing(event)),
+    }
+}
+
 /// Serializes a batch body, each event with its key. Serializing a JSON object into memory
 /// cannot fail in practice; the `Result` is serde_json's signature, kept rather than hidden
 /// behind a panic.
@@ -150,13 +177,13 @@ pub fn encode(events: &[Arc<Event>], format: BodyFormat) -> Result<Vec<u8>, serd
                 if i > 0 {
                     body.push(b',');
                 }
-                serde_json::to_writer(&mut body, &Outgoing(event))?;
+                write_outgoing(&mut body, event)?;
             }
             body.push(b']');
         }
         BodyFormat::Ndjson => {
             for event in events {
-                serde_json::to_writer(&mut body, &Outgoing(event))?;
+                write_outgoing(&mut body, event)?;
                 body.push(b'\n');
             }
         }
