@@ -14,7 +14,8 @@ use std::time::Duration;
 /// Weight of the newest sample in the moving average.
 const WEIGHT: f64 = 0.3;
 
-/// The sink's recent rate in events per second over successful calls, as a moving average.
+/// The sink's recent rate in events per second, as a moving average over the calls it answered
+/// and those it had not answered by the bound.
 #[derive(Debug, Default)]
 pub struct Pace {
     /// `f64` bits; 0 until a call succeeded.
@@ -22,7 +23,8 @@ pub struct Pace {
 }
 
 impl Pace {
-    /// A call that delivered `events` in `took`.
+    /// A call that delivered `events` in `took`, or had not answered after `took` (then the
+    /// sink takes at most that pace).
     pub fn record(&self, events: usize, took: Duration) {
         let seconds = took.as_secs_f64();
         if events == 0 || seconds <= 0.0 {

@@ -180,9 +180,14 @@ impl SinkRunner {
             let result = match path {
                 Path::InProcess { deadline } if Instant::now() >= deadline => Err(false),
                 Path::InProcess { deadline } => {
-                    tokio::time::timeout_at(deadline, self.attempt(&part, false, stop))
-                        .await
-                        .map_err(|_| true)
+                    let started = Instant::now();
+                    let attempt =
+                        tokio::time::timeout_at(deadline, self.attempt(&part, false, stop));
+                    attempt.await.map_err(|_| {
+                        // Not answered by the bound: the sink takes at most this pace.
+                        self.pace.record(part.events.len(), started.elapsed());
+                        true
+                    })
                 }
                 Path::Queue => Ok(self.attempt(&part, true, stop).await),
             };
