@@ -294,35 +294,47 @@ async fn a_delivery_is_answered_by_what_became_of_its_own_events_not_of_those_ba
     assert!(bad.await.expect("task").is_err());
 }
 
+/// Feeds `fanout` as the consumer does: `held` raw deliveries in hand at once, each taken up
+/// again once it is answered (after a few hundred µs of taking and processing the next one),
+/// `rounds` times, each of `size` events (messageIds `m<slot>-<round>-<event>`).
+async fn steady_load(fanout: &Arc<Fanout>, held: usize, rounds: usize, size: usize) {
+    futures_util::future::join_all((0..held).map(|slot| {
+        let fanout = fanout.clone();
+        async move {
+            for round in 0..rounds {
+                tokio::time::sleep(Duration::from_micros(300 * (slot as u64 % 8 + 1))).await;
+                let ids: Vec<String> = (0..size).map(|e| format!("m{slot}-{round}-{e}")).collect();
+                let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+                fanout
+                    .deliver(&events(&ids, "track"))
+                    .await
+                    .expect("settled");
+            }
+        }
+    }))
+    .await;
+}
+
+/// The MongoDB sink's delivery settings in `config/default.toml`.
+fn like_mongo() -> DeliverySettings {
+    DeliverySettings {
+        batch_max_events: 1000,
+        linger_ms: 50,
+        ..DeliverySettings::default()
+    }
+}
+
 /// A store with a fixed cost per batch (a journal flush per insert), fed as the consumer feeds
-/// it: `held` raw deliveries in hand at once, each taken up again once it is answered. The
-/// batches must grow to what waits, not shrink to one delivery each: a slot that frees while
-/// deliveries are still being processed must not take the first one alone.
+/// it. The batches must grow to what waits, not shrink to one delivery each: a slot that frees
+/// while deliveries are still being processed must not take the first one alone.
 #[tokio::test(start_paused = true)]
 async fn under_steady_load_a_store_with_a_cost_per_batch_gets_few_large_batches() {
     const HELD: usize = 64;
     const ROUNDS: usize = 10;
     let sink = Arc::new(Scripted::slow("store", Duration::from_millis(50)));
-    let like_mongo = DeliverySettings {
-        batch_max_events: 1000,
-        linger_ms: 50,
-        ..DeliverySettings::default()
-    };
-    let runners = [runner(sink.clone(), like_mongo)];
     let out = Arc::new(Recorder::default());
-    let (fanout, _tasks) = lanes(&runners, &out);
-    futures_util::future::join_all((0..HELD).map(|slot| {
-        let fanout = fanout.clone();
-        async move {
-            for round in 0..ROUNDS {
-                // Taking the next delivery from the broker and processing it.
-                tokio::time::sleep(Duration::from_micros(300 * (slot as u64 % 8 + 1))).await;
-                let batch = events(&[format!("m{slot}-{round}").as_str()], "track");
-                fanout.deliver(&batch).await.expect("settled");
-            }
-        }
-    }))
-    .await;
+    let (fanout, _tasks) = lanes(&[runner(sink.clone(), like_mongo())], &out);
+    steady_load(&fanout, HELD, ROUNDS, 1).await;
     assert_eq!(sink.delivered().len(), HELD * ROUNDS);
     assert!(out.stored().is_empty(), "nothing spilled");
     // Ideally one batch per slot per round of HELD deliveries; a quarter of that is the bound.
@@ -344,31 +356,9 @@ async fn a_store_is_not_handed_a_batch_it_cannot_take_within_the_bound() {
     const ROUNDS: usize = 10;
     const EVENTS: usize = 20;
     let sink = Arc::new(Scripted::per_event("store", Duration::from_millis(1)));
-    let like_mongo = DeliverySettings {
-        batch_max_events: 1000,
-        linger_ms: 50,
-        ..DeliverySettings::default()
-    };
-    let runners = [runner(sink.clone(), like_mongo)];
     let out = Arc::new(Recorder::default());
-    let (fanout, _tasks) = lanes(&runners, &out);
-    futures_util::future::join_all((0..HELD).map(|slot| {
-        let fanout = fanout.clone();
-        async move {
-            for round in 0..ROUNDS {
-                tokio::time::sleep(Duration::from_micros(300 * (slot as u64 % 8 + 1))).await;
-                let ids: Vec<String> = (0..EVENTS)
-                    .map(|e| format!("m{slot}-{round}-{e}"))
-                    .collect();
-                let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
-                fanout
-                    .deliver(&events(&ids, "track"))
-                    .await
-                    .expect("settled");
-            }
-        }
-    }))
-    .await;
+    let (fanout, _tasks) = lanes(&[runner(sink.clone(), like_mongo())], &out);
+    steady_load(&fanout, HELD, ROUNDS, EVENTS).await;
     let taken = sink.delivered();
     let spilled: Vec<String> = out
         .stored()
