@@ -46,14 +46,13 @@ impl SinkRunner {
                 sent,
             } => {
                 let queue = topology.sink_queue(name);
-                if sent {
-                    self.store(&queue, batch, attempts, &reason, out).await?;
+                let headers = if sent {
+                    self.batch_headers(batch, attempts, &reason)
                 } else {
                     // Fresh events, without a key: the runner batches them with others.
-                    let body = json_array(&batch.events).map_err(|e| e.to_string())?;
-                    out.store(&queue, &body, spilled_headers(name, &reason))
-                        .await?;
-                }
+                    spilled_headers(name, &reason)
+                };
+                store(&queue, batch, headers, out).await?;
                 metrics::counter!("sink_spilled_batches_total", "sink" => name.to_owned())
                     .increment(1);
                 self.count(Outcome::Retried, batch.events.len());
@@ -92,7 +91,13 @@ impl SinkRunner {
                 let delay = delay_for(&self.retry_delays, attempts, at_least)
                     .ok_or("no retry delays configured")?;
                 let queue = topology.sink_retry(name, delay);
-                self.store(&queue, batch, attempts, &reason, out).await?;
+                store(
+                    &queue,
+                    batch,
+                    self.batch_headers(batch, attempts, &reason),
+                    out,
+                )
+                .await?;
                 self.count(Outcome::Retried, batch.events.len());
                 tracing::info!(sink = name, attempts, ?delay, events = batch.events.len(), %reason, "batch waits to be retried");
                 Ok(())
@@ -109,24 +114,33 @@ impl SinkRunner {
         out: &dyn Durable,
     ) -> Result<(), String> {
         let queue = topology.sink_dlq(self.sink.name());
-        self.store(&queue, batch, attempts, reason, out).await?;
+        store(
+            &queue,
+            batch,
+            self.batch_headers(batch, attempts, reason),
+            out,
+        )
+        .await?;
         self.count(Outcome::DeadLettered, batch.events.len());
         tracing::warn!(sink = self.sink.name(), attempts, events = batch.events.len(), %reason, "batch dead-lettered");
         Ok(())
     }
 
-    async fn store(
-        &self,
-        queue: &str,
-        batch: &Batch,
-        attempts: u32,
-        reason: &str,
-        out: &dyn Durable,
-    ) -> Result<(), String> {
-        let body = json_array(&batch.events).map_err(|e| e.to_string())?;
-        let headers = batch_headers(self.sink.name(), &batch.key, attempts, reason);
-        out.store(queue, &body, headers).await
+    /// A batch message's headers: its key, attempts and last error.
+    fn batch_headers(&self, batch: &Batch, attempts: u32, reason: &str) -> FieldTable {
+        batch_headers(self.sink.name(), &batch.key, attempts, reason)
     }
+}
+
+/// Confirms `batch`'s events into `queue` as one message, under `headers`.
+async fn store(
+    queue: &str,
+    batch: &Batch,
+    headers: FieldTable,
+    out: &dyn Durable,
+) -> Result<(), String> {
+    let body = json_array(&batch.events).map_err(|e| e.to_string())?;
+    out.store(queue, &body, headers).await
 }
 
 /// End-to-end lag of a delivered batch: now minus its oldest event's `receivedAt`.
