@@ -5,11 +5,13 @@
 //! either returns a [`ValidatedEvent`] (the only way to obtain one) or an [`Invalid`] listing every
 //! problem found.
 
+pub mod doc;
 mod error;
 mod event;
 mod registry;
 mod slug;
 
+pub use doc::{Doc, DocJson, Node, ObjMut, Text, Val};
 pub use error::LoadError;
 pub use event::{Invalid, Issue, ValidatedEvent};
 pub use registry::{Registry, UnknownEventPolicy, EVENT_TYPES};

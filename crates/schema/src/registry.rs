@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{Map, Value};
 
+use crate::doc::{Doc, DocJson, Node};
 use crate::{event_slug, Invalid, Issue, LoadError, ValidatedEvent};
 
 /// The event types the pipeline takes: each has its envelope rules here, and the collector
@@ -37,11 +38,11 @@ pub enum UnknownEventPolicy {
 #[derive(Debug)]
 struct Compiled {
     name: String,
-    validator: jsonschema::Validator,
+    validator: jsonschema::Validator<DocJson>,
 }
 
 impl Compiled {
-    fn check(&self, event: &Value, issues: &mut Vec<Issue>) {
+    fn check(&self, event: Node<'_>, issues: &mut Vec<Issue>) {
         // Most events are valid: answering that alone is cheaper than collecting errors.
         if self.validator.is_valid(event) {
             return;
@@ -127,15 +128,36 @@ impl Registry {
         })
     }
 
+    /// Checks an event held as a `serde_json` map: [`Registry::check`] on it.
     pub fn validate(&self, event: Map<String, Value>) -> Result<ValidatedEvent, Invalid> {
         let event = Value::Object(event);
+        let issues = self.check(Doc::from_value(&event).node());
+        let message_id = event
+            .get("messageId")
+            .and_then(Value::as_str)
+            .map(str::to_owned);
+        match (event, message_id) {
+            (Value::Object(map), Some(message_id)) if issues.is_empty() => {
+                Ok(ValidatedEvent::new(map, message_id))
+            }
+            (event, _) => Err(Invalid {
+                event,
+                errors: issues,
+            }),
+        }
+    }
+
+    /// Every issue the tracking plan finds in an event, none if it is valid: the envelope, the
+    /// schema for its `type`, for `track` the schema for its `event` (or the unknown-event
+    /// policy), a known `type` and a string `messageId`.
+    pub fn check(&self, event: Node<'_>) -> Vec<Issue> {
         let mut issues = Vec::new();
 
-        self.envelope.check(&event, &mut issues);
+        self.envelope.check(event, &mut issues);
 
-        let kind = event.get("type").and_then(Value::as_str);
+        let kind = event.get("type").and_then(|kind| kind.as_str());
         if let Some(schema) = kind.and_then(|kind| self.by_type.get(kind)) {
-            schema.check(&event, &mut issues);
+            schema.check(event, &mut issues);
         }
         // Whatever the tracking plan's envelope says: the collector refuses such a batch event
         // alone on the same rule, and answers which one it was.
@@ -153,9 +175,9 @@ impl Registry {
         }
 
         if kind == Some("track") {
-            if let Some(name) = event.get("event").and_then(Value::as_str) {
+            if let Some(name) = event.get("event").and_then(|name| name.as_str()) {
                 match self.by_event.get(name) {
-                    Some(schema) => schema.check(&event, &mut issues),
+                    Some(schema) => schema.check(event, &mut issues),
                     None if self.policy == UnknownEventPolicy::Reject => issues.push(Issue {
                         pointer: "/event".to_owned(),
                         message: format!("no schema in the tracking plan for event {name:?}"),
@@ -166,27 +188,17 @@ impl Registry {
             }
         }
 
-        let message_id = event
+        let has_message_id = event
             .get("messageId")
-            .and_then(Value::as_str)
-            .map(str::to_owned);
-        if message_id.is_none() && !issues.iter().any(|issue| issue.pointer == "/messageId") {
+            .is_some_and(|id| id.as_str().is_some());
+        if !has_message_id && !issues.iter().any(|issue| issue.pointer == "/messageId") {
             issues.push(Issue {
                 pointer: "/messageId".to_owned(),
                 message: "messageId is required and must be a string".to_owned(),
                 schema: "envelope".to_owned(),
             });
         }
-
-        match (event, message_id) {
-            (Value::Object(map), Some(message_id)) if issues.is_empty() => {
-                Ok(ValidatedEvent::new(map, message_id))
-            }
-            (event, _) => Err(Invalid {
-                event,
-                errors: issues,
-            }),
-        }
+        issues
     }
 
     /// Number of compiled schemas, the envelope included.
@@ -222,7 +234,7 @@ fn load_track_schema(path: &Path) -> Result<(String, Compiled), LoadError> {
 }
 
 fn compile(name: String, path: &Path, schema: &Value) -> Result<Compiled, LoadError> {
-    let validator = jsonschema::options()
+    let validator = jsonschema::options_for::<DocJson>()
         .with_draft(jsonschema::Draft::Draft202012)
         .should_validate_formats(true)
         .should_ignore_unknown_formats(false)
