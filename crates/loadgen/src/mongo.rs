@@ -55,7 +55,7 @@ pub fn worker_documents(
             );
         }
         for event in &outcome.valid {
-            documents.push(to_document(event).map_err(anyhow::Error::msg)?);
+            documents.push(to_document(event.doc()).map_err(anyhow::Error::msg)?);
         }
     }
     Ok(documents)

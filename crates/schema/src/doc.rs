@@ -186,6 +186,16 @@ impl Doc {
         Doc::from_owned(self.root.owned(&self.text))
     }
 
+    /// This value, to be placed in `target`: as it is if both read the same text, else with
+    /// its strings owned.
+    pub fn val_for(&self, target: &Doc) -> Val {
+        if Arc::ptr_eq(&self.text, &target.text) || self.text.is_empty() {
+            self.root.clone()
+        } else {
+            self.root.owned(&self.text)
+        }
+    }
+
     fn from_owned(root: Val) -> Doc {
         Doc {
             text: Arc::from(""),
@@ -418,6 +428,19 @@ impl<'a> Node<'a> {
 
     pub fn is_object(&self) -> bool {
         matches!(self.val, Val::Obj(_))
+    }
+
+    /// Members of an object or items of an array; 0 for anything else.
+    pub fn len(&self) -> usize {
+        match self.val {
+            Val::Obj(members) => members.len(),
+            Val::Arr(items) => items.len(),
+            _ => 0,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 
     /// The member `key` of an object.

@@ -6,7 +6,10 @@
 use ingest_pipeline::built::{self, OwnContext};
 use ingest_pipeline::gzip::{inflate_capped, InflateError};
 use ingest_pipeline::message::{Endpoint, RequestMeta, REQUEST_ID_NAMESPACE};
-use serde_json::{Map, Value};
+use std::sync::Arc;
+
+use ingest_schema::{Doc, Node, ObjMut, Text, Val};
+use serde_json::Value;
 
 /// Names a request by its content: the source, the endpoint and the decoded payload. A client
 /// that retries a request sends the same content under a new request id; events without a
@@ -69,7 +72,7 @@ pub fn payload(
 /// One element of a request: an event object, or what stood in its place.
 #[derive(Debug, PartialEq)]
 pub enum Element {
-    Event(Map<String, Value>),
+    Event(Doc),
     NotAnObject(Value),
 }
 
@@ -77,21 +80,31 @@ pub enum Element {
 #[derive(Debug, PartialEq)]
 pub struct Split {
     pub elements: Vec<Element>,
-    pub sent_at: Option<Value>,
+    pub sent_at: Option<Doc>,
+}
+
+/// Parses the payload once: every event of the request reads its strings from this one text
+/// (see `ingest_schema::doc`).
+fn parse(json: &[u8]) -> Result<Doc, DecodeError> {
+    let text = std::str::from_utf8(json)
+        .map_err(|e| DecodeError::Json(format!("the payload is not UTF-8: {e}")))?;
+    Doc::parse(Arc::from(text)).map_err(|e| DecodeError::Json(e.to_string()))
 }
 
 /// Splits a payload into its events. `budget` bounds the bytes the events may come to once
 /// the batch's shared fields are merged into each and the worker's own fields are added
 /// (`per_event` bytes each): the bound is checked before anything is copied.
+///
+/// The batch's `context` and `integrations` are held once and referred to by each event that
+/// lacks them (`Val::Shared`), not copied into it.
 pub fn split(
     endpoint: Endpoint,
     json: &[u8],
     budget: usize,
     per_event: usize,
 ) -> Result<Split, DecodeError> {
-    let value: Value =
-        serde_json::from_slice(json).map_err(|e| DecodeError::Json(e.to_string()))?;
-    let Value::Object(mut body) = value else {
+    let mut whole = parse(json)?;
+    let Some(mut body) = whole.object_mut() else {
         return Err(DecodeError::Shape(
             "the payload is not a JSON object".into(),
         ));
@@ -99,35 +112,46 @@ pub fn split(
     body.remove("writeKey");
     if endpoint != Endpoint::Batch {
         drop_absent(&mut body);
-        body.entry("type")
-            .or_insert_with(|| Value::String(endpoint.as_str().to_owned()));
-        let name = view_name(&body).map_or(0, |name| built::view_name_added(quoted_len(name)));
+        body.insert_if_absent("type", || Val::string(endpoint.as_str()));
+        let name =
+            view_name(whole.node()).map_or(0, |name| built::view_name_added(quoted_len(name)));
         if json.len() + per_event + name > budget {
             return Err(DecodeError::Expands(budget));
         }
-        fill_view_name(&mut body);
+        fill_view_name(&mut whole);
         return Ok(Split {
-            elements: vec![Element::Event(body)],
+            elements: vec![Element::Event(whole)],
             sent_at: None,
         });
     }
-    let Some(Value::Array(batch)) = body.remove("batch") else {
+    let Some(Val::Arr(batch)) = body.remove("batch") else {
         return Err(DecodeError::Shape(
             "the payload has no `batch` array".into(),
         ));
     };
     let shared_context = match body.remove("context") {
-        Some(Value::Object(context)) => Some(context),
+        Some(context @ Val::Obj(_)) => Some(Arc::new(context)),
         _ => None,
     };
-    let shared_integrations = body.remove("integrations").filter(|v| !v.is_null());
-    let sent_at = body.remove("sentAt").filter(|v| !v.is_null());
+    // Held as the one member of an object, so each event can refer to it (`Val::Shared`).
+    let shared_integrations = body
+        .remove("integrations")
+        .filter(|v| !matches!(v, Val::Null))
+        .map(|integrations| Arc::new(Val::Obj(vec![(Text::from("integrations"), integrations)])));
+    let sent_at = body
+        .remove("sentAt")
+        .filter(|v| !matches!(v, Val::Null))
+        .map(|sent_at| whole.with_root(sent_at));
+    let text = whole.text();
     let built = built_size(
         json.len(),
+        text,
         &batch,
-        shared_context.as_ref(),
-        shared_integrations.as_ref(),
-        sent_at.as_ref(),
+        shared_context.as_deref().map(|c| Node::new(text, c)),
+        shared_integrations
+            .as_deref()
+            .and_then(|i| Node::new(text, i).get("integrations")),
+        sent_at.as_ref().map(Doc::node),
         per_event,
     );
     if built > budget {
@@ -136,21 +160,28 @@ pub fn split(
     let elements = batch
         .into_iter()
         .map(|item| match item {
-            Value::Object(mut event) => {
-                event.remove("writeKey");
-                drop_absent(&mut event);
-                fill_view_name(&mut event);
-                if let Some(shared) = &shared_context {
-                    merge_missing(&mut event, "context", shared);
+            item @ Val::Obj(_) => {
+                let mut event = whole.with_root(item);
+                if let Some(mut object) = event.object_mut() {
+                    object.remove("writeKey");
+                    drop_absent(&mut object);
                 }
-                if let Some(integrations) = &shared_integrations {
-                    event
-                        .entry("integrations")
-                        .or_insert_with(|| integrations.clone());
+                fill_view_name(&mut event);
+                if let Some(mut object) = event.object_mut() {
+                    if let Some(shared) = &shared_context {
+                        if let Some(mut context) = object.object_entry("context") {
+                            context.merge_shared(shared);
+                        }
+                    }
+                    if let Some(integrations) = &shared_integrations {
+                        object.insert_if_absent("integrations", || {
+                            Val::Shared(Arc::clone(integrations), 0)
+                        });
+                    }
                 }
                 Element::Event(event)
             }
-            other => Element::NotAnObject(other),
+            other => Element::NotAnObject(Node::new(text, &other).to_value_owned()),
         })
         .collect();
     Ok(Split { elements, sent_at })
@@ -160,11 +191,9 @@ pub fn split(
 /// `"anonymousId": null`, analytics.js `"userId": null`), and an empty `userId` or
 /// `anonymousId` too (an SDK that serialises its defaults sends an anonymous user's
 /// `"userId": ""`).
-fn drop_absent(event: &mut Map<String, Value>) {
-    event.retain(|key, value| match value {
-        Value::Null => false,
-        Value::String(id) if id.is_empty() => !ABSENT_WHEN_EMPTY.contains(&key.as_str()),
-        _ => true,
+fn drop_absent(event: &mut ObjMut<'_>) {
+    event.retain(|key, value| {
+        !(value.is_null() || (value.as_str() == Some("") && ABSENT_WHEN_EMPTY.contains(&key)))
     });
 }
 
@@ -175,20 +204,22 @@ const ABSENT_WHEN_EMPTY: [&str; 2] = ["userId", "anonymousId"];
 /// name as `event` (and in `properties.name`), never as `name`, and RudderStack reads it from
 /// `event`. `None` when the event has a `name` (not `null`), is of another type, or its `event`
 /// is not a short non-empty string ([`built::is_view_name`]).
-fn view_name(event: &Map<String, Value>) -> Option<&str> {
-    let kind = event.get("type").and_then(Value::as_str)?;
+fn view_name(event: Node<'_>) -> Option<&str> {
+    let kind = event.get("type").and_then(|kind| kind.as_str())?;
     if !built::is_view(kind) || event.get("name").is_some_and(|name| !name.is_null()) {
         return None;
     }
     event
         .get("event")
-        .and_then(Value::as_str)
+        .and_then(|name| name.as_str())
         .filter(|name| built::is_view_name(name))
 }
 
-fn fill_view_name(event: &mut Map<String, Value>) {
-    if let Some(name) = view_name(event).map(str::to_owned) {
-        event.insert("name".to_owned(), Value::String(name));
+fn fill_view_name(event: &mut Doc) {
+    if let Some(name) = view_name(event.node()).map(str::to_owned) {
+        if let Some(mut object) = event.object_mut() {
+            object.insert("name", Val::string(name));
+        }
     }
 }
 
@@ -197,38 +228,38 @@ fn fill_view_name(event: &mut Map<String, Value>) {
 /// Reckoned without copying anything; a `null` field counts as absent, as it is once built.
 fn built_size(
     payload: usize,
-    batch: &[Value],
-    context: Option<&Map<String, Value>>,
-    integrations: Option<&Value>,
-    sent_at: Option<&Value>,
+    text: &str,
+    batch: &[Val],
+    context: Option<Node<'_>>,
+    integrations: Option<Node<'_>>,
+    sent_at: Option<Node<'_>>,
     per_event: usize,
 ) -> usize {
     let context_costs: Vec<(&str, usize)> = context
+        .and_then(|context| context.members())
         .into_iter()
         .flatten()
-        .map(|(k, v)| {
-            (
-                k.as_str(),
-                built::context_key_cost(quoted_len(k), json_len(v)),
-            )
-        })
+        .map(|(k, v)| (k, built::context_key_cost(quoted_len(k), json_len(v))))
         .collect();
     let shared = built::Shared {
         context: context.map(|_| context_costs.iter().map(|(_, cost)| cost).sum()),
         integrations: integrations.map(json_len),
         sent_at: sent_at.map(json_len),
     };
-    let present =
-        |event: &Map<String, Value>, key: &str| event.get(key).is_some_and(|v| !v.is_null());
+    let present = |event: Node<'_>, key: &str| event.get(key).is_some_and(|v| !v.is_null());
     let mut total = payload;
     for item in batch {
-        let Value::Object(event) = item else { continue };
+        let event = Node::new(text, item);
+        if !event.is_object() {
+            continue;
+        }
         let own_context = match event.get("context") {
-            None | Some(Value::Null) => OwnContext::Absent,
-            Some(Value::Object(own)) => OwnContext::Object {
+            None => OwnContext::Absent,
+            Some(own) if own.is_null() => OwnContext::Absent,
+            Some(own) if own.is_object() => OwnContext::Object {
                 kept: context_costs
                     .iter()
-                    .filter(|(k, _)| own.contains_key(*k))
+                    .filter(|(k, _)| own.get(k).is_some())
                     .map(|(_, cost)| cost)
                     .sum(),
             },
@@ -249,37 +280,31 @@ fn built_size(
 
 /// A string's length as JSON text, quotes and escapes included.
 fn quoted_len(text: &str) -> usize {
-    json_len(&Value::String(text.to_owned()))
+    counted(|count| serde_json::to_writer(count, text))
 }
 
 /// The length of a value's JSON text, without building it.
-fn json_len(value: &Value) -> usize {
-    struct Count(usize);
-    impl std::io::Write for Count {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0 += buf.len();
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
+fn json_len(value: Node<'_>) -> usize {
+    counted(|count| serde_json::to_writer(count, &value))
+}
+
+fn counted(write: impl FnOnce(&mut Count) -> serde_json::Result<()>) -> usize {
     let mut count = Count(0);
-    match serde_json::to_writer(&mut count, value) {
+    match write(&mut count) {
         Ok(()) => count.0,
         Err(_) => usize::MAX / 4,
     }
 }
 
-/// Copies the keys of `shared` that the event's own object at `key` lacks.
-fn merge_missing(event: &mut Map<String, Value>, key: &str, shared: &Map<String, Value>) {
-    let slot = event
-        .entry(key)
-        .or_insert_with(|| Value::Object(Map::new()));
-    if let Value::Object(own) = slot {
-        for (k, v) in shared {
-            own.entry(k.clone()).or_insert_with(|| v.clone());
-        }
+struct Count(usize);
+
+impl std::io::Write for Count {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0 += buf.len();
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 
@@ -300,10 +325,14 @@ mod tests {
             ]
         });
         let split = split(Endpoint::Batch, body.to_string().as_bytes(), 1 << 20, 0).expect("split");
-        assert_eq!(split.sent_at, Some(json!("2026-11-21T12:00:00Z")));
+        assert_eq!(
+            split.sent_at.map(|s| s.to_value()),
+            Some(json!("2026-11-21T12:00:00Z"))
+        );
         let Element::Event(first) = &split.elements[0] else {
             panic!("not an event")
         };
+        let first = first.to_map();
         assert_eq!(first["context"]["ip"], json!("2.2.2.2"));
         assert_eq!(first["context"]["app"]["name"], json!("Shop"));
         assert!(!first.contains_key("writeKey"));
@@ -322,6 +351,7 @@ mod tests {
         let Element::Event(event) = &split.elements[0] else {
             panic!("not an event")
         };
+        let event = event.to_map();
         assert_eq!(event["type"], json!("track"));
         assert!(!event.contains_key("writeKey"));
     }
@@ -338,7 +368,7 @@ mod tests {
             .elements
             .iter()
             .filter_map(|e| match e {
-                Element::Event(event) => Some(event),
+                Element::Event(event) => Some(event.to_map()),
                 Element::NotAnObject(_) => None,
             })
             .collect();
@@ -358,7 +388,7 @@ mod tests {
         let Element::Event(event) = &single.elements[0] else {
             panic!("not an event")
         };
-        assert!(!event.contains_key("userId"));
+        assert!(event.get("userId").is_none());
     }
 
     #[test]
@@ -373,21 +403,18 @@ mod tests {
             {"type": "screen", "event": ""}
         ]});
         let batch = split(Endpoint::Batch, body.to_string().as_bytes(), 1 << 20, 0).expect("split");
-        let names: Vec<Option<&Value>> = batch
+        let names: Vec<Option<Value>> = batch
             .elements
             .iter()
             .map(|e| match e {
-                Element::Event(event) => event.get("name"),
+                Element::Event(event) => event.get("name").map(|n| n.to_value_owned()),
                 Element::NotAnObject(_) => None,
             })
             .collect();
         // Only `event` gives a name: `properties.name` alone does not.
         let expected = [Some("Cart"), None, Some("Own"), None, None, None];
         let expected: Vec<Option<Value>> = expected.iter().map(|n| n.map(|n| json!(n))).collect();
-        assert_eq!(
-            names,
-            expected.iter().map(Option::as_ref).collect::<Vec<_>>()
-        );
+        assert_eq!(names, expected);
         // What it adds counts against the budget.
         let screens =
             json!({"batch": vec![json!({"type": "screen", "event": "A"}); 10]}).to_string();

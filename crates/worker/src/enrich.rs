@@ -4,7 +4,8 @@
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use ingest_pipeline::message::RequestMeta;
-use serde_json::{Map, Value};
+use ingest_schema::{Doc, Val};
+use serde_json::Value;
 
 const MESSAGE_ID_NAMESPACE: uuid::Uuid =
     uuid::Uuid::from_u128(0x6c1f_3a2e_9b8d_4f70_a5e1_20c4_7d9b_13aa);
@@ -38,73 +39,79 @@ pub fn format_time(t: DateTime<Utc>) -> String {
 }
 
 pub fn parse_time(value: Option<&Value>) -> Option<DateTime<Utc>> {
-    let text = value?.as_str()?;
+    parse_time_str(value?.as_str()?)
+}
+
+pub fn parse_time_str(text: &str) -> Option<DateTime<Utc>> {
     DateTime::parse_from_rfc3339(text)
         .ok()
         .map(|t| t.with_timezone(&Utc))
 }
 
 /// Whether [`enrich`] will derive this event's `messageId` (it has none).
-pub fn needs_message_id(event: &Map<String, Value>) -> bool {
-    !event.contains_key("messageId")
+pub fn needs_message_id(event: &Doc) -> bool {
+    event.get("messageId").is_none()
 }
 
 /// Adds `messageId` (if absent), `receivedAt`, `sentAt` (from the batch, if the event has none),
 /// `originalTimestamp` + corrected `timestamp`, `source`, `requestId`, and `context.ip` /
-/// `context.userAgent` when the SDK did not set them.
+/// `context.userAgent` when the SDK did not set them. What it adds is the event's own; the
+/// rest stays spans of the delivery's text.
 pub fn enrich(
-    event: &mut Map<String, Value>,
+    event: &mut Doc,
     meta: &RequestMeta,
     id_seed: &str,
     index: usize,
-    batch_sent_at: Option<&Value>,
+    batch_sent_at: Option<&Doc>,
 ) {
-    if needs_message_id(event) {
-        event.insert(
-            "messageId".into(),
-            Value::String(derived_message_id(id_seed, index)),
-        );
-    }
-    if !event.contains_key("sentAt") {
-        if let Some(sent_at) = batch_sent_at {
-            event.insert("sentAt".into(), sent_at.clone());
-        }
-    }
-    event.insert(
-        "receivedAt".into(),
-        Value::String(format_time(meta.received_at)),
-    );
-
-    let original_value = event
+    let sent_at_missing = event.get("sentAt").is_none();
+    // The original time as sent, and what it reads as.
+    let original = event
         .get("originalTimestamp")
         .or_else(|| event.get("timestamp"))
-        .cloned();
-    let original = parse_time(original_value.as_ref());
-    let unparseable = original_value.is_some() && original.is_none();
-    if !unparseable {
-        let sent_at = parse_time(event.get("sentAt"));
-        let corrected = corrected_timestamp(meta.received_at, original, sent_at);
-        if let Some(value) = original_value {
-            event.insert("originalTimestamp".into(), value);
+        .map(|node| (node.val().clone(), node.as_str().and_then(parse_time_str)));
+    let sent_at = match event.get("sentAt") {
+        Some(own) => own.as_str().and_then(parse_time_str),
+        None => batch_sent_at
+            .and_then(|sent_at| sent_at.node().as_str())
+            .and_then(parse_time_str),
+    };
+    let needs_id = needs_message_id(event);
+    let batch_sent_at = batch_sent_at.map(|sent_at| sent_at.val_for(event));
+    let Some(mut object) = event.object_mut() else {
+        return;
+    };
+    if needs_id {
+        object.insert("messageId", Val::string(derived_message_id(id_seed, index)));
+    }
+    if sent_at_missing {
+        if let Some(sent_at) = batch_sent_at {
+            object.insert("sentAt", sent_at);
         }
-        event.insert("timestamp".into(), Value::String(format_time(corrected)));
+    }
+    object.insert("receivedAt", Val::string(format_time(meta.received_at)));
+
+    let unparseable = matches!(original, Some((_, None)));
+    if !unparseable {
+        let (original_value, original_time) = match original {
+            Some((value, time)) => (Some(value), time),
+            None => (None, None),
+        };
+        let corrected = corrected_timestamp(meta.received_at, original_time, sent_at);
+        if let Some(value) = original_value {
+            object.insert("originalTimestamp", value);
+        }
+        object.insert("timestamp", Val::string(format_time(corrected)));
     }
 
-    event.insert("source".into(), Value::String(meta.source.clone()));
-    event.insert("requestId".into(), Value::String(meta.request_id.clone()));
-    let context = event
-        .entry("context")
-        .or_insert_with(|| Value::Object(Map::new()));
-    if let Value::Object(context) = context {
+    object.insert("source", Val::string(meta.source.as_str()));
+    object.insert("requestId", Val::string(meta.request_id.as_str()));
+    if let Some(mut context) = object.object_entry("context") {
         if let Some(ip) = &meta.client_ip {
-            context
-                .entry("ip")
-                .or_insert_with(|| Value::String(ip.clone()));
+            context.insert_if_absent("ip", || Val::string(ip.as_str()));
         }
         if let Some(agent) = &meta.user_agent {
-            context
-                .entry("userAgent")
-                .or_insert_with(|| Value::String(agent.clone()));
+            context.insert_if_absent("userAgent", || Val::string(agent.as_str()));
         }
     }
 }
@@ -113,6 +120,10 @@ pub fn enrich(
 mod tests {
     use ingest_pipeline::message::Endpoint;
     use serde_json::json;
+
+    fn doc(value: Value) -> Doc {
+        Doc::from_value(&value)
+    }
 
     use super::*;
 
@@ -155,17 +166,16 @@ mod tests {
 
     #[test]
     fn enrich_corrects_timestamp_with_batch_sent_at_and_keeps_the_original() {
-        let mut event = json!({"type":"track","event":"X","timestamp":"2026-11-21T13:00:00.000Z"})
-            .as_object()
-            .cloned()
-            .expect("object");
+        let mut event =
+            doc(json!({"type":"track","event":"X","timestamp":"2026-11-21T13:00:00.000Z"}));
         enrich(
             &mut event,
             &meta(),
             "seed-1",
             3,
-            Some(&json!("2026-11-21T13:00:10.000Z")),
+            Some(&doc(json!("2026-11-21T13:00:10.000Z"))),
         );
+        let event = event.to_value();
         assert_eq!(
             event["originalTimestamp"],
             json!("2026-11-21T13:00:00.000Z")
@@ -181,11 +191,9 @@ mod tests {
 
     #[test]
     fn existing_message_id_and_context_ip_are_kept() {
-        let mut event = json!({"messageId":"m-1","context":{"ip":"198.51.100.1"}})
-            .as_object()
-            .cloned()
-            .expect("object");
+        let mut event = doc(json!({"messageId":"m-1","context":{"ip":"198.51.100.1"}}));
         enrich(&mut event, &meta(), "seed", 0, None);
+        let event = event.to_value();
         assert_eq!(event["messageId"], json!("m-1"));
         assert_eq!(event["context"]["ip"], json!("198.51.100.1"));
         assert_eq!(event["timestamp"], json!("2026-11-21T12:00:00.000Z"));
@@ -200,11 +208,9 @@ mod tests {
 
     #[test]
     fn an_unparseable_timestamp_is_left_for_validation_to_report() {
-        let mut event = json!({"timestamp":"yesterday"})
-            .as_object()
-            .cloned()
-            .expect("object");
+        let mut event = doc(json!({"timestamp":"yesterday"}));
         enrich(&mut event, &meta(), "seed", 0, None);
+        let event = event.to_value();
         assert_eq!(event["timestamp"], json!("yesterday"));
     }
 }

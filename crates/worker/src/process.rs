@@ -140,7 +140,7 @@ fn process_payload(
         if let Some(refused) = too_large.iter().find(|r| r.index == index) {
             let text = match (sent.get(index), element) {
                 (Some(raw), _) => raw.get().to_owned(),
-                (None, Element::Event(event)) => Value::Object(event).to_string(),
+                (None, Element::Event(event)) => serde_json::to_string(&event).unwrap_or_default(),
                 (None, Element::NotAnObject(value)) => value.to_string(),
             };
             invalid.push(refused_too_large(refused, &text, &meta));
@@ -153,25 +153,24 @@ fn process_payload(
                 }
                 let seed = seed.as_deref().unwrap_or_default();
                 enrich::enrich(&mut event, &meta, seed, index, split.sent_at.as_ref());
-                match registry.validate(event) {
-                    Ok(valid) if documents == Documents::NotNeeded => {
-                        valid_events.push(Event::from(valid.into_map()));
-                    }
-                    Ok(valid) => match to_document(valid.as_map()) {
-                        Ok(document) => {
-                            valid_events.push(Event::with_document(valid.into_map(), document))
-                        }
+                let issues = registry.check(event.node());
+                if !issues.is_empty() {
+                    invalid.push(InvalidRecord::new(
+                        "schema",
+                        issues,
+                        Some(event.to_value()),
+                        &meta,
+                    ));
+                    continue;
+                }
+                match documents {
+                    Documents::NotNeeded => valid_events.push(Event::from(event)),
+                    Documents::Made => match to_document(&event) {
+                        Ok(document) => valid_events.push(Event::with_document(event, document)),
                         Err(error) => {
-                            let event = Value::Object(valid.into_map());
-                            invalid.push(storage_error(error, Some(event), &meta));
+                            invalid.push(storage_error(error, Some(event.to_value()), &meta));
                         }
                     },
-                    Err(rejected) => invalid.push(InvalidRecord::new(
-                        "schema",
-                        rejected.errors,
-                        Some(rejected.event),
-                        &meta,
-                    )),
                 }
             }
             Element::NotAnObject(value) => invalid.push(InvalidRecord::new(
@@ -262,3 +261,7 @@ pub fn storage_error(message: String, event: Option<Value>, meta: &RequestMeta) 
 #[cfg(test)]
 #[path = "process/tests.rs"]
 mod tests;
+
+#[cfg(test)]
+#[path = "process/same_bytes_tests.rs"]
+mod same_bytes_tests;

@@ -9,7 +9,6 @@ use std::fmt;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value};
 
 use super::Secret;
 use crate::statsd::MAX_DATAGRAM;
@@ -341,14 +340,13 @@ impl DeliverySettings {
         Ok(())
     }
 
-    /// Whether this sink wants the event.
-    pub fn wants(&self, event: &Map<String, Value>) -> bool {
-        let kind = event.get("type").and_then(Value::as_str).unwrap_or("");
+    /// Whether this sink wants an event of this `type` and (string) `event` name.
+    pub fn wants(&self, kind: Option<&str>, name: Option<&str>) -> bool {
+        let kind = kind.unwrap_or("");
         if !self.types.is_empty() && !self.types.iter().any(|t| t == kind) {
             return false;
         }
         if !self.events.is_empty() {
-            let name = event.get("event").and_then(Value::as_str);
             return kind == "track" && name.is_some_and(|n| self.events.iter().any(|e| e == n));
         }
         true

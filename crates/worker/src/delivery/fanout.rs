@@ -139,7 +139,7 @@ impl Fanout {
             let (wanted, wanted_sizes): (Vec<Arc<Event>>, Vec<usize>) = events
                 .iter()
                 .zip(&sizes)
-                .filter(|(e, _)| runner.delivery.wants(e))
+                .filter(|(e, _)| runner.delivery.wants(e.get_str("type"), e.get_str("event")))
                 .map(|(e, size)| (e.clone(), *size))
                 .unzip();
             if wanted.len() < events.len() {

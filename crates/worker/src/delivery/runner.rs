@@ -175,7 +175,7 @@ impl SinkRunner {
         let before = events.len();
         let events: Vec<Arc<Event>> = events
             .into_iter()
-            .filter(|e| self.delivery.wants(e))
+            .filter(|e| self.delivery.wants(e.get_str("type"), e.get_str("event")))
             .map(Arc::new)
             .collect();
         self.count(Outcome::FilteredOut, before - events.len());

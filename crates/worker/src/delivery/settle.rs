@@ -16,7 +16,6 @@ use std::time::Duration;
 
 use ingest_pipeline::settings::DeliverySettings;
 use ingest_pipeline::Backoff;
-use serde_json::Value;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -33,7 +32,7 @@ pub fn batch_key(sink: &str, events: &[Arc<Event>]) -> String {
     let mut material = String::from(sink);
     for event in events {
         material.push('\n');
-        material.push_str(event.get("messageId").and_then(Value::as_str).unwrap_or(""));
+        material.push_str(event.get_str("messageId").unwrap_or(""));
     }
     uuid::Uuid::new_v5(&KEY_NAMESPACE, material.as_bytes()).to_string()
 }

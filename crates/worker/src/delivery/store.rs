@@ -148,7 +148,7 @@ fn record_lag(sink: &str, batch: &Batch) {
     let oldest = batch
         .events
         .iter()
-        .filter_map(|e| e.get("receivedAt")?.as_str())
+        .filter_map(|e| e.get_str("receivedAt"))
         .filter_map(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
         .min();
     if let Some(oldest) = oldest {

@@ -112,7 +112,8 @@ impl Scripted {
     fn record(&self, batch: &Batch) {
         if let Ok(mut delivered) = self.delivered.lock() {
             delivered.extend(batch.events.iter().map(|e| {
-                e.get("messageId")
+                e.fields()
+                    .get("messageId")
                     .and_then(|v| v.as_str())
                     .unwrap_or_default()
                     .to_owned()

@@ -112,13 +112,14 @@ struct Outgoing<'a>(&'a Event);
 impl Serialize for Outgoing<'_> {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         let Some(key) = EventId::of(self.0).map(|id| id.key()) else {
-            return self.0.fields().serialize(serializer);
+            return self.0.doc().serialize(serializer);
         };
-        let fields = self.0.fields();
-        let own = usize::from(fields.contains_key(META_FIELD));
-        let mut map = serializer.serialize_map(Some(fields.len() - own + 1))?;
-        for (name, value) in fields.iter().filter(|(name, _)| *name != META_FIELD) {
-            map.serialize_entry(name, value)?;
+        let event = self.0.doc().node();
+        let own = usize::from(event.get(META_FIELD).is_some());
+        let mut map = serializer.serialize_map(Some(event.len() - own + 1))?;
+        let members = event.members().into_iter().flatten();
+        for (name, value) in members.filter(|(name, _)| *name != META_FIELD) {
+            map.serialize_entry(name, &value)?;
         }
         let mut buffer = uuid::Uuid::encode_buffer();
         let key: &str = key.hyphenated().encode_lower(&mut buffer);
@@ -146,7 +147,7 @@ fn write_outgoing(body: &mut Vec<u8>, event: &Event) -> Result<(), serde_json::E
         .json()
         .filter(|json| json.len() > 2 && json.ends_with(b"}"));
     match (EventId::of(event), kept) {
-        (Some(id), Some(json)) if !event.contains_key(META_FIELD) => {
+        (Some(id), Some(json)) if event.doc().get(META_FIELD).is_none() => {
             body.extend_from_slice(&json[..json.len() - 1]);
             body.push(b',');
             serde_json::to_writer(&mut *body, META_FIELD)?;

@@ -14,17 +14,23 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bson::RawDocumentBuf;
+use ingest_schema::Doc;
 use serde_json::{Map, Value};
 
-/// An enriched event that passed validation: its fields, and, when the worker made them, the
-/// BSON bytes of its MongoDB document (made once, when the event's storability was checked,
-/// and sent as they are). Reads as its fields; serialises as its fields only. Its JSON text is
-/// written once, when first asked for ([`Event::json`]), and kept.
+/// An enriched event that passed validation: its fields as parsed from its delivery
+/// (`ingest_schema::Doc`: spans of the delivery's text plus what the worker added), and, when
+/// the worker made them, the BSON bytes of its MongoDB document (made once, when the event's
+/// storability was checked, and sent as they are). Serialises as its fields only. Its JSON
+/// text is written once, when first asked for ([`Event::json`]), and kept.
+///
+/// It also reads as a `serde_json::Map` ([`Event::fields`], and `Deref`): that map is built on
+/// first use, for tests and tools; the worker's own paths read the `Doc`.
 #[derive(Debug, Clone, Default)]
 pub struct Event {
-    fields: Map<String, Value>,
+    doc: Doc,
     document: Option<RawDocumentBuf>,
     json: OnceLock<Option<Vec<u8>>>,
+    fields: OnceLock<Map<String, Value>>,
 }
 
 /// The capacity an event's JSON text starts with: the benchmark's SDK events come to 0.6–1.5 KB.
@@ -32,29 +38,30 @@ const JSON_START: usize = 1024;
 
 impl PartialEq for Event {
     fn eq(&self, other: &Self) -> bool {
-        self.fields == other.fields && self.document == other.document
+        self.doc == other.doc && self.document == other.document
     }
 }
 
 impl Event {
-    pub fn with_document(fields: Map<String, Value>, document: RawDocumentBuf) -> Self {
+    pub fn with_document(doc: Doc, document: RawDocumentBuf) -> Self {
         Self {
-            fields,
+            doc,
             document: Some(document),
             json: OnceLock::new(),
+            fields: OnceLock::new(),
         }
     }
 
     /// The event's fields as compact JSON text, the bytes its `Serialize` writes: written the
     /// first time it is asked for, then kept. The lanes size batches with it; HTTP bodies and
     /// the sinks' queues copy it instead of writing the event again. `None` if serde_json
-    /// cannot write the fields (a map of JSON values always can).
+    /// cannot write the fields (a parsed document always can).
     pub fn json(&self) -> Option<&[u8]> {
         self.json
             .get_or_init(|| {
                 // Room for a typical SDK event at once, rather than growing from 128 bytes.
                 let mut json = Vec::with_capacity(JSON_START);
-                serde_json::to_writer(&mut json, &self.fields)
+                serde_json::to_writer(&mut json, &self.doc)
                     .ok()
                     .map(|()| json)
             })
@@ -66,22 +73,42 @@ impl Event {
         self.document.as_ref()
     }
 
+    pub fn doc(&self) -> &Doc {
+        &self.doc
+    }
+
+    /// The string field `key` of the event.
+    pub fn get_str(&self, key: &str) -> Option<&str> {
+        self.doc.get_str(key)
+    }
+
+    /// The event as a `serde_json::Map`, built on first use (tests and tools).
     pub fn fields(&self) -> &Map<String, Value> {
-        &self.fields
+        self.fields.get_or_init(|| self.doc.to_map())
     }
 
     pub fn into_fields(self) -> Map<String, Value> {
-        self.fields
+        match self.fields.into_inner() {
+            Some(fields) => fields,
+            None => self.doc.to_map(),
+        }
+    }
+}
+
+impl From<Doc> for Event {
+    fn from(doc: Doc) -> Self {
+        Self {
+            doc,
+            document: None,
+            json: OnceLock::new(),
+            fields: OnceLock::new(),
+        }
     }
 }
 
 impl From<Map<String, Value>> for Event {
     fn from(fields: Map<String, Value>) -> Self {
-        Self {
-            fields,
-            document: None,
-            json: OnceLock::new(),
-        }
+        Self::from(Doc::from_value(&Value::Object(fields)))
     }
 }
 
@@ -108,17 +135,9 @@ pub fn json_array(events: &[Arc<Event>]) -> Result<Vec<u8>, serde_json::Error> {
     Ok(body)
 }
 
-impl std::ops::Deref for Event {
-    type Target = Map<String, Value>;
-
-    fn deref(&self) -> &Self::Target {
-        &self.fields
-    }
-}
-
 impl serde::Serialize for Event {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        self.fields.serialize(serializer)
+        self.doc.serialize(serializer)
     }
 }
 
@@ -146,8 +165,8 @@ impl<'a> EventId<'a> {
     /// `None` for an event without a string `source` and `messageId`.
     pub fn of(event: &'a Event) -> Option<Self> {
         Some(Self {
-            source: event.get("source")?.as_str()?,
-            message_id: event.get("messageId")?.as_str()?,
+            source: event.get_str("source")?,
+            message_id: event.get_str("messageId")?,
         })
     }
 

@@ -21,10 +21,10 @@ use std::time::Duration;
 
 use bson::{doc, RawDocumentBuf};
 use ingest_pipeline::settings::MongoSettings;
+use ingest_schema::{Doc, Node};
 use mongodb::error::{ErrorKind, InsertManyError};
 use mongodb::options::{ClientOptions, IndexOptions};
 use mongodb::{Client, Collection, IndexModel};
-use serde_json::{Map, Value};
 
 use super::{Batch, Sink, SinkError};
 
@@ -51,7 +51,8 @@ pub const UNIQUE_INDEX: &str = "source_messageId_unique";
 /// would refuse a second source's event as a duplicate, so it is dropped.
 const OLD_UNIQUE_INDEX: &str = "messageId_unique";
 /// Fields stored as BSON dates, so they can be queried and indexed as times.
-const DATE_FIELDS: [&str; 4] = ["timestamp", "receivedAt", "sentAt", "originalTimestamp"];
+pub(crate) const DATE_FIELDS: [&str; 4] =
+    ["timestamp", "receivedAt", "sentAt", "originalTimestamp"];
 
 /// The sink's indexes on `collection`: a unique `source` + `messageId`. An earlier release's
 /// unique `messageId` is dropped once the new index exists, so uniqueness is never missing.
@@ -268,7 +269,7 @@ impl Sink for MongoSink {
             // read back from a queue is converted again, by the same function.
             let document = match event.document() {
                 Some(document) => Ok(std::borrow::Cow::Borrowed(document)),
-                None => to_document(event).map(std::borrow::Cow::Owned),
+                None => to_document(event.doc()).map(std::borrow::Cow::Owned),
             };
             match document {
                 Ok(document) => {
@@ -304,7 +305,7 @@ impl Sink for MongoSink {
 struct Stored<'a> {
     source: &'a str,
     message_id: &'a str,
-    event: &'a Map<String, Value>,
+    event: Node<'a>,
 }
 
 impl serde::Serialize for Stored<'_> {
@@ -315,14 +316,14 @@ impl serde::Serialize for Stored<'_> {
             "_id",
             &doc! {"source": self.source, "messageId": self.message_id},
         )?;
-        for (key, value) in self.event {
+        for (key, value) in self.event.members().into_iter().flatten() {
             let time = DATE_FIELDS
-                .contains(&key.as_str())
-                .then(|| crate::enrich::parse_time(Some(value)))
+                .contains(&key)
+                .then(|| value.as_str().and_then(crate::enrich::parse_time_str))
                 .flatten();
             match time {
                 Some(time) => map.serialize_entry(key, &bson::DateTime::from_chrono(time))?,
-                None => map.serialize_entry(key, value)?,
+                None => map.serialize_entry(key, &value)?,
             }
         }
         map.end()
@@ -333,14 +334,15 @@ impl serde::Serialize for Stored<'_> {
 /// then the event itself, with its times as BSON dates. Keys MongoDB reserves (`_id`, a leading
 /// `$`) are refused, not rewritten, and so is anything BSON cannot encode (a NUL byte in a key,
 /// an integer beyond i64).
-pub fn to_document(event: &Map<String, Value>) -> Result<RawDocumentBuf, String> {
-    if let Some(key) = event.keys().find(|k| *k == "_id" || k.starts_with('$')) {
+pub fn to_document(event: &Doc) -> Result<RawDocumentBuf, String> {
+    let node = event.node();
+    let mut keys = node.members().into_iter().flatten().map(|(key, _)| key);
+    if let Some(key) = keys.find(|k| *k == "_id" || k.starts_with('$')) {
         return Err(format!(
             "the top-level key `{key}` is reserved by the database"
         ));
     }
-    let (Some(Value::String(source)), Some(Value::String(message_id))) =
-        (event.get("source"), event.get("messageId"))
+    let (Some(source), Some(message_id)) = (event.get_str("source"), event.get_str("messageId"))
     else {
         return Err("no string source and messageId".into());
     };
@@ -349,7 +351,7 @@ pub fn to_document(event: &Map<String, Value>) -> Result<RawDocumentBuf, String>
     let document = Stored {
         source,
         message_id,
-        event,
+        event: node,
     };
     bson::to_vec(&document)
         .map_err(|e| e.to_string())

@@ -27,7 +27,6 @@ use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::{Arc, Mutex, PoisonError};
 
-use serde_json::Value;
 use tokio::net::UdpSocket;
 
 use ingest_pipeline::settings::StatsdSinkSettings;
@@ -328,18 +327,24 @@ impl LineBuilder {
         let out = &mut out.lines;
         out.push(format!("{base}:1|c{}", self.rate_suffix));
 
-        let Some(Value::Object(properties)) = event.get("properties") else {
+        let Some(properties) = event.doc().get("properties").filter(|p| p.is_object()) else {
             return;
         };
         for (property, metric) in &self.timers {
-            if let Some(value) = properties.get(property).and_then(plain_number) {
+            if let Some(value) = properties
+                .get(property)
+                .and_then(|value| value.as_number().and_then(plain_number))
+            {
                 if !value.starts_with('-') {
                     out.push(format!("{base}.{metric}:{value}|ms{}", self.rate_suffix));
                 }
             }
         }
         for (property, metric) in &self.gauges {
-            if let Some(value) = properties.get(property).and_then(plain_number) {
+            if let Some(value) = properties
+                .get(property)
+                .and_then(|value| value.as_number().and_then(plain_number))
+            {
                 if value.starts_with('-') {
                     out.push(format!("{base}.{metric}:0|g\n{base}.{metric}:{value}|g"));
                 } else {
@@ -351,16 +356,13 @@ impl LineBuilder {
 }
 
 fn text<'a>(event: &'a Event, key: &str) -> &'a str {
-    event.get(key).and_then(Value::as_str).unwrap_or("")
+    event.get_str(key).unwrap_or("")
 }
 
 /// A JSON number written as statsd's `parseFloat` reads it back: plain decimal, no exponent,
 /// no trailing `.0`. `None` for anything else, or for magnitudes JavaScript would print with
 /// an exponent.
-fn plain_number(value: &Value) -> Option<String> {
-    let Value::Number(number) = value else {
-        return None;
-    };
+fn plain_number(number: &serde_json::Number) -> Option<String> {
     if let Some(integer) = number.as_i64() {
         return Some(integer.to_string());
     }

@@ -233,7 +233,7 @@ impl Sink for Picky {
         if batch
             .events
             .iter()
-            .any(|e| e.get("type") == Some(&json!("bad")))
+            .any(|e| e.fields().get("type") == Some(&json!("bad")))
         {
             return Err(crate::sinks::SinkError::Permanent("refused".into()));
         }

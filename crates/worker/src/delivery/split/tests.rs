@@ -45,12 +45,12 @@ impl Sink for ByContent {
         let bad = batch
             .events
             .iter()
-            .find(|e| e.get("bad") == Some(&json!(true)));
+            .find(|e| e.fields().get("bad") == Some(&json!(true)));
         match bad {
             _ if self.refuse_all => Err(SinkError::Permanent("HTTP 400: no".into())),
             Some(e) => Err(SinkError::Permanent(format!(
                 "refused {:?}",
-                e.get("messageId")
+                e.fields().get("messageId")
             ))),
             None => Ok(()),
         }

@@ -2,6 +2,15 @@
 //! what BSON cannot hold) and how it reads the server's answers.
 
 use super::*;
+use serde_json::{Map, Value};
+
+/// `to_document` on the event parsed from its JSON text, as the worker parses it (strings as
+/// spans of the text).
+fn stored(event: &Map<String, Value>) -> Result<RawDocumentBuf, String> {
+    let text = serde_json::to_string(event).expect("writes");
+    let doc = Doc::parse(std::sync::Arc::from(text)).expect("parses");
+    to_document(&doc)
+}
 
 /// The document the sink stored before it wrote bytes directly: built as a `Document`.
 fn through_a_document(event: &Map<String, Value>) -> RawDocumentBuf {
@@ -29,7 +38,7 @@ fn the_bytes_written_directly_are_those_a_document_would_encode_to() {
     });
     let event = event.as_object().expect("object");
     assert_eq!(
-        to_document(event).expect("storable").as_bytes(),
+        stored(event).expect("storable").as_bytes(),
         through_a_document(event).as_bytes()
     );
 }
@@ -38,7 +47,7 @@ use serde_json::json;
 #[test]
 fn times_become_dates_and_other_fields_stay() {
     let event = json!({"messageId":"m","source":"s","timestamp":"2026-11-21T12:00:00.000Z","properties":{"n":1}});
-    let document = to_document(event.as_object().expect("object"))
+    let document = stored(event.as_object().expect("object"))
         .expect("doc")
         .to_document()
         .expect("readable");
@@ -59,7 +68,7 @@ fn times_become_dates_and_other_fields_stay() {
 #[test]
 fn the_id_is_the_source_and_the_message_id() {
     let event = json!({"messageId":"m","source":"shop-web"});
-    let document = to_document(event.as_object().expect("object"))
+    let document = stored(event.as_object().expect("object"))
         .expect("doc")
         .to_document()
         .expect("readable");
@@ -68,13 +77,13 @@ fn the_id_is_the_source_and_the_message_id() {
         Ok(&doc! {"source": "shop-web", "messageId": "m"})
     );
     let no_source = json!({"messageId":"m"});
-    assert!(to_document(no_source.as_object().expect("object")).is_err());
+    assert!(stored(no_source.as_object().expect("object")).is_err());
 }
 
 #[test]
 fn numbers_bson_cannot_hold_are_an_error_not_a_panic() {
     let event = json!({"messageId":"m","source":"s","properties":{"big": u64::MAX}});
-    assert!(to_document(event.as_object().expect("object")).is_err());
+    assert!(stored(event.as_object().expect("object")).is_err());
 }
 
 /// `bson::to_document` accepts a NUL byte in a key; writing it as BSON (a C string) fails.
@@ -82,7 +91,7 @@ fn numbers_bson_cannot_hold_are_an_error_not_a_panic() {
 #[test]
 fn a_key_bson_cannot_encode_is_not_storable() {
     let event = json!({"messageId":"m","source":"s","properties":{"k\u{0}x":1}});
-    assert!(to_document(event.as_object().expect("object")).is_err());
+    assert!(stored(event.as_object().expect("object")).is_err());
 }
 
 #[test]
@@ -91,7 +100,7 @@ fn reserved_keys_are_refused() {
         json!({"messageId":"m","source":"s","_id":"x"}),
         json!({"messageId":"m","source":"s","$where":"1"}),
     ] {
-        let error = to_document(event.as_object().expect("object")).expect_err("reserved");
+        let error = stored(event.as_object().expect("object")).expect_err("reserved");
         assert!(error.contains("reserved"), "{error}");
     }
 }
@@ -100,7 +109,7 @@ fn reserved_keys_are_refused() {
 #[test]
 fn nested_dollar_and_dotted_keys_are_kept() {
     let event = json!({"messageId":"m","source":"s","properties":{"$x":1,"a.b":2}});
-    let document = to_document(event.as_object().expect("object"))
+    let document = stored(event.as_object().expect("object"))
         .expect("doc")
         .to_document()
         .expect("readable");
