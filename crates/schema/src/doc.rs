@@ -16,7 +16,7 @@
 //! event without it ever becoming a `Value`.
 
 use std::borrow::Cow;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::sync::Arc;
 
@@ -38,7 +38,11 @@ impl Text {
         match self {
             // A span comes from the parse of this very text; `get` keeps a mismatch from
             // panicking (it reads as empty instead).
-            Self::Span { start, end } => text.get(*start as usize..*end as usize).unwrap_or(""),
+            Self::Span { start, end } => {
+                let read = text.get(*start as usize..*end as usize);
+                debug_assert!(read.is_some(), "a span read against another text");
+                read.unwrap_or("")
+            }
             Self::Own(own) => own,
         }
     }
@@ -180,6 +184,23 @@ impl Doc {
         }
     }
 
+    /// An array's items, each a `Doc` of the same text; `None` if the value is not an array.
+    pub fn into_items(self) -> Option<Vec<Doc>> {
+        let Doc { text, root } = self;
+        match root {
+            Val::Arr(items) => Some(
+                items
+                    .into_iter()
+                    .map(|root| Doc {
+                        text: Arc::clone(&text),
+                        root,
+                    })
+                    .collect(),
+            ),
+            _ => None,
+        }
+    }
+
     /// The value as its own `Doc`, its strings copied out of the shared text: what is kept of
     /// an event after its delivery (so it does not hold the whole delivery's text).
     pub fn detached(&self) -> Doc {
@@ -189,7 +210,7 @@ impl Doc {
     /// This value, to be placed in `target`: as it is if both read the same text, else with
     /// its strings owned.
     pub fn val_for(&self, target: &Doc) -> Val {
-        if Arc::ptr_eq(&self.text, &target.text) || self.text.is_empty() {
+        if Arc::ptr_eq(&self.text, &target.text) {
             self.root.clone()
         } else {
             self.root.owned(&self.text)
@@ -343,21 +364,44 @@ impl<'a> ObjMut<'a> {
     }
 
     /// Adds each member of `shared` (an object held once for many events) that this object
-    /// lacks, last, in `shared`'s order, as a reference to it rather than a copy.
+    /// lacks, last, in `shared`'s order, as a reference to it rather than a copy. Past
+    /// [`LINEAR_KEYS`] members the object's own keys are looked up in a set, so a batch
+    /// context of many keys costs each event linear time, not quadratic.
     pub fn merge_shared(&mut self, shared: &Arc<Val>) {
         let Val::Obj(members) = &**shared else {
             return;
         };
-        for (index, (key, _)) in members.iter().enumerate() {
-            let Ok(index) = u32::try_from(index) else {
-                return;
-            };
-            if !self.contains_key(key.read(self.text)) {
-                self.members
-                    .push((key.clone(), Val::Shared(Arc::clone(shared), index)));
-            }
+        let text = self.text;
+        let own = self.members.len();
+        let added: Vec<(Text, Val)> = if own + members.len() <= LINEAR_KEYS {
+            let own = &self.members[..];
+            lacking(members, text, |key| {
+                own.iter().any(|(k, _)| k.read(text) == key)
+            })
+        } else {
+            let own: HashSet<&str> = self.members.iter().map(|(k, _)| k.read(text)).collect();
+            lacking(members, text, |key| own.contains(key))
         }
+        .into_iter()
+        .map(|(index, key)| (key.clone(), Val::Shared(Arc::clone(shared), index)))
+        .collect();
+        self.members.extend(added);
     }
+}
+
+/// The members of a shared object (by index, and key) that `has` says are not there. The
+/// shared object's own keys are unique (a parse keeps one of each).
+fn lacking<'m>(
+    members: &'m [(Text, Val)],
+    text: &str,
+    has: impl Fn(&str) -> bool,
+) -> Vec<(u32, &'m Text)> {
+    members
+        .iter()
+        .enumerate()
+        .filter(|(_, (key, _))| !has(key.read(text)))
+        .filter_map(|(index, (key, _))| u32::try_from(index).ok().map(|index| (index, key)))
+        .collect()
 }
 
 /// A value of a [`Doc`] to read: the value and the text its spans are read from. Never a
@@ -677,6 +721,10 @@ impl Json for DocJson {
     type Node<'a> = Node<'a>;
     type PreparedKey = String;
     type StringBuffer = Val;
+
+    // A lookup scans the members, so one pass over them is never dearer than lookups
+    // (`required`); `jsonschema` multiplies this by at most 16.
+    const KEYS_PER_LOOKUP: usize = usize::MAX / 1024;
 
     fn prepare_key(key: &str) -> String {
         key.to_owned()

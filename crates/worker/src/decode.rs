@@ -6,6 +6,7 @@
 use ingest_pipeline::built::{self, OwnContext};
 use ingest_pipeline::gzip::{inflate_capped, InflateError};
 use ingest_pipeline::message::{Endpoint, RequestMeta, REQUEST_ID_NAMESPACE};
+use std::collections::HashSet;
 use std::sync::Arc;
 
 use ingest_schema::{Doc, Node, ObjMut, Text, Val};
@@ -257,11 +258,7 @@ fn built_size(
             None => OwnContext::Absent,
             Some(own) if own.is_null() => OwnContext::Absent,
             Some(own) if own.is_object() => OwnContext::Object {
-                kept: context_costs
-                    .iter()
-                    .filter(|(k, _)| own.get(k).is_some())
-                    .map(|(_, cost)| cost)
-                    .sum(),
+                kept: kept_cost(own, &context_costs),
             },
             Some(_) => OwnContext::Other,
         };
@@ -276,6 +273,34 @@ fn built_size(
             .saturating_add(built::added(&shared, &lacks));
     }
     total
+}
+
+/// What the batch context's keys that the event's own `context` has would have cost. Past a
+/// few keys the event's own are looked up in a set: a hostile context of many keys costs each
+/// event linear time, not quadratic.
+fn kept_cost(own: Node<'_>, context_costs: &[(&str, usize)]) -> usize {
+    const LINEAR: usize = 32;
+    let mut kept = 0usize;
+    if own.len() + context_costs.len() <= LINEAR {
+        for (key, cost) in context_costs {
+            if own.get(key).is_some() {
+                kept = kept.saturating_add(*cost);
+            }
+        }
+    } else {
+        let keys: HashSet<&str> = own
+            .members()
+            .into_iter()
+            .flatten()
+            .map(|(k, _)| k)
+            .collect();
+        for (key, cost) in context_costs {
+            if keys.contains(key) {
+                kept = kept.saturating_add(*cost);
+            }
+        }
+    }
+    kept
 }
 
 /// A string's length as JSON text, quotes and escapes included.

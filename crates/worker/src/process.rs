@@ -185,10 +185,34 @@ fn process_payload(
             )),
         }
     }
+    detach_if_sparse(&mut valid_events);
     Outcome {
         meta,
         valid: valid_events,
         invalid,
+    }
+}
+
+/// Deliveries of less text than this keep it shared by their events whatever they hold.
+const DETACH_FROM: usize = 64 * 1024;
+
+/// Valid events read their strings from their delivery's text, which lives as long as any of
+/// them. When they are less than half of it (the rest invalid events, refused ones, or fields
+/// a batch carries for nothing), they are copied out of it, so a client cannot make the worker
+/// hold a large text for a small event while the sinks take it.
+fn detach_if_sparse(events: &mut [Event]) {
+    let Some(text) = events.first().map(|e| e.doc().text().len()) else {
+        return;
+    };
+    if text < DETACH_FROM {
+        return;
+    }
+    // Written now rather than when the lanes size the events: the same bytes, once.
+    let kept: usize = events.iter().map(|e| e.json().map_or(0, <[u8]>::len)).sum();
+    if kept.saturating_mul(2) < text {
+        for event in events {
+            event.detach();
+        }
     }
 }
 

@@ -157,3 +157,36 @@ fn spans_borrow_unescaped_strings_and_own_escaped_ones() {
     assert!(matches!(members[1].1, Val::Str(super::Text::Own(_))));
     assert_eq!(doc.get_str("esc"), Some("a\"b"));
 }
+
+#[test]
+fn a_large_shared_context_merges_as_a_map_would() {
+    // Past LINEAR_KEYS members the event's own keys are looked up in a set: same result.
+    let shared: Map<String, Value> = (0..3000).map(|i| (format!("k{i}"), json!(i))).collect();
+    let own: Map<String, Value> = (0..3000)
+        .step_by(7)
+        .map(|i| (format!("k{i}"), json!("own")))
+        .chain([("mine".to_owned(), json!(true))])
+        .collect();
+    let text = serde_json::to_string(&json!({"shared": shared, "own": own})).expect("writes");
+    let mut whole = parse(&text);
+    let mut top = whole.object_mut().expect("an object");
+    let shared_val = Arc::new(top.remove("shared").expect("shared"));
+    let own_val = top.remove("own").expect("own");
+    let mut event = whole.with_root(Val::Obj(vec![(super::Text::from("context"), own_val)]));
+    event
+        .object_mut()
+        .and_then(|mut o| {
+            o.object_entry("context")
+                .map(|mut c| c.merge_shared(&shared_val))
+        })
+        .expect("merged");
+
+    let mut expected = own.clone();
+    for (k, v) in &shared {
+        expected.entry(k.clone()).or_insert_with(|| v.clone());
+    }
+    assert_eq!(
+        serde_json::to_string(&event).expect("writes"),
+        serde_json::to_string(&json!({ "context": expected })).expect("writes")
+    );
+}

@@ -27,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 use super::settle::{body_share, json_len, Outcome, Path, Placed, SinkRunner, BODY_START};
 use super::split::Part;
 use super::store::Durable;
-use crate::sinks::Event;
+use crate::sinks::{events_from_json, Event};
 
 /// Fresh events waiting to be delivered together, and which message each came in.
 struct Pending {
@@ -165,7 +165,7 @@ impl SinkRunner {
         topology: &Topology,
         out: &dyn Durable,
     ) -> Option<Fresh> {
-        let events: Vec<Event> = match serde_json::from_slice(&delivery.data) {
+        let events: Vec<Event> = match events_from_json(&delivery.data) {
             Ok(events) => events,
             Err(error) => {
                 self.undecodable(delivery, &error, topology, out).await;
@@ -238,7 +238,7 @@ impl SinkRunner {
         let key = read_batch_key(headers).unwrap_or_default().to_owned();
         // From a header: any value, u32::MAX included, must survive `+ 1`.
         let attempts = read_attempts(headers);
-        let events: Vec<Event> = match serde_json::from_slice(&delivery.data) {
+        let events: Vec<Event> = match events_from_json(&delivery.data) {
             Ok(events) => events,
             Err(error) => return self.undecodable(delivery, &error, topology, out).await,
         };

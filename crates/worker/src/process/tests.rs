@@ -289,3 +289,41 @@ fn redelivery_yields_the_same_documents() {
     );
     assert_eq!(a.valid, b.valid);
 }
+
+/// Valid events read their strings from the delivery's text; a small valid event beside a
+/// large field it does not carry is copied out, so it does not keep the text alive.
+#[test]
+fn a_small_valid_event_does_not_hold_a_large_delivery_text() {
+    let junk = "x".repeat(200_000);
+    let sparse = json!({"junk": junk, "batch": [
+        {"type": "track", "event": "Custom", "userId": "u", "messageId": "m1"}
+    ]})
+    .to_string();
+    let outcome = process(
+        &registry(),
+        &BasicProperties::default(),
+        sparse.as_bytes(),
+        LIMITS,
+        Documents::NotNeeded,
+    );
+    assert_eq!(outcome.valid.len(), 1);
+    assert_eq!(outcome.valid[0].doc().text(), "", "copied out of the text");
+    assert_eq!(outcome.valid[0].fields()["messageId"], json!("m1"));
+
+    // Events that are most of the text keep sharing it.
+    let big = "y".repeat(100_000);
+    let dense = json!({"batch": [
+        {"type": "track", "event": "Custom", "userId": "u", "messageId": "m1",
+         "properties": {"big": big}}
+    ]})
+    .to_string();
+    let outcome = process(
+        &registry(),
+        &BasicProperties::default(),
+        dense.as_bytes(),
+        LIMITS,
+        Documents::NotNeeded,
+    );
+    assert_eq!(outcome.valid.len(), 1);
+    assert_eq!(outcome.valid[0].doc().text().len(), dense.len());
+}

@@ -82,6 +82,11 @@ impl Event {
         self.doc.get_str(key)
     }
 
+    /// Copies the event's strings out of its delivery's text, so it no longer holds that text.
+    pub fn detach(&mut self) {
+        self.doc = self.doc.detached();
+    }
+
     /// The event as a `serde_json::Map`, built on first use (tests and tools).
     pub fn fields(&self) -> &Map<String, Value> {
         self.fields.get_or_init(|| self.doc.to_map())
@@ -142,9 +147,36 @@ impl serde::Serialize for Event {
 }
 
 impl<'de> serde::Deserialize<'de> for Event {
+    /// An event read back from a sink's queue: parsed once into its own `Doc`.
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        Map::deserialize(deserializer).map(Self::from)
+        let raw = Box::<serde_json::value::RawValue>::deserialize(deserializer)?;
+        let text: Box<str> = raw.into();
+        let doc = Doc::parse(Arc::from(text)).map_err(serde::de::Error::custom)?;
+        if !doc.is_object() {
+            return Err(serde::de::Error::custom("an event is a JSON object"));
+        }
+        Ok(Self::from(doc))
     }
+}
+
+/// The events of a batch as the sinks' queues hold it (a JSON array of objects), parsed once:
+/// every event reads its strings from the message's text, as events from a raw delivery do.
+pub fn events_from_json(json: &[u8]) -> Result<Vec<Event>, serde_json::Error> {
+    use serde::de::Error as _;
+    let text = std::str::from_utf8(json).map_err(serde_json::Error::custom)?;
+    let items = Doc::parse(Arc::from(text))?
+        .into_items()
+        .ok_or_else(|| serde_json::Error::custom("a batch is a JSON array of events"))?;
+    items
+        .into_iter()
+        .map(|event| {
+            if event.is_object() {
+                Ok(Event::from(event))
+            } else {
+                Err(serde_json::Error::custom("an event is a JSON object"))
+            }
+        })
+        .collect()
 }
 
 /// Names the event in [`EventId::key`]: a fixed UUID, so the key of an event is the same in
@@ -236,5 +268,29 @@ pub trait Sink: Send + Sync {
     /// Sends anything the sink buffers itself; called on shutdown.
     async fn flush(&self) -> Result<(), SinkError> {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn a_sink_queue_message_is_read_once_into_events_sharing_its_text() {
+        let body = br#"[{"a":1,"s":"x\"y"},{"b":[true,null]}]"#;
+        let events = events_from_json(body).expect("events");
+        assert_eq!(events.len(), 2);
+        assert!(events.iter().all(|e| e.doc().text().len() == body.len()));
+        assert_eq!(events[0].fields()["s"], json!("x\"y"));
+        assert_eq!(
+            json_array(&events.into_iter().map(Arc::new).collect::<Vec<_>>()).expect("writes"),
+            serde_json::to_vec(&serde_json::from_slice::<Value>(body).expect("json"))
+                .expect("writes")
+        );
+        for bad in [&b"{}"[..], b"[1]", b"[{}", b"\xff"] {
+            assert!(events_from_json(bad).is_err(), "{bad:?}");
+        }
     }
 }
