@@ -48,6 +48,18 @@ impl Text {
     }
 }
 
+impl Text {
+    /// Whether this reads as `key`: lengths first, so most members are passed over without
+    /// reading their text.
+    fn is(&self, text: &str, key: &str) -> bool {
+        let len = match self {
+            Self::Span { start, end } => end.saturating_sub(*start) as usize,
+            Self::Own(own) => own.len(),
+        };
+        len == key.len() && self.read(text) == key
+    }
+}
+
 impl From<&str> for Text {
     fn from(text: &str) -> Self {
         Self::Own(text.into())
@@ -293,9 +305,7 @@ pub struct ObjMut<'a> {
 
 impl<'a> ObjMut<'a> {
     fn position(&self, key: &str) -> Option<usize> {
-        self.members
-            .iter()
-            .position(|(k, _)| k.read(self.text) == key)
+        self.members.iter().position(|(k, _)| k.is(self.text, key))
     }
 
     pub fn contains_key(&self, key: &str) -> bool {
@@ -376,7 +386,7 @@ impl<'a> ObjMut<'a> {
         let added: Vec<(Text, Val)> = if own + members.len() <= LINEAR_KEYS {
             let own = &self.members[..];
             lacking(members, text, |key| {
-                own.iter().any(|(k, _)| k.read(text) == key)
+                own.iter().any(|(k, _)| k.is(text, key))
             })
         } else {
             let own: HashSet<&str> = self.members.iter().map(|(k, _)| k.read(text)).collect();
@@ -492,7 +502,7 @@ impl<'a> Node<'a> {
         match self.val {
             Val::Obj(members) => members
                 .iter()
-                .find(|(k, _)| k.read(self.text) == key)
+                .find(|(k, _)| k.is(self.text, key))
                 .map(|(_, value)| Node::new(self.text, value)),
             _ => None,
         }
@@ -528,6 +538,61 @@ impl<'a> Node<'a> {
             ),
         }
     }
+}
+
+impl Node<'_> {
+    /// Appends the value's compact JSON text: the bytes `serde_json::to_writer` writes for it.
+    /// A span of the delivery is copied as it is (the parser took it unescaped, so it holds
+    /// nothing `serde_json` would escape: no quote, backslash or control character); only
+    /// owned strings are escaped.
+    pub fn write_json(&self, out: &mut Vec<u8>) {
+        match self.val {
+            Val::Null | Val::Shared(..) => out.extend_from_slice(b"null"),
+            Val::Bool(true) => out.extend_from_slice(b"true"),
+            Val::Bool(false) => out.extend_from_slice(b"false"),
+            Val::Num(n) => write_serde(out, n),
+            Val::Str(s) => write_text(out, self.text, s),
+            Val::Arr(items) => {
+                out.push(b'[');
+                for (i, item) in items.iter().enumerate() {
+                    if i > 0 {
+                        out.push(b',');
+                    }
+                    Node::new(self.text, item).write_json(out);
+                }
+                out.push(b']');
+            }
+            Val::Obj(members) => {
+                out.push(b'{');
+                for (i, (key, value)) in members.iter().enumerate() {
+                    if i > 0 {
+                        out.push(b',');
+                    }
+                    write_text(out, self.text, key);
+                    out.push(b':');
+                    Node::new(self.text, value).write_json(out);
+                }
+                out.push(b'}');
+            }
+        }
+    }
+}
+
+fn write_text(out: &mut Vec<u8>, text: &str, s: &Text) {
+    match s {
+        Text::Span { .. } => {
+            out.push(b'"');
+            out.extend_from_slice(s.read(text).as_bytes());
+            out.push(b'"');
+        }
+        Text::Own(own) => write_serde(out, &**own),
+    }
+}
+
+/// `serde_json`'s own writing, for numbers and strings that may need escapes. Writing into a
+/// `Vec` cannot fail; were it to, the bytes would be missing, which the tests would see.
+fn write_serde<T: serde::Serialize + ?Sized>(out: &mut Vec<u8>, value: &T) {
+    let _ = serde_json::to_writer(out, value);
 }
 
 impl serde::Serialize for Node<'_> {
@@ -654,7 +719,7 @@ impl<'de> Visitor<'de> for ValSeed<'_> {
             let name = key.read(text);
             let seen = match &places {
                 Some(places) => places.get(name).copied(),
-                None => members.iter().position(|(k, _)| k.read(text) == name),
+                None => members.iter().position(|(k, _)| k.is(text, name)),
             };
             match seen {
                 Some(at) => members[at].1 = value,
@@ -848,7 +913,7 @@ impl<'a> Object<'a, DocJson> for ObjRef<'a> {
     fn get(&self, key: &String) -> Option<Node<'a>> {
         self.members
             .iter()
-            .find(|(k, _)| k.read(self.text) == key)
+            .find(|(k, _)| k.is(self.text, key))
             .map(|(_, value)| Node::new(self.text, value))
     }
 

@@ -35,6 +35,13 @@ fn a_parse_stands_for_the_value_serde_json_parses_and_writes_the_same_bytes() {
             serde_json::to_vec(&value).expect("writes"),
             "{text}"
         );
+        let mut written = Vec::new();
+        doc.node().write_json(&mut written);
+        assert_eq!(
+            String::from_utf8_lossy(&written),
+            serde_json::to_string(&value).expect("writes"),
+            "{text}"
+        );
         // BSON sees the same serializer calls.
         if value.is_object() {
             assert_eq!(bson::to_vec(&doc).ok(), bson::to_vec(&value).ok(), "{text}");

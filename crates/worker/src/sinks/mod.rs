@@ -52,18 +52,17 @@ impl Event {
         }
     }
 
-    /// The event's fields as compact JSON text, the bytes its `Serialize` writes: written the
-    /// first time it is asked for, then kept. The lanes size batches with it; HTTP bodies and
-    /// the sinks' queues copy it instead of writing the event again. `None` if serde_json
-    /// cannot write the fields (a parsed document always can).
+    /// The event's fields as compact JSON text, the bytes its `Serialize` writes
+    /// (`Node::write_json`: spans of the delivery copied as they are): written the first time
+    /// it is asked for, then kept. The lanes size batches with it; HTTP bodies and the sinks'
+    /// queues copy it instead of writing the event again. Always `Some` today.
     pub fn json(&self) -> Option<&[u8]> {
         self.json
             .get_or_init(|| {
                 // Room for a typical SDK event at once, rather than growing from 128 bytes.
                 let mut json = Vec::with_capacity(JSON_START);
-                serde_json::to_writer(&mut json, &self.doc)
-                    .ok()
-                    .map(|()| json)
+                self.doc.node().write_json(&mut json);
+                Some(json)
             })
             .as_deref()
     }
