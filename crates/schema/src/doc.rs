@@ -631,6 +631,12 @@ struct ValSeed<'t> {
 }
 
 impl ValSeed<'_> {
+    /// `s` as the span it is of the text, or as its own text if it lies elsewhere (a string
+    /// `serde_json` had to unescape).
+    fn text_of(&self, s: &str) -> Text {
+        self.span(s).unwrap_or_else(|| Text::from(s))
+    }
+
     /// The span of `s` if it lies in the text (a string `serde_json` borrowed from it).
     fn span(&self, s: &str) -> Option<Text> {
         let base = self.text.as_ptr() as usize;
@@ -678,11 +684,11 @@ impl<'de> Visitor<'de> for ValSeed<'_> {
     }
 
     fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Val, E> {
-        Ok(Val::Str(self.span(v).unwrap_or_else(|| Text::from(v))))
+        Ok(Val::Str(self.text_of(v)))
     }
 
     fn visit_str<E>(self, v: &str) -> Result<Val, E> {
-        Ok(Val::Str(self.span(v).unwrap_or_else(|| Text::from(v))))
+        Ok(Val::Str(self.text_of(v)))
     }
 
     fn visit_string<E>(self, v: String) -> Result<Val, E> {
@@ -764,13 +770,11 @@ impl<'de> Visitor<'de> for KeySeed<'_> {
     }
 
     fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Text, E> {
-        let seed = ValSeed { text: self.text };
-        Ok(seed.span(v).unwrap_or_else(|| Text::from(v)))
+        Ok(ValSeed { text: self.text }.text_of(v))
     }
 
     fn visit_str<E>(self, v: &str) -> Result<Text, E> {
-        let seed = ValSeed { text: self.text };
-        Ok(seed.span(v).unwrap_or_else(|| Text::from(v)))
+        Ok(ValSeed { text: self.text }.text_of(v))
     }
 
     fn visit_string<E>(self, v: String) -> Result<Text, E> {

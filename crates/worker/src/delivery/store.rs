@@ -139,7 +139,7 @@ async fn store(
     headers: FieldTable,
     out: &dyn Durable,
 ) -> Result<(), String> {
-    let body = json_array(&batch.events).map_err(|e| e.to_string())?;
+    let body = json_array(&batch.events);
     out.store(queue, &body, headers).await
 }
 

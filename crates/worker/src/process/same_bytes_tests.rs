@@ -247,7 +247,7 @@ fn by_doc(registry: &Registry, body: &[u8]) -> Made {
         .valid
         .iter()
         .map(|event| {
-            let json = event.json().map(<[u8]>::to_vec).unwrap_or_default();
+            let json = event.json().to_vec();
             let bson = event
                 .document()
                 .map(|d| d.as_bytes().to_vec())

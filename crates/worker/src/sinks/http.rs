@@ -143,9 +143,7 @@ impl Serialize for Meta<'_> {
 /// key added before the closing brace when it has no [`META_FIELD`] of its own, written anew
 /// otherwise.
 fn write_outgoing(body: &mut Vec<u8>, event: &Event) -> Result<(), serde_json::Error> {
-    let kept = event
-        .json()
-        .filter(|json| json.len() > 2 && json.ends_with(b"}"));
+    let kept = Some(event.json()).filter(|json| json.len() > 2 && json.ends_with(b"}"));
     match (EventId::of(event), kept) {
         (Some(id), Some(json)) if event.doc().get(META_FIELD).is_none() => {
             body.extend_from_slice(&json[..json.len() - 1]);

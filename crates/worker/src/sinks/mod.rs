@@ -23,14 +23,13 @@ use serde_json::{Map, Value};
 /// storability was checked, and sent as they are). Serialises as its fields only. Its JSON
 /// text is written once, when first asked for ([`Event::json`]), and kept.
 ///
-/// It also reads as a `serde_json::Map` ([`Event::fields`], and `Deref`): that map is built on
-/// first use, for tests and tools; the worker's own paths read the `Doc`.
+/// [`Event::fields`] builds it as a `serde_json::Map`, for tests and tools; the worker's own
+/// paths read the `Doc`.
 #[derive(Debug, Clone, Default)]
 pub struct Event {
     doc: Doc,
     document: Option<RawDocumentBuf>,
-    json: OnceLock<Option<Vec<u8>>>,
-    fields: OnceLock<Map<String, Value>>,
+    json: OnceLock<Vec<u8>>,
 }
 
 /// The capacity an event's JSON text starts with: the benchmark's SDK events come to 0.6–1.5 KB.
@@ -48,23 +47,20 @@ impl Event {
             doc,
             document: Some(document),
             json: OnceLock::new(),
-            fields: OnceLock::new(),
         }
     }
 
     /// The event's fields as compact JSON text, the bytes its `Serialize` writes
     /// (`Node::write_json`: spans of the delivery copied as they are): written the first time
     /// it is asked for, then kept. The lanes size batches with it; HTTP bodies and the sinks'
-    /// queues copy it instead of writing the event again. Always `Some` today.
-    pub fn json(&self) -> Option<&[u8]> {
-        self.json
-            .get_or_init(|| {
-                // Room for a typical SDK event at once, rather than growing from 128 bytes.
-                let mut json = Vec::with_capacity(JSON_START);
-                self.doc.node().write_json(&mut json);
-                Some(json)
-            })
-            .as_deref()
+    /// queues copy it instead of writing the event again.
+    pub fn json(&self) -> &[u8] {
+        self.json.get_or_init(|| {
+            // Room for a typical SDK event at once, rather than growing from 128 bytes.
+            let mut json = Vec::with_capacity(JSON_START);
+            self.doc.node().write_json(&mut json);
+            json
+        })
     }
 
     /// The MongoDB document made for this event, if one was.
@@ -86,16 +82,9 @@ impl Event {
         self.doc = self.doc.detached();
     }
 
-    /// The event as a `serde_json::Map`, built on first use (tests and tools).
-    pub fn fields(&self) -> &Map<String, Value> {
-        self.fields.get_or_init(|| self.doc.to_map())
-    }
-
-    pub fn into_fields(self) -> Map<String, Value> {
-        match self.fields.into_inner() {
-            Some(fields) => fields,
-            None => self.doc.to_map(),
-        }
+    /// The event as a `serde_json::Map`, built anew (tests and tools).
+    pub fn fields(&self) -> Map<String, Value> {
+        self.doc.to_map()
     }
 }
 
@@ -105,7 +94,6 @@ impl From<Doc> for Event {
             doc,
             document: None,
             json: OnceLock::new(),
-            fields: OnceLock::new(),
         }
     }
 }
@@ -118,25 +106,17 @@ impl From<Map<String, Value>> for Event {
 
 /// Events as a JSON array, each copied from its [`Event::json`] (the bytes
 /// `serde_json::to_vec(events)` writes).
-pub fn json_array(events: &[Arc<Event>]) -> Result<Vec<u8>, serde_json::Error> {
-    let mut body = Vec::with_capacity(
-        2 + events
-            .iter()
-            .map(|e| e.json().map_or(0, <[u8]>::len) + 1)
-            .sum::<usize>(),
-    );
+pub fn json_array(events: &[Arc<Event>]) -> Vec<u8> {
+    let mut body = Vec::with_capacity(2 + events.iter().map(|e| e.json().len() + 1).sum::<usize>());
     body.push(b'[');
     for (i, event) in events.iter().enumerate() {
         if i > 0 {
             body.push(b',');
         }
-        match event.json() {
-            Some(json) => body.extend_from_slice(json),
-            None => serde_json::to_writer(&mut body, &**event)?,
-        }
+        body.extend_from_slice(event.json());
     }
     body.push(b']');
-    Ok(body)
+    body
 }
 
 impl serde::Serialize for Event {
@@ -284,7 +264,7 @@ mod tests {
         assert!(events.iter().all(|e| e.doc().text().len() == body.len()));
         assert_eq!(events[0].fields()["s"], json!("x\"y"));
         assert_eq!(
-            json_array(&events.into_iter().map(Arc::new).collect::<Vec<_>>()).expect("writes"),
+            json_array(&events.into_iter().map(Arc::new).collect::<Vec<_>>()),
             serde_json::to_vec(&serde_json::from_slice::<Value>(body).expect("json"))
                 .expect("writes")
         );

@@ -90,7 +90,7 @@ async fn end_to_end_over_real_udp_matches_the_events() {
                 format!("analytics.{source_segment}.track.product_v2_1_viewed"),
             ),
         };
-        let mut event = event(value).into_fields();
+        let mut event = event(value).fields();
         event.insert("source".into(), json!(source));
         let duration = i as f64 * 1.25;
         let cart = i - 100;
