@@ -3,28 +3,29 @@
 //! `writeKey`, and for a batch each event's size and shape, and what the worker's merge of the
 //! batch-level `context` and `integrations` into the events will add.
 //!
-//! The worker's parse is `serde_json` into a `Value`. The collector must refuse whatever that
-//! refuses (a number out of `f64` range, a lone surrogate escape, serde_json's reserved
-//! `RawValue` key), and deeper nesting than MongoDB stores ([`MAX_DEPTH`]), so every value is
-//! decoded here, not skimmed. Each batch event is read once as raw text (its size as sent), then
-//! parsed from that text.
+//! The worker parses with `serde_json`. The collector must refuse whatever that refuses (a
+//! number out of `f64` range, a lone surrogate escape, serde_json's reserved `RawValue` key),
+//! and deeper nesting than MongoDB stores ([`MAX_DEPTH`]), so every string and number is
+//! checked here, not skimmed: by a scanner over the bytes ([`cursor`]), one pass, allocating
+//! only for what it keeps. `scan/tests.rs` holds it to the first version of this check, written
+//! over `serde_json`'s deserializer and kept as the oracle (`scan/oracle.rs`).
 
 use std::borrow::Cow;
-use std::cell::RefCell;
 use std::collections::HashMap;
 
 use ingest_pipeline::built;
 use ingest_pipeline::message::{RefusedEvent, EVENT_TYPES};
-use serde::de::{DeserializeSeed, Error as _, MapAccess, SeqAccess, Visitor};
-use serde_json::value::RawValue;
 
 use crate::error::CaptureError;
 use crate::limits::Limits;
 
-mod values;
+mod cursor;
+#[cfg(test)]
+mod oracle;
+#[cfg(test)]
+mod tests;
 
-pub use values::Key;
-use values::{Any, ContextKeys, NotNull, Text, TextSeed};
+use cursor::{Cursor, Scan, Stop, Str};
 
 /// Deeper than this is refused: MongoDB stores documents nested 100 levels deep at most, and
 /// the worker's parser stops at 128.
@@ -34,8 +35,19 @@ pub const MAX_DEPTH: usize = 100;
 /// raw JSON text, not as an object. No beacon has such a key; it is refused wherever it is.
 const RAW_VALUE_TOKEN: &str = "$serde_json::private::RawValue";
 
+/// A JSON object key, decoded, borrowed from the body when it has no escapes.
+#[derive(Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Key<'a>(pub Cow<'a, str>);
+
+impl Key<'_> {
+    /// Its length as a JSON string, quotes and escapes included.
+    pub fn quoted_len(&self) -> usize {
+        serde_json::to_string(self.0.as_ref()).map_or(self.0.len() * 6 + 2, |s| s.len())
+    }
+}
+
 /// What one pass found in a body that parses.
-#[derive(Default)]
+#[derive(Debug, Default, PartialEq)]
 pub struct Scanned<'a> {
     pub write_key: Option<String>,
     /// A batch's events; `None` when the body has no `batch` (or it is `null`).
@@ -49,6 +61,7 @@ pub struct Scanned<'a> {
 }
 
 /// A batch's elements as one pass found them.
+#[derive(Debug, PartialEq)]
 pub struct Batch<'a> {
     /// Every element that is an object, refused or not (all count for the merge's size).
     pub events: Vec<EventFields<'a>>,
@@ -73,6 +86,14 @@ pub const NOT_AN_OBJECT: &str = "not_an_object";
 pub const BAD_TYPE: &str = "bad_type";
 pub const BAD_MESSAGE_ID: &str = "bad_message_id";
 
+/// The same element refused the same way (errors compared by their message).
+impl PartialEq for Refused {
+    fn eq(&self, other: &Self) -> bool {
+        (self.index, self.bytes, self.code) == (other.index, other.bytes, other.code)
+            && self.error.to_string() == other.error.to_string()
+    }
+}
+
 impl Refused {
     /// Its code in the answer (and, for [`RefusedEvent::TOO_LARGE`], in the raw message's
     /// header): `event_too_large`, `not_an_object`, `bad_type` or `bad_message_id`.
@@ -82,6 +103,7 @@ impl Refused {
 }
 
 /// What the worker's merge looks at in one event, and its size as sent.
+#[derive(Debug, PartialEq)]
 pub struct EventFields<'a> {
     pub bytes: usize,
     /// Its own `context` (the last one; `null` as absent).
@@ -98,6 +120,7 @@ pub struct EventFields<'a> {
     pub unusable: Option<(&'static str, String)>,
 }
 
+#[derive(Debug, PartialEq)]
 pub enum OwnContext<'a> {
     Absent,
     /// Its keys, sorted, each once.
@@ -110,364 +133,250 @@ pub enum OwnContext<'a> {
 /// fields; otherwise only `writeKey` is picked up. Duplicate `writeKey`, `batch`, `context`,
 /// `integrations` and `sentAt` are refused: the collector and the worker must read the same one.
 pub fn scan<'a>(json: &'a str, batch: bool, limits: &Limits) -> Result<Scanned<'a>, CaptureError> {
-    let refusal = RefCell::new(None);
-    let mut deserializer = serde_json::Deserializer::from_str(json);
-    let seed = Top {
-        batch,
-        limits,
-        refusal: &refusal,
-    };
-    let scanned = seed
-        .deserialize(&mut deserializer)
-        .and_then(|scanned| deserializer.end().map(|()| scanned));
-    scanned.map_err(|error| match refusal.take() {
-        Some(refusal) => refusal,
-        None => CaptureError::MalformedJson(error.to_string()),
-    })
+    let mut cursor = Cursor::new(json);
+    top(&mut cursor, batch, limits)
+        .and_then(|scanned| cursor.end().map(|()| scanned))
+        .map_err(|stop| stop.into_error(json))
 }
 
-/// A check of the collector's own failed inside the parse: the specific error is kept here and
-/// the parse stopped with a generic one.
-type Refusal<'s> = &'s RefCell<Option<CaptureError>>;
-
-fn refuse<E: serde::de::Error>(refusal: Refusal<'_>, error: CaptureError) -> E {
-    let message = error.to_string();
-    refusal.replace(Some(error));
-    E::custom(message)
-}
-
-struct Top<'s> {
-    batch: bool,
-    limits: &'s Limits,
-    refusal: Refusal<'s>,
-}
-
-impl<'de> DeserializeSeed<'de> for Top<'_> {
-    type Value = Scanned<'de>;
-
-    fn deserialize<D: serde::Deserializer<'de>>(
-        self,
-        deserializer: D,
-    ) -> Result<Self::Value, D::Error> {
-        deserializer.deserialize_map(self)
+/// The body's object, one container deep.
+fn top<'a>(cursor: &mut Cursor<'a>, batch: bool, limits: &Limits) -> Scan<Scanned<'a>> {
+    if cursor.peek() != Some(b'{') {
+        return cursor.fail("expected a JSON object");
     }
-}
-
-impl<'de> Visitor<'de> for Top<'_> {
-    type Value = Scanned<'de>;
-
-    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("a JSON object")
-    }
-
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Scanned<'de>, A::Error> {
-        let top_level = Any {
-            depth: 1,
-            refusal: self.refusal,
+    let mut scanned = Scanned::default();
+    let mut seen = [false; 5];
+    cursor.object(0, |cursor, key| {
+        let key = key.text();
+        let field = match (key.as_ref(), batch) {
+            ("writeKey", _) => 0,
+            ("batch", true) => 1,
+            ("context", true) => 2,
+            ("integrations", true) => 3,
+            ("sentAt", true) => 4,
+            _ => return cursor.value(1),
         };
-        let mut scanned = Scanned::default();
-        let mut seen = [false; 5];
-        let mut once = |field: usize, name: &str| {
-            if std::mem::replace(&mut seen[field], true) {
-                return Err(A::Error::custom(format!("duplicate field `{name}`")));
-            }
-            Ok(())
-        };
-        while let Some(key) = map.next_key::<Key<'de>>()? {
-            match (key.0.as_ref(), self.batch) {
-                ("writeKey", _) => {
-                    once(0, "writeKey")?;
-                    scanned.write_key = map.next_value()?;
-                }
-                ("batch", true) => {
-                    once(1, "batch")?;
-                    scanned.batch = map.next_value_seed(Events {
-                        limits: self.limits,
-                        refusal: self.refusal,
-                    })?;
-                }
-                ("context", true) => {
-                    once(2, "context")?;
-                    let raw: &'de RawValue = map.next_value()?;
-                    scanned.shared_context =
-                        shared_context(raw.get(), top_level).map_err(A::Error::custom)?;
-                }
-                ("integrations", true) => {
-                    once(3, "integrations")?;
-                    scanned.shared_integrations =
-                        not_null_bytes(map.next_value()?, top_level).map_err(A::Error::custom)?;
-                }
-                ("sentAt", true) => {
-                    once(4, "sentAt")?;
-                    scanned.shared_sent_at =
-                        not_null_bytes(map.next_value()?, top_level).map_err(A::Error::custom)?;
-                }
-                _ => map.next_value_seed(top_level)?,
-            }
+        if std::mem::replace(&mut seen[field], true) {
+            return cursor.fail(format!("duplicate field `{key}`"));
         }
-        Ok(scanned)
-    }
+        match field {
+            0 => {
+                scanned.write_key = match text(cursor, 1)? {
+                    Text::Str(key) => Some(key.into_owned()),
+                    Text::Null => None,
+                    Text::Other => return cursor.fail("`writeKey` is not a string"),
+                }
+            }
+            1 => scanned.batch = events(cursor, limits)?,
+            2 => scanned.shared_context = shared_context(cursor)?,
+            3 => scanned.shared_integrations = not_null_bytes(cursor)?,
+            _ => scanned.shared_sent_at = not_null_bytes(cursor)?,
+        }
+        Ok(())
+    })?;
+    Ok(scanned)
 }
 
-/// A value's bytes as sent, parsed as the worker would; `None` for `null`.
-fn not_null_bytes(raw: &RawValue, any: Any<'_>) -> serde_json::Result<Option<usize>> {
-    parse_any(raw.get(), any)?;
-    Ok((raw.get() != "null").then_some(raw.get().len()))
+/// A top-level value's bytes as sent; `None` for `null`.
+fn not_null_bytes(cursor: &mut Cursor<'_>) -> Scan<Option<usize>> {
+    let start = cursor.at;
+    cursor.value(1)?;
+    let raw = cursor.since(start);
+    Ok((raw != "null").then_some(raw.len()))
 }
 
-/// Parses `json`, a value found where `any` is, as the worker would.
-fn parse_any(json: &str, any: Any<'_>) -> serde_json::Result<()> {
-    let mut deserializer = serde_json::Deserializer::from_str(json);
-    any.deserialize(&mut deserializer)?;
-    deserializer.end()
-}
-
-/// The batch-level `context`, parsed; for an object, what one copy of each key costs in an event
-/// that lacks it: the key, its value as sent and the separators. Of duplicate keys the last
-/// counts, as in the worker.
-fn shared_context<'a>(
-    json: &'a str,
-    any: Any<'_>,
-) -> serde_json::Result<Option<HashMap<Key<'a>, usize>>> {
-    parse_any(json, any)?;
-    if !starts_with_object(json.as_bytes()) {
+/// The batch-level `context`; for an object, what one copy of each key costs in an event that
+/// lacks it: the key, its value as sent and the separators. Of duplicate keys the last counts,
+/// as in the worker.
+fn shared_context<'a>(cursor: &mut Cursor<'a>) -> Scan<Option<HashMap<Key<'a>, usize>>> {
+    if cursor.peek() != Some(b'{') {
+        cursor.value(1)?;
         return Ok(None);
     }
-    let entries: Vec<(Key<'_>, &RawValue)> = serde_json::from_str::<RawEntries<'_>>(json)?.0;
-    let costs = entries.into_iter().map(|(key, value)| {
-        let bytes = built::context_key_cost(key.quoted_len(), value.get().len());
-        (key, bytes)
-    });
-    Ok(Some(costs.collect()))
+    let mut costs = HashMap::new();
+    cursor.object(1, |cursor, key| {
+        let start = cursor.at;
+        cursor.value(2)?;
+        let key = Key(key.text());
+        let bytes = built::context_key_cost(key.quoted_len(), cursor.at - start);
+        costs.insert(key, bytes);
+        Ok(())
+    })?;
+    Ok(Some(costs))
 }
 
-/// An object's entries in order, values as raw text.
-struct RawEntries<'a>(Vec<(Key<'a>, &'a RawValue)>);
+/// A field that should be a string: its text, `null`, or anything else (checked all the same).
+enum Text<'a> {
+    Null,
+    Str(Cow<'a, str>),
+    Other,
+}
 
-impl<'de> serde::Deserialize<'de> for RawEntries<'de> {
-    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct EntriesVisitor;
-        impl<'de> Visitor<'de> for EntriesVisitor {
-            type Value = RawEntries<'de>;
-            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str("an object")
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<RawEntries<'de>, A::Error> {
-                let mut entries = Vec::new();
-                while let Some(entry) = map.next_entry()? {
-                    entries.push(entry);
-                }
-                Ok(RawEntries(entries))
-            }
-        }
-        deserializer.deserialize_map(EntriesVisitor)
+fn text<'a>(cursor: &mut Cursor<'a>, level: usize) -> Scan<Text<'a>> {
+    match cursor.peek() {
+        Some(b'"') => Ok(Text::Str(cursor.string()?.text())),
+        Some(b'n') => cursor.value(level).map(|()| Text::Null),
+        _ => cursor.value(level).map(|()| Text::Other),
     }
+}
+
+/// Any value, checked; whether it was anything but `null`.
+fn not_null(cursor: &mut Cursor<'_>, level: usize) -> Scan<bool> {
+    let null = cursor.peek() == Some(b'n');
+    cursor.value(level)?;
+    Ok(!null)
 }
 
 /// The `batch` array: `null` reads as absent.
-struct Events<'s> {
-    limits: &'s Limits,
-    refusal: Refusal<'s>,
-}
-
-impl<'de> DeserializeSeed<'de> for Events<'_> {
-    type Value = Option<Batch<'de>>;
-
-    fn deserialize<D: serde::Deserializer<'de>>(
-        self,
-        deserializer: D,
-    ) -> Result<Self::Value, D::Error> {
-        deserializer.deserialize_option(self)
+fn events<'a>(cursor: &mut Cursor<'a>, limits: &Limits) -> Scan<Option<Batch<'a>>> {
+    match cursor.peek() {
+        Some(b'n') => return cursor.value(1).map(|()| None),
+        Some(b'[') => {}
+        _ => return cursor.fail("`batch` is not an array of events"),
     }
-}
-
-impl<'de> Visitor<'de> for Events<'_> {
-    type Value = Option<Batch<'de>>;
-
-    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("an array of events")
-    }
-
-    fn visit_none<E>(self) -> Result<Self::Value, E> {
-        Ok(None)
-    }
-
-    fn visit_unit<E>(self) -> Result<Self::Value, E> {
-        Ok(None)
-    }
-
-    fn visit_some<D: serde::Deserializer<'de>>(
-        self,
-        deserializer: D,
-    ) -> Result<Self::Value, D::Error> {
-        deserializer.deserialize_seq(self)
-    }
-
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
-        let limits = self.limits;
-        let mut batch = Batch {
-            events: Vec::new(),
-            elements: 0,
-            refused: Vec::new(),
-        };
-        while let Some(raw) = seq.next_element::<&'de RawValue>()? {
-            let index = batch.elements;
-            if index == limits.max_batch_events {
-                let limit = limits.max_batch_events;
-                return Err(refuse(self.refusal, CaptureError::TooManyEvents { limit }));
+    let mut batch = Batch {
+        events: Vec::new(),
+        elements: 0,
+        refused: Vec::new(),
+    };
+    cursor.array(1, |cursor, index| {
+        let start = cursor.at;
+        if index == limits.max_batch_events {
+            let limit = limits.max_batch_events;
+            return Err(Stop::refused(CaptureError::TooManyEvents { limit }));
+        }
+        batch.elements += 1;
+        if cursor.peek() != Some(b'{') {
+            let refusal = CaptureError::BadRequest(format!("batch[{index}] is not a JSON object"));
+            if !limits.partial_batches {
+                return Err(Stop::refused(refusal));
             }
-            batch.elements += 1;
-            let json = raw.get();
-            let mut deserializer = serde_json::Deserializer::from_str(json);
-            if !starts_with_object(json.as_bytes()) {
-                let refusal =
-                    CaptureError::BadRequest(format!("batch[{index}] is not a JSON object"));
-                if !limits.partial_batches {
-                    return Err(refuse(self.refusal, refusal));
-                }
-                // Parsed all the same: the worker reads the whole body.
-                let element = Any {
-                    depth: 2,
-                    refusal: self.refusal,
+            // Checked all the same: the worker reads the whole body.
+            cursor.value(2)?;
+            batch.refused.push(Refused {
+                index,
+                bytes: cursor.at - start,
+                error: refusal,
+                code: NOT_AN_OBJECT,
+            });
+            return Ok(());
+        }
+        let mut fields = event(cursor)?;
+        fields.bytes = cursor.at - start;
+        // After the parse: an event wrong in its JSON is a 400 whatever its size.
+        let refusal = if fields.bytes > limits.max_event_bytes {
+            let limit = limits.max_event_bytes;
+            Some((
+                RefusedEvent::TOO_LARGE,
+                CaptureError::EventTooLarge { index, limit },
+            ))
+        } else {
+            fields.unusable.as_ref().map(|(code, why)| {
+                (
+                    *code,
+                    CaptureError::BadRequest(format!("batch[{index}] {why}")),
+                )
+            })
+        };
+        if let Some((code, refusal)) = refusal {
+            if !limits.partial_batches {
+                return Err(Stop::refused(refusal));
+            }
+            batch.refused.push(Refused {
+                index,
+                bytes: fields.bytes,
+                error: refusal,
+                code,
+            });
+        }
+        batch.events.push(fields);
+        Ok(())
+    })?;
+    Ok(Some(batch))
+}
+
+/// One batch event, three containers deep (the body, the batch, the event); its `bytes` are
+/// left for the caller.
+fn event<'a>(cursor: &mut Cursor<'a>) -> Scan<EventFields<'a>> {
+    let mut fields = EventFields {
+        bytes: 0,
+        context: OwnContext::Absent,
+        has_integrations: false,
+        has_sent_at: false,
+        view_name: None,
+        unusable: None,
+    };
+    let mut has_name = false;
+    // The `event`: its text when a string, and its bytes as sent.
+    let mut event_name: Option<(Option<Str<'a>>, usize)> = None;
+    // The last of a key sent twice counts, as in the worker's parse; `null` is absent.
+    let mut kind = Text::Null;
+    let mut message_id = Text::Null;
+    cursor.object(2, |cursor, key| {
+        match key.text().as_ref() {
+            "context" => fields.context = own_context(cursor)?,
+            "integrations" => fields.has_integrations = not_null(cursor, 3)?,
+            "sentAt" => fields.has_sent_at = not_null(cursor, 3)?,
+            "name" => has_name = not_null(cursor, 3)?,
+            "event" => {
+                let start = cursor.at;
+                let name = if cursor.peek() == Some(b'"') {
+                    Some(cursor.string()?)
+                } else {
+                    cursor.value(3)?;
+                    None
                 };
-                element
-                    .deserialize(&mut deserializer)
-                    .and_then(|()| deserializer.end())
-                    .map_err(A::Error::custom)?;
-                batch.refused.push(Refused {
-                    index,
-                    bytes: json.len(),
-                    error: refusal,
-                    code: NOT_AN_OBJECT,
-                });
-                continue;
+                event_name = Some((name, cursor.at - start));
             }
-            let event = Event {
-                bytes: json.len(),
-                refusal: self.refusal,
-            };
-            let fields = event
-                .deserialize(&mut deserializer)
-                .and_then(|fields| deserializer.end().map(|()| fields))
-                .map_err(A::Error::custom)?;
-            // After the parse: an event wrong in its JSON is a 400 whatever its size.
-            let refusal = if json.len() > limits.max_event_bytes {
-                let limit = limits.max_event_bytes;
-                Some((
-                    RefusedEvent::TOO_LARGE,
-                    CaptureError::EventTooLarge { index, limit },
-                ))
-            } else {
-                fields.unusable.as_ref().map(|(code, why)| {
-                    (
-                        *code,
-                        CaptureError::BadRequest(format!("batch[{index}] {why}")),
-                    )
-                })
-            };
-            if let Some((code, refusal)) = refusal {
-                if !limits.partial_batches {
-                    return Err(refuse(self.refusal, refusal));
-                }
-                batch.refused.push(Refused {
-                    index,
-                    bytes: json.len(),
-                    error: refusal,
-                    code,
-                });
-            }
-            batch.events.push(fields);
+            "type" => kind = text(cursor, 3)?,
+            "messageId" => message_id = text(cursor, 3)?,
+            _ => cursor.value(3)?,
         }
-        Ok(Some(batch))
+        Ok(())
+    })?;
+    if let (Text::Str(kind), false, Some((Some(name), bytes))) = (&kind, has_name, event_name) {
+        if built::is_view(kind) && built::is_view_name(&name.text()) {
+            fields.view_name = Some(bytes);
+        }
     }
+    fields.unusable = match (kind, message_id) {
+        (Text::Null, _) => Some((BAD_TYPE, "has no `type`".to_owned())),
+        (Text::Other, _) => Some((BAD_TYPE, "has a `type` that is not a string".to_owned())),
+        (Text::Str(kind), _) if !EVENT_TYPES.contains(&kind.as_ref()) => {
+            let shown: String = kind.chars().take(40).collect();
+            Some((
+                BAD_TYPE,
+                format!(
+                    "has the unknown `type` {shown:?} (expected one of {})",
+                    EVENT_TYPES.join(", ")
+                ),
+            ))
+        }
+        (_, Text::Other) => Some((
+            BAD_MESSAGE_ID,
+            "has a `messageId` that is not a string".to_owned(),
+        )),
+        _ => None,
+    };
+    Ok(fields)
 }
 
-/// One batch event, three containers deep (the body, the batch, the event).
-struct Event<'s> {
-    bytes: usize,
-    refusal: Refusal<'s>,
-}
-
-impl<'de> DeserializeSeed<'de> for Event<'_> {
-    type Value = EventFields<'de>;
-
-    fn deserialize<D: serde::Deserializer<'de>>(
-        self,
-        deserializer: D,
-    ) -> Result<Self::Value, D::Error> {
-        deserializer.deserialize_map(self)
-    }
-}
-
-impl<'de> Visitor<'de> for Event<'_> {
-    type Value = EventFields<'de>;
-
-    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("an event object")
-    }
-
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<EventFields<'de>, A::Error> {
-        let inside = Any {
-            depth: 3,
-            refusal: self.refusal,
-        };
-        let mut fields = EventFields {
-            bytes: self.bytes,
-            context: OwnContext::Absent,
-            has_integrations: false,
-            has_sent_at: false,
-            view_name: None,
-            unusable: None,
-        };
-        let mut has_name = false;
-        let mut event_name: Option<&'de RawValue> = None;
-        // The last of a key sent twice counts, as in the worker's parse; `null` is absent.
-        let mut kind = Text::Null;
-        let mut message_id = Text::Null;
-        while let Some(key) = map.next_key::<Key<'de>>()? {
-            match key.0.as_ref() {
-                "context" => fields.context = map.next_value_seed(ContextKeys(inside))?,
-                "integrations" => {
-                    fields.has_integrations = map.next_value_seed(NotNull(inside))?;
-                }
-                "sentAt" => fields.has_sent_at = map.next_value_seed(NotNull(inside))?,
-                "name" => has_name = map.next_value_seed(NotNull(inside))?,
-                "event" => {
-                    let raw: &'de RawValue = map.next_value()?;
-                    parse_any(raw.get(), inside).map_err(A::Error::custom)?;
-                    event_name = Some(raw);
-                }
-                "type" => kind = map.next_value_seed(TextSeed(inside))?,
-                "messageId" => message_id = map.next_value_seed(TextSeed(inside))?,
-                _ => map.next_value_seed(inside)?,
-            }
+/// An event's own `context`; an object's keys are kept, sorted, each once.
+fn own_context<'a>(cursor: &mut Cursor<'a>) -> Scan<OwnContext<'a>> {
+    match cursor.peek() {
+        Some(b'{') => {
+            let mut keys = Vec::new();
+            cursor.object(3, |cursor, key| {
+                cursor.value(4)?;
+                keys.push(Key(key.text()));
+                Ok(())
+            })?;
+            keys.sort_unstable();
+            keys.dedup();
+            Ok(OwnContext::Object(keys))
         }
-        if let (Text::Str(kind), false, Some(raw)) = (&kind, has_name, event_name) {
-            let name = serde_json::from_str::<Cow<'_, str>>(raw.get()).ok();
-            if built::is_view(kind) && name.is_some_and(|name| built::is_view_name(&name)) {
-                fields.view_name = Some(raw.get().len());
-            }
-        }
-        fields.unusable = match (kind, message_id) {
-            (Text::Null, _) => Some((BAD_TYPE, "has no `type`".to_owned())),
-            (Text::Other, _) => Some((BAD_TYPE, "has a `type` that is not a string".to_owned())),
-            (Text::Str(kind), _) if !EVENT_TYPES.contains(&kind.as_ref()) => {
-                let shown: String = kind.chars().take(40).collect();
-                Some((
-                    BAD_TYPE,
-                    format!(
-                        "has the unknown `type` {shown:?} (expected one of {})",
-                        EVENT_TYPES.join(", ")
-                    ),
-                ))
-            }
-            (_, Text::Other) => Some((
-                BAD_MESSAGE_ID,
-                "has a `messageId` that is not a string".to_owned(),
-            )),
-            _ => None,
-        };
-        Ok(fields)
+        Some(b'n') => cursor.value(3).map(|()| OwnContext::Absent),
+        _ => cursor.value(3).map(|()| OwnContext::Other),
     }
 }
 

@@ -8,17 +8,7 @@ use std::borrow::Cow;
 use serde::de::{DeserializeSeed, MapAccess, SeqAccess, Visitor};
 
 use super::*;
-
-/// A JSON object key, decoded, borrowed from the body when it has no escapes.
-#[derive(Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Key<'a>(pub Cow<'a, str>);
-
-impl Key<'_> {
-    /// Its length as a JSON string, quotes and escapes included.
-    pub fn quoted_len(&self) -> usize {
-        serde_json::to_string(self.0.as_ref()).map_or(self.0.len() * 6 + 2, |s| s.len())
-    }
-}
+use crate::scan::Key;
 
 impl<'de> serde::Deserialize<'de> for Key<'de> {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
