@@ -157,9 +157,11 @@ async fn capture(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Path(endpoint): Path<String>,
     RawQuery(query): RawQuery,
-    request_headers: HeaderMap,
-    body: Body,
+    request: Request,
 ) -> Response {
+    // The head by reference: axum's `HeaderMap` extractor would copy every header.
+    let (head, body) = request.into_parts();
+    let request_headers = &head.headers;
     let Some(endpoint) = Endpoint::parse(&endpoint) else {
         return (
             StatusCode::NOT_FOUND,
@@ -173,7 +175,7 @@ async fn capture(
         &state,
         peer.ip(),
         endpoint,
-        &request_headers,
+        request_headers,
         query.as_deref(),
         body,
         &request_id,
@@ -190,7 +192,7 @@ async fn capture(
             metrics::histogram!("collector_request_own_seconds")
                 .record(started.elapsed().saturating_sub(confirm_wait).as_secs_f64());
             let mut response = if refused.is_empty() {
-                Json(json!({"success": true})).into_response()
+                success()
             } else {
                 for r in &refused {
                     metrics::counter!("collector_events_refused_total", "code" => r.code())
@@ -227,6 +229,12 @@ async fn capture(
         response.headers_mut().insert("x-request-id", value);
     }
     response
+}
+
+/// `{"success":true}`, written once.
+fn success() -> Response {
+    let json = HeaderValue::from_static("application/json");
+    ([(header::CONTENT_TYPE, json)], r#"{"success":true}"#).into_response()
 }
 
 /// A request the broker confirmed.
