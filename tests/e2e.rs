@@ -3,6 +3,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod e2e {
+    pub mod archive;
     pub mod bench_smoke;
     pub mod built_rule;
     pub mod chaos;

@@ -511,3 +511,54 @@ impl Drop for StallProxy {
         self.task.abort();
     }
 }
+
+/// Reads a stream from its first message: up to `count` messages as raw bytes with their
+/// string headers, or fewer if no more come within `quiet`. Reading a stream takes nothing
+/// from it.
+pub async fn read_stream(
+    url: &str,
+    stream: &str,
+    count: usize,
+    quiet: Duration,
+) -> Vec<(std::collections::BTreeMap<String, String>, Vec<u8>)> {
+    use futures_util::StreamExt;
+    let (conn, ch) = channel(url).await;
+    ch.basic_qos(100, lapin::options::BasicQosOptions::default())
+        .await
+        .unwrap();
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-stream-offset".into(),
+        lapin::types::AMQPValue::LongString("first".into()),
+    );
+    let mut consumer = ch
+        .basic_consume(
+            stream.into(),
+            "test-reader".into(),
+            lapin::options::BasicConsumeOptions::default(),
+            args,
+        )
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    while out.len() < count {
+        let Ok(Some(Ok(delivery))) = tokio::time::timeout(quiet, consumer.next()).await else {
+            break;
+        };
+        let mut headers = std::collections::BTreeMap::new();
+        if let Some(table) = delivery.properties.headers() {
+            for (k, v) in table.inner() {
+                if let lapin::types::AMQPValue::LongString(s) = v {
+                    headers.insert(
+                        k.to_string(),
+                        String::from_utf8_lossy(s.as_bytes()).into_owned(),
+                    );
+                }
+            }
+        }
+        out.push((headers, delivery.data.clone()));
+        delivery.ack(BasicAckOptions::default()).await.unwrap();
+    }
+    let _ = conn.close(200, "".into()).await;
+    out
+}

@@ -73,6 +73,8 @@ pub fn settings(name: &str) -> Settings {
     s.broker.confirm_timeout_ms = 3000;
     s.broker.reconnect_min_ms = 100;
     s.broker.reconnect_max_ms = 1000;
+    // Each test's archive stream on the shared broker: small segments, little disk.
+    s.broker.archive.max_bytes = 64 << 20;
     s.mongo.uri = Secret::new(mongo_uri());
     s.mongo.database = id;
     s.collector.listen = "127.0.0.1:0".parse().unwrap();
@@ -151,6 +153,18 @@ pub fn settings_env(s: &Settings) -> Vec<(String, String)> {
             s.broker.url.expose().to_owned(),
         ),
         ("INGEST__BROKER__PREFIX".into(), s.broker.prefix.clone()),
+        (
+            "INGEST__BROKER__ARCHIVE__ENABLED".into(),
+            s.broker.archive.enabled.to_string(),
+        ),
+        (
+            "INGEST__BROKER__ARCHIVE__MAX_AGE".into(),
+            s.broker.archive.max_age.clone(),
+        ),
+        (
+            "INGEST__BROKER__ARCHIVE__MAX_BYTES".into(),
+            s.broker.archive.max_bytes.to_string(),
+        ),
         (
             "INGEST__BROKER__RECONNECT_MIN_MS".into(),
             s.broker.reconnect_min_ms.to_string(),

@@ -99,6 +99,8 @@ struct Shared {
 #[derive(Clone)]
 pub struct Publisher {
     shared: Arc<Shared>,
+    /// The ingest exchange: to the raw queue and, with the archive on, the archive stream.
+    exchange: String,
     queue: String,
     confirm_timeout: Duration,
 }
@@ -116,6 +118,7 @@ impl Publisher {
         });
         let publisher = Self {
             shared: shared.clone(),
+            exchange: topology.ingest_exchange(),
             queue: topology.raw(),
             confirm_timeout: settings.confirm_timeout(),
         };
@@ -156,7 +159,15 @@ impl Publisher {
         let channel = &live.channels[index];
         let started = std::time::Instant::now();
         let policy = Policy::answer_within(self.confirm_timeout);
-        let result = until_taken(channel, "", &self.queue, body, properties, &policy).await;
+        let result = until_taken(
+            channel,
+            &self.exchange,
+            &self.queue,
+            body,
+            properties,
+            &policy,
+        )
+        .await;
         let outcome = match &result {
             Ok(()) => "ack",
             Err(Refused::Nacked | Refused::Returned) => "nack",

@@ -16,7 +16,7 @@ use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
 pub use crate::publish::{
     confirm_channel, until_taken, ConfirmWait, Confirmed, Policy, PublishError, Publisher,
 };
-use crate::settings::BrokerSettings;
+use crate::settings::{ArchiveSettings, BrokerSettings};
 
 /// Names of the pipeline's queues, all under one prefix.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -25,6 +25,8 @@ pub struct Topology {
     raw_max_length_bytes: u64,
     invalid_max_length_bytes: u64,
     delivery_limit: u32,
+    /// The archive stream's retention; `None`: no archive.
+    archive: Option<ArchiveSettings>,
 }
 
 /// The delivery limit of a topology built from names only.
@@ -38,6 +40,7 @@ impl Topology {
             raw_max_length_bytes: 0,
             invalid_max_length_bytes: 0,
             delivery_limit: DEFAULT_DELIVERY_LIMIT,
+            archive: None,
         }
     }
 
@@ -49,6 +52,7 @@ impl Topology {
             raw_max_length_bytes: settings.raw_max_length_bytes,
             invalid_max_length_bytes: settings.invalid_max_length_bytes,
             delivery_limit: settings.delivery_limit,
+            archive: settings.archive.enabled.then(|| settings.archive.clone()),
         }
     }
 
@@ -59,6 +63,22 @@ impl Topology {
     /// Accepted request bodies, exactly as the collector received them.
     pub fn raw(&self) -> String {
         format!("{}.raw", self.prefix)
+    }
+
+    /// The exchange the collector publishes raw requests to: it routes each to the raw queue
+    /// and, with the archive on, to the archive stream. A fanout: every queue bound gets all.
+    pub fn ingest_exchange(&self) -> String {
+        format!("{}.ingest", self.prefix)
+    }
+
+    /// The stream that keeps every raw request for replay (`broker.archive`).
+    pub fn archive(&self) -> String {
+        format!("{}.archive", self.prefix)
+    }
+
+    /// Whether this topology declares and feeds the archive.
+    pub fn archives(&self) -> bool {
+        self.archive.is_some()
     }
 
     /// Raw payloads that reached the delivery limit (workers kept failing on them), with
@@ -168,6 +188,44 @@ impl Topology {
             vec![quorum_arguments()],
         )
         .await?;
+        self.declare_ingest(connection).await
+    }
+
+    /// The ingest exchange, the raw queue bound to it, and with the archive on, the stream
+    /// bound to it too. Bindings are only ever added: a service with the archive off leaves an
+    /// archive that another declared in place.
+    async fn declare_ingest(&self, connection: &Connection) -> lapin::Result<()> {
+        if let Some(archive) = &self.archive {
+            declare_archive(connection, &self.archive(), archive).await?;
+        }
+        let channel = connection.create_channel().await?;
+        channel
+            .exchange_declare(
+                self.ingest_exchange().into(),
+                ExchangeKind::Fanout,
+                ExchangeDeclareOptions {
+                    durable: true,
+                    ..ExchangeDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+        let mut bound = vec![self.raw()];
+        if self.archive.is_some() {
+            bound.push(self.archive());
+        }
+        for queue in bound {
+            channel
+                .queue_bind(
+                    queue.as_str().into(),
+                    self.ingest_exchange().into(),
+                    "".into(),
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await?;
+        }
+        let _ = channel.close(200, "".into()).await;
         Ok(())
     }
 
@@ -267,6 +325,52 @@ async fn declare_or_keep(
         }
     }
     Err(refused)
+}
+
+/// The arguments of the archive stream: its type, its retention, and segments small enough for
+/// retention by size to act (a stream drops whole segments, never the one being written).
+pub fn archive_arguments(archive: &ArchiveSettings) -> FieldTable {
+    let mut args = FieldTable::default();
+    args.insert("x-queue-type".into(), long_string("stream"));
+    args.insert("x-max-age".into(), long_string(&archive.max_age));
+    let max_bytes = i64::try_from(archive.max_bytes).unwrap_or(i64::MAX);
+    args.insert(
+        "x-max-length-bytes".into(),
+        AMQPValue::LongLongInt(max_bytes),
+    );
+    let segment = (max_bytes / 8).clamp(1 << 20, 500 << 20);
+    args.insert(
+        "x-stream-max-segment-size-bytes".into(),
+        AMQPValue::LongLongInt(segment),
+    );
+    args
+}
+
+/// Declares the archive stream; one that exists with another retention (changed in the
+/// settings since) is used as it is, with a warning: a stream's arguments are fixed when it is
+/// first declared, and a policy changes them.
+async fn declare_archive(
+    connection: &Connection,
+    stream: &str,
+    archive: &ArchiveSettings,
+) -> lapin::Result<()> {
+    match declare_alone(connection, stream, archive_arguments(archive)).await {
+        Ok(()) => Ok(()),
+        Err(error) if is_precondition_failed(&error) => {
+            if inspect_queue(connection, stream).await?.is_none() {
+                return Err(error);
+            }
+            tracing::warn!(
+                stream,
+                %error,
+                "the archive stream exists with other arguments; using it as it is (change its retention with a policy)"
+            );
+            metrics::counter!("broker_queue_kept_with_old_arguments_total", "queue" => stream.to_owned())
+                .increment(1);
+            Ok(())
+        }
+        Err(error) => Err(error),
+    }
 }
 
 /// A queue as a passive declare sees it (depth, consumers), on a channel of its own, since a

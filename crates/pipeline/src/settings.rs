@@ -117,6 +117,33 @@ pub struct BrokerSettings {
     /// `ingestctl queues` and `scale`; optional.
     #[serde(default)]
     pub management_url: Option<Secret>,
+    /// Every raw request, kept in a RabbitMQ stream (`<prefix>.archive`) to be replayed.
+    pub archive: ArchiveSettings,
+}
+
+/// The archive: a stream that the exchange the collector publishes to routes every raw request
+/// to, beside the raw queue; one publish and one confirm cover both.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct ArchiveSettings {
+    pub enabled: bool,
+    /// Retention by age, RabbitMQ's `x-max-age`: a whole number and a unit (`Y`, `M`, `D`,
+    /// `h`, `m` or `s`), e.g. `7D`.
+    pub max_age: String,
+    /// Retention by size (`x-max-length-bytes`): the oldest segments go first.
+    pub max_bytes: u64,
+}
+
+impl ArchiveSettings {
+    /// Whether `max_age` is in RabbitMQ's form.
+    pub fn max_age_is_valid(&self) -> bool {
+        let digits = self
+            .max_age
+            .trim_end_matches(['Y', 'M', 'D', 'h', 'm', 's']);
+        self.max_age.len() == digits.len() + 1
+            && !digits.is_empty()
+            && digits.bytes().all(|b| b.is_ascii_digit())
+            && digits.parse::<u64>().is_ok_and(|n| n > 0)
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -36,6 +36,16 @@ impl Settings {
             "must be between 2 and 1000",
         )?;
         check(
+            b.archive.max_age_is_valid(),
+            "broker.archive.max_age",
+            "must be a whole number > 0 and one unit: Y, M, D, h, m or s (e.g. 7D)",
+        )?;
+        check(
+            b.archive.max_bytes >= 1 << 20,
+            "broker.archive.max_bytes",
+            "must be at least 1048576 (1 MiB)",
+        )?;
+        check(
             b.confirm_timeout_ms > 0,
             "broker.confirm_timeout_ms",
             "must be > 0",
