@@ -143,3 +143,80 @@ async fn with_the_raw_queue_deleted_every_200d_request_is_still_in_the_archive()
     let queued = drain_raw_with_headers(url, &raw).await;
     assert!(!queued.is_empty());
 }
+
+/// `ingestctl replay --dry-run`: the archived requests of a range, per source and hour; a range
+/// that starts before the oldest archived request says where the archive starts, and one that
+/// ends before it is refused with that request's time.
+#[tokio::test]
+async fn replay_dry_run_counts_the_archived_requests_of_a_range_per_source() {
+    let s = settings("archive-dry");
+    let collector = Collector::start(&s).await;
+    let client = http();
+    for id in ["dry-1", "dry-2"] {
+        let r = client
+            .post_as(format!("{}/v1/batch", collector.url), IOS_KEY)
+            .json(&batch(vec![product_viewed(id)]))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    let beacon = serde_json::json!({"writeKey": WEB_KEY, "batch": [product_viewed("dry-3")]});
+    let r = client
+        .post(format!("{}/v1/batch", collector.url))
+        .header("content-type", "text/plain")
+        .body(beacon.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+
+    let dry_run = |args: &'static [&'static str]| {
+        let s = &s;
+        async move {
+            let mut all = vec!["replay", "--dry-run", "--json"];
+            all.extend_from_slice(args);
+            let (code, out) = ingestctl_async(s, &all).await;
+            assert_eq!(code, 0, "{out}");
+            serde_json::from_str::<serde_json::Value>(&out).unwrap()
+        }
+    };
+    let all = dry_run(&["--from", "-5m"]).await;
+    assert_eq!(all["requests"], 3, "{all}");
+    assert!(all["archive_starts"].is_string(), "{all}");
+    let per_source: BTreeMap<String, u64> = all["would_replay"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|row| {
+            (
+                row["source"].as_str().unwrap().to_owned(),
+                row["requests"].as_u64().unwrap(),
+            )
+        })
+        .fold(BTreeMap::new(), |mut sums, (source, n)| {
+            *sums.entry(source).or_default() += n;
+            sums
+        });
+    assert_eq!(
+        per_source,
+        BTreeMap::from([("shop-ios".to_owned(), 2), ("shop-web".to_owned(), 1)])
+    );
+    let web = dry_run(&["--from", "-5m", "--source", "shop-web"]).await;
+    assert_eq!(web["requests"], 1, "{web}");
+    let later = dry_run(&["--from", "now"]).await;
+    assert_eq!(later["requests"], 0, "{later}");
+
+    let past = std::process::Command::new(binary("ingestctl"))
+        .envs(settings_env(&s))
+        .current_dir(root())
+        .args(["replay", "--dry-run", "--from", "-1d", "--to", "-1h"])
+        .output()
+        .unwrap();
+    assert_eq!(past.status.code(), Some(3));
+    let error = String::from_utf8_lossy(&past.stderr);
+    assert!(
+        error.contains("before the oldest archived request"),
+        "{error}"
+    );
+}

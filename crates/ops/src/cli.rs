@@ -131,6 +131,25 @@ pub enum Command {
         #[command(subcommand)]
         command: DlqCommand,
     },
+    /// The archived requests of a time range (the stream `<prefix>.archive`). Only
+    /// `--dry-run` is built so far: what a replay of the range would send, per source and
+    /// per hour (issue #24).
+    Replay {
+        /// Start of the range: RFC 3339 (2026-12-06T10:00:00Z) or relative (-2h, -30m, -1d).
+        #[arg(long, allow_hyphen_values = true)]
+        from: String,
+        /// End of the range (default: now).
+        #[arg(long, default_value = "now", allow_hyphen_values = true)]
+        to: String,
+        /// Only this source (repeatable); default every source.
+        #[arg(long = "source", value_name = "NAME")]
+        sources: Vec<String>,
+        /// Count what would be replayed; send nothing.
+        #[arg(long, required = true)]
+        dry_run: bool,
+        #[arg(long)]
+        json: bool,
+    },
     /// Check payloads against the tracking plan locally.
     Schema {
         #[command(subcommand)]

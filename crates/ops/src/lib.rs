@@ -7,6 +7,7 @@ pub mod dlq;
 pub mod invalid;
 pub mod management;
 pub mod range;
+pub mod replay;
 pub mod scale;
 pub mod spool;
 pub mod table;
