@@ -339,7 +339,14 @@ fn event<'a>(cursor: &mut Cursor<'a>) -> Scan<EventFields<'a>> {
             fields.view_name = Some(bytes);
         }
     }
-    fields.unusable = match (kind, message_id) {
+    fields.unusable = unusable(kind, message_id);
+    Ok(fields)
+}
+
+/// Why the worker could not use an event, whatever the tracking plan: its `type` missing or
+/// not one it knows, its `messageId` not a string.
+fn unusable(kind: Text<'_>, message_id: Text<'_>) -> Option<(&'static str, String)> {
+    match (kind, message_id) {
         (Text::Null, _) => Some((BAD_TYPE, "has no `type`".to_owned())),
         (Text::Other, _) => Some((BAD_TYPE, "has a `type` that is not a string".to_owned())),
         (Text::Str(kind), _) if !EVENT_TYPES.contains(&kind.as_ref()) => {
@@ -357,8 +364,7 @@ fn event<'a>(cursor: &mut Cursor<'a>) -> Scan<EventFields<'a>> {
             "has a `messageId` that is not a string".to_owned(),
         )),
         _ => None,
-    };
-    Ok(fields)
+    }
 }
 
 /// An event's own `context`; an object's keys are kept, sorted, each once.

@@ -199,31 +199,13 @@ impl Topology {
             declare_archive(connection, &self.archive(), archive).await?;
         }
         let channel = connection.create_channel().await?;
-        channel
-            .exchange_declare(
-                self.ingest_exchange().into(),
-                ExchangeKind::Fanout,
-                ExchangeDeclareOptions {
-                    durable: true,
-                    ..ExchangeDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await?;
+        declare_fanout(&channel, &self.ingest_exchange()).await?;
         let mut bound = vec![self.raw()];
         if self.archive.is_some() {
             bound.push(self.archive());
         }
         for queue in bound {
-            channel
-                .queue_bind(
-                    queue.as_str().into(),
-                    self.ingest_exchange().into(),
-                    "".into(),
-                    QueueBindOptions::default(),
-                    FieldTable::default(),
-                )
-                .await?;
+            bind(&channel, &queue, &self.ingest_exchange()).await?;
         }
         let _ = channel.close(200, "".into()).await;
         Ok(())
@@ -239,31 +221,13 @@ impl Topology {
     ) -> lapin::Result<()> {
         self.declare(connection).await?;
         let channel = connection.create_channel().await?;
-        channel
-            .exchange_declare(
-                self.valid_exchange().into(),
-                ExchangeKind::Fanout,
-                ExchangeDeclareOptions {
-                    durable: true,
-                    ..ExchangeDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await?;
+        declare_fanout(&channel, &self.valid_exchange()).await?;
         for sink in sinks {
             let queue = self.sink_queue(sink);
             declare_queue(&channel, &self.sink_dlq(sink), quorum_arguments()).await?;
             let args = self.consumed_arguments(&self.sink_dlq(sink));
             declare_or_keep(connection, &queue, args, vec![quorum_arguments()]).await?;
-            channel
-                .queue_bind(
-                    queue.as_str().into(),
-                    self.valid_exchange().into(),
-                    "".into(),
-                    QueueBindOptions::default(),
-                    FieldTable::default(),
-                )
-                .await?;
+            bind(&channel, &queue, &self.valid_exchange()).await?;
             for delay in retry_delays {
                 let mut args = quorum_arguments();
                 let ttl = i64::try_from(delay.as_millis()).unwrap_or(i64::MAX);
@@ -282,6 +246,35 @@ impl Topology {
         let _ = channel.close(200, "".into()).await;
         Ok(())
     }
+}
+
+/// Declares a durable fanout exchange.
+async fn declare_fanout(channel: &Channel, exchange: &str) -> lapin::Result<()> {
+    let options = ExchangeDeclareOptions {
+        durable: true,
+        ..ExchangeDeclareOptions::default()
+    };
+    channel
+        .exchange_declare(
+            exchange.into(),
+            ExchangeKind::Fanout,
+            options,
+            FieldTable::default(),
+        )
+        .await
+}
+
+/// Binds `queue` to the fanout `exchange`.
+async fn bind(channel: &Channel, queue: &str, exchange: &str) -> lapin::Result<()> {
+    channel
+        .queue_bind(
+            queue.into(),
+            exchange.into(),
+            "".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
 }
 
 /// Declares a durable queue with `arguments` on a channel of its own: a refused declare closes

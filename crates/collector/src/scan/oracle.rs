@@ -6,20 +6,21 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 
 use ingest_pipeline::built;
-use ingest_pipeline::message::{RefusedEvent, EVENT_TYPES};
+use ingest_pipeline::message::RefusedEvent;
 use serde::de::{DeserializeSeed, Error as _, MapAccess, SeqAccess, Visitor};
 use serde_json::value::RawValue;
 
 use super::{
-    starts_with_object, Batch, EventFields, Key, OwnContext, Refused, Scanned, BAD_MESSAGE_ID,
-    BAD_TYPE, MAX_DEPTH, NOT_AN_OBJECT, RAW_VALUE_TOKEN,
+    starts_with_object, Batch, EventFields, Key, OwnContext, Refused, Scanned, MAX_DEPTH,
+    NOT_AN_OBJECT, RAW_VALUE_TOKEN,
 };
 use crate::error::CaptureError;
 use crate::limits::Limits;
 
 mod values;
 
-use values::{Any, ContextKeys, NotNull, Text, TextSeed};
+use super::Text;
+use values::{Any, ContextKeys, NotNull, TextSeed};
 
 /// Parses `json` (a whole body, known to be UTF-8) in one pass. `batch` reads the batch
 /// fields; otherwise only `writeKey` is picked up. Duplicate `writeKey`, `batch`, `context`,
@@ -367,25 +368,7 @@ impl<'de> Visitor<'de> for Event<'_> {
                 fields.view_name = Some(raw.get().len());
             }
         }
-        fields.unusable = match (kind, message_id) {
-            (Text::Null, _) => Some((BAD_TYPE, "has no `type`".to_owned())),
-            (Text::Other, _) => Some((BAD_TYPE, "has a `type` that is not a string".to_owned())),
-            (Text::Str(kind), _) if !EVENT_TYPES.contains(&kind.as_ref()) => {
-                let shown: String = kind.chars().take(40).collect();
-                Some((
-                    BAD_TYPE,
-                    format!(
-                        "has the unknown `type` {shown:?} (expected one of {})",
-                        EVENT_TYPES.join(", ")
-                    ),
-                ))
-            }
-            (_, Text::Other) => Some((
-                BAD_MESSAGE_ID,
-                "has a `messageId` that is not a string".to_owned(),
-            )),
-            _ => None,
-        };
+        fields.unusable = super::unusable(kind, message_id);
         Ok(fields)
     }
 }

@@ -8,7 +8,7 @@ use std::borrow::Cow;
 use serde::de::{DeserializeSeed, MapAccess, SeqAccess, Visitor};
 
 use super::*;
-use crate::scan::Key;
+use crate::scan::{Key, Text};
 
 impl<'de> serde::Deserialize<'de> for Key<'de> {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
@@ -99,13 +99,6 @@ impl<'de> Visitor<'de> for ContextKeys<'_> {
         keys.dedup();
         Ok(OwnContext::Object(keys))
     }
-}
-
-/// A field that should be a string: its text, `null`, or anything else (parsed all the same).
-pub(super) enum Text<'a> {
-    Null,
-    Str(Cow<'a, str>),
-    Other,
 }
 
 pub(super) struct TextSeed<'s>(pub(super) Any<'s>);
