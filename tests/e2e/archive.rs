@@ -10,6 +10,18 @@ use super::fixtures::*;
 
 const QUIET: Duration = Duration::from_secs(3);
 
+/// A `sendBeacon` body: the web key in the body, sent as text/plain.
+async fn post_beacon(client: &reqwest::Client, collector: &str, id: &str) -> reqwest::Response {
+    let beacon = serde_json::json!({"writeKey": WEB_KEY, "batch": [product_viewed(id)]});
+    client
+        .post(format!("{collector}/v1/batch"))
+        .header("content-type", "text/plain")
+        .body(beacon.to_string())
+        .send()
+        .await
+        .unwrap()
+}
+
 #[tokio::test]
 async fn every_request_the_collector_takes_is_in_the_raw_queue_and_the_archive() {
     let s = settings("archive");
@@ -20,21 +32,9 @@ async fn every_request_the_collector_takes_is_in_the_raw_queue_and_the_archive()
     let archive = format!("{}.archive", s.broker.prefix);
 
     let batch_body = batch(vec![product_viewed("ar-1"), screen("ar-2")]);
-    let r = client
-        .post_as(format!("{}/v1/batch", collector.url), IOS_KEY)
-        .json(&batch_body)
-        .send()
-        .await
-        .unwrap();
+    let r = post_batch(&client, &collector.url, &batch_body).await;
     assert_eq!(r.status(), 200);
-    let beacon = serde_json::json!({"writeKey": WEB_KEY, "batch": [product_viewed("ar-3")]});
-    let r = client
-        .post(format!("{}/v1/batch", collector.url))
-        .header("content-type", "text/plain")
-        .body(beacon.to_string())
-        .send()
-        .await
-        .unwrap();
+    let r = post_beacon(&client, &collector.url, "ar-3").await;
     assert_eq!(r.status(), 200);
     let zipped = gzip(product_viewed("ar-4").to_string().as_bytes());
     let r = client
@@ -153,22 +153,10 @@ async fn replay_dry_run_counts_the_archived_requests_of_a_range_per_source() {
     let collector = Collector::start(&s).await;
     let client = http();
     for id in ["dry-1", "dry-2"] {
-        let r = client
-            .post_as(format!("{}/v1/batch", collector.url), IOS_KEY)
-            .json(&batch(vec![product_viewed(id)]))
-            .send()
-            .await
-            .unwrap();
+        let r = post_batch(&client, &collector.url, &batch(vec![product_viewed(id)])).await;
         assert_eq!(r.status(), 200);
     }
-    let beacon = serde_json::json!({"writeKey": WEB_KEY, "batch": [product_viewed("dry-3")]});
-    let r = client
-        .post(format!("{}/v1/batch", collector.url))
-        .header("content-type", "text/plain")
-        .body(beacon.to_string())
-        .send()
-        .await
-        .unwrap();
+    let r = post_beacon(&client, &collector.url, "dry-3").await;
     assert_eq!(r.status(), 200);
 
     let dry_run = |args: &'static [&'static str]| {

@@ -371,6 +371,24 @@ pub async fn drain_raw_with_headers(
     }
 }
 
+/// A message's string headers.
+fn string_headers(
+    properties: &lapin::BasicProperties,
+) -> std::collections::BTreeMap<String, String> {
+    let mut headers = std::collections::BTreeMap::new();
+    if let Some(table) = properties.headers() {
+        for (k, v) in table.inner() {
+            if let lapin::types::AMQPValue::LongString(s) = v {
+                headers.insert(
+                    k.to_string(),
+                    String::from_utf8_lossy(s.as_bytes()).into_owned(),
+                );
+            }
+        }
+    }
+    headers
+}
+
 async fn drain_into(
     ch: &lapin::Channel,
     queue: &str,
@@ -380,18 +398,10 @@ async fn drain_into(
         .basic_get(queue.into(), BasicGetOptions::default())
         .await?
     {
-        let mut headers = std::collections::BTreeMap::new();
-        if let Some(table) = m.delivery.properties.headers() {
-            for (k, v) in table.inner() {
-                if let lapin::types::AMQPValue::LongString(s) = v {
-                    headers.insert(
-                        k.to_string(),
-                        String::from_utf8_lossy(s.as_bytes()).into_owned(),
-                    );
-                }
-            }
-        }
-        out.push((headers, m.delivery.data.clone()));
+        out.push((
+            string_headers(&m.delivery.properties),
+            m.delivery.data.clone(),
+        ));
         m.delivery.ack(BasicAckOptions::default()).await?;
     }
     Ok(())
@@ -545,18 +555,7 @@ pub async fn read_stream(
         let Ok(Some(Ok(delivery))) = tokio::time::timeout(quiet, consumer.next()).await else {
             break;
         };
-        let mut headers = std::collections::BTreeMap::new();
-        if let Some(table) = delivery.properties.headers() {
-            for (k, v) in table.inner() {
-                if let lapin::types::AMQPValue::LongString(s) = v {
-                    headers.insert(
-                        k.to_string(),
-                        String::from_utf8_lossy(s.as_bytes()).into_owned(),
-                    );
-                }
-            }
-        }
-        out.push((headers, delivery.data.clone()));
+        out.push((string_headers(&delivery.properties), delivery.data.clone()));
         delivery.ack(BasicAckOptions::default()).await.unwrap();
     }
     let _ = conn.close(200, "".into()).await;

@@ -263,22 +263,7 @@ fn events<'a>(cursor: &mut Cursor<'a>, limits: &Limits) -> Scan<Option<Batch<'a>
         }
         let mut fields = event(cursor)?;
         fields.bytes = cursor.at - start;
-        // After the parse: an event wrong in its JSON is a 400 whatever its size.
-        let refusal = if fields.bytes > limits.max_event_bytes {
-            let limit = limits.max_event_bytes;
-            Some((
-                RefusedEvent::TOO_LARGE,
-                CaptureError::EventTooLarge { index, limit },
-            ))
-        } else {
-            fields.unusable.as_ref().map(|(code, why)| {
-                (
-                    *code,
-                    CaptureError::BadRequest(format!("batch[{index}] {why}")),
-                )
-            })
-        };
-        if let Some((code, refusal)) = refusal {
+        if let Some((code, refusal)) = refusal_of(&fields, index, limits) {
             if !limits.partial_batches {
                 return Err(Stop::refused(refusal));
             }
@@ -293,6 +278,28 @@ fn events<'a>(cursor: &mut Cursor<'a>, limits: &Limits) -> Scan<Option<Batch<'a>
         Ok(())
     })?;
     Ok(Some(batch))
+}
+
+/// Why a batch event is refused, if it is: over `max_event_bytes`, or unusable by the worker.
+/// Decided after its parse: an event wrong in its JSON is a 400 whatever its size.
+fn refusal_of(
+    fields: &EventFields<'_>,
+    index: usize,
+    limits: &Limits,
+) -> Option<(&'static str, CaptureError)> {
+    if fields.bytes > limits.max_event_bytes {
+        let limit = limits.max_event_bytes;
+        return Some((
+            RefusedEvent::TOO_LARGE,
+            CaptureError::EventTooLarge { index, limit },
+        ));
+    }
+    fields.unusable.as_ref().map(|(code, why)| {
+        (
+            *code,
+            CaptureError::BadRequest(format!("batch[{index}] {why}")),
+        )
+    })
 }
 
 /// One batch event, three containers deep (the body, the batch, the event); its `bytes` are

@@ -76,11 +76,6 @@ impl Topology {
         format!("{}.archive", self.prefix)
     }
 
-    /// Whether this topology declares and feeds the archive.
-    pub fn archives(&self) -> bool {
-        self.archive.is_some()
-    }
-
     /// Raw payloads that reached the delivery limit (workers kept failing on them), with
     /// RabbitMQ's `x-death` header.
     pub fn raw_dlq(&self) -> String {
@@ -195,17 +190,13 @@ impl Topology {
     /// bound to it too. Bindings are only ever added: a service with the archive off leaves an
     /// archive that another declared in place.
     async fn declare_ingest(&self, connection: &Connection) -> lapin::Result<()> {
+        let exchange = self.ingest_exchange();
+        let channel = connection.create_channel().await?;
+        declare_fanout(&channel, &exchange).await?;
+        bind(&channel, &self.raw(), &exchange).await?;
         if let Some(archive) = &self.archive {
             declare_archive(connection, &self.archive(), archive).await?;
-        }
-        let channel = connection.create_channel().await?;
-        declare_fanout(&channel, &self.ingest_exchange()).await?;
-        let mut bound = vec![self.raw()];
-        if self.archive.is_some() {
-            bound.push(self.archive());
-        }
-        for queue in bound {
-            bind(&channel, &queue, &self.ingest_exchange()).await?;
+            bind(&channel, &self.archive(), &exchange).await?;
         }
         let _ = channel.close(200, "".into()).await;
         Ok(())
@@ -322,7 +313,7 @@ async fn declare_or_keep(
 
 /// The arguments of the archive stream: its type, its retention, and segments small enough for
 /// retention by size to act (a stream drops whole segments, never the one being written).
-pub fn archive_arguments(archive: &ArchiveSettings) -> FieldTable {
+fn archive_arguments(archive: &ArchiveSettings) -> FieldTable {
     let mut args = FieldTable::default();
     args.insert("x-queue-type".into(), long_string("stream"));
     args.insert("x-max-age".into(), long_string(&archive.max_age));

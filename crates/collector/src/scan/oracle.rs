@@ -6,7 +6,6 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 
 use ingest_pipeline::built;
-use ingest_pipeline::message::RefusedEvent;
 use serde::de::{DeserializeSeed, Error as _, MapAccess, SeqAccess, Visitor};
 use serde_json::value::RawValue;
 
@@ -270,21 +269,8 @@ impl<'de> Visitor<'de> for Events<'_> {
                 .deserialize(&mut deserializer)
                 .and_then(|fields| deserializer.end().map(|()| fields))
                 .map_err(A::Error::custom)?;
-            // After the parse: an event wrong in its JSON is a 400 whatever its size.
-            let refusal = if json.len() > limits.max_event_bytes {
-                let limit = limits.max_event_bytes;
-                Some((
-                    RefusedEvent::TOO_LARGE,
-                    CaptureError::EventTooLarge { index, limit },
-                ))
-            } else {
-                fields.unusable.as_ref().map(|(code, why)| {
-                    (
-                        *code,
-                        CaptureError::BadRequest(format!("batch[{index}] {why}")),
-                    )
-                })
-            };
+            // `fields.bytes` is the element's length as sent.
+            let refusal = super::refusal_of(&fields, index, limits);
             if let Some((code, refusal)) = refusal {
                 if !limits.partial_batches {
                     return Err(refuse(self.refusal, refusal));
