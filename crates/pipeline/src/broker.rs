@@ -76,6 +76,13 @@ impl Topology {
         format!("{}.archive", self.prefix)
     }
 
+    /// Archived requests `ingestctl replay` sends through the pipeline again: a lane of their
+    /// own, which workers consume beside the raw queue with a smaller prefetch
+    /// (`worker.replay_prefetch`), so a backfill takes a smaller share than live traffic.
+    pub fn replay(&self) -> String {
+        format!("{}.replay", self.prefix)
+    }
+
     /// Raw payloads that reached the delivery limit (workers kept failing on them), with
     /// RabbitMQ's `x-death` header.
     pub fn raw_dlq(&self) -> String {
@@ -88,7 +95,7 @@ impl Topology {
     }
 
     pub fn all_queues(&self) -> Vec<String> {
-        vec![self.raw(), self.invalid(), self.raw_dlq()]
+        vec![self.raw(), self.replay(), self.invalid(), self.raw_dlq()]
     }
 
     /// Valid events, one message per raw delivery, fanned out to every sink's queue.
@@ -156,6 +163,8 @@ impl Topology {
                 args.insert("x-overflow".into(), long_string("reject-publish"));
             }
         }
+        // The replay lane: like the raw queue (its cap makes a replay wait, not grow the broker).
+        declare_alone(connection, &self.replay(), raw.clone()).await?;
         // Earlier releases: the cap without the delivery limit, and before that neither.
         let kept = declare_or_keep(
             connection,
@@ -499,7 +508,10 @@ mod tests {
         let t = Topology::new("t1");
         assert_eq!(t.raw(), "t1.raw");
         assert_eq!(t.invalid(), "t1.invalid");
-        assert_eq!(t.all_queues(), vec!["t1.raw", "t1.invalid", "t1.raw.dlq"]);
+        assert_eq!(
+            t.all_queues(),
+            vec!["t1.raw", "t1.replay", "t1.invalid", "t1.raw.dlq"]
+        );
         assert_eq!(t.valid_exchange(), "t1.valid");
         assert_eq!(
             t.sink_queues(

@@ -50,8 +50,15 @@ pub mod headers {
     /// Invalid record: the request it came from.
     pub const REQUEST_ID: &str = "request_id";
     /// A message `ingestctl dlq replay` sent back: the queue it came from (`invalid`, `dlq`,
-    /// `raw.dlq`).
+    /// `raw.dlq`); or an archived request `ingestctl replay` sent to the replay lane
+    /// (`archive`).
     pub const REPLAYED: &str = "x-replayed";
+    /// Replayed request: when `ingestctl replay` sent it (RFC 3339, milliseconds, UTC); the
+    /// replay lane's lag is counted from it.
+    pub const REPLAYED_AT: &str = "x-replayed-at";
+    /// Replayed request: the sinks it goes to, comma-separated. Without it, every sink but
+    /// statsd (a replay would count its events twice there).
+    pub const REPLAY_SINKS: &str = "x-replay-sinks";
     /// The broker's own dead-letter records start with these (`x-death`,
     /// `x-first-death-reason`, …).
     pub const DEATH_PREFIXES: [&str; 3] = ["x-death", "x-first-death", "x-last-death"];
@@ -324,6 +331,61 @@ pub fn invalid_headers(reason: &str, source: &str, request_id: &str) -> FieldTab
 /// Marks a message `ingestctl dlq replay` sends back with the queue it came from.
 pub fn mark_replayed(table: &mut FieldTable, from: &str) {
     table.insert(headers::REPLAYED.into(), long_string(from));
+}
+
+/// What [`headers::REPLAYED`] says of an archived request sent to the replay lane.
+pub const FROM_ARCHIVE: &str = "archive";
+
+/// The sink of a replay only when named: its counters would count the events twice.
+pub const STATSD_SINK: &str = "statsd";
+
+/// Marks an archived request's headers for the replay lane: replayed from the archive at
+/// `at`, to `sinks` (`None`: every sink but statsd).
+pub fn mark_from_archive(table: &mut FieldTable, at: DateTime<Utc>, sinks: Option<&[String]>) {
+    mark_replayed(table, FROM_ARCHIVE);
+    table.insert(
+        headers::REPLAYED_AT.into(),
+        long_string(&at.to_rfc3339_opts(SecondsFormat::Millis, true)),
+    );
+    if let Some(sinks) = sinks {
+        table.insert(headers::REPLAY_SINKS.into(), long_string(&sinks.join(",")));
+    }
+}
+
+/// What the replay lane knows of a request `ingestctl replay` sent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Replayed {
+    /// When it was sent, if readable.
+    pub at: Option<DateTime<Utc>>,
+    /// The sinks it goes to; `None`: every sink but statsd.
+    pub sinks: Option<Vec<String>>,
+}
+
+impl Replayed {
+    /// `None` for a message not replayed from the archive.
+    pub fn read(table: Option<&FieldTable>) -> Option<Self> {
+        if header_str(table, headers::REPLAYED) != Some(FROM_ARCHIVE) {
+            return None;
+        }
+        let at = header_str(table, headers::REPLAYED_AT)
+            .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
+            .map(|t| t.with_timezone(&Utc));
+        let sinks = header_str(table, headers::REPLAY_SINKS).map(|list| {
+            list.split(',')
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned)
+                .collect()
+        });
+        Some(Self { at, sinks })
+    }
+
+    /// Whether the request's events go to the sink named `sink`.
+    pub fn goes_to(&self, sink: &str) -> bool {
+        match &self.sinks {
+            Some(sinks) => sinks.iter().any(|s| s == sink),
+            None => sink != STATSD_SINK,
+        }
+    }
 }
 
 /// Whether a header is one of the broker's dead-letter records.

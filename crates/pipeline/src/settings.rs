@@ -227,6 +227,10 @@ pub struct WorkerSettings {
     pub schemas_dir: PathBuf,
     pub unknown_events: UnknownEventPolicy,
     pub prefetch: u16,
+    /// Unacked deliveries of the replay lane (`<prefix>.replay`) a worker holds beside
+    /// `prefetch`: the replay's share of the worker while both lanes have work; 0 = this worker
+    /// does not take replays.
+    pub replay_prefetch: u16,
     pub max_payload_bytes: usize,
     pub max_payload_events: usize,
     /// Bytes a delivery's events may come to once built (batch fields merged into each); a

@@ -5,12 +5,20 @@
 //! ([`Fanout`]), and it is acked once all of that is done, in tag order with `multiple`
 //! ([`Acks`]). Each sink's own queue (its spill and retry path) is consumed beside it by the
 //! sink's runner.
+//!
+//! The replay lane (`<prefix>.replay`, archived requests `ingestctl replay` sends again) is
+//! consumed on a channel of its own with `worker.replay_prefetch`: while both lanes have work,
+//! a replay holds that many deliveries against the live queue's `prefetch`, so it takes the
+//! smaller share; alone, it takes the whole worker. A replayed request goes to the sinks it
+//! names (every sink but statsd when it names none), and its age counts in no live lag.
 
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::stream::{self, BoxStream};
 use futures_util::{FutureExt as _, StreamExt as _};
+use ingest_pipeline::message::Replayed;
 use ingest_pipeline::{broker, Settings};
 use lapin::message::Delivery;
 use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
@@ -112,11 +120,35 @@ pub(crate) async fn session(
         BasicConsumeOptions::default(),
         FieldTable::default(),
     );
-    let mut consumer = step("consuming the raw queue", consuming).await?;
-    tracing::info!(queue = %topology.raw(), prefetch = settings.worker.prefetch, sinks = ?names, "consuming");
+    let live = step("consuming the raw queue", consuming).await?;
+    let replay_prefetch = settings.worker.replay_prefetch;
+    let replay = match replay_prefetch {
+        0 => None,
+        _ => {
+            let channel = step("opening the replay channel", connection.create_channel()).await?;
+            let qos = channel.basic_qos(replay_prefetch, BasicQosOptions::default());
+            step("setting the replay prefetch", qos).await?;
+            let consuming = channel.basic_consume(
+                topology.replay().into(),
+                tag.as_str().into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            );
+            let consumer = step("consuming the replay lane", consuming).await?;
+            Some((channel, consumer))
+        }
+    };
+    tracing::info!(queue = %topology.raw(), prefetch = settings.worker.prefetch, replay_prefetch, sinks = ?names, "consuming");
     context.health.set_consuming(true);
 
-    let mut acks = Acks::new(channel.clone(), settings.worker.prefetch);
+    let mut acks = LaneAcks {
+        live: Acks::new(channel.clone(), settings.worker.prefetch),
+        replay: replay
+            .as_ref()
+            .map(|(channel, _)| Acks::new(channel.clone(), replay_prefetch)),
+    };
+    let replay_channel = replay.as_ref().map(|(channel, _)| channel.clone());
+    let mut consumer = merged(live, replay.map(|(_, consumer)| consumer));
     let mut tasks = JoinSet::new();
     let mut health = tokio::time::interval(Duration::from_secs(1));
     // Finished deliveries held behind an unfinished one are acked alone after `acks::HOLD`.
@@ -150,20 +182,24 @@ pub(crate) async fn session(
                     }));
                 }
             }
-            _ = overdue.tick(), if acks.waiting() > 0 => {
+            _ = overdue.tick(), if acks.waiting() => {
                 if let Err(error) = acks.ack_overdue().await {
                     tracing::warn!(%error, "cannot ack: the channel is gone");
                     break true;
                 }
             }
             next = consumer.next() => match next {
-                Some(Ok(delivery)) => {
+                Some((lane, Some(Ok(delivery)))) => {
                     let delivery_tag = delivery.delivery_tag;
-                    let work = handle(delivery, context.clone(), shared.clone());
-                    tasks.spawn(async move { (delivery_tag, settled_on_panic(work).await) });
+                    let work = handle(lane, delivery, context.clone(), shared.clone());
+                    tasks.spawn(async move { (lane, delivery_tag, settled_on_panic(work).await) });
                 }
-                Some(Err(error)) => {
-                    tracing::warn!(%error, "consumer failed");
+                Some((lane, Some(Err(error)))) => {
+                    tracing::warn!(%error, ?lane, "consumer failed");
+                    break true;
+                }
+                Some((lane, None)) => {
+                    tracing::warn!(?lane, "the broker ended the consumer");
                     break true;
                 }
                 None => break true,
@@ -177,8 +213,10 @@ pub(crate) async fn session(
     };
     context.health.set_consuming(false);
     if !lost {
-        let cancel = channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default());
-        let _ = tokio::time::timeout(BROKER_CALL_TIMEOUT, cancel).await;
+        for channel in std::iter::once(&channel).chain(&replay_channel) {
+            let cancel = channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default());
+            let _ = tokio::time::timeout(BROKER_CALL_TIMEOUT, cancel).await;
+        }
     }
     let in_hand = tasks.len();
     // A lost session settles little: what it holds returns to its queue when the connection
@@ -250,28 +288,79 @@ pub(crate) async fn session(
 /// Settles a finished delivery and every other one already finished, so that one `multiple`
 /// ack covers them all; `false` if the channel is gone.
 async fn settle_joined(
-    acks: &mut Acks,
-    first: Result<(u64, Settled), tokio::task::JoinError>,
-    tasks: &mut JoinSet<(u64, Settled)>,
+    acks: &mut LaneAcks,
+    first: Result<(Lane, u64, Settled), tokio::task::JoinError>,
+    tasks: &mut JoinSet<(Lane, u64, Settled)>,
 ) -> bool {
     let mut finished = vec![first];
     while let Some(more) = tasks.try_join_next() {
         finished.push(more);
     }
-    let mut settled = Vec::with_capacity(finished.len());
+    let (mut live, mut replay) = (Vec::with_capacity(finished.len()), Vec::new());
     for joined in finished {
         match joined {
-            Ok(done) => settled.push(done),
+            Ok((Lane::Live, tag, settled)) => live.push((tag, settled)),
+            Ok((Lane::Replay, tag, settled)) => replay.push((tag, settled)),
             // Only an abort gets here (a panic is caught in the task): the channel's close
             // returns the delivery.
             Err(error) => tracing::warn!(%error, "a delivery task ended without settling"),
         }
     }
-    match acks.settle_all(settled).await {
+    let mut sent = acks.live.settle_all(live).await;
+    if let (Some(acks), false) = (&mut acks.replay, replay.is_empty()) {
+        sent = sent.and(acks.settle_all(replay).await);
+    }
+    match sent {
         Ok(()) => true,
         Err(error) => {
             tracing::warn!(%error, "cannot ack: the channel is gone");
             false
+        }
+    }
+}
+
+/// The queue a delivery came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Lane {
+    /// The raw queue: what the collectors take.
+    Live,
+    /// The replay lane: archived requests sent again.
+    Replay,
+}
+
+/// Each lane's deliveries with the lane; `None` once a consumer ended (the session ends too).
+type Deliveries = BoxStream<'static, (Lane, Option<lapin::Result<Delivery>>)>;
+
+/// Both consumers as one stream.
+fn merged(live: lapin::Consumer, replay: Option<lapin::Consumer>) -> Deliveries {
+    let lane = |lane: Lane, consumer: lapin::Consumer| {
+        consumer
+            .map(move |next| (lane, Some(next)))
+            .chain(stream::once(async move { (lane, None) }))
+    };
+    match replay {
+        Some(replay) => stream::select(lane(Lane::Live, live), lane(Lane::Replay, replay)).boxed(),
+        None => lane(Lane::Live, live).boxed(),
+    }
+}
+
+/// Each consuming channel's ack tracker (their delivery tags are their own).
+struct LaneAcks {
+    live: Acks,
+    replay: Option<Acks>,
+}
+
+impl LaneAcks {
+    /// Whether a finished delivery waits behind an unfinished one on either channel.
+    fn waiting(&self) -> bool {
+        self.live.waiting() > 0 || self.replay.as_ref().is_some_and(|a| a.waiting() > 0)
+    }
+
+    async fn ack_overdue(&mut self) -> lapin::Result<()> {
+        self.live.ack_overdue().await?;
+        match &mut self.replay {
+            Some(replay) => replay.ack_overdue().await,
+            None => Ok(()),
         }
     }
 }
@@ -299,8 +388,20 @@ pub async fn settled_on_panic(work: impl Future<Output = Settled>) -> Settled {
     }
 }
 
-async fn handle(delivery: Delivery, context: Arc<Context>, session: Arc<Session>) -> Settled {
-    let outcome = process::process(
+async fn handle(
+    lane: Lane,
+    delivery: Delivery,
+    context: Arc<Context>,
+    session: Arc<Session>,
+) -> Settled {
+    // A request put on the replay lane by hand, without the marks, goes where a replay does.
+    let replayed = (lane == Lane::Replay).then(|| {
+        Replayed::read(delivery.properties.headers().as_ref()).unwrap_or(Replayed {
+            at: None,
+            sinks: None,
+        })
+    });
+    let mut outcome = process::process(
         &context.registry,
         &delivery.properties,
         &delivery.data,
@@ -310,14 +411,43 @@ async fn handle(delivery: Delivery, context: Arc<Context>, session: Arc<Session>
     let (valid, invalid) = (outcome.valid.len(), outcome.invalid.len());
     metrics::counter!("worker_events_total", "result" => "valid").increment(valid as u64);
     metrics::counter!("worker_events_total", "result" => "invalid").increment(invalid as u64);
-    let waited = chrono::Utc::now().signed_duration_since(outcome.meta.received_at);
-    metrics::histogram!("worker_queue_lag_seconds")
-        .record(waited.num_milliseconds().max(0) as f64 / 1000.0);
+    let since = |time: chrono::DateTime<chrono::Utc>| {
+        let waited = chrono::Utc::now().signed_duration_since(time);
+        waited.num_milliseconds().max(0) as f64 / 1000.0
+    };
+    match &replayed {
+        None => {
+            metrics::histogram!("worker_queue_lag_seconds").record(since(outcome.meta.received_at))
+        }
+        Some(replayed) => {
+            metrics::counter!("worker_replayed_events_total", "result" => "valid")
+                .increment(valid as u64);
+            metrics::counter!("worker_replayed_events_total", "result" => "invalid")
+                .increment(invalid as u64);
+            if let Some(at) = replayed.at {
+                metrics::histogram!("worker_replay_lag_seconds").record(since(at));
+            }
+            outcome.valid.iter_mut().for_each(Event::mark_replayed);
+        }
+    }
+    // A replay to named sinks (a backfill) leaves the invalid queue alone: what it refuses
+    // was kept when first seen. A replay to every sink keeps it again, with today's errors.
+    let keep_invalid = replayed.as_ref().is_none_or(|r| r.sinks.is_none());
     let events: Vec<Arc<Event>> = outcome.valid.into_iter().map(Arc::new).collect();
     let stored = async {
-        context.invalid.keep(&*session.out, outcome.invalid).await?;
+        if keep_invalid {
+            context.invalid.keep(&*session.out, outcome.invalid).await?;
+        }
         if !events.is_empty() {
-            session.fanout.deliver(&events).await?;
+            match &replayed {
+                None => session.fanout.deliver(&events).await?,
+                Some(replayed) => {
+                    session
+                        .fanout
+                        .deliver_to(&events, |sink| replayed.goes_to(sink))
+                        .await?
+                }
+            }
         }
         Ok::<(), String>(())
     }

@@ -198,3 +198,29 @@ fn the_single_event_endpoints_are_the_event_types() {
         assert_eq!(Endpoint::parse(kind).map(Endpoint::as_str), Some(kind));
     }
 }
+
+#[test]
+fn a_replayed_request_names_its_sinks_or_goes_to_all_but_statsd() {
+    let at = DateTime::parse_from_rfc3339("2026-12-06T10:00:00.250Z")
+        .expect("a time")
+        .with_timezone(&Utc);
+    let mut table = FieldTable::default();
+    assert_eq!(Replayed::read(Some(&table)), None);
+    mark_replayed(&mut table, "invalid");
+    assert_eq!(Replayed::read(Some(&table)), None, "a dlq replay is not");
+
+    let mut table = FieldTable::default();
+    mark_from_archive(&mut table, at, None);
+    let replayed = Replayed::read(Some(&table)).expect("replayed");
+    assert_eq!(replayed.at, Some(at));
+    assert!(replayed.goes_to("mongo") && replayed.goes_to("crm"));
+    assert!(!replayed.goes_to(STATSD_SINK));
+
+    let named = ["crm".to_owned(), STATSD_SINK.to_owned()];
+    let mut table = FieldTable::default();
+    mark_from_archive(&mut table, at, Some(&named));
+    let replayed = Replayed::read(Some(&table)).expect("replayed");
+    assert_eq!(replayed.sinks.as_deref(), Some(&named[..]));
+    assert!(replayed.goes_to("crm") && replayed.goes_to(STATSD_SINK));
+    assert!(!replayed.goes_to("mongo"));
+}

@@ -57,7 +57,7 @@ impl SinksSettings {
             names.push("mongo".to_owned());
         }
         if self.statsd.is_some() {
-            names.push("statsd".to_owned());
+            names.push(crate::message::STATSD_SINK.to_owned());
         }
         names.extend(self.http.iter().map(|h| h.name.clone()));
         names

@@ -133,9 +133,18 @@ impl Fanout {
     /// own queue. `Err` means at least one sink has neither: the caller returns the delivery
     /// to its queue (the sinks that had it get it again: at least once).
     pub async fn deliver(&self, events: &[Arc<Event>]) -> Result<(), String> {
+        self.deliver_to(events, |_| true).await
+    }
+
+    /// [`deliver`](Self::deliver) to the sinks whose name `to` takes only (a replay's sinks).
+    pub async fn deliver_to(
+        &self,
+        events: &[Arc<Event>],
+        to: impl Fn(&str) -> bool,
+    ) -> Result<(), String> {
         let sizes: Vec<usize> = events.iter().map(|e| json_len(e)).collect();
         let mut waiting = Vec::with_capacity(self.lanes.len());
-        for (runner, lane) in &self.lanes {
+        for (runner, lane) in self.lanes.iter().filter(|(r, _)| to(r.sink.name())) {
             let (wanted, wanted_sizes): (Vec<Arc<Event>>, Vec<usize>) = events
                 .iter()
                 .zip(&sizes)

@@ -143,11 +143,13 @@ async fn store(
     out.store(queue, &body, headers).await
 }
 
-/// End-to-end lag of a delivered batch: now minus its oldest event's `receivedAt`.
+/// End-to-end lag of a delivered batch: now minus its oldest live event's `receivedAt` (a
+/// replayed event's is as old as its replay's range).
 fn record_lag(sink: &str, batch: &Batch) {
     let oldest = batch
         .events
         .iter()
+        .filter(|e| !e.is_replayed())
         .filter_map(|e| e.get_str("receivedAt"))
         .filter_map(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
         .min();

@@ -30,6 +30,8 @@ pub struct Event {
     doc: Doc,
     document: Option<RawDocumentBuf>,
     json: OnceLock<Vec<u8>>,
+    /// Taken from the replay lane: its `receivedAt` is old, so it is left out of the lags.
+    replayed: bool,
 }
 
 /// The capacity an event's JSON text starts with: the benchmark's SDK events come to 0.6–1.5 KB.
@@ -47,6 +49,7 @@ impl Event {
             doc,
             document: Some(document),
             json: OnceLock::new(),
+            replayed: false,
         }
     }
 
@@ -82,6 +85,16 @@ impl Event {
         self.doc = self.doc.detached();
     }
 
+    /// Marks the event as taken from the replay lane.
+    pub fn mark_replayed(&mut self) {
+        self.replayed = true;
+    }
+
+    /// Whether the event was taken from the replay lane (its age is not live traffic's lag).
+    pub fn is_replayed(&self) -> bool {
+        self.replayed
+    }
+
     /// The event as a `serde_json::Map`, built anew (tests and tools).
     pub fn fields(&self) -> Map<String, Value> {
         self.doc.to_map()
@@ -94,6 +107,7 @@ impl From<Doc> for Event {
             doc,
             document: None,
             json: OnceLock::new(),
+            replayed: false,
         }
     }
 }
