@@ -22,6 +22,7 @@ mod e2e {
     pub mod ops;
     pub mod ops_cluster;
     pub mod per_client;
+    pub mod replay;
     pub mod resilience;
     pub mod sink_isolation;
     pub mod sinks;

@@ -362,3 +362,63 @@ async fn a_payload_in_the_raw_dlq_is_listed_and_replayed_into_mongodb() {
     assert_eq!(depth(&url, &topology.raw_dlq()).await, 0);
     worker.stop().await;
 }
+
+/// A poison request from the replay lane dead-letters to the raw DLQ like any other; `dlq replay
+/// raw.dlq` sends it back to the replay lane with its replay marks (its sinks), not to the raw
+/// queue as live traffic (where it would reach statsd and count in the live lag).
+#[tokio::test]
+async fn a_poison_replayed_request_goes_back_to_the_replay_lane_with_its_marks() {
+    let s = settings("replaypoison");
+    let url = amqp_url();
+    let topology = Topology::from_settings(&s.broker);
+    let (conn, ch) = channel(&url).await;
+    topology.declare(&conn).await.unwrap();
+    let mut table = FieldTable::default();
+    ingest_pipeline::message::mark_from_archive(
+        &mut table,
+        chrono::Utc::now(),
+        Some(&["mongo".to_owned()]),
+    );
+    let body = json!({"batch":[{"type":"track","event":"Custom","userId":"u","messageId":"poisoned-replay"}]});
+    ch.confirm_select(Default::default()).await.unwrap();
+    ch.basic_publish(
+        "".into(),
+        topology.replay().as_str().into(),
+        BasicPublishOptions::default(),
+        body.to_string().as_bytes(),
+        lapin::BasicProperties::default().with_headers(table),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+    let _ = conn.close(200, "".into()).await;
+    fail_every_delivery(&url, &topology.replay()).await;
+    assert!(
+        eventually(PATIENCE, || async {
+            depth(&url, &topology.raw_dlq()).await == 1
+        })
+        .await
+    );
+
+    let (status, out) = ingestctl_async(&s, &["dlq", "replay", "raw.dlq"]).await;
+    assert_eq!(status, 0, "{out}");
+    assert!(out.contains("looked at 1, replayed 1"), "{out}");
+    assert_eq!(depth(&url, &topology.raw()).await, 0);
+    let back = drain_with_headers(&url, &topology.replay()).await;
+    assert_eq!(back.len(), 1);
+    let (headers, payload) = &back[0];
+    assert_eq!(payload, &body);
+    assert_eq!(
+        headers.get("x-replayed").map(String::as_str),
+        Some("archive")
+    );
+    assert_eq!(
+        headers.get("x-replay-sinks").map(String::as_str),
+        Some("mongo")
+    );
+    assert!(
+        !headers.keys().any(|k| k.starts_with("x-death")),
+        "{headers:?}"
+    );
+}

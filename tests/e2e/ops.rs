@@ -333,19 +333,6 @@ async fn dlq_replay_after_a_schema_fix_moves_invalid_events_into_mongodb() {
     worker.stop().await;
 }
 
-fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), target).unwrap();
-        }
-    }
-}
-
 #[tokio::test]
 async fn scale_sizes_workers_from_depth_target_and_per_worker_rate() {
     let s = settings("scale");

@@ -214,3 +214,17 @@ pub fn settings_env(s: &Settings) -> Vec<(String, String)> {
     env.extend(statsd.into_iter().flatten());
     env
 }
+
+/// Copies a directory tree (a tracking plan a test changes).
+pub fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 use ingestctl::Range;
 
 /// Operate the analytics ingest pipeline. Reads the same configuration as the services
@@ -131,30 +131,54 @@ pub enum Command {
         #[command(subcommand)]
         command: DlqCommand,
     },
-    /// The archived requests of a time range (the stream `<prefix>.archive`). Only
-    /// `--dry-run` is built so far: what a replay of the range would send, per source and
-    /// per hour (issue #24).
-    Replay {
-        /// Start of the range: RFC 3339 (2026-12-06T10:00:00Z) or relative (-2h, -30m, -1d).
-        #[arg(long, allow_hyphen_values = true)]
-        from: String,
-        /// End of the range (default: now).
-        #[arg(long, default_value = "now", allow_hyphen_values = true)]
-        to: String,
-        /// Only this source (repeatable); default every source.
-        #[arg(long = "source", value_name = "NAME")]
-        sources: Vec<String>,
-        /// Count what would be replayed; send nothing.
-        #[arg(long, required = true)]
-        dry_run: bool,
-        #[arg(long)]
-        json: bool,
-    },
+    /// Send the archived requests of a time range (the stream `<prefix>.archive`) through the
+    /// pipeline again, on the replay lane (`<prefix>.replay`): after a schema fix, to backfill a
+    /// new sink, after a vendor's outage. MongoDB keeps each event once; HTTP sinks get each
+    /// event's stable key; statsd only when named with --sink (its counters would count twice).
+    Replay(ReplayArgs),
     /// Check payloads against the tracking plan locally.
     Schema {
         #[command(subcommand)]
         command: SchemaCommand,
     },
+}
+
+/// `ingestctl replay`'s options.
+#[derive(Args)]
+pub struct ReplayArgs {
+    /// Start of the range: RFC 3339 (2026-12-06T10:00:00Z) or relative (-2h, -30m, -1d).
+    #[arg(long, allow_hyphen_values = true, required_unless_present_any = ["resume", "status"])]
+    pub from: Option<String>,
+    /// End of the range (default: now).
+    #[arg(long, default_value = "now", allow_hyphen_values = true)]
+    pub to: String,
+    /// Only this source (repeatable); default every source.
+    #[arg(long = "source", value_name = "NAME")]
+    pub sources: Vec<String>,
+    /// Only to this sink (repeatable); default every sink but statsd.
+    #[arg(long = "sink", value_name = "NAME")]
+    pub sinks: Vec<String>,
+    /// Count what would be replayed, per source and hour; send nothing.
+    #[arg(long, conflicts_with_all = ["resume", "status", "sinks", "rate"])]
+    pub dry_run: bool,
+    /// Events per second at most (default: as fast as the broker confirms; the workers
+    /// take the replay lane at their replay share whatever this is).
+    #[arg(long, value_name = "N")]
+    pub rate: Option<f64>,
+    /// Go on with the replay of the state file from where it stopped.
+    #[arg(long, conflicts_with_all = ["from", "sources", "sinks", "status"])]
+    pub resume: bool,
+    /// Where the replay of the state file stands, and the replay lane's depth.
+    #[arg(long, conflicts_with_all = ["from", "sources", "sinks", "rate"])]
+    pub status: bool,
+    /// The replay's state file: written as it goes, read by --resume and --status.
+    #[arg(long, default_value = "ingestctl-replay.json")]
+    pub state: PathBuf,
+    /// Without a terminal: seconds between two progress lines.
+    #[arg(long, default_value_t = 10)]
+    pub progress_every: u64,
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Subcommand)]

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use ingest_pipeline::broker::{long_string, until_taken, Policy, Publisher};
 use ingest_pipeline::message::{
-    headers, is_death_record, mark_replayed, read_batch_key, Endpoint, RequestMeta,
+    headers, is_death_record, mark_replayed, read_batch_key, Endpoint, Replayed, RequestMeta,
 };
 use ingest_pipeline::Topology;
 use ingest_schema::Registry;
@@ -187,8 +187,10 @@ pub fn plan(
 }
 
 /// A raw payload goes back as the collector published it (gzip included), without the
-/// broker's death records; the raw queue counts its deliveries afresh.
+/// broker's death records; the raw queue counts its deliveries afresh. One that came from the
+/// replay lane goes back there with its replay marks (its sinks, statsd left out).
 fn raw_back(topology: &Topology, message: &BasicGetMessage) -> (String, Vec<u8>, BasicProperties) {
+    let replayed = Replayed::read(message.delivery.properties.headers().as_ref()).is_some();
     let mut table = FieldTable::default();
     if let Some(old) = message.delivery.properties.headers() {
         for (key, value) in old.inner() {
@@ -197,9 +199,15 @@ fn raw_back(topology: &Topology, message: &BasicGetMessage) -> (String, Vec<u8>,
             }
         }
     }
-    mark_replayed(&mut table, "raw.dlq");
+    let queue = match replayed {
+        true => topology.replay(),
+        false => {
+            mark_replayed(&mut table, "raw.dlq");
+            topology.raw()
+        }
+    };
     let properties = message.delivery.properties.clone().with_headers(table);
-    (topology.raw(), message.delivery.data.clone(), properties)
+    (queue, message.delivery.data.clone(), properties)
 }
 
 /// Replays what now passes; with `dry_run`, only reports. Kept messages return to the queue

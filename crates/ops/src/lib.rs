@@ -447,6 +447,7 @@ mod tests {
             q,
             vec![
                 "a.raw",
+                "a.replay",
                 "a.invalid",
                 "a.raw.dlq",
                 "a.sink.mongo",

@@ -11,10 +11,12 @@ use ingestctl::{check_queue, pipeline_queues, queue_states, Range, Status};
 
 mod cli;
 mod dlq_command;
+mod replay_command;
 mod schema_command;
 
 use cli::{Cli, Command, SchemaCommand};
 use dlq_command::dlq;
+use replay_command::replay;
 use schema_command::schema_check;
 
 #[tokio::main]
@@ -144,19 +146,7 @@ async fn main() -> ExitCode {
                 ExitCode::from(3)
             }
         },
-        Command::Replay {
-            from,
-            to,
-            sources,
-            dry_run: _,
-            json,
-        } => match replay_dry_run(&settings, &from, &to, &sources, json).await {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(error) => {
-                eprintln!("ingestctl: {error:#}");
-                ExitCode::from(3)
-            }
-        },
+        Command::Replay(args) => replay(&settings, args).await,
         Command::Schema {
             command:
                 SchemaCommand::Check {
@@ -165,67 +155,6 @@ async fn main() -> ExitCode {
                 },
         } => schema_check(&settings, &file, reject_unknown),
     }
-}
-
-/// `ingestctl replay --dry-run`: the archived requests of the range, per source and hour.
-async fn replay_dry_run(
-    settings: &Settings,
-    from: &str,
-    to: &str,
-    sources: &[String],
-    json: bool,
-) -> anyhow::Result<()> {
-    use ingestctl::replay;
-    let now = chrono::Utc::now();
-    let from = replay::parse_time(from, now).map_err(anyhow::Error::msg)?;
-    let to = replay::parse_time(to, now).map_err(anyhow::Error::msg)?;
-    anyhow::ensure!(from <= to, "--from is after --to");
-    let stream = Topology::new(settings.broker.prefix.clone()).archive();
-    let connection = ingest_pipeline::broker::connect(&settings.broker, "ingestctl-replay")
-        .await
-        .context("cannot connect to the broker")?;
-    let counted = replay::dry_run(
-        &connection,
-        &stream,
-        from,
-        to,
-        sources,
-        Duration::from_secs(2),
-    )
-    .await;
-    let _ = connection.close(200, "".into()).await;
-    let replay::DryRun {
-        counts,
-        archive_starts,
-    } = counted?;
-    if let Some(oldest) = archive_starts {
-        eprintln!("ingestctl: the archive starts at {oldest}: nothing older is kept");
-    }
-    let total = counts
-        .values()
-        .fold((0, 0), |(r, b), t| (r + t.requests, b + t.bytes));
-    if json {
-        let rows: Vec<serde_json::Value> = counts
-            .iter()
-            .map(|((source, hour), t)| {
-                serde_json::json!({"source": source, "hour": hour, "requests": t.requests, "bytes": t.bytes})
-            })
-            .collect();
-        let answer = serde_json::json!({"from": from, "to": to, "would_replay": rows,
-            "requests": total.0, "bytes": total.1, "archive_starts": archive_starts});
-        println!("{answer}");
-        return Ok(());
-    }
-    println!("would replay, from {from} to {to}:");
-    println!(
-        "{:<24} {:<18} {:>10} {:>14}",
-        "source", "hour", "requests", "bytes"
-    );
-    for ((source, hour), t) in &counts {
-        println!("{source:<24} {hour:<18} {:>10} {:>14}", t.requests, t.bytes);
-    }
-    println!("{:<24} {:<18} {:>10} {:>14}", "total", "", total.0, total.1);
-    Ok(())
 }
 
 async fn queues(settings: &Settings, json: bool) -> ExitCode {

@@ -1,9 +1,13 @@
-//! Reading the archive stream (`<prefix>.archive`) by time range: the first part of
-//! `ingestctl replay` (issue #24), its `--dry-run`: what a replay of the range would send, per
-//! source and per hour. The stream is read from the offset of `--from` (a stream attaches by
+//! `ingestctl replay`: the archive stream (`<prefix>.archive`) read by time range. `--dry-run`
+//! counts what a replay of the range would send, per source and per hour (here); a replay
+//! sends it to the replay lane ([`run`]) and keeps where it stands in a state file
+//! ([`state`]). The stream is read from the offset of `--from` (a stream attaches by
 //! timestamp at a chunk boundary, so earlier requests can come first: they are skipped by their
 //! archived `received_at`), and the read stops at the first request past `--to`, or once the
 //! stream has nothing more to give.
+
+pub mod run;
+pub mod state;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -12,6 +16,7 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use futures_util::StreamExt;
 use ingest_pipeline::broker::{header_str, inspect_queue};
 use ingest_pipeline::message::headers;
+use ingest_pipeline::publish::PublishError;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::Connection;
@@ -85,6 +90,43 @@ pub enum ReplayError {
     PastRetention { to: String, oldest: String },
     #[error("broker: {0}")]
     Broker(#[from] lapin::Error),
+    #[error("sending to the replay lane: {0} (the state file keeps where the replay stands: --resume goes on)")]
+    Publish(PublishError),
+    #[error("the archive stopped giving requests after offset {0} while it holds later ones: stopped (--resume goes on)")]
+    Stalled(u64),
+    #[error("writing the replay state: {0}")]
+    State(#[from] std::io::Error),
+}
+
+/// The receive time of the oldest archived request.
+async fn oldest(
+    connection: &Connection,
+    stream: &str,
+    quiet: Duration,
+) -> Result<DateTime<Utc>, ReplayError> {
+    if inspect_queue(connection, stream).await?.is_none() {
+        return Err(ReplayError::NoArchive(stream.to_owned()));
+    }
+    read(
+        connection,
+        stream,
+        AMQPValue::LongString("first".into()),
+        quiet,
+        |time, _, _| (Some(time), false),
+    )
+    .await?
+    .ok_or(ReplayError::Empty)
+}
+
+/// A range that ends before the oldest archived request has nothing to read.
+fn refuse_past_retention(to: DateTime<Utc>, oldest: DateTime<Utc>) -> Result<(), ReplayError> {
+    match to < oldest {
+        true => Err(ReplayError::PastRetention {
+            to: to.to_rfc3339_opts(SecondsFormat::Secs, true),
+            oldest: oldest.to_rfc3339_opts(SecondsFormat::Millis, true),
+        }),
+        false => Ok(()),
+    }
 }
 
 /// Counts the archived requests received in `[from, to]`, of `sources` only when given. A
@@ -98,24 +140,8 @@ pub async fn dry_run(
     sources: &[String],
     quiet: Duration,
 ) -> Result<DryRun, ReplayError> {
-    if inspect_queue(connection, stream).await?.is_none() {
-        return Err(ReplayError::NoArchive(stream.to_owned()));
-    }
-    let oldest = read(
-        connection,
-        stream,
-        AMQPValue::LongString("first".into()),
-        quiet,
-        |time, _, _| (Some(time), false),
-    )
-    .await?
-    .ok_or(ReplayError::Empty)?;
-    if to < oldest {
-        return Err(ReplayError::PastRetention {
-            to: to.to_rfc3339_opts(SecondsFormat::Secs, true),
-            oldest: oldest.to_rfc3339_opts(SecondsFormat::Millis, true),
-        });
-    }
+    let oldest = oldest(connection, stream, quiet).await?;
+    refuse_past_retention(to, oldest)?;
     let mut counts = Counts::new();
     // The offset by timestamp is in seconds: a second early, then skipped by `received_at`.
     let offset = u64::try_from(from.timestamp().saturating_sub(1)).unwrap_or(0);
