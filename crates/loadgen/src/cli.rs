@@ -223,6 +223,9 @@ pub enum Command {
         /// Keep the messageId of every delivered event (GET /ids), for `account`.
         #[arg(long)]
         record_ids: bool,
+        /// Keep every delivered event's lag since its receivedAt (GET /lag, DELETE /lag).
+        #[arg(long)]
+        record_lag: bool,
     },
     /// Where a sink's events are: delivered (a receiver's GET /ids) or held in the sink's
     /// queues (every message read and left there). Exit 1 if an event of --ids is in neither.

@@ -295,12 +295,14 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             delay_ms,
             status,
             record_ids,
+            record_lag,
         } => {
             let behaviour = receiver::Behaviour {
                 delay: Duration::from_millis(delay_ms),
                 status: axum::http::StatusCode::from_u16(status)
                     .with_context(|| format!("--status {status}"))?,
                 record_ids,
+                record_lag,
             };
             receiver::serve(http, udp, behaviour).await?;
         }

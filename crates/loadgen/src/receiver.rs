@@ -5,7 +5,10 @@
 //! The webhook answers 200 at once by default. A [`Behaviour`] makes it a slow sink (answer
 //! after a delay) or a failing one (answer another status, e.g. 503); only the events of
 //! requests answered 2xx count as delivered. With `record_ids` it also keeps the `messageId`
-//! of every delivered event (`GET /ids`), so a benchmark can check that nothing was lost.
+//! of every delivered event (`GET /ids`), so a benchmark can check that nothing was lost. With
+//! `record_lag` it keeps each delivered event's end-to-end lag, its arrival here minus its
+//! `receivedAt` (the collector's receipt): `GET /lag` gives the percentiles of those since
+//! the last `DELETE /lag`.
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -27,6 +30,8 @@ pub struct Behaviour {
     pub status: StatusCode,
     /// Keeps the `messageId` of every delivered event.
     pub record_ids: bool,
+    /// Keeps every delivered event's lag since its `receivedAt`.
+    pub record_lag: bool,
 }
 
 impl Default for Behaviour {
@@ -35,6 +40,7 @@ impl Default for Behaviour {
             delay: Duration::ZERO,
             status: StatusCode::OK,
             record_ids: false,
+            record_lag: false,
         }
     }
 }
@@ -96,6 +102,53 @@ pub fn count_events(body: &[u8]) -> u64 {
 }
 
 #[derive(serde::Deserialize)]
+struct ReceivedAt {
+    #[serde(rename = "receivedAt")]
+    received_at: Option<String>,
+}
+
+/// Each event's lag in milliseconds at `now`: `now` minus its `receivedAt` (events without a
+/// readable one are skipped).
+pub fn lags_ms(body: &[u8], now: chrono::DateTime<chrono::Utc>) -> Vec<f64> {
+    let events: Vec<ReceivedAt> = serde_json::from_slice(body).unwrap_or_default();
+    events
+        .into_iter()
+        .filter_map(|e| chrono::DateTime::parse_from_rfc3339(&e.received_at?).ok())
+        .map(|at| {
+            (now - at.with_timezone(&chrono::Utc))
+                .num_microseconds()
+                .unwrap_or(0) as f64
+                / 1000.0
+        })
+        .collect()
+}
+
+/// Percentiles of the lags recorded.
+#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
+pub struct Lag {
+    pub events: usize,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+}
+
+impl Lag {
+    pub fn of(mut lags: Vec<f64>) -> Self {
+        lags.sort_by(f64::total_cmp);
+        let at = |q: f64| match lags.len() {
+            0 => 0.0,
+            n => lags[((n as f64 * q).ceil() as usize).clamp(1, n) - 1],
+        };
+        Self {
+            events: lags.len(),
+            p50_ms: at(0.50),
+            p99_ms: at(0.99),
+            max_ms: at(1.0),
+        }
+    }
+}
+
+#[derive(serde::Deserialize)]
 struct IdOnly {
     #[serde(rename = "messageId")]
     message_id: Option<String>,
@@ -117,6 +170,7 @@ struct Receiver {
     counts: Counts,
     behaviour: Behaviour,
     ids: Mutex<HashSet<String>>,
+    lags: Mutex<Vec<f64>>,
 }
 
 async fn hook(State(receiver): State<Arc<Receiver>>, body: axum::body::Bytes) -> StatusCode {
@@ -148,6 +202,14 @@ async fn hook(State(receiver): State<Arc<Receiver>>, body: axum::body::Bytes) ->
             .http_repeated_events
             .fetch_add(repeated as u64, Ordering::Relaxed);
     }
+    if behaviour.record_lag {
+        let lags = lags_ms(&body, chrono::Utc::now());
+        receiver
+            .lags
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .extend(lags);
+    }
     counts.http_requests.fetch_add(1, Ordering::Relaxed);
     counts.http_events.fetch_add(events, Ordering::Relaxed);
     counts
@@ -158,6 +220,24 @@ async fn hook(State(receiver): State<Arc<Receiver>>, body: axum::body::Bytes) ->
 
 async fn stats(State(receiver): State<Arc<Receiver>>) -> Json<Snapshot> {
     Json(receiver.counts.snapshot())
+}
+
+async fn lag(State(receiver): State<Arc<Receiver>>) -> Json<Lag> {
+    let lags = receiver
+        .lags
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone();
+    Json(Lag::of(lags))
+}
+
+async fn forget_lag(State(receiver): State<Arc<Receiver>>) -> StatusCode {
+    receiver
+        .lags
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clear();
+    StatusCode::NO_CONTENT
 }
 
 async fn ids(State(receiver): State<Arc<Receiver>>) -> Json<Vec<String>> {
@@ -179,6 +259,7 @@ pub async fn serve(
         counts: Counts::default(),
         behaviour,
         ids: Mutex::new(HashSet::new()),
+        lags: Mutex::new(Vec::new()),
     });
     if let Some(udp) = udp {
         let socket = tokio::net::UdpSocket::bind(udp).await?;
@@ -198,6 +279,7 @@ pub async fn serve(
     let app = Router::new()
         .route("/stats", get(stats))
         .route("/ids", get(ids))
+        .route("/lag", get(lag).delete(forget_lag))
         .route("/{*path}", post(hook))
         .with_state(receiver);
     let listener = tokio::net::TcpListener::bind(http).await?;
@@ -233,6 +315,21 @@ mod tests {
     fn events_are_counted_in_arrays_and_lines() {
         assert_eq!(super::count_events(br#"[{"a":1},{"b":[1,2]}]"#), 2);
         assert_eq!(super::count_events(b"{\"a\":1}\n{\"b\":2}\n"), 2);
+    }
+
+    #[test]
+    fn lags_are_read_from_received_at_and_summed_up_as_percentiles() {
+        let now = chrono::DateTime::parse_from_rfc3339("2026-12-06T10:00:01.000Z")
+            .expect("a time")
+            .with_timezone(&chrono::Utc);
+        let body = br#"[{"receivedAt":"2026-12-06T10:00:00.750Z"},{"x":1},{"receivedAt":"2026-12-06T10:00:00.000Z"}]"#;
+        assert_eq!(super::lags_ms(body, now), [250.0, 1000.0]);
+        let lag = super::Lag::of((1..=100).map(f64::from).collect());
+        assert_eq!(
+            (lag.events, lag.p50_ms, lag.p99_ms, lag.max_ms),
+            (100, 50.0, 99.0, 100.0)
+        );
+        assert_eq!(super::Lag::of(vec![]).events, 0);
     }
 
     #[test]
