@@ -373,6 +373,7 @@ async fn a_poison_replayed_request_goes_back_to_the_replay_lane_with_its_marks()
     let topology = Topology::from_settings(&s.broker);
     let (conn, ch) = channel(&url).await;
     topology.declare(&conn).await.unwrap();
+    topology.declare_replay(&conn).await.unwrap();
     let mut table = FieldTable::default();
     ingest_pipeline::message::mark_from_archive(
         &mut table,

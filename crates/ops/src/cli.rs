@@ -165,6 +165,11 @@ pub struct ReplayArgs {
     /// take the replay lane at their replay share whatever this is).
     #[arg(long, value_name = "N")]
     pub rate: Option<f64>,
+    /// How long past --to the read goes on for requests received in the range but archived
+    /// later (spooled while the broker was away): at least the longest broker outage the
+    /// collectors spooled through in the range.
+    #[arg(long, default_value = "10m", conflicts_with = "resume")]
+    pub grace: String,
     /// Go on with the replay of the state file from where it stopped.
     #[arg(long, conflicts_with_all = ["from", "sources", "sinks", "status"])]
     pub resume: bool,

@@ -60,6 +60,12 @@ pub async fn dlq(settings: &Settings, command: DlqCommand) -> anyhow::Result<Exi
             let connection = std::sync::Arc::new(
                 ingest_pipeline::broker::connect(&settings.broker, "ingestctl-replay").await?,
             );
+            if matches!(kind, DeadQueue::Raw) && !dry_run {
+                // What came from the replay lane goes back there.
+                Topology::from_settings(&settings.broker)
+                    .declare_replay(&connection)
+                    .await?;
+            }
             let channel = connection.create_channel().await?;
             let publisher = ingest_pipeline::broker::Publisher::open(connection.clone()).await?;
             let messages = dead::take(&channel, &queue, limit).await?;

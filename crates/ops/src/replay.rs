@@ -28,27 +28,7 @@ pub fn parse_time(text: &str, now: DateTime<Utc>) -> Result<DateTime<Utc>, Strin
         return Ok(now);
     }
     if let Some(relative) = text.strip_prefix('-') {
-        let unit_at = relative
-            .find(|c: char| !c.is_ascii_digit())
-            .unwrap_or(relative.len());
-        let (number, unit) = relative.split_at(unit_at);
-        let seconds = match unit {
-            "s" => 1,
-            "m" => 60,
-            "h" => 3600,
-            "d" => 86_400,
-            _ => {
-                return Err(format!(
-                    "`{text}`: the unit of a relative time is s, m, h or d"
-                ))
-            }
-        };
-        let ago = number
-            .parse::<i64>()
-            .ok()
-            .and_then(|n| n.checked_mul(seconds))
-            .and_then(chrono::TimeDelta::try_seconds)
-            .ok_or_else(|| format!("`{text}` is not a relative time like -2h"))?;
+        let ago = parse_span(relative).map_err(|e| format!("`{text}`: {e}"))?;
         return now
             .checked_sub_signed(ago)
             .ok_or_else(|| format!("`{text}` is too far back"));
@@ -58,6 +38,27 @@ pub fn parse_time(text: &str, now: DateTime<Utc>) -> Result<DateTime<Utc>, Strin
         .map_err(|error| {
             format!("`{text}` is not RFC 3339 (2026-12-06T10:00:00Z) nor relative (-2h): {error}")
         })
+}
+
+/// A span of time: a whole number and a unit (`s`, `m`, `h`, `d`): `10m`.
+pub fn parse_span(text: &str) -> Result<chrono::TimeDelta, String> {
+    let unit_at = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(unit_at);
+    let seconds = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err("the unit of a span of time is s, m, h or d (2h)".to_owned()),
+    };
+    number
+        .parse::<i64>()
+        .ok()
+        .and_then(|n| n.checked_mul(seconds))
+        .and_then(chrono::TimeDelta::try_seconds)
+        .ok_or_else(|| "not a span of time like 2h".to_owned())
 }
 
 /// Requests and their bytes as archived, for one source in one hour.
@@ -92,8 +93,10 @@ pub enum ReplayError {
     Broker(#[from] lapin::Error),
     #[error("sending to the replay lane: {0} (the state file keeps where the replay stands: --resume goes on)")]
     Publish(PublishError),
-    #[error("the archive stopped giving requests after offset {0} while it holds later ones: stopped (--resume goes on)")]
-    Stalled(u64),
+    #[error("the archive stopped giving requests (last read: offset {0:?}) while it holds later ones: stopped (--resume goes on)")]
+    Stalled(Option<u64>),
+    #[error("the broker ended the read of the archive (a node restarted, or the stream was deleted): stopped (--resume goes on)")]
+    ArchiveConsumerEnded,
     #[error("writing the replay state: {0}")]
     State(#[from] std::io::Error),
 }
@@ -129,32 +132,39 @@ fn refuse_past_retention(to: DateTime<Utc>, oldest: DateTime<Utc>) -> Result<(),
     }
 }
 
-/// Counts the archived requests received in `[from, to]`, of `sources` only when given. A
-/// range that ends before the oldest archived request is refused with that request's time.
+/// Counts the archived requests received in `[from, to]`, of `sources` only when given, read
+/// until a request received after `to + grace` (see [`state::Plan::grace_secs`]). A range
+/// that ends before the oldest archived request is refused with that request's time.
 /// `quiet`: how long the stream may give nothing before the read ends (its end reached).
 pub async fn dry_run(
     connection: &Connection,
     stream: &str,
     from: DateTime<Utc>,
     to: DateTime<Utc>,
+    grace: chrono::TimeDelta,
     sources: &[String],
     quiet: Duration,
 ) -> Result<DryRun, ReplayError> {
     let oldest = oldest(connection, stream, quiet).await?;
     refuse_past_retention(to, oldest)?;
     let mut counts = Counts::new();
-    // The offset by timestamp is in seconds: a second early, then skipped by `received_at`.
-    let offset = u64::try_from(from.timestamp().saturating_sub(1)).unwrap_or(0);
+    // The offset by timestamp is the broker's time of a chunk: a margin, then what is earlier
+    // is skipped by its `received_at`.
+    let offset =
+        u64::try_from(from.timestamp().saturating_sub(run::ATTACH_MARGIN_SECS)).unwrap_or(0);
     read(
         connection,
         stream,
         AMQPValue::Timestamp(offset),
         quiet,
         |time, source, bytes| {
-            if time > to {
+            if time > to + grace {
                 return (None::<()>, false);
             }
-            if time >= from && (sources.is_empty() || sources.iter().any(|s| s == source)) {
+            if time >= from
+                && time <= to
+                && (sources.is_empty() || sources.iter().any(|s| s == source))
+            {
                 let hour = time.format("%Y-%m-%dT%H:00Z").to_string();
                 let tally = counts.entry((source.to_owned(), hour)).or_default();
                 tally.requests += 1;

@@ -42,7 +42,19 @@ fn range(args: &ReplayArgs) -> anyhow::Result<(DateTime<Utc>, DateTime<Utc>)> {
     let from = parse_time(from, now).map_err(anyhow::Error::msg)?;
     let to = parse_time(&args.to, now).map_err(anyhow::Error::msg)?;
     anyhow::ensure!(from <= to, "--from is after --to");
+    // A range into the future would follow the archive and send live traffic a second time.
+    anyhow::ensure!(
+        to <= now,
+        "--to is in the future: a replay ends at now at the latest"
+    );
     Ok((from, to))
+}
+
+/// `--grace` in seconds.
+fn grace_secs(args: &ReplayArgs) -> anyhow::Result<u64> {
+    let grace = replay::parse_span(&args.grace)
+        .map_err(|e| anyhow::anyhow!("--grace `{}`: {e}", args.grace))?;
+    Ok(u64::try_from(grace.num_seconds()).unwrap_or(0))
 }
 
 /// Every name of `given` must be one of `known` (the configuration's sources or sinks).
@@ -78,7 +90,9 @@ async fn dry_run(settings: &Settings, args: &ReplayArgs) -> anyhow::Result<()> {
     check_names("source", &args.sources, &sources(settings))?;
     let stream = Topology::new(settings.broker.prefix.clone()).archive();
     let connection = connect(settings).await?;
-    let counted = replay::dry_run(&connection, &stream, from, to, &args.sources, QUIET).await;
+    let grace = chrono::TimeDelta::seconds(i64::try_from(grace_secs(args)?).unwrap_or(i64::MAX));
+    let counted =
+        replay::dry_run(&connection, &stream, from, to, grace, &args.sources, QUIET).await;
     let _ = connection.close(200, "".into()).await;
     let replay::DryRun {
         counts,
@@ -149,7 +163,10 @@ async fn send(settings: &Settings, args: &ReplayArgs) -> anyhow::Result<ExitCode
         );
     }
     if let Some(rate) = state.plan.rate {
-        anyhow::ensure!(rate > 0.0 && rate.is_finite(), "--rate must be above 0");
+        anyhow::ensure!(
+            (0.01..=1e9).contains(&rate),
+            "--rate is events per second, from 0.01 to 1e9"
+        );
     }
     say_plan(settings, &state.plan, args.resume);
 
@@ -157,8 +174,11 @@ async fn send(settings: &Settings, args: &ReplayArgs) -> anyhow::Result<ExitCode
     let on_signal = stop.clone();
     tokio::spawn(async move {
         if tokio::signal::ctrl_c().await.is_ok() {
-            eprintln!("\ningestctl: stopping: waiting for the confirms of what was sent");
+            eprintln!("\ningestctl: stopping: waiting for the confirms of what was sent (Ctrl-C again to quit at once; --resume sends the unconfirmed again)");
             on_signal.cancel();
+        }
+        if tokio::signal::ctrl_c().await.is_ok() {
+            std::process::exit(130);
         }
     });
     let connection = Arc::new(connect(settings).await?);
@@ -231,6 +251,7 @@ fn plan(settings: &Settings, args: &ReplayArgs) -> anyhow::Result<Plan> {
         sources: args.sources.clone(),
         sinks: (!args.sinks.is_empty()).then(|| args.sinks.clone()),
         rate: args.rate,
+        grace_secs: grace_secs(args)?,
     })
 }
 

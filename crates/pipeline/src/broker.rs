@@ -163,8 +163,6 @@ impl Topology {
                 args.insert("x-overflow".into(), long_string("reject-publish"));
             }
         }
-        // The replay lane: like the raw queue (its cap makes a replay wait, not grow the broker).
-        declare_alone(connection, &self.replay(), raw.clone()).await?;
         // Earlier releases: the cap without the delivery limit, and before that neither.
         let kept = declare_or_keep(
             connection,
@@ -211,8 +209,21 @@ impl Topology {
         Ok(())
     }
 
+    /// The replay lane, with the raw queue's arguments (its cap makes a replay wait, not grow
+    /// the broker). Declared by the workers and `ingestctl replay`, never by the collector:
+    /// one that exists with other arguments is used as it is, with a warning.
+    pub async fn declare_replay(&self, connection: &Connection) -> lapin::Result<()> {
+        let mut args = self.consumed_arguments(&self.raw_dlq());
+        if self.raw_max_length_bytes > 0 {
+            let cap = i64::try_from(self.raw_max_length_bytes).unwrap_or(i64::MAX);
+            args.insert("x-max-length-bytes".into(), AMQPValue::LongLongInt(cap));
+        }
+        let warning = "the replay lane exists with other arguments; using it as it is";
+        declare_as_it_is(connection, &self.replay(), args, warning).await
+    }
+
     /// Declares the fan-out exchange and, for each sink, its queue (bound to the exchange),
-    /// its delay queues and its dead-letter queue.
+    /// its delay queues and its dead-letter queue; and the replay lane.
     pub async fn declare_sinks(
         &self,
         connection: &Connection,
@@ -220,6 +231,7 @@ impl Topology {
         retry_delays: &[Duration],
     ) -> lapin::Result<()> {
         self.declare(connection).await?;
+        self.declare_replay(connection).await?;
         let channel = connection.create_channel().await?;
         declare_fanout(&channel, &self.valid_exchange()).await?;
         for sink in sinks {
@@ -347,18 +359,31 @@ async fn declare_archive(
     stream: &str,
     archive: &ArchiveSettings,
 ) -> lapin::Result<()> {
-    match declare_alone(connection, stream, archive_arguments(archive)).await {
+    declare_as_it_is(
+        connection,
+        stream,
+        archive_arguments(archive),
+        "the archive stream exists with other arguments; using it as it is (change its retention with a policy)",
+    )
+    .await
+}
+
+/// Declares `queue` with `arguments`; one that exists with other arguments is used as it is,
+/// with `warning` and `broker_queue_kept_with_old_arguments_total`.
+async fn declare_as_it_is(
+    connection: &Connection,
+    queue: &str,
+    arguments: FieldTable,
+    warning: &str,
+) -> lapin::Result<()> {
+    match declare_alone(connection, queue, arguments).await {
         Ok(()) => Ok(()),
         Err(error) if is_precondition_failed(&error) => {
-            if inspect_queue(connection, stream).await?.is_none() {
+            if inspect_queue(connection, queue).await?.is_none() {
                 return Err(error);
             }
-            tracing::warn!(
-                stream,
-                %error,
-                "the archive stream exists with other arguments; using it as it is (change its retention with a policy)"
-            );
-            metrics::counter!("broker_queue_kept_with_old_arguments_total", "queue" => stream.to_owned())
+            tracing::warn!(queue, %error, "{warning}");
+            metrics::counter!("broker_queue_kept_with_old_arguments_total", "queue" => queue.to_owned())
                 .increment(1);
             Ok(())
         }

@@ -59,6 +59,9 @@ pub mod headers {
     /// Replayed request: the sinks it goes to, comma-separated. Without it, every sink but
     /// statsd (a replay would count its events twice there).
     pub const REPLAY_SINKS: &str = "x-replay-sinks";
+    /// Sink batch: which of its events came from the replay lane (their indexes,
+    /// comma-separated), so their age stays out of the sink's lag when the batch comes back.
+    pub const REPLAYED_EVENTS: &str = "x-replayed-events";
     /// The broker's own dead-letter records start with these (`x-death`,
     /// `x-first-death-reason`, …).
     pub const DEATH_PREFIXES: [&str; 3] = ["x-death", "x-first-death", "x-last-death"];

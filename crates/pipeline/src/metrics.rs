@@ -91,7 +91,7 @@ pub const CATALOGUE: &[(&str, Kind, &str)] = &[
     ("sink_events_total", Kind::Counter, "Events by sink and outcome (delivered, retried, dead_lettered, filtered_out)."),
     ("sink_deliver_seconds", Kind::Histogram, "Time of one delivery attempt to a sink, by sink and result."),
     ("sink_batch_size", Kind::Histogram, "Events per delivery attempt, by sink."),
-    ("sink_lag_seconds", Kind::Histogram, "Time from the collector's receipt of an event to its delivery to a sink, by sink."),
+    ("sink_lag_seconds", Kind::Histogram, "Time from the collector's receipt of an event to its delivery to a sink, by sink (live events; replayed ones are left out)."),
     ("sink_spilled_batches_total", Kind::Counter, "Batches a sink did not take within spill_after_ms, put in its own queue instead, by sink."),
     ("worker_statsd_names_folded_total", Kind::Counter, "Events the statsd sink counted under `other` because max_event_names distinct event names already had series, by sink."),
     ("worker_statsd_duplicates_skipped_total", Kind::Counter, "Events the statsd sink did not count because it had counted the same event (source and messageId) among its last dedupe_window events in this worker, by sink."),

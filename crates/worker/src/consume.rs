@@ -194,13 +194,21 @@ pub(crate) async fn session(
                     let work = handle(lane, delivery, context.clone(), shared.clone());
                     tasks.spawn(async move { (lane, delivery_tag, settled_on_panic(work).await) });
                 }
-                Some((lane, Some(Err(error)))) => {
-                    tracing::warn!(%error, ?lane, "consumer failed");
+                Some((Lane::Live, Some(Err(error)))) => {
+                    tracing::warn!(%error, "consumer failed");
                     break true;
                 }
-                Some((lane, None)) => {
-                    tracing::warn!(?lane, "the broker ended the consumer");
+                Some((Lane::Live, None)) => {
+                    tracing::warn!("the broker ended the consumer");
                     break true;
+                }
+                // The replay lane alone (deleted to abort a replay, its channel closed): the
+                // session ends as a stop does, settling the live deliveries in hand, and the
+                // next one subscribes again.
+                Some((Lane::Replay, ended)) => {
+                    let error = ended.and_then(Result::err).map(|e| e.to_string());
+                    tracing::warn!(?error, "the replay lane's consumer ended; starting a new session");
+                    break false;
                 }
                 None => break true,
             },
@@ -306,11 +314,15 @@ async fn settle_joined(
             Err(error) => tracing::warn!(%error, "a delivery task ended without settling"),
         }
     }
-    let mut sent = acks.live.settle_all(live).await;
-    if let (Some(acks), false) = (&mut acks.replay, replay.is_empty()) {
-        sent = sent.and(acks.settle_all(replay).await);
+    // The replay channel failing costs only its own deliveries (they return to their lane
+    // when it closes), never the live ones: the session goes on.
+    if let (Some(replay_acks), false) = (&mut acks.replay, replay.is_empty()) {
+        if let Err(error) = replay_acks.settle_all(replay).await {
+            tracing::warn!(%error, "cannot ack on the replay channel");
+            acks.replay = None;
+        }
     }
-    match sent {
+    match acks.live.settle_all(live).await {
         Ok(()) => true,
         Err(error) => {
             tracing::warn!(%error, "cannot ack: the channel is gone");
@@ -357,11 +369,13 @@ impl LaneAcks {
     }
 
     async fn ack_overdue(&mut self) -> lapin::Result<()> {
-        self.live.ack_overdue().await?;
-        match &mut self.replay {
-            Some(replay) => replay.ack_overdue().await,
-            None => Ok(()),
+        if let Some(replay) = &mut self.replay {
+            if let Err(error) = replay.ack_overdue().await {
+                tracing::warn!(%error, "cannot ack on the replay channel");
+                self.replay = None;
+            }
         }
+        self.live.ack_overdue().await
     }
 }
 
@@ -401,6 +415,18 @@ async fn handle(
             sinks: None,
         })
     });
+    // A replay to a sink this worker does not have (a rolling restart that adds it): back to
+    // the lane for a worker that has it; past the delivery limit, to the raw DLQ.
+    if let Some(missing) = replayed
+        .as_ref()
+        .and_then(|r| r.sinks.as_ref())
+        .and_then(|sinks| sinks.iter().find(|s| !session.fanout.has(s)))
+    {
+        metrics::counter!("worker_deliveries_total", "outcome" => "requeued").increment(1);
+        tracing::warn!(sink = %missing, "a replayed request names a sink this worker does not have; returning it to the replay lane");
+        tokio::time::sleep(Duration::from_millis(500 + fastrand::u64(0..1000))).await;
+        return Settled::Requeue;
+    }
     let mut outcome = process::process(
         &context.registry,
         &delivery.properties,
@@ -444,7 +470,7 @@ async fn handle(
                 Some(replayed) => {
                     session
                         .fanout
-                        .deliver_to(&events, |sink| replayed.goes_to(sink))
+                        .deliver_replayed(&events, |sink| replayed.goes_to(sink))
                         .await?
                 }
             }

@@ -40,6 +40,9 @@ const STREAM_OFFSET: &str = "x-stream-offset";
 /// Quiet spells in a row, with requests left to read, before a replay gives up (and can
 /// `--resume`).
 const MAX_STALLS: u32 = 15;
+/// Seconds before `--from` a replay attaches to the archive (the broker's chunk times against
+/// the collectors' clocks).
+pub(crate) const ATTACH_MARGIN_SECS: i64 = 60;
 
 /// How a replay ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,9 +75,13 @@ struct Read {
 
 type Confirming = BoxFuture<'static, (Read, Result<(), PublishError>)>;
 
+/// The archive's last request: its offset and, if readable, its receive time.
+type Tail = (u64, Option<DateTime<Utc>>);
+
 /// Sends the plan of `state` from where it stands, saving it as it goes and calling `report`
-/// with it and the events per second of this run. Ends past the range, at the archive's end,
-/// or when `stop` is cancelled; every publish sent is confirmed (or failed) before it returns.
+/// with it and the events per second of this run. Ends past the range (a request received
+/// after `to + grace`), at the archive's end, or when `stop` is cancelled; every publish sent
+/// is confirmed (or failed) before it returns, and the state is saved on every way out.
 pub async fn send(
     run: &Run<'_>,
     state: &mut State,
@@ -82,11 +89,14 @@ pub async fn send(
     mut report: impl FnMut(&State, f64),
 ) -> Result<Ended, ReplayError> {
     let stream = run.topology.archive();
-    run.topology.declare(&run.connection).await?;
+    let oldest = oldest(&run.connection, &stream, run.quiet).await?;
     if state.next_offset.is_none() {
-        let oldest = oldest(&run.connection, &stream, run.quiet).await?;
         super::refuse_past_retention(state.plan.to, oldest)?;
+        if state.plan.from < oldest {
+            eprintln!("ingestctl: the archive starts at {oldest}: nothing older is kept");
+        }
     }
+    run.topology.declare_replay(&run.connection).await?;
     let publisher = Publisher::open(run.connection.clone()).await?;
     let channel = run.connection.create_channel().await?;
     channel
@@ -95,9 +105,17 @@ pub async fn send(
     let mut args = FieldTable::default();
     let offset = match state.next_offset {
         Some(next) => AMQPValue::LongLongInt(i64::try_from(next).unwrap_or(i64::MAX)),
-        // The offset by timestamp is in seconds: a second early, then skipped by `received_at`.
+        // A stream attaches by the broker's time of a chunk, in seconds: a margin for the
+        // collectors' clocks, then what is earlier is skipped by its `received_at`.
         None => AMQPValue::Timestamp(
-            u64::try_from(state.plan.from.timestamp().saturating_sub(1)).unwrap_or(0),
+            u64::try_from(
+                state
+                    .plan
+                    .from
+                    .timestamp()
+                    .saturating_sub(ATTACH_MARGIN_SECS),
+            )
+            .unwrap_or(0),
         ),
     };
     args.insert(STREAM_OFFSET.into(), offset);
@@ -110,16 +128,22 @@ pub async fn send(
         )
         .await?;
 
-    let lane = run.topology.replay();
     state.pid = Some(std::process::id());
+    // A failed publish stops the others' waits for a lane at its cap.
+    let sending = stop.child_token();
+    let mut sender = Sender {
+        publisher,
+        lane: run.topology.replay(),
+        stop: sending.clone(),
+        confirming: FuturesOrdered::new(),
+        pace: Pace::new(state.plan.rate),
+    };
     let started = Instant::now();
     let events_before = state.events;
-    // In the order read: the state's offset moves in that order.
-    let mut confirming: FuturesOrdered<Confirming> = FuturesOrdered::new();
-    let mut sent_this_run = 0u64;
     let (mut saved, mut reported) = (Instant::now(), Instant::now());
     let mut failed = None;
-    let (mut last_read, mut stalls) = (None, 0);
+    let (mut last_read, mut stalls) = (state.next_offset.and_then(|n| n.checked_sub(1)), 0);
+    let stop_after = state.plan.to + state.plan.grace();
     let ended = loop {
         let next = tokio::select! {
             () = stop.cancelled() => break Ended::Stopped,
@@ -131,25 +155,39 @@ pub async fn send(
                 failed = Some(ReplayError::Broker(error));
                 break Ended::Stopped;
             }
-            Ok(None) => break Ended::Finished,
-            // Quiet: the archive's end, unless requests past the last one read are there (a
-            // stream that paused under load): then wait on.
-            Err(_) => match last_read {
-                Some(read)
-                    if last_offset(&run.connection, &stream, run.quiet).await? > Some(read) =>
-                {
-                    stalls += 1;
-                    if stalls >= MAX_STALLS {
-                        failed = Some(ReplayError::Stalled(read));
+            Ok(None) => {
+                failed = Some(ReplayError::ArchiveConsumerEnded);
+                break Ended::Stopped;
+            }
+            // Quiet: the archive's end, unless it holds requests past the last one read (a
+            // stream that paused under load): then wait on, a while.
+            Err(_) => {
+                let tail = tokio::select! {
+                    () = stop.cancelled() => break Ended::Stopped,
+                    tail = last_request(&run.connection, &stream, run.quiet) => tail,
+                };
+                match end_reached(tail, last_read, state.plan.from) {
+                    Ok(true) => break Ended::Finished,
+                    Ok(false) => {
+                        stalls += 1;
+                        if stalls >= MAX_STALLS {
+                            failed = Some(ReplayError::Stalled(last_read));
+                            break Ended::Stopped;
+                        }
+                        continue;
+                    }
+                    Err(error) => {
+                        failed = Some(error);
                         break Ended::Stopped;
                     }
-                    continue;
                 }
-                _ => break Ended::Finished,
-            },
+            }
         };
         stalls = 0;
-        delivery.ack(BasicAckOptions::default()).await?;
+        if let Err(error) = delivery.ack(BasicAckOptions::default()).await {
+            failed = Some(ReplayError::Broker(error));
+            break Ended::Stopped;
+        }
         let Some(offset) = stream_offset(&delivery) else {
             continue;
         };
@@ -158,45 +196,24 @@ pub async fn send(
         let time = header_str(h, headers::RECEIVED_AT)
             .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
             .map(|t| t.with_timezone(&Utc));
-        if time.is_some_and(|t| t > state.plan.to) {
+        if time.is_some_and(|t| t > stop_after) {
             break Ended::Finished;
         }
         let source = header_str(h, headers::SOURCE).unwrap_or("");
-        let taken = time.is_some_and(|t| state.plan.takes(t, source));
-        let mut read = Read {
+        let read = Read {
             offset,
             time,
             events: 0,
-            sent: taken,
+            sent: time.is_some_and(|t| state.plan.takes(t, source)),
         };
-        if !taken {
-            confirming.push_back(async move { (read, Ok(())) }.boxed());
-        } else {
-            read.events = events_in(&delivery.data, is_gzip(&delivery.properties));
-            if let Some(rate) = state.plan.rate {
-                let due = started + Duration::from_secs_f64(sent_this_run as f64 / rate);
-                tokio::select! {
-                    () = stop.cancelled() => break Ended::Stopped,
-                    () = tokio::time::sleep_until(due.into()) => {}
-                }
-            }
-            sent_this_run += read.events;
-            let properties = replay_properties(&delivery.properties, state.plan.sinks.as_deref());
-            let (publisher, lane, stop) = (publisher.clone(), lane.clone(), stop.clone());
-            let body = delivery.data;
-            confirming.push_back(
-                async move {
-                    let result = publish(&publisher, &lane, &body, &properties, &stop).await;
-                    (read, result)
-                }
-                .boxed(),
-            );
+        if !sender
+            .push(read, delivery, state.plan.sinks.as_deref(), stop)
+            .await
+        {
+            break Ended::Stopped;
         }
         // Settle what is confirmed already, and wait while the window is full.
-        while let Some(Some(done)) = match confirming.len() >= IN_FLIGHT {
-            true => Some(confirming.next().await),
-            false => confirming.next().now_or_never(),
-        } {
+        while let Some(done) = sender.settled().await {
             if let Err(error) = settle(state, done) {
                 failed = Some(error);
                 break;
@@ -207,7 +224,10 @@ pub async fn send(
         }
         if saved.elapsed() >= SAVE_EVERY {
             state.updated_at = Utc::now();
-            state.save(run.path)?;
+            if let Err(error) = state.save(run.path) {
+                failed = Some(ReplayError::State(error));
+                break Ended::Stopped;
+            }
             saved = Instant::now();
         }
         if reported.elapsed() >= run.report_every {
@@ -215,21 +235,130 @@ pub async fn send(
             reported = Instant::now();
         }
     };
+    if failed.is_some() {
+        sending.cancel();
+    }
     let _ = channel.close(200, "".into()).await;
-    // Past a failed publish the offset stays put: what follows is sent again on --resume.
-    while let Some(done) = confirming.next().await {
-        if failed.is_none() {
-            failed = settle(state, done).err();
+    // Past a publish that did not settle the offset stays put: what follows is sent again on
+    // --resume. A nack answered while stopping is such a publish, not a failure.
+    let mut halted = failed.is_some();
+    while let Some(done) = sender.confirming.next().await {
+        if halted {
+            continue;
+        }
+        match settle(state, done) {
+            Ok(()) => {}
+            Err(ReplayError::Publish(PublishError::Nacked)) if stop.is_cancelled() => halted = true,
+            Err(error) => {
+                failed = Some(error);
+                sending.cancel();
+                halted = true;
+            }
         }
     }
     state.finished = ended == Ended::Finished && failed.is_none();
     state.pid = None;
     state.updated_at = Utc::now();
-    state.save(run.path)?;
+    let saved = state.save(run.path);
     report(state, per_second(state.events - events_before, started));
-    match failed {
-        Some(error) => Err(error),
-        None => Ok(ended),
+    match (failed, saved) {
+        (Some(error), _) => Err(error),
+        (None, Err(error)) => Err(ReplayError::State(error)),
+        (None, Ok(())) => Ok(ended),
+    }
+}
+
+/// Whether a quiet archive is at its end: the last request read is its last one, or nothing
+/// was read and its last request is older than the range. An archive whose end cannot be read
+/// is not taken to be at it.
+fn end_reached(
+    tail: Result<Option<Tail>, ReplayError>,
+    last_read: Option<u64>,
+    from: DateTime<Utc>,
+) -> Result<bool, ReplayError> {
+    Ok(match (tail?, last_read) {
+        (Some((tail, _)), Some(read)) => read >= tail,
+        (Some((_, Some(time))), None) => time < from,
+        _ => false,
+    })
+}
+
+/// The publishes in flight, in the order read, and the pace they go at.
+struct Sender {
+    publisher: Publisher,
+    lane: String,
+    stop: CancellationToken,
+    confirming: FuturesOrdered<Confirming>,
+    pace: Pace,
+}
+
+impl Sender {
+    /// Sends `read`'s request (or passes it, when not part of the plan) in its turn; `false`
+    /// if `stop` came while it waited for its pace.
+    async fn push(
+        &mut self,
+        mut read: Read,
+        delivery: Delivery,
+        sinks: Option<&[String]>,
+        stop: &CancellationToken,
+    ) -> bool {
+        if !read.sent {
+            self.confirming
+                .push_back(async move { (read, Ok(())) }.boxed());
+            return true;
+        }
+        read.events = events_in(&delivery.data, is_gzip(&delivery.properties));
+        if let Some(due) = self.pace.next(read.events) {
+            tokio::select! {
+                () = stop.cancelled() => return false,
+                () = tokio::time::sleep_until(due.into()) => {}
+            }
+        }
+        let properties = replay_properties(&delivery.properties, sinks);
+        let (publisher, lane, stop) =
+            (self.publisher.clone(), self.lane.clone(), self.stop.clone());
+        let body = delivery.data;
+        self.confirming.push_back(
+            async move {
+                let result = publish(&publisher, &lane, &body, &properties, &stop).await;
+                (read, result)
+            }
+            .boxed(),
+        );
+        true
+    }
+
+    /// A read settled already, or the oldest one once [`IN_FLIGHT`] are in flight.
+    async fn settled(&mut self) -> Option<(Read, Result<(), PublishError>)> {
+        match self.confirming.len() >= IN_FLIGHT {
+            true => self.confirming.next().await,
+            false => self.confirming.next().now_or_never().flatten(),
+        }
+    }
+}
+
+/// The `--rate` ceiling: each request is due once the events before it had their time, and a
+/// pause earns no credit (a replay that waited does not burst to catch up).
+struct Pace {
+    rate: Option<f64>,
+    next: Instant,
+}
+
+impl Pace {
+    fn new(rate: Option<f64>) -> Self {
+        Self {
+            rate,
+            next: Instant::now(),
+        }
+    }
+
+    /// When a request of `events` may go; `None`: no ceiling.
+    fn next(&mut self, events: u64) -> Option<Instant> {
+        let rate = self.rate?;
+        let due = self.next.max(Instant::now());
+        let spacing = Duration::try_from_secs_f64(events as f64 / rate).unwrap_or(Duration::MAX);
+        self.next = due.checked_add(spacing).unwrap_or(due);
+        Some(due)
     }
 }
 
@@ -294,13 +423,14 @@ fn replay_properties(archived: &BasicProperties, sinks: Option<&[String]>) -> Ba
     archived.clone().with_headers(table)
 }
 
-/// The offset of the archive's last request: the highest of its last chunk (where a consumer
-/// attached at `last` starts).
-async fn last_offset(
+/// The archive's last request, its offset and receive time: the highest of its last chunk
+/// (where a consumer attached at `last` starts), read for at most a second, since requests
+/// coming in meanwhile keep the consumer busy.
+async fn last_request(
     connection: &Connection,
     stream: &str,
     quiet: Duration,
-) -> Result<Option<u64>, ReplayError> {
+) -> Result<Option<Tail>, ReplayError> {
     let channel = connection.create_channel().await?;
     channel.basic_qos(1000, BasicQosOptions::default()).await?;
     let mut args = FieldTable::default();
@@ -313,11 +443,19 @@ async fn last_offset(
             args,
         )
         .await?;
-    let mut last = None;
-    // The last chunk comes at once; a short wait past it is enough.
-    let wait = quiet.min(Duration::from_millis(500));
-    while let Ok(Some(Ok(delivery))) = tokio::time::timeout(wait, consumer.next()).await {
-        last = last.max(stream_offset(&delivery));
+    let mut last: Option<Tail> = None;
+    let deadline = Instant::now() + quiet.min(Duration::from_secs(1));
+    while let Ok(Some(Ok(delivery))) =
+        tokio::time::timeout_at(deadline.into(), consumer.next()).await
+    {
+        if let Some(offset) = stream_offset(&delivery) {
+            if last.is_none_or(|(o, _)| offset > o) {
+                let time = header_str(delivery.properties.headers().as_ref(), headers::RECEIVED_AT)
+                    .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
+                    .map(|t| t.with_timezone(&Utc));
+                last = Some((offset, time));
+            }
+        }
         delivery.ack(BasicAckOptions::default()).await?;
     }
     let _ = channel.close(200, "".into()).await;
@@ -387,5 +525,71 @@ mod tests {
         assert_eq!(events_in(br#"{"type":"track","event":"x"}"#, false), 1);
         assert_eq!(events_in(b"not json", false), 1);
         assert_eq!(events_in(b"not gzip", true), 1);
+    }
+
+    fn at(text: &str) -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339(text)
+            .expect("a time")
+            .with_timezone(&Utc)
+    }
+
+    #[test]
+    fn a_quiet_archive_is_at_its_end_only_when_nothing_is_left_to_read() {
+        let from = at("2026-12-06T10:00:00Z");
+        let tail = |offset, time: &str| Ok(Some((offset, Some(at(time)))));
+        assert!(end_reached(tail(41, "2026-12-06T11:00:00Z"), Some(41), from).expect("read"));
+        assert!(!end_reached(tail(90, "2026-12-06T11:00:00Z"), Some(41), from).expect("read"));
+        // Nothing read: at the end only if the last request is older than the range.
+        assert!(end_reached(tail(9, "2026-12-06T09:00:00Z"), None, from).expect("read"));
+        assert!(!end_reached(tail(9, "2026-12-06T10:30:00Z"), None, from).expect("read"));
+        // An end that cannot be read is not the end.
+        assert!(!end_reached(Ok(None), Some(41), from).expect("read"));
+        assert!(!end_reached(Ok(Some((9, None))), None, from).expect("read"));
+        assert!(end_reached(Err(ReplayError::Empty), Some(1), from).is_err());
+    }
+
+    #[test]
+    fn the_rate_spaces_requests_by_their_events_and_a_pause_earns_no_burst() {
+        let mut pace = Pace::new(Some(100.0));
+        let first = pace.next(10).expect("paced");
+        let second = pace.next(10).expect("paced");
+        assert_eq!(second - first, Duration::from_millis(100));
+        // Long after its turn, a request goes at once, and the next one a full spacing later.
+        pace.next = Instant::now() - Duration::from_secs(60);
+        let late = pace.next(50).expect("paced");
+        let after = pace.next(1).expect("paced");
+        assert!(late + Duration::from_millis(500) <= after);
+        assert_eq!(Pace::new(None).next(10), None);
+    }
+
+    #[test]
+    fn a_failed_publish_leaves_the_offset_where_it_was() {
+        let plan = super::super::state::Plan {
+            from: at("2026-12-06T10:00:00Z"),
+            to: at("2026-12-06T11:00:00Z"),
+            sources: vec![],
+            sinks: None,
+            rate: None,
+            grace_secs: 0,
+        };
+        let mut state = State::new(plan, at("2026-12-06T12:00:00Z"));
+        let read = |offset, sent| Read {
+            offset,
+            time: Some(at("2026-12-06T10:30:00Z")),
+            events: 3,
+            sent,
+        };
+        settle(&mut state, (read(7, true), Ok(()))).expect("settled");
+        settle(&mut state, (read(8, false), Ok(()))).expect("settled");
+        assert_eq!(
+            (state.next_offset, state.requests, state.events),
+            (Some(9), 1, 3)
+        );
+        let failed = settle(&mut state, (read(9, true), Err(PublishError::Nacked)));
+        assert!(failed.is_err());
+        assert_eq!(
+            (state.next_offset, state.requests, state.events),
+            (Some(9), 1, 3)
+        );
     }
 }

@@ -19,9 +19,26 @@ pub struct Plan {
     pub sinks: Option<Vec<String>>,
     /// Events per second at most; `None`: as fast as the broker confirms.
     pub rate: Option<f64>,
+    /// How long past `to` the read goes on for requests received in the range but archived
+    /// later (spooled while the broker was away, or from a collector behind): it stops at the
+    /// first request received after `to` plus this.
+    #[serde(default = "default_grace_secs")]
+    pub grace_secs: u64,
+}
+
+/// The default of `--grace`.
+pub const DEFAULT_GRACE_SECS: u64 = 600;
+
+fn default_grace_secs() -> u64 {
+    DEFAULT_GRACE_SECS
 }
 
 impl Plan {
+    pub fn grace(&self) -> chrono::TimeDelta {
+        chrono::TimeDelta::try_seconds(i64::try_from(self.grace_secs).unwrap_or(i64::MAX))
+            .unwrap_or(chrono::TimeDelta::MAX)
+    }
+
     /// Whether an archived request of `source` received at `time` is part of the replay.
     pub fn takes(&self, time: DateTime<Utc>, source: &str) -> bool {
         time >= self.from
@@ -140,6 +157,7 @@ mod tests {
             sources: vec!["shop-web".into()],
             sinks: Some(vec!["crm".into()]),
             rate: Some(500.0),
+            grace_secs: DEFAULT_GRACE_SECS,
         }
     }
 

@@ -254,6 +254,14 @@ impl HttpSinkSettings {
                 self.name
             ));
         }
+        // The sinks are told apart by name (queues, metrics, a replay's --sink): the built-in
+        // ones keep theirs.
+        if ["mongo", crate::message::STATSD_SINK].contains(&self.name.as_str()) {
+            return Err(format!(
+                "http sink name `{}` is the name of a built-in sink: choose another",
+                self.name
+            ));
+        }
         if self.connect_timeout_ms == 0 {
             return Err(format!(
                 "http sink `{}`: connect_timeout_ms must be > 0",

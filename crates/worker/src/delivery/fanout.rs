@@ -17,6 +17,10 @@
 //! So a slow or failing sink holds a raw delivery at most `spill_after_ms` (plus a confirmed
 //! publish), never blocks another sink, and a publish into one sink's queue concerns that sink
 //! alone.
+//!
+//! A lane takes replayed events (the replay lane's) only when no live job waits: a backfill
+//! queued ahead of live events would hold live deliveries up to `spill_after_ms` each, and
+//! with them the raw consumer's prefetch.
 
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -99,7 +103,40 @@ impl Group {
 
 /// Hands valid events to every sink's lane.
 pub struct Fanout {
-    lanes: Vec<(Arc<SinkRunner>, mpsc::Sender<Job>)>,
+    lanes: Vec<Lane>,
+}
+
+/// A sink's lane, as the deliveries see it: live jobs, and replayed ones that wait for them.
+struct Lane {
+    runner: Arc<SinkRunner>,
+    live: mpsc::Sender<Job>,
+    replayed: mpsc::Sender<Job>,
+}
+
+/// A lane's jobs, live ones first.
+struct Inbox {
+    live: mpsc::Receiver<Job>,
+    replayed: mpsc::Receiver<Job>,
+}
+
+impl Inbox {
+    /// The next job, live first; `None` once both are closed and empty.
+    async fn recv(&mut self) -> Option<Job> {
+        tokio::select! {
+            biased;
+            Some(job) = self.live.recv() => Some(job),
+            Some(job) = self.replayed.recv() => Some(job),
+            else => None,
+        }
+    }
+
+    /// A job already waiting, live first.
+    fn try_recv(&mut self) -> Option<Job> {
+        self.live
+            .try_recv()
+            .or_else(|_| self.replayed.try_recv())
+            .ok()
+    }
 }
 
 impl Fanout {
@@ -115,15 +152,24 @@ impl Fanout {
         let lanes = runners
             .iter()
             .map(|runner| {
-                let (tx, rx) = mpsc::channel(LANE_DEPTH);
+                let (live, live_jobs) = mpsc::channel(LANE_DEPTH);
+                let (replayed, replayed_jobs) = mpsc::channel(LANE_DEPTH);
+                let inbox = Inbox {
+                    live: live_jobs,
+                    replayed: replayed_jobs,
+                };
                 tasks.spawn(lane(
                     runner.clone(),
-                    rx,
+                    inbox,
                     topology.clone(),
                     out.clone(),
                     stop.clone(),
                 ));
-                (runner.clone(), tx)
+                Lane {
+                    runner: runner.clone(),
+                    live,
+                    replayed,
+                }
             })
             .collect();
         (Self { lanes }, tasks)
@@ -133,18 +179,38 @@ impl Fanout {
     /// own queue. `Err` means at least one sink has neither: the caller returns the delivery
     /// to its queue (the sinks that had it get it again: at least once).
     pub async fn deliver(&self, events: &[Arc<Event>]) -> Result<(), String> {
-        self.deliver_to(events, |_| true).await
+        self.send(events, |_| true, false).await
     }
 
-    /// [`deliver`](Self::deliver) to the sinks whose name `to` takes only (a replay's sinks).
-    pub async fn deliver_to(
+    /// Replayed events to the sinks whose name `to` takes, behind live jobs in each lane.
+    pub async fn deliver_replayed(
         &self,
         events: &[Arc<Event>],
         to: impl Fn(&str) -> bool,
     ) -> Result<(), String> {
+        self.send(events, to, true).await
+    }
+
+    /// Whether a sink of this name is in this process.
+    pub fn has(&self, sink: &str) -> bool {
+        self.lanes.iter().any(|l| l.runner.sink.name() == sink)
+    }
+
+    async fn send(
+        &self,
+        events: &[Arc<Event>],
+        to: impl Fn(&str) -> bool,
+        replayed: bool,
+    ) -> Result<(), String> {
         let sizes: Vec<usize> = events.iter().map(|e| json_len(e)).collect();
         let mut waiting = Vec::with_capacity(self.lanes.len());
-        for (runner, lane) in self.lanes.iter().filter(|(r, _)| to(r.sink.name())) {
+        for Lane {
+            runner,
+            live,
+            replayed: behind,
+        } in self.lanes.iter().filter(|l| to(l.runner.sink.name()))
+        {
+            let lane = if replayed { behind } else { live };
             let (wanted, wanted_sizes): (Vec<Arc<Event>>, Vec<usize>) = events
                 .iter()
                 .zip(&sizes)
@@ -191,7 +257,7 @@ impl Fanout {
 /// first probe the sink takes within the bound ends it.
 async fn lane(
     runner: Arc<SinkRunner>,
-    mut jobs: mpsc::Receiver<Job>,
+    mut jobs: Inbox,
     topology: Topology,
     out: Arc<dyn Durable>,
     stop: CancellationToken,
@@ -245,12 +311,12 @@ async fn lane(
         let mut group = Group::new(first);
         while group.events.len() < cap {
             match jobs.try_recv() {
-                Ok(job) if group.fits(&job, cap, &runner.delivery) => group.push(job),
-                Ok(job) => {
+                Some(job) if group.fits(&job, cap, &runner.delivery) => group.push(job),
+                Some(job) => {
                     held = Some(job);
                     break;
                 }
-                Err(_) => break,
+                None => break,
             }
         }
         let (runner, topology, out, stop, slow) = (

@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::settle::{body_share, json_len, Outcome, Path, Placed, SinkRunner, BODY_START};
 use super::split::Part;
-use super::store::Durable;
+use super::store::{mark_replayed_events, Durable};
 use crate::sinks::{events_from_json, Event};
 
 /// Fresh events waiting to be delivered together, and which message each came in.
@@ -165,13 +165,14 @@ impl SinkRunner {
         topology: &Topology,
         out: &dyn Durable,
     ) -> Option<Fresh> {
-        let events: Vec<Event> = match events_from_json(&delivery.data) {
+        let mut events: Vec<Event> = match events_from_json(&delivery.data) {
             Ok(events) => events,
             Err(error) => {
                 self.undecodable(delivery, &error, topology, out).await;
                 return None;
             }
         };
+        mark_replayed_events(&mut events, delivery.properties.headers().as_ref());
         let before = events.len();
         let events: Vec<Arc<Event>> = events
             .into_iter()
@@ -238,10 +239,11 @@ impl SinkRunner {
         let key = read_batch_key(headers).unwrap_or_default().to_owned();
         // From a header: any value, u32::MAX included, must survive `+ 1`.
         let attempts = read_attempts(headers);
-        let events: Vec<Event> = match events_from_json(&delivery.data) {
+        let mut events: Vec<Event> = match events_from_json(&delivery.data) {
             Ok(events) => events,
             Err(error) => return self.undecodable(delivery, &error, topology, out).await,
         };
+        mark_replayed_events(&mut events, headers);
         let events: Vec<Arc<Event>> = events.into_iter().map(Arc::new).collect();
         let sizes: Vec<usize> = events.iter().map(|e| json_len(e)).collect();
         // A batch within the bounds is the same batch under the same key; a larger one (spilled

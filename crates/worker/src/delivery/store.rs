@@ -6,7 +6,8 @@
 
 use std::sync::Arc;
 
-use ingest_pipeline::message::{batch_headers, spilled_headers};
+use ingest_pipeline::broker::{header_str, long_string};
+use ingest_pipeline::message::{batch_headers, headers, spilled_headers};
 use ingest_pipeline::Topology;
 use lapin::types::FieldTable;
 
@@ -132,13 +133,27 @@ impl SinkRunner {
     }
 }
 
-/// Confirms `batch`'s events into `queue` as one message, under `headers`.
+/// Confirms `batch`'s events into `queue` as one message, under `headers` (and which events
+/// were replayed).
 async fn store(
     queue: &str,
     batch: &Batch,
-    headers: FieldTable,
+    mut headers: FieldTable,
     out: &dyn Durable,
 ) -> Result<(), String> {
+    let replayed: Vec<String> = batch
+        .events
+        .iter()
+        .enumerate()
+        .filter(|(_, e)| e.is_replayed())
+        .map(|(i, _)| i.to_string())
+        .collect();
+    if !replayed.is_empty() {
+        headers.insert(
+            headers::REPLAYED_EVENTS.into(),
+            long_string(&replayed.join(",")),
+        );
+    }
     let body = json_array(&batch.events);
     out.store(queue, &body, headers).await
 }
@@ -157,5 +172,61 @@ fn record_lag(sink: &str, batch: &Batch) {
         let lag = chrono::Utc::now().signed_duration_since(oldest);
         let seconds = lag.num_milliseconds().max(0) as f64 / 1000.0;
         metrics::histogram!("sink_lag_seconds", "sink" => sink.to_owned()).record(seconds);
+    }
+}
+
+/// Marks the events a batch message says were replayed ([`headers::REPLAYED_EVENTS`]).
+pub(crate) fn mark_replayed_events(events: &mut [Event], table: Option<&FieldTable>) {
+    let Some(list) = header_str(table, headers::REPLAYED_EVENTS) else {
+        return;
+    };
+    for index in list.split(',').filter_map(|i| i.parse::<usize>().ok()) {
+        if let Some(event) = events.get_mut(index) {
+            event.mark_replayed();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::sinks::events_from_json;
+
+    /// Keeps the headers of what it stores.
+    #[derive(Default)]
+    struct Capture(Mutex<Option<FieldTable>>);
+
+    #[async_trait::async_trait]
+    impl Durable for Capture {
+        async fn store(&self, _: &str, _: &[u8], headers: FieldTable) -> Result<(), String> {
+            *self.0.lock().map_err(|e| e.to_string())? = Some(headers);
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn replayed_events_stay_marked_through_a_sink_queue() {
+        let mut events: Vec<Event> = (0..3)
+            .map(|i| {
+                let fields = serde_json::json!({"type": "track", "messageId": format!("m{i}")});
+                Event::from(fields.as_object().cloned().unwrap_or_default())
+            })
+            .collect();
+        events[1].mark_replayed();
+        let batch = Batch {
+            key: "k".to_owned(),
+            events: events.into_iter().map(Arc::new).collect(),
+        };
+        let capture = Capture::default();
+        store("q", &batch, FieldTable::default(), &capture)
+            .await
+            .expect("stored");
+        let headers = capture.0.lock().expect("headers").clone();
+        let mut back = events_from_json(&json_array(&batch.events)).expect("read back");
+        mark_replayed_events(&mut back, headers.as_ref());
+        let replayed: Vec<bool> = back.iter().map(Event::is_replayed).collect();
+        assert_eq!(replayed, [false, true, false]);
     }
 }

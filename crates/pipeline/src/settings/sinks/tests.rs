@@ -103,9 +103,11 @@ fn http_defaults_and_checks_of_name_and_timeouts() {
     assert!(parsed.headers.is_empty());
     assert_eq!(parsed.validate(), Ok(()));
     type Mutation = fn(&mut HttpSinkSettings);
-    let cases: [(&str, Mutation); 4] = [
+    let cases: [(&str, Mutation); 6] = [
         ("name", |s| s.name = "Warehouse".to_owned()),
         ("name", |s| s.name = String::new()),
+        ("built-in sink", |s| s.name = "statsd".to_owned()),
+        ("built-in sink", |s| s.name = "mongo".to_owned()),
         ("connect_timeout_ms", |s| s.connect_timeout_ms = 0),
         ("request_timeout_ms", |s| s.request_timeout_ms = 0),
     ];
