@@ -79,6 +79,7 @@ pub const CATALOGUE: &[(&str, Kind, &str)] = &[
     ("worker_events_total", Kind::Counter, "Events taken from raw deliveries, by result (valid, invalid)."),
     ("worker_queue_lag_seconds", Kind::Histogram, "Time from the collector's receipt of a request to the worker's handling of it (live traffic; replays count in worker_replay_lag_seconds)."),
     ("worker_replayed_events_total", Kind::Counter, "Events taken from the replay lane (ingestctl replay), by result (valid, invalid); also counted in worker_events_total."),
+    ("worker_replay_lane_depth", Kind::Gauge, "Requests waiting in the replay lane (<prefix>.replay): what replays have left; read every 10 s."),
     ("worker_replay_lag_seconds", Kind::Histogram, "Time from ingestctl replay's send of an archived request to the worker's handling of it: the replay lane's lag."),
     ("worker_processing_panics_total", Kind::Counter, "Payloads whose processing panicked; each is kept as an invalid record."),
     ("worker_publish_returned_total", Kind::Counter, "Worker publishes returned unroutable (the target queue was missing), by target."),

@@ -218,7 +218,8 @@ async fn ensure_indexes(sink: &MongoSink, mut backoff: Backoff, stop: &Cancellat
     }
 }
 
-/// Logs each sink's totals every few seconds while they change or batches wait for a retry.
+/// Logs each sink's totals every few seconds while they change or batches wait for a retry,
+/// and sets `worker_replay_lane_depth`.
 /// "In the retry path" is read from the broker (messages in the sink's delay queues), so it is
 /// the same whichever worker logs it.
 async fn log_stats(
@@ -233,7 +234,10 @@ async fn log_stats(
             () = tokio::time::sleep(STATS_EVERY) => {}
             () = stop.cancelled() => return,
         }
-        let waiting = retry_depths(&runners, &broker_settings, &topology).await;
+        let (waiting, replay_lane) = retry_depths(&runners, &broker_settings, &topology).await;
+        if let Some(depth) = replay_lane {
+            metrics::gauge!("worker_replay_lane_depth").set(f64::from(depth));
+        }
         for ((runner, last), in_retry_path) in runners.iter().zip(last.iter_mut()).zip(waiting) {
             let now = (runner.stats.snapshot(), in_retry_path);
             if now != *last || in_retry_path > 0 {
@@ -253,12 +257,13 @@ async fn log_stats(
     }
 }
 
-/// Messages waiting in each sink's delay queues (0 where the broker cannot be asked).
+/// Messages waiting in each sink's delay queues (0 where the broker cannot be asked), and in
+/// the replay lane (what replays have left).
 async fn retry_depths(
     runners: &[Arc<SinkRunner>],
     settings: &BrokerSettings,
     topology: &Topology,
-) -> Vec<u32> {
+) -> (Vec<u32>, Option<u32>) {
     let mut depths = vec![0; runners.len()];
     let Ok(Ok(connection)) = tokio::time::timeout(
         BROKER_CALL_TIMEOUT,
@@ -266,7 +271,7 @@ async fn retry_depths(
     )
     .await
     else {
-        return depths;
+        return (depths, None);
     };
     for (runner, depth) in runners.iter().zip(depths.iter_mut()) {
         for delay in &runner.retry_delays {
@@ -276,7 +281,11 @@ async fn retry_depths(
             }
         }
     }
-    tracing::debug!("read the sinks' retry queues");
+    let replay_lane = match broker::inspect_queue(&connection, &topology.replay()).await {
+        Ok(Some(q)) => Some(q.message_count()),
+        _ => None,
+    };
+    tracing::debug!("read the sinks' retry queues and the replay lane");
     let _ = tokio::time::timeout(BROKER_CALL_TIMEOUT, connection.close(200, "".into())).await;
-    depths
+    (depths, replay_lane)
 }

@@ -18,9 +18,10 @@
 //! publish), never blocks another sink, and a publish into one sink's queue concerns that sink
 //! alone.
 //!
-//! A lane takes replayed events (the replay lane's) only when no live job waits: a backfill
-//! queued ahead of live events would hold live deliveries up to `spill_after_ms` each, and
-//! with them the raw consumer's prefetch.
+//! A lane takes replayed events (the replay lane's) only when no live job waits, batches them
+//! apart from live ones, and lets them hold at most `max_in_flight - 1` of the sink's slots
+//! (at least one): a backfill queued ahead of live events, or holding every slot, would make
+//! each live delivery wait for it, and with them the raw consumer's prefetch.
 
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -29,7 +30,7 @@ use std::time::Duration;
 
 use ingest_pipeline::settings::DeliverySettings;
 use ingest_pipeline::Topology;
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -113,29 +114,57 @@ struct Lane {
     replayed: mpsc::Sender<Job>,
 }
 
-/// A lane's jobs, live ones first.
+/// A lane's jobs, live ones first; replayed ones only with one of the permits that bound the
+/// sink's slots replays may hold.
 struct Inbox {
     live: mpsc::Receiver<Job>,
     replayed: mpsc::Receiver<Job>,
+    replay_permits: Arc<Semaphore>,
+    /// A replayed job that did not fit in the last batch: the next replayed one to go.
+    held_replay: Option<Job>,
+}
+
+/// A job taken from a lane, and what it may batch with.
+struct Next {
+    job: Job,
+    replayed: bool,
+    /// For a replayed job: its hold on the replays' share of the slots.
+    permit: Option<OwnedSemaphorePermit>,
 }
 
 impl Inbox {
-    /// The next job, live first; `None` once both are closed and empty.
-    async fn recv(&mut self) -> Option<Job> {
+    /// The next job, live first, a replayed one once a replay permit is free; `None` once both
+    /// are closed and empty.
+    async fn recv(&mut self) -> Option<Next> {
+        let live = |job| Next {
+            job,
+            replayed: false,
+            permit: None,
+        };
         tokio::select! {
             biased;
-            Some(job) = self.live.recv() => Some(job),
-            Some(job) = self.replayed.recv() => Some(job),
+            Some(job) = self.live.recv() => Some(live(job)),
+            Ok(permit) = self.replay_permits.clone().acquire_owned() => {
+                if let Some(job) = self.held_replay.take() {
+                    return Some(Next { job, replayed: true, permit: Some(permit) });
+                }
+                tokio::select! {
+                    biased;
+                    Some(job) = self.live.recv() => Some(live(job)),
+                    Some(job) = self.replayed.recv() => Some(Next { job, replayed: true, permit: Some(permit) }),
+                    else => None,
+                }
+            }
             else => None,
         }
     }
 
-    /// A job already waiting, live first.
-    fn try_recv(&mut self) -> Option<Job> {
-        self.live
-            .try_recv()
-            .or_else(|_| self.replayed.try_recv())
-            .ok()
+    /// A job of the same kind already waiting, to batch with the first.
+    fn try_recv(&mut self, replayed: bool) -> Option<Job> {
+        match replayed {
+            true => self.replayed.try_recv().ok(),
+            false => self.live.try_recv().ok(),
+        }
     }
 }
 
@@ -157,6 +186,10 @@ impl Fanout {
                 let inbox = Inbox {
                     live: live_jobs,
                     replayed: replayed_jobs,
+                    replay_permits: Arc::new(Semaphore::new(
+                        runner.delivery.max_in_flight.saturating_sub(1).max(1),
+                    )),
+                    held_replay: None,
                 };
                 tasks.spawn(lane(
                     runner.clone(),
@@ -267,17 +300,24 @@ async fn lane(
     let slow = Arc::new(AtomicBool::new(false));
     let mut deliveries = JoinSet::new();
     // A job that did not fit in the last batch: the first of the next.
-    let mut held: Option<Job> = None;
+    let mut held: Option<Next> = None;
     loop {
-        let first = match held.take() {
-            Some(job) if !stop.is_cancelled() => Some(job),
+        let next = match held.take() {
+            Some(next) if !stop.is_cancelled() => Some(next),
             Some(_) => None,
             None => tokio::select! {
-                job = jobs.recv() => job,
+                next = jobs.recv() => next,
                 () = stop.cancelled() => None,
             },
         };
-        let Some(first) = first else { break };
+        let Some(Next {
+            job: first,
+            replayed,
+            permit,
+        }) = next
+        else {
+            break;
+        };
         let deadline = first.at + spill_after;
         // A slot first, then the batch: what arrived meanwhile joins it.
         let (slot, alone) = if slow.load(Ordering::Relaxed) {
@@ -310,10 +350,20 @@ async fn lane(
         };
         let mut group = Group::new(first);
         while group.events.len() < cap {
-            match jobs.try_recv() {
+            match jobs.try_recv(replayed) {
                 Some(job) if group.fits(&job, cap, &runner.delivery) => group.push(job),
+                // A replayed job waits for the replays' share of the slots again; live jobs
+                // go before it meanwhile.
+                Some(job) if replayed => {
+                    jobs.held_replay = Some(job);
+                    break;
+                }
                 Some(job) => {
-                    held = Some(job);
+                    held = Some(Next {
+                        job,
+                        replayed,
+                        permit: None,
+                    });
                     break;
                 }
                 None => break,
@@ -327,6 +377,8 @@ async fn lane(
             slow.clone(),
         );
         deliveries.spawn(async move {
+            // Held until the batch is placed, as the slot is.
+            let _replay_share = permit;
             let parts = match slot {
                 Some(_slot) => {
                     let path = Path::InProcess { deadline };

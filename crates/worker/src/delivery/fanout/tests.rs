@@ -382,3 +382,53 @@ async fn a_store_is_not_handed_a_batch_it_cannot_take_within_the_bound() {
     );
     assert_eq!(taken.len() + spilled.len(), HELD * ROUNDS * EVENTS);
 }
+
+/// A backfill in the lane never makes a live delivery wait for it: live jobs go first, and
+/// replays hold at most `max_in_flight - 1` of the sink's slots.
+#[tokio::test(start_paused = true)]
+async fn a_live_delivery_never_waits_behind_a_replay_in_its_lane() {
+    let sink = Arc::new(Scripted::per_event("backfill", Duration::from_millis(1)));
+    let delivery = DeliverySettings {
+        max_in_flight: 2,
+        spill_after_ms: 60_000,
+        ..DeliverySettings::default()
+    };
+    let runners = [runner(sink.clone(), delivery)];
+    let out = Arc::new(Recorder::default());
+    let (fanout, _tasks) = lanes(&runners, &out);
+    let started = tokio::time::Instant::now();
+    let replays: Vec<_> = (0..4)
+        .map(|r| {
+            let fanout = fanout.clone();
+            let ids: Vec<String> = (0..200).map(|i| format!("r{r}-{i}")).collect();
+            let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+            let batch = events(&ids, "track");
+            tokio::spawn(async move {
+                fanout
+                    .deliver_replayed(&batch, |_| true)
+                    .await
+                    .expect("settled");
+                started.elapsed()
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let live_started = tokio::time::Instant::now();
+    fanout
+        .deliver(&events(&["live"], "track"))
+        .await
+        .expect("settled");
+    let live = live_started.elapsed();
+    let mut replayed = Vec::new();
+    for replay in replays {
+        replayed.push(replay.await.expect("joined"));
+    }
+    assert!(live <= Duration::from_millis(5), "live waited {live:?}");
+    // The replays went one batch at a time: 800 events at 1 ms each.
+    assert!(
+        replayed.iter().max() >= Some(&Duration::from_millis(800)),
+        "{replayed:?}"
+    );
+    assert_eq!(sink.delivered().len(), 801);
+    assert!(out.stored().is_empty());
+}
