@@ -101,6 +101,12 @@ pub enum ReplayError {
     State(#[from] std::io::Error),
 }
 
+/// Closes a channel, waiting for the broker's answer a few seconds at most (a close that
+/// hangs must not keep a replay from ending).
+pub(crate) async fn close_channel(channel: &lapin::Channel) {
+    let _ = tokio::time::timeout(Duration::from_secs(5), channel.close(200, "".into())).await;
+}
+
 /// The receive time of the oldest archived request.
 async fn oldest(
     connection: &Connection,
@@ -222,7 +228,7 @@ async fn read<T>(
             break;
         }
     }
-    let _ = channel.close(200, "".into()).await;
+    close_channel(&channel).await;
     Ok(answer)
 }
 

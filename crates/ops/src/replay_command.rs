@@ -78,6 +78,13 @@ fn sources(settings: &Settings) -> Vec<String> {
     settings.collector.write_keys.keys().cloned().collect()
 }
 
+/// Closes the connection, waiting for the broker's answer a few seconds at most: what was sent
+/// is confirmed already, and a close that hangs must not keep the command from ending.
+async fn close(connection: &lapin::Connection) {
+    let closing = connection.close(200, "".into());
+    let _ = tokio::time::timeout(Duration::from_secs(5), closing).await;
+}
+
 async fn connect(settings: &Settings) -> anyhow::Result<lapin::Connection> {
     ingest_pipeline::broker::connect(&settings.broker, "ingestctl-replay")
         .await
@@ -93,7 +100,7 @@ async fn dry_run(settings: &Settings, args: &ReplayArgs) -> anyhow::Result<()> {
     let grace = chrono::TimeDelta::seconds(i64::try_from(grace_secs(args)?).unwrap_or(i64::MAX));
     let counted =
         replay::dry_run(&connection, &stream, from, to, grace, &args.sources, QUIET).await;
-    let _ = connection.close(200, "".into()).await;
+    close(&connection).await;
     let replay::DryRun {
         counts,
         archive_starts,
@@ -217,7 +224,7 @@ async fn send(settings: &Settings, args: &ReplayArgs) -> anyhow::Result<ExitCode
     if terminal {
         eprintln!();
     }
-    let _ = connection.close(200, "".into()).await;
+    close(&connection).await;
     match sent? {
         Ended::Finished => {
             println!(

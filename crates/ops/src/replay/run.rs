@@ -26,7 +26,7 @@ use lapin::{BasicProperties, Connection};
 use tokio_util::sync::CancellationToken;
 
 use super::state::State;
-use super::{oldest, ReplayError};
+use super::{close_channel, oldest, ReplayError};
 
 /// Publishes awaiting their confirm at once.
 const IN_FLIGHT: usize = 256;
@@ -238,7 +238,7 @@ pub async fn send(
     if failed.is_some() {
         sending.cancel();
     }
-    let _ = channel.close(200, "".into()).await;
+    close_channel(&channel).await;
     // Past a publish that did not settle the offset stays put: what follows is sent again on
     // --resume. A nack answered while stopping is such a publish, not a failure.
     let mut halted = failed.is_some();
@@ -458,7 +458,7 @@ async fn last_request(
         }
         delivery.ack(BasicAckOptions::default()).await?;
     }
-    let _ = channel.close(200, "".into()).await;
+    close_channel(&channel).await;
     Ok(last)
 }
 
