@@ -7,12 +7,15 @@
 //! sink's runner.
 //!
 //! The replay lane (`<prefix>.replay`, archived requests `ingestctl replay` sends again) is
-//! consumed on a channel of its own with `worker.replay_prefetch`: while both lanes have work,
-//! a replay holds that many deliveries against the live queue's `prefetch`, so it takes the
-//! smaller share; alone, it takes the whole worker. A replayed request goes to the sinks it
-//! names (every sink but statsd when it names none), and its age counts in no live lag.
+//! consumed on a channel of its own with `worker.replay_prefetch`: a replay holds that many
+//! deliveries against the live queue's `prefetch`, and a replayed delivery waits before it
+//! uses any CPU while more than a quarter of the live prefetch is in hand (live traffic
+//! arriving faster than it is finished); with live traffic idle, it takes the whole worker.
+//! In the sinks' lanes live jobs go first too (`fanout`). A replayed request goes to the sinks
+//! it names (every sink but statsd when it names none), and its age counts in no live lag.
 
 use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -112,6 +115,8 @@ pub(crate) async fn session(
     let shared = Arc::new(Session {
         out: out.clone(),
         fanout,
+        live_in_flight: Arc::new(AtomicUsize::new(0)),
+        live_busy_above: usize::from(settings.worker.prefetch / 4),
     });
     let tag = format!("worker-{}", uuid::Uuid::new_v4());
     let consuming = channel.basic_consume(
@@ -191,8 +196,13 @@ pub(crate) async fn session(
             next = consumer.next() => match next {
                 Some((lane, Some(Ok(delivery)))) => {
                     let delivery_tag = delivery.delivery_tag;
+                    let busy = (lane == Lane::Live).then(|| LiveBusy::enter(&shared.live_in_flight));
                     let work = handle(lane, delivery, context.clone(), shared.clone());
-                    tasks.spawn(async move { (lane, delivery_tag, settled_on_panic(work).await) });
+                    tasks.spawn(async move {
+                        let settled = settled_on_panic(work).await;
+                        drop(busy);
+                        (lane, delivery_tag, settled)
+                    });
                 }
                 Some((Lane::Live, Some(Err(error)))) => {
                     tracing::warn!(%error, "consumer failed");
@@ -427,6 +437,13 @@ async fn handle(
         tokio::time::sleep(Duration::from_millis(500 + fastrand::u64(0..1000))).await;
         return Settled::Requeue;
     }
+    // Live traffic first: while more than a quarter of the live prefetch is in hand (live
+    // deliveries arrive faster than they finish), a replayed one waits before using any CPU.
+    if replayed.is_some() {
+        while session.live_in_flight.load(Ordering::Relaxed) > session.live_busy_above {
+            tokio::time::sleep(LIVE_BUSY_POLL).await;
+        }
+    }
     let mut outcome = process::process(
         &context.registry,
         &delivery.properties,
@@ -497,4 +514,27 @@ async fn handle(
 struct Session {
     out: Arc<Out>,
     fanout: Fanout,
+    /// Live deliveries being handled now.
+    live_in_flight: Arc<AtomicUsize>,
+    /// Past this many live deliveries in hand, replayed ones wait: live traffic is behind.
+    live_busy_above: usize,
 }
+
+/// Counts a live delivery in hand while it lives.
+struct LiveBusy(Arc<AtomicUsize>);
+
+impl LiveBusy {
+    fn enter(count: &Arc<AtomicUsize>) -> Self {
+        count.fetch_add(1, Ordering::Relaxed);
+        Self(count.clone())
+    }
+}
+
+impl Drop for LiveBusy {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// How often a replayed delivery waiting for live traffic looks again.
+const LIVE_BUSY_POLL: Duration = Duration::from_millis(5);

@@ -318,7 +318,12 @@ async fn lane(
         else {
             break;
         };
-        let deadline = first.at + spill_after;
+        // A replayed job waits in the lane for live ones by design: its bound counts from now,
+        // and what becomes of it never marks the sink slow for live jobs.
+        let deadline = match replayed {
+            true => Instant::now() + spill_after,
+            false => first.at + spill_after,
+        };
         // A slot first, then the batch: what arrived meanwhile joins it.
         let (slot, alone) = if slow.load(Ordering::Relaxed) {
             // A probe: only if a slot is free at once, and alone.
@@ -385,12 +390,16 @@ async fn lane(
                     let (parts, in_time) = runner
                         .deliver_all(&group.events, &group.sizes, None, 0, path, &stop)
                         .await;
-                    slow.store(!in_time, Ordering::Relaxed);
+                    if !replayed {
+                        slow.store(!in_time, Ordering::Relaxed);
+                    }
                     parts
                 }
                 // No slot in time: the sink is slower than the arrivals.
                 None => {
-                    slow.store(true, Ordering::Relaxed);
+                    if !replayed {
+                        slow.store(true, Ordering::Relaxed);
+                    }
                     let reason = format!("the sink was busy for spill_after_ms ({spill_after:?})");
                     runner
                         .cut(&group.events, &group.sizes, None)
