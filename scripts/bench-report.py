@@ -634,6 +634,39 @@ if forward:
       + ("; read once RabbitMQ's figures had settled)." if forward.get("settled") else
          "; read once, right after: RabbitMQ's figures for a quorum queue lag by seconds, see the notes)."))
 w("")
+w("## 10. Replay beside live traffic")
+w("")
+w("A collector and a worker with two HTTP sinks, `live` and `backfill`, each answered by its own receiver; `live`")
+w("records each event's end-to-end lag (its arrival minus its `receivedAt`). Ten seconds of requests at 1,000/s are")
+w("archived (and worked off live). Then live traffic at 500 requests/s for the latency phase's length, alone, and")
+w("again while `ingestctl replay --sink backfill` sends the archived range. Then the worker's drain of generated")
+w("requests from the raw queue, and of the archived range replayed to both sinks from the replay lane, each from a")
+w("gated start (the replay lane at `worker.replay_prefetch` 8, alone).")
+w("")
+alone, beside = maybe("replay-lag-alone.json"), maybe("replay-lag-beside.json")
+if alone and beside:
+    w("| live traffic | events | p50 ms | p99 ms | max ms | replay lane depth at the end |")
+    w("|---|---|---|---|---|---|")
+    for label, d, m in (("alone", alone, "alone"), ("beside a replay", beside, "beside")):
+        left = text(f"replay-lane-{m}.txt") if os.path.exists(os.path.join(r, f"replay-lane-{m}.txt")) else "?"
+        w(f"| {label} | {d['events']} | {d['p50_ms']:.1f} | {d['p99_ms']:.1f} | {d['max_ms']:.0f} | {left} |")
+    ratio = beside["p99_ms"] / alone["p99_ms"] if alone["p99_ms"] else float("nan")
+    w("")
+    w(f"Live p99 beside a replay / alone: **{ratio:.2f}** (target at most 1.5: {verdict(ratio, 1.5, higher=False)}).")
+else:
+    w("Not measured (the phase failed; see the run's log).")
+live_drain, replay_drain, send = maybe("replay-drain-live.json"), maybe("replay-drain.json"), maybe("replay-send.json")
+if live_drain and replay_drain:
+    w("")
+    w("| drain | events | events/s | events per worker CPU-second |")
+    w("|---|---|---|---|")
+    for label, d in (("raw queue (live)", live_drain), ("replay lane", replay_drain)):
+        w(f"| {label} | {d['events']} | {d['events_per_s']:.0f} | {d['events_per_cpu_s'] or 0:.0f} |")
+if send:
+    w("")
+    w(f"`ingestctl replay` sent {send['events']} events ({send['requests']} requests) into the lane in {send['seconds']} s "
+      f"({send['events_per_s']:.0f} events/s).")
+w("")
 notes = os.path.join(os.getcwd(), "bench", "notes.md")
 if os.path.exists(notes):
     w(open(notes).read().strip())
