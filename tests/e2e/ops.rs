@@ -250,17 +250,7 @@ async fn canary_with_the_worker_stopped_reports_every_event_missing_and_is_criti
 
 #[tokio::test]
 async fn dlq_replay_after_a_schema_fix_moves_invalid_events_into_mongodb() {
-    // A tracking plan where Product Viewed wrongly requires `sku`.
-    let plan = work_dir().join(unique("plan"));
-    copy_dir(&root().join("schemas"), &plan);
-    let schema_file = plan.join("track/product_viewed.json");
-    let original = std::fs::read_to_string(&schema_file).unwrap();
-    let strict = original.replace(
-        r#""required": ["product_id"]"#,
-        r#""required": ["product_id", "sku"]"#,
-    );
-    assert_ne!(strict, original);
-    std::fs::write(&schema_file, strict).unwrap();
+    let (plan, schema_file, original) = plan_requiring_sku("plan");
 
     let mut s = settings("replay");
     s.worker.schemas_dir = plan.clone();

@@ -279,16 +279,7 @@ async fn a_new_sink_gets_exactly_the_range_and_a_replay_twice_leaves_mongodb_unc
 /// the one still invalid is kept in the invalid queue again, with today's error.
 #[tokio::test]
 async fn events_refused_by_a_schema_land_when_replayed_after_the_fix() {
-    let plan = work_dir().join(unique("replay-plan"));
-    copy_dir(&root().join("schemas"), &plan);
-    let schema_file = plan.join("track/product_viewed.json");
-    let original = std::fs::read_to_string(&schema_file).unwrap();
-    let strict = original.replace(
-        r#""required": ["product_id"]"#,
-        r#""required": ["product_id", "sku"]"#,
-    );
-    assert_ne!(strict, original);
-    std::fs::write(&schema_file, strict).unwrap();
+    let (plan, schema_file, original) = plan_requiring_sku("replay-plan");
     let mut s = settings("replay-fix");
     s.worker.schemas_dir = plan.clone();
     let collector = Collector::start(&s).await;

@@ -228,3 +228,19 @@ pub fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
         }
     }
 }
+
+/// A copy of the tracking plan where Product Viewed wrongly requires `sku` (a tracking-plan
+/// bug): the plan's directory, the schema's file and its right text, to write back as the fix.
+pub fn plan_requiring_sku(name: &str) -> (PathBuf, PathBuf, String) {
+    let plan = work_dir().join(unique(name));
+    copy_dir(&root().join("schemas"), &plan);
+    let schema_file = plan.join("track/product_viewed.json");
+    let original = std::fs::read_to_string(&schema_file).unwrap();
+    let strict = original.replace(
+        r#""required": ["product_id"]"#,
+        r#""required": ["product_id", "sku"]"#,
+    );
+    assert_ne!(strict, original);
+    std::fs::write(&schema_file, strict).unwrap();
+    (plan, schema_file, original)
+}
