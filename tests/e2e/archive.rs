@@ -103,14 +103,7 @@ async fn with_the_raw_queue_deleted_every_200d_request_is_still_in_the_archive()
             .send()
     };
     assert_eq!(post("gone-before".into()).await.unwrap().status(), 200);
-    let (conn, ch) = channel(url).await;
-    ch.queue_delete(
-        raw.as_str().into(),
-        lapin::options::QueueDeleteOptions::default(),
-    )
-    .await
-    .unwrap();
-    let _ = conn.close(200, "".into()).await;
+    assert!(delete_queue(url, &raw).await);
     let during = post("gone-during".into()).await.unwrap().status().as_u16();
     assert!(during == 200 || during == 503, "{during}");
     let mut taken = vec![("gone-during".to_owned(), during)];

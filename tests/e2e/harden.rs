@@ -10,9 +10,7 @@ use futures_util::StreamExt;
 use ingest_e2e::*;
 use ingest_pipeline::headers::{ATTEMPT, BATCH_KEY};
 use ingest_pipeline::Topology;
-use lapin::options::{
-    BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, QueueDeleteOptions,
-};
+use lapin::options::{BasicConsumeOptions, BasicNackOptions, BasicPublishOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use serde_json::json;
 
@@ -133,11 +131,7 @@ async fn a_deleted_invalid_queue_is_declared_again_and_invalid_events_still_land
     assert!(status_becomes(&client, format!("{}/readyz", worker.url), 200).await);
     let invalid = format!("{}.invalid", s.broker.prefix);
     let raw = format!("{}.raw", s.broker.prefix);
-    let (conn, ch) = channel(&url).await;
-    ch.queue_delete(invalid.as_str().into(), QueueDeleteOptions::default())
-        .await
-        .unwrap();
-    let _ = conn.close(200, "".into()).await;
+    assert!(delete_queue(&url, &invalid).await);
 
     // A track event without its name fails the envelope.
     publish_raw(

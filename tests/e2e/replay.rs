@@ -331,12 +331,7 @@ async fn a_replay_killed_half_way_goes_on_with_resume_and_every_event_lands_once
     let from = Utc::now();
     let ids = post_moment(&collector, "lost", 40).await;
     let raw = format!("{}.raw", s.broker.prefix);
-    let (connection, channel) = channel(&amqp_url()).await;
-    channel
-        .queue_purge(raw.as_str().into(), Default::default())
-        .await
-        .unwrap();
-    let _ = connection.close(200, "".into()).await;
+    purge_queue(&amqp_url(), &raw).await;
     let worker = Worker::start(&s);
     assert_eq!(count(&s, doc! {}).await, 0);
 

@@ -219,14 +219,7 @@ async fn a_deleted_raw_queue_is_declared_again_and_requests_get_200_into_it() {
     };
     assert_eq!(post("before".into()).await.unwrap().status(), 200);
 
-    let (conn, ch) = channel(url).await;
-    ch.queue_delete(
-        raw.as_str().into(),
-        lapin::options::QueueDeleteOptions::default(),
-    )
-    .await
-    .unwrap();
-    let _ = conn.close(200, "".into()).await;
+    assert!(delete_queue(url, &raw).await);
     assert!(!lapin_queue_exists(url, &raw).await);
 
     let mut statuses = Vec::new();
@@ -282,14 +275,7 @@ async fn a_deleted_raw_queue_is_declared_again_without_waiting_for_a_request() {
     let collector = Collector::start(&s).await;
     let url = s.broker.url.expose();
     let raw = format!("{}.raw", s.broker.prefix);
-    let (conn, ch) = channel(url).await;
-    ch.queue_delete(
-        raw.as_str().into(),
-        lapin::options::QueueDeleteOptions::default(),
-    )
-    .await
-    .unwrap();
-    let _ = conn.close(200, "".into()).await;
+    assert!(delete_queue(url, &raw).await);
     assert!(
         eventually(Duration::from_secs(30), || lapin_queue_exists(url, &raw)).await,
         "the raw queue was not declared again"
@@ -331,14 +317,7 @@ async fn a_returned_publish_never_puts_the_body_or_its_write_key_in_the_collecto
         // declares the queue again, so the delete may be needed more than once).
         let mut returned = false;
         for _ in 0..50 {
-            let (conn, ch) = channel(amqp).await;
-            let _ = ch
-                .queue_delete(
-                    raw.as_str().into(),
-                    lapin::options::QueueDeleteOptions::default(),
-                )
-                .await;
-            let _ = conn.close(200, "".into()).await;
+            delete_queue(amqp, &raw).await;
             let r = client
                 .post(format!("{url}/v1/batch"))
                 .header("content-type", "text/plain")

@@ -344,6 +344,27 @@ pub async fn drain_with_headers(
         .collect()
 }
 
+/// Deletes a queue by hand, as an operator would (`rabbitmqctl delete_queue`); `false` if the
+/// broker refused (it may be gone already).
+pub async fn delete_queue(url: &str, queue: &str) -> bool {
+    let (conn, ch) = channel(url).await;
+    let deleted = ch
+        .queue_delete(queue.into(), lapin::options::QueueDeleteOptions::default())
+        .await
+        .is_ok();
+    let _ = conn.close(200, "".into()).await;
+    deleted
+}
+
+/// Empties a queue by hand (`rabbitmqctl purge_queue`).
+pub async fn purge_queue(url: &str, queue: &str) {
+    let (conn, ch) = channel(url).await;
+    ch.queue_purge(queue.into(), lapin::options::QueuePurgeOptions::default())
+        .await
+        .unwrap();
+    let _ = conn.close(200, "".into()).await;
+}
+
 /// Whether a queue exists.
 pub async fn lapin_queue_exists(url: &str, queue: &str) -> bool {
     inspect_queue(url, queue).await.is_some()
