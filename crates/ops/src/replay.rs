@@ -232,15 +232,21 @@ async fn read<T>(
     Ok(answer)
 }
 
+/// A time from RFC 3339, for the replay's tests.
+#[cfg(test)]
+pub(crate) fn test_time(text: &str) -> DateTime<Utc> {
+    DateTime::parse_from_rfc3339(text)
+        .expect("a time")
+        .with_timezone(&Utc)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn times_are_rfc_3339_now_or_relative() {
-        let now = DateTime::parse_from_rfc3339("2026-12-06T12:00:00Z")
-            .expect("a time")
-            .with_timezone(&Utc);
+        let now = test_time("2026-12-06T12:00:00Z");
         let at = |text: &str| parse_time(text, now).map(|t| t.to_rfc3339());
         assert_eq!(at("now"), Ok("2026-12-06T12:00:00+00:00".into()));
         assert_eq!(at("-2h"), Ok("2026-12-06T10:00:00+00:00".into()));

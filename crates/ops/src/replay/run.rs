@@ -513,6 +513,7 @@ pub fn events_in(body: &[u8], gzip: bool) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::replay::test_time as at;
 
     #[test]
     fn events_are_counted_in_batches_gzip_or_not() {
@@ -525,12 +526,6 @@ mod tests {
         assert_eq!(events_in(br#"{"type":"track","event":"x"}"#, false), 1);
         assert_eq!(events_in(b"not json", false), 1);
         assert_eq!(events_in(b"not gzip", true), 1);
-    }
-
-    fn at(text: &str) -> DateTime<Utc> {
-        DateTime::parse_from_rfc3339(text)
-            .expect("a time")
-            .with_timezone(&Utc)
     }
 
     #[test]

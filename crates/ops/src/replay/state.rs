@@ -143,12 +143,7 @@ impl State {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn at(text: &str) -> DateTime<Utc> {
-        DateTime::parse_from_rfc3339(text)
-            .expect("a time")
-            .with_timezone(&Utc)
-    }
+    use crate::replay::test_time as at;
 
     fn plan() -> Plan {
         Plan {
