@@ -9,6 +9,7 @@ use bson::{doc, Document, RawDocumentBuf};
 use futures_util::TryStreamExt;
 use ingest_schema::{Registry, UnknownEventPolicy};
 use mongodb::{Client, Collection};
+use worker::enrich::Enrichment;
 use worker::process::{process, Documents, PayloadLimits};
 use worker::sinks::mongo::to_document;
 
@@ -47,6 +48,7 @@ pub fn worker_documents(
             &payload.body,
             limits,
             Documents::Made,
+            &Enrichment::off(),
         );
         if let Some(invalid) = outcome.invalid.first() {
             anyhow::bail!(

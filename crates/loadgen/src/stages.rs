@@ -19,6 +19,7 @@ use ingest_schema::{Doc, Registry, UnknownEventPolicy};
 use lapin::BasicProperties;
 use worker::decode::{self, Element};
 use worker::delivery::split::json_len;
+use worker::enrich::Enrichment;
 use worker::process::{process, Documents, PayloadLimits};
 use worker::sinks::mongo::to_document;
 use worker::sinks::{http, statsd, Event};
@@ -245,9 +246,16 @@ pub fn run(
             inputs
                 .iter()
                 .map(|r| {
-                    process(&registry, &r.properties, &r.body, LIMITS, documents)
-                        .valid
-                        .len()
+                    process(
+                        &registry,
+                        &r.properties,
+                        &r.body,
+                        LIMITS,
+                        documents,
+                        &Enrichment::off(),
+                    )
+                    .valid
+                    .len()
                 })
                 .sum::<usize>()
         })

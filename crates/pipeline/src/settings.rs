@@ -17,10 +17,15 @@ use ingest_schema::UnknownEventPolicy;
 use serde::Deserialize;
 
 mod invalid;
+mod policy;
 mod sinks;
 mod validate;
 
 pub use invalid::InvalidSettings;
+pub use policy::{
+    BotPattern, BotPolicy, EnrichSettings, FieldAction, FieldRule, IpPolicy, PolicySettings,
+    SampleRule, SourcePolicy, SourcePolicyChanges,
+};
 pub use sinks::{
     BodyFormat, DeliverySettings, HttpSinkSettings, MongoSinkSettings, SinksSettings,
     StatsdSinkSettings,
@@ -42,6 +47,9 @@ pub enum SettingsError {
         setting: &'static str,
         reason: String,
     },
+    /// The same, for a setting whose name holds a source's.
+    #[error("invalid setting `{setting}`: {reason}")]
+    InvalidNamed { setting: String, reason: String },
 }
 
 /// A string that is never printed: write keys, URLs with passwords.
@@ -71,6 +79,8 @@ pub struct Settings {
     pub worker: WorkerSettings,
     pub mongo: MongoSettings,
     pub sinks: SinksSettings,
+    pub enrich: EnrichSettings,
+    pub policy: PolicySettings,
     pub log: LogSettings,
     pub metrics: MetricsSettings,
 }

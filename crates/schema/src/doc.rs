@@ -291,6 +291,95 @@ impl Doc {
     }
 }
 
+/// What [`Doc::edit_path`] does to one value it reaches.
+#[derive(Debug, Clone)]
+pub enum Edit {
+    Keep,
+    /// The member goes (an array item reached by a path is never removed: it becomes `null`).
+    Remove,
+    Set(Val),
+}
+
+/// Whether `key` matches one segment of a path: equal, or, for a segment that ends in `*`,
+/// starting with what comes before it.
+fn segment_matches(segment: &str, key: &str) -> bool {
+    match segment.strip_suffix('*') {
+        Some(prefix) => key.starts_with(prefix),
+        None => key == segment,
+    }
+}
+
+impl Doc {
+    /// Calls `edit` on each value that `path` reaches (object keys, each may end in `*`) and
+    /// does what it answers; returns how many it reached. A value held once for several events
+    /// (a batch's `context`) is copied into this one before it changes, so the others keep it.
+    pub fn edit_path(&mut self, path: &[&str], edit: &mut dyn FnMut(Node<'_>) -> Edit) -> usize {
+        let text = Arc::clone(&self.text);
+        edit_members(&text, &mut self.root, path, edit)
+    }
+}
+
+fn edit_members(
+    text: &str,
+    val: &mut Val,
+    path: &[&str],
+    edit: &mut dyn FnMut(Node<'_>) -> Edit,
+) -> usize {
+    let Some((segment, rest)) = path.split_first() else {
+        return 0;
+    };
+    if let Val::Shared(..) = val {
+        // Only copied when something in it is reached.
+        if !reaches(text, val.resolved(), path) {
+            return 0;
+        }
+        *val = val.resolved().clone();
+    }
+    let Val::Obj(members) = val else {
+        return 0;
+    };
+    let mut reached = 0;
+    let mut index = 0;
+    while index < members.len() {
+        let (key, value) = &mut members[index];
+        if !segment_matches(segment, key.read(text)) {
+            index += 1;
+            continue;
+        }
+        if !rest.is_empty() {
+            reached += edit_members(text, value, rest, edit);
+            index += 1;
+            continue;
+        }
+        reached += 1;
+        match edit(Node::new(text, value)) {
+            Edit::Keep => index += 1,
+            Edit::Set(new) => {
+                *value = new;
+                index += 1;
+            }
+            // In order: the event's members keep their places.
+            Edit::Remove => {
+                members.remove(index);
+            }
+        }
+    }
+    reached
+}
+
+/// Whether `path` reaches anything in `val`.
+fn reaches(text: &str, val: &Val, path: &[&str]) -> bool {
+    let Some((segment, rest)) = path.split_first() else {
+        return true;
+    };
+    match val.resolved() {
+        Val::Obj(members) => members.iter().any(|(key, value)| {
+            segment_matches(segment, key.read(text)) && reaches(text, value, rest)
+        }),
+        _ => false,
+    }
+}
+
 impl serde::Serialize for Doc {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         self.node().serialize(serializer)

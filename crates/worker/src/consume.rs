@@ -450,6 +450,7 @@ async fn handle(
         &delivery.data,
         context.limits,
         context.documents,
+        &context.enrichment,
     );
     let (valid, invalid) = (outcome.valid.len(), outcome.invalid.len());
     metrics::counter!("worker_events_total", "result" => "valid").increment(valid as u64);

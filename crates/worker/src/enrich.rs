@@ -2,10 +2,215 @@
 //! deterministic for a given delivery, so a redelivered payload yields the same documents
 //! (in particular the same generated `messageId`), which is what makes MongoDB writes idempotent.
 
+use std::collections::HashMap;
+use std::net::IpAddr;
+
 use chrono::{DateTime, SecondsFormat, Utc};
 use ingest_pipeline::message::RequestMeta;
+use ingest_pipeline::settings::{BotPolicy, EnrichSettings, PolicySettings, SourcePolicy};
 use ingest_schema::{Doc, Val};
 use serde_json::Value;
+
+pub mod agent;
+pub mod geo;
+pub mod privacy;
+
+use agent::{AgentParser, Bot};
+use geo::GeoReader;
+use privacy::Privacy;
+
+/// What [`Enrichment::annotate`] may add to one event at most, in bytes as JSON:
+/// `context.userAgentParsed`, `context.bot` and `context.geo`, each field bounded and free of
+/// what JSON escapes (`agent::plain`).
+pub const ANNOTATION_BYTES: usize = 600;
+
+/// The steps after the fixed fields: the user agent read, bots flagged, the address located,
+/// and each source's rules (bots, privacy, sampling). Built once at start.
+pub struct Enrichment {
+    agents: Option<AgentParser>,
+    geo: Option<GeoReader>,
+    default: SourceRules,
+    sources: HashMap<String, SourceRules>,
+}
+
+/// One source's rules, ready to apply.
+pub struct SourceRules {
+    pub bots: BotPolicy,
+    pub privacy: Privacy,
+    /// Event name and the share of its events kept.
+    pub sample: Vec<(String, f64)>,
+}
+
+impl SourceRules {
+    fn new(policy: &SourcePolicy, secret: &str) -> Self {
+        let mut sample: Vec<(String, f64)> = Vec::new();
+        // A later rule for the same name wins.
+        for rule in &policy.sample {
+            sample.retain(|(name, _)| name != &rule.event);
+            sample.push((rule.event.clone(), rule.keep));
+        }
+        Self {
+            bots: policy.bots,
+            privacy: Privacy::new(policy, secret),
+            sample,
+        }
+    }
+
+    /// The share kept of events named `name`, if a rule names it.
+    pub fn sampled(&self, name: &str) -> Option<(&str, f64)> {
+        self.sample
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(n, keep)| (n.as_str(), *keep))
+    }
+}
+
+/// What [`Enrichment::annotate`] found in one event.
+#[derive(Debug, Default)]
+pub struct Annotated {
+    pub bot: Option<Bot>,
+    pub geo: GeoResult,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub enum GeoResult {
+    /// No database, or nothing to look up.
+    #[default]
+    Off,
+    Found,
+    /// An address the database does not have.
+    Missing,
+    /// No `context.ip`, or one that is not an address.
+    NoAddress,
+}
+
+impl Enrichment {
+    /// Nothing added and no rule: what the worker did before this step existed.
+    pub fn off() -> Self {
+        Self {
+            agents: None,
+            geo: None,
+            default: SourceRules::new(&SourcePolicy::keep_all(), ""),
+            sources: HashMap::new(),
+        }
+    }
+
+    pub fn from_settings(enrich: &EnrichSettings, policy: &PolicySettings) -> anyhow::Result<Self> {
+        let secret = enrich.hash_secret.expose();
+        Ok(Self {
+            agents: enrich.user_agent.then(|| AgentParser::new(&enrich.bots)),
+            geo: enrich
+                .geo_database()
+                .map(|p| GeoReader::open(p))
+                .transpose()?,
+            default: SourceRules::new(&policy.default, secret),
+            sources: policy
+                .sources
+                .keys()
+                .map(|name| {
+                    (
+                        name.clone(),
+                        SourceRules::new(&policy.for_source(name), secret),
+                    )
+                })
+                .collect(),
+        })
+    }
+
+    /// Whether [`Enrichment::annotate`] adds anything.
+    pub fn annotates(&self) -> bool {
+        self.agents.is_some() || self.geo.is_some()
+    }
+
+    pub fn rules(&self, source: &str) -> &SourceRules {
+        self.sources.get(source).unwrap_or(&self.default)
+    }
+
+    /// Adds `context.userAgentParsed` and `context.bot` from `context.userAgent`, and
+    /// `context.geo` from `context.ip`. An event whose `context` is not an object gets none.
+    pub fn annotate(&self, event: &mut Doc) -> Annotated {
+        let mut found = Annotated::default();
+        if !self.annotates() {
+            return found;
+        }
+        let context = event.get("context");
+        let agent = match (&self.agents, context.and_then(|c| c.get("userAgent"))) {
+            (Some(parser), Some(agent)) => agent.as_str().map(|a| parser.read(a)),
+            _ => None,
+        };
+        let geo = self.geo.as_ref().map(|reader| {
+            context
+                .and_then(|c| c.get("ip"))
+                .and_then(|ip| ip.as_str())
+                .and_then(|ip| ip.trim().parse::<IpAddr>().ok())
+                .map(|ip| reader.locate(ip))
+        });
+        found.geo = match &geo {
+            None => GeoResult::Off,
+            Some(None) => GeoResult::NoAddress,
+            Some(Some(None)) => GeoResult::Missing,
+            Some(Some(Some(_))) => GeoResult::Found,
+        };
+        let Some(mut object) = event.object_mut() else {
+            return found;
+        };
+        let Some(mut context) = object.object_entry("context") else {
+            return found;
+        };
+        if let Some(agent) = agent {
+            let fields = [
+                ("browser", agent.browser.as_deref()),
+                ("browserVersion", agent.browser_version.as_deref()),
+                ("os", agent.os.as_deref()),
+                ("osVersion", agent.os_version.as_deref()),
+                ("deviceType", agent.device_type),
+            ];
+            context.insert("userAgentParsed", object_of(&fields));
+            if let Some(bot) = &agent.bot {
+                let fields = [
+                    ("name", Some(bot.name.as_str())),
+                    ("category", Some(bot.category.as_str())),
+                ];
+                context.insert("bot", object_of(&fields));
+            }
+            found.bot = agent.bot.clone();
+        }
+        if let Some(Some(Some(geo))) = geo {
+            let fields = [
+                ("country", geo.country.as_deref()),
+                ("countryName", geo.country_name.as_deref()),
+                ("city", geo.city.as_deref()),
+            ];
+            context.insert("geo", object_of(&fields));
+        }
+        found
+    }
+}
+
+/// An object of the fields that have a value.
+fn object_of(fields: &[(&str, Option<&str>)]) -> Val {
+    Val::Obj(
+        fields
+            .iter()
+            .filter_map(|(key, value)| value.map(|v| ((*key).into(), Val::string(v))))
+            .collect(),
+    )
+}
+
+/// Whether an event is kept under a sampling rule that keeps `keep` of its name's events: the
+/// same answer for every copy of the event (its `messageId` decides), in every worker.
+pub fn sampled_in(message_id: &str, keep: f64) -> bool {
+    use sha2::Digest as _;
+    if keep >= 1.0 {
+        return true;
+    }
+    let digest = sha2::Sha256::digest(message_id.as_bytes());
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest[..8]);
+    // The top 53 bits, as a share of 1.
+    let share = (u64::from_be_bytes(first) >> 11) as f64 / (1u64 << 53) as f64;
+    share < keep
+}
 
 const MESSAGE_ID_NAMESPACE: uuid::Uuid =
     uuid::Uuid::from_u128(0x6c1f_3a2e_9b8d_4f70_a5e1_20c4_7d9b_13aa);

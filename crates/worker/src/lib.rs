@@ -50,6 +50,8 @@ pub(crate) struct Context {
     confirm_timeout: Duration,
     /// Compaction and the byte cap's overflow, across broker sessions.
     invalid: invalid_publish::InvalidQueue,
+    /// The user agent read, bots, geolocation, and each source's rules.
+    enrichment: enrich::Enrichment,
 }
 
 /// Builds every enabled sink from the settings, checking each.
@@ -110,6 +112,7 @@ pub async fn serve(
     let registry = Registry::load(&w.schemas_dir, w.unknown_events)
         .with_context(|| format!("loading schemas from {}", w.schemas_dir.display()))?;
     tracing::info!(schemas = registry.len(), "tracking plan loaded");
+    let enrichment = enrich::Enrichment::from_settings(&settings.enrich, &settings.policy)?;
     let sinks = build_sinks(&settings).await?;
 
     let stop = CancellationToken::new();
@@ -176,6 +179,7 @@ pub async fn serve(
         },
         confirm_timeout: settings.broker.confirm_timeout(),
         invalid: invalid_publish::InvalidQueue::new(&w.invalid),
+        enrichment,
     });
 
     let mut backoff = reconnect;

@@ -2,12 +2,13 @@
 //! ends either as a document for the sinks or as an invalid record; none is dropped.
 
 use ingest_pipeline::message::{is_gzip, RefusedEvent, RequestMeta};
+use ingest_pipeline::settings::BotPolicy;
 use ingest_schema::{Issue, Registry};
 use lapin::BasicProperties;
 use serde_json::Value;
 
 use crate::decode::{self, DecodeError, Element};
-use crate::enrich;
+use crate::enrich::{self, privacy::Applied, Enrichment, GeoResult};
 use crate::invalid::{scrub_write_key, InvalidRecord};
 use crate::sinks::mongo::to_document;
 use crate::sinks::Event;
@@ -38,11 +39,14 @@ pub enum Documents {
     NotNeeded,
 }
 
-/// What enrichment adds to one event, at most: fixed-size fields plus what comes from the
-/// request.
+/// What enrichment adds to one event, at most: fixed-size fields, what comes from the
+/// request, what [`Enrichment::annotate`] adds and what privacy rules may lengthen it by. It
+/// stays within `built::WORKER_FIELDS_BYTES`, the collector's allowance for it.
 fn enrichment_bytes(meta: &RequestMeta) -> usize {
     const FIXED: usize = 400;
     FIXED
+        + enrich::ANNOTATION_BYTES
+        + enrich::privacy::MAX_GROWTH_BYTES
         + meta.source.len()
         + meta.request_id.len()
         + meta.client_ip.as_ref().map_or(0, String::len)
@@ -58,10 +62,13 @@ pub fn process(
     body: &[u8],
     limits: PayloadLimits,
     documents: Documents,
+    enrichment: &Enrichment,
 ) -> Outcome {
     let run = std::panic::AssertUnwindSafe(|| {
         let meta = RequestMeta::from_properties(properties, body);
-        process_payload(registry, properties, body, limits, documents, meta)
+        process_payload(
+            registry, properties, body, limits, documents, enrichment, meta,
+        )
     });
     match std::panic::catch_unwind(run) {
         Ok(outcome) => outcome,
@@ -97,11 +104,15 @@ fn process_payload(
     body: &[u8],
     limits: PayloadLimits,
     documents: Documents,
+    enrichment: &Enrichment,
     meta: RequestMeta,
 ) -> Outcome {
+    let rules = enrichment.rules(&meta.source);
+    // A source with privacy rules keeps no text that the rules could not read.
+    let withhold = !rules.privacy.is_off();
     let json = match decode::payload(body, is_gzip(properties), limits.max_bytes) {
         Ok(json) => json,
-        Err(error) => return undecodable(meta, &error, body),
+        Err(error) => return undecodable(meta, &error, body, withhold),
     };
     let per_event = enrichment_bytes(&meta);
     let split =
@@ -117,8 +128,9 @@ fn process_payload(
     let split = match split {
         Ok(split) => split,
         // The decoded text is kept (not the gzip bytes), so the write key can be scrubbed.
-        Err(error) => return undecodable(meta, &error, &json),
+        Err(error) => return undecodable(meta, &error, &json, withhold),
     };
+    let mut tally = Tally::default();
     // Ids for events that came without one: from the request's content, so a client's retry
     // of the same request (a new request id) gets the same ids.
     // Hashing a 500 KB payload costs as much as validating it: only when an event needs it.
@@ -143,7 +155,7 @@ fn process_payload(
                 (None, Element::Event(event)) => serde_json::to_string(&event).unwrap_or_default(),
                 (None, Element::NotAnObject(value)) => value.to_string(),
             };
-            invalid.push(refused_too_large(refused, &text, &meta));
+            invalid.push(refused_too_large(refused, &text, &meta, withhold));
             continue;
         }
         match element {
@@ -153,7 +165,53 @@ fn process_payload(
                 }
                 let seed = seed.as_deref().unwrap_or_default();
                 enrich::enrich(&mut event, &meta, seed, index, split.sent_at.as_ref());
-                let issues = registry.check(event.node());
+                let annotated = enrichment.annotate(&mut event);
+                tally.geo(annotated.geo);
+                if let Some(bot) = &annotated.bot {
+                    let action = match rules.bots {
+                        BotPolicy::Flag => "flagged",
+                        BotPolicy::Drop => "dropped",
+                        BotPolicy::Invalid => "invalid",
+                    };
+                    tally.bot(&bot.category, action);
+                    match rules.bots {
+                        BotPolicy::Flag => {}
+                        BotPolicy::Drop => continue,
+                        BotPolicy::Invalid => {
+                            let mut issues = vec![Issue {
+                                pointer: "/context/userAgent".into(),
+                                message: format!(
+                                    "a bot's event ({}, {}): this source's policy keeps bots out (policy.bots = \"invalid\")",
+                                    bot.name, bot.category
+                                ),
+                                schema: "bot".into(),
+                            }];
+                            tally
+                                .applied
+                                .add(rules.privacy.apply(&mut event, &mut issues));
+                            invalid.push(InvalidRecord::new(
+                                "bot",
+                                issues,
+                                Some(event.to_value()),
+                                &meta,
+                            ));
+                            continue;
+                        }
+                    }
+                }
+                let mut issues = registry.check(event.node());
+                tally
+                    .applied
+                    .add(rules.privacy.apply(&mut event, &mut issues));
+                if issues.is_empty() {
+                    if let Some((name, keep)) = event_name(&event).and_then(|n| rules.sampled(n)) {
+                        let id = event.get_str("messageId").unwrap_or_default();
+                        if !enrich::sampled_in(id, keep) {
+                            tally.sampled(name);
+                            continue;
+                        }
+                    }
+                }
                 if !issues.is_empty() {
                     invalid.push(InvalidRecord::new(
                         "schema",
@@ -186,10 +244,88 @@ fn process_payload(
         }
     }
     detach_if_sparse(&mut valid_events);
+    tally.record(&meta.source);
     Outcome {
         meta,
         valid: valid_events,
         invalid,
+    }
+}
+
+/// A track's `event`, a page's or screen's `name`: what sampling rules name.
+fn event_name(event: &ingest_schema::Doc) -> Option<&str> {
+    match event.get_str("type")? {
+        "track" => event.get_str("event"),
+        "page" | "screen" => event.get_str("name"),
+        _ => None,
+    }
+}
+
+/// What one delivery's enrichment did, counted once per delivery (not per event).
+#[derive(Default)]
+struct Tally {
+    /// Bot category, action, events.
+    bots: Vec<(String, &'static str, u64)>,
+    /// Found, missing, no address.
+    geo: [u64; 3],
+    applied: Applied,
+    /// Event name (one a rule names), events left out.
+    sampled: Vec<(String, u64)>,
+}
+
+impl Tally {
+    fn bot(&mut self, category: &str, action: &'static str) {
+        match self
+            .bots
+            .iter_mut()
+            .find(|(c, a, _)| c == category && *a == action)
+        {
+            Some((_, _, n)) => *n += 1,
+            None => self.bots.push((category.to_owned(), action, 1)),
+        }
+    }
+
+    fn geo(&mut self, result: GeoResult) {
+        match result {
+            GeoResult::Off => {}
+            GeoResult::Found => self.geo[0] += 1,
+            GeoResult::Missing => self.geo[1] += 1,
+            GeoResult::NoAddress => self.geo[2] += 1,
+        }
+    }
+
+    fn sampled(&mut self, name: &str) {
+        match self.sampled.iter_mut().find(|(n, _)| n == name) {
+            Some((_, n)) => *n += 1,
+            None => self.sampled.push((name.to_owned(), 1)),
+        }
+    }
+
+    /// Labels are bounded by the configuration: sources are write keys' names, categories
+    /// the bot list's, event names those the sampling rules name.
+    fn record(&self, source: &str) {
+        for (category, action, n) in &self.bots {
+            metrics::counter!("worker_bot_events_total", "source" => source.to_owned(), "category" => category.clone(), "action" => *action).increment(*n);
+        }
+        for (result, n) in ["found", "missing", "no_address"].into_iter().zip(self.geo) {
+            if n > 0 {
+                metrics::counter!("worker_geo_lookups_total", "result" => result).increment(n);
+            }
+        }
+        let a = &self.applied;
+        for (action, n) in [
+            ("drop", a.dropped),
+            ("hash", a.hashed),
+            ("redact", a.redacted),
+            ("ip", a.ip),
+        ] {
+            if n > 0 {
+                metrics::counter!("worker_privacy_rules_applied_total", "source" => source.to_owned(), "action" => action).increment(n);
+            }
+        }
+        for (event, n) in &self.sampled {
+            metrics::counter!("worker_sampled_events_total", "source" => source.to_owned(), "event" => event.clone()).increment(*n);
+        }
     }
 }
 
@@ -235,13 +371,21 @@ fn raw_elements(json: &[u8]) -> Vec<&serde_json::value::RawValue> {
 /// its JSON as sent (as a string, its write key scrubbed), its size as sent and a hash of its
 /// bytes as sent (a name-based UUID), so that the client's record can be matched without
 /// keeping the bulk.
-fn refused_too_large(refused: &RefusedEvent, sent: &str, meta: &RequestMeta) -> InvalidRecord {
+fn refused_too_large(
+    refused: &RefusedEvent,
+    sent: &str,
+    meta: &RequestMeta,
+    withhold: bool,
+) -> InvalidRecord {
     let hash = uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, sent.as_bytes());
     let scrubbed = scrub_write_key(sent.as_bytes());
-    let kept: String = String::from_utf8_lossy(&scrubbed)
-        .chars()
-        .take(REFUSED_KEPT_CHARS)
-        .collect();
+    let kept: String = match withhold {
+        true => String::new(),
+        false => String::from_utf8_lossy(&scrubbed)
+            .chars()
+            .take(REFUSED_KEPT_CHARS)
+            .collect(),
+    };
     InvalidRecord::new(
         "too_large",
         vec![Issue {
@@ -258,9 +402,17 @@ fn refused_too_large(refused: &RefusedEvent, sent: &str, meta: &RequestMeta) -> 
 }
 
 /// A payload that cannot be split into events within the limits: kept whole, once.
-fn undecodable(meta: RequestMeta, error: &DecodeError, kept: &[u8]) -> Outcome {
+fn undecodable(meta: RequestMeta, error: &DecodeError, kept: &[u8], withhold: bool) -> Outcome {
     let mut record = InvalidRecord::undecodable(error.to_string(), kept, &meta);
     record.reason = error.reason();
+    if withhold {
+        record.raw_base64 = None;
+        if let Some(issue) = record.errors.first_mut() {
+            issue.message.push_str(
+                "; the payload is not kept: its source has privacy rules, which cannot be applied to what does not parse",
+            );
+        }
+    }
     Outcome {
         meta,
         valid: Vec::new(),

@@ -6,6 +6,9 @@ use super::{Settings, SettingsError, MAX_RATE_PER_SECOND, MIN_RATE_PER_SECOND};
 impl Settings {
     /// Checks shared by both services.
     pub fn validate(&self) -> Result<(), SettingsError> {
+        if let Err((setting, reason)) = self.policy.validate(&self.enrich) {
+            return Err(SettingsError::InvalidNamed { setting, reason });
+        }
         let b = &self.broker;
         check(
             !b.nodes().is_empty(),

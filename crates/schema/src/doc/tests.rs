@@ -197,3 +197,46 @@ fn a_large_shared_context_merges_as_a_map_would() {
         serde_json::to_string(&json!({ "context": expected })).expect("writes")
     );
 }
+
+#[test]
+fn edit_path_reaches_each_match_and_copies_a_shared_value_before_changing_it() {
+    use super::Edit;
+    let batch = parse(
+        r#"{"context":{"traits":{"email":"a@b.c","plan":"pro"}},"e":{"properties":{"card_no":"4111","card_cvc":123,"cart":1}}}"#,
+    );
+    let shared = Arc::new(batch.get("context").expect("context").to_val());
+    let event_root = batch.get("e").expect("e").to_val();
+    let mut first = batch.with_root(event_root.clone());
+    let mut second = batch.with_root(event_root);
+    for event in [&mut first, &mut second] {
+        let mut object = event.object_mut().expect("object");
+        object
+            .object_entry("context")
+            .expect("context")
+            .merge_shared(&shared);
+    }
+    let reached = first.edit_path(&["context", "traits", "email"], &mut |node| {
+        assert_eq!(node.as_str(), Some("a@b.c"));
+        Edit::Set(Val::string("hidden"))
+    });
+    assert_eq!(reached, 1);
+    let dropped = first.edit_path(&["properties", "card_*"], &mut |_| Edit::Remove);
+    assert_eq!(dropped, 2);
+    assert_eq!(
+        first.to_value(),
+        json!({"properties":{"cart":1},"context":{"traits":{"email":"hidden","plan":"pro"}}})
+    );
+    // The other event of the batch still reads the shared context as sent.
+    assert_eq!(
+        second.to_value()["context"]["traits"]["email"],
+        json!("a@b.c")
+    );
+    assert_eq!(
+        first.edit_path(&["context", "nothing"], &mut |_| Edit::Remove),
+        0
+    );
+    assert_eq!(
+        first.edit_path(&["properties", "cart", "deeper"], &mut |_| Edit::Remove),
+        0
+    );
+}

@@ -1,6 +1,7 @@
 //! The compaction window, on records the worker really makes from a request.
 
 use super::*;
+use crate::enrich::Enrichment;
 use crate::process::{process, Documents, PayloadLimits};
 use ingest_pipeline::message::{Endpoint, RequestMeta};
 use ingest_schema::{Registry, UnknownEventPolicy};
@@ -27,6 +28,7 @@ fn invalid(registry: &Registry, batch: Vec<Value>) -> Vec<InvalidRecord> {
         body.as_bytes(),
         LIMITS,
         Documents::Made,
+        &Enrichment::off(),
     );
     assert!(outcome.valid.is_empty());
     outcome.invalid

@@ -242,7 +242,14 @@ fn old_document(event: &Map<String, Value>) -> Option<Vec<u8>> {
 }
 
 fn by_doc(registry: &Registry, body: &[u8]) -> Made {
-    let outcome = process(registry, &properties(), body, LIMITS, Documents::Made);
+    let outcome = process(
+        registry,
+        &properties(),
+        body,
+        LIMITS,
+        Documents::Made,
+        &Enrichment::off(),
+    );
     let valid = outcome
         .valid
         .iter()
