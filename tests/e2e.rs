@@ -11,6 +11,7 @@ mod e2e {
     pub mod cluster_nack;
     pub mod compat;
     pub mod dedupe;
+    pub mod enrich;
     pub mod exposition;
     pub mod fanout;
     pub mod fixtures;

@@ -19,12 +19,13 @@ use serde_json::{json, Value};
 use tower_http::cors::{AllowHeaders, AllowOrigin, CorsLayer};
 
 use crate::auth::{basic_username, query_write_key, WriteKeys};
-use crate::body::{gunzip_limited, inspect, read_limited, Inspected, Refused};
+use crate::body::{gunzip_limited, inspect_counting, read_limited, Inspected, Refused};
 use crate::error::CaptureError;
 use crate::head::{client_ip, content_length, content_type, is_gzip};
 use crate::in_flight::{InFlight, Slot};
 use crate::limits::Limits;
-use crate::publisher::{raw_properties, Publisher};
+use crate::publisher::{raw_properties, Lane, Publisher};
+use crate::quota::Verdict;
 use crate::spool::record::Entry;
 use crate::spool::Spool;
 
@@ -38,6 +39,9 @@ pub struct AppState {
     /// Requests being read or published; when none is free the answer is 503 at once.
     pub in_flight: InFlight,
     pub limiter: crate::ratelimit::RateLimiter,
+    /// Events per second per source and user: past a quota, the overflow lane; past the
+    /// ceiling, 429.
+    pub quotas: crate::quota::Quotas,
     pub keys: WriteKeys,
     pub limits: Limits,
     pub body_timeout: Duration,
@@ -393,7 +397,13 @@ async fn accept(
         .await
         .map_err(|_| CaptureError::BodyTimeout { retry_after_secs })??;
     slot.shrink_to(raw.len());
-    let inspected = inspect_body(endpoint, &raw, gzip, limit, &state.limits);
+    // Users are read only for a source with per-user quotas (any, while the source is not
+    // known yet).
+    let users = match &header_source {
+        Some(source) => state.quotas.counts_users(source),
+        None => state.quotas.counts_any_users(),
+    };
+    let inspected = inspect_body(endpoint, &raw, gzip, limit, &state.limits, users);
     let (inspected, source) = match header_source {
         Some(source) => (inspected.map_err(|(error, _)| error)?.0, source),
         None => {
@@ -417,6 +427,26 @@ async fn accept(
         }
     };
 
+    let lane = match state.quotas.check(
+        &source,
+        inspected.events,
+        &inspected.users,
+        std::time::Instant::now(),
+    ) {
+        Verdict::Live => Lane::Raw,
+        Verdict::Overflow(reason) => {
+            metrics::counter!("collector_overflowed_events_total", "source" => source.clone(), "reason" => reason.as_str())
+                .increment(inspected.events as u64);
+            Lane::Overflow
+        }
+        Verdict::Refuse(wait) => {
+            metrics::counter!("collector_ceiling_refused_events_total", "source" => source.clone())
+                .increment(inspected.events as u64);
+            return Err(CaptureError::OverCeiling {
+                retry_after_secs: wait.as_secs().saturating_add(1),
+            });
+        }
+    };
     let meta = RequestMeta {
         request_id: request_id.to_owned(),
         received_at: chrono::Utc::now(),
@@ -442,7 +472,8 @@ async fn accept(
     let refused_header = (!too_large.is_empty()).then(|| RefusedEvent::header(&too_large));
     let properties = raw_properties(&meta, content_type, gzip, refused_header.as_deref());
     let handed = std::time::Instant::now();
-    let spooled = match state.publisher.publish(&raw, properties).await {
+    // A spooled request is forwarded to the raw queue, whatever its lane.
+    let spooled = match state.publisher.publish_to(lane, &raw, properties).await {
         Ok(()) => None,
         Err(source) => {
             let retry_after_secs = state.retry_after_secs;
@@ -483,17 +514,18 @@ fn inspect_body(
     gzip: bool,
     limit: usize,
     limits: &Limits,
+    users: bool,
 ) -> Result<(Inspected, usize), (CaptureError, usize)> {
     if !gzip {
         let work = raw.len();
-        return inspect(endpoint, raw, limits)
+        return inspect_counting(endpoint, raw, limits, users)
             .map(|inspected| (inspected, work))
             .map_err(|error| (error, work));
     }
     // A body that fails to inflate is counted at the limit: at most that was inflated.
     let inflated = gunzip_limited(raw, limit).map_err(|error| (error, raw.len() + limit))?;
     let work = raw.len() + inflated.len();
-    inspect(endpoint, &inflated, limits)
+    inspect_counting(endpoint, &inflated, limits, users)
         .map(|inspected| (inspected, work))
         .map_err(|error| (error, work))
 }

@@ -75,6 +75,22 @@ pub struct Inspected {
     pub events: usize,
     /// The batch's events refused alone (with `partial_batches`), in order.
     pub refused: Vec<Refused>,
+    /// Each user's key ([`crate::quota::user_key`]) and events, when asked for.
+    pub users: Vec<(u64, usize)>,
+}
+
+/// Each distinct user's key and how many of `ids` are theirs.
+fn count_users<'a>(ids: impl Iterator<Item = &'a str>) -> Vec<(u64, usize)> {
+    let mut keys: Vec<u64> = ids.map(crate::quota::user_key).collect();
+    keys.sort_unstable();
+    let mut counted: Vec<(u64, usize)> = Vec::new();
+    for key in keys {
+        match counted.last_mut() {
+            Some((last, n)) if *last == key => *n += 1,
+            _ => counted.push((key, 1)),
+        }
+    }
+    counted
 }
 
 /// Checks the decoded body's shape and sizes, in one pass over its JSON (see [`scan`]); returns
@@ -83,6 +99,16 @@ pub fn inspect(
     endpoint: Endpoint,
     json: &[u8],
     limits: &Limits,
+) -> Result<Inspected, CaptureError> {
+    inspect_counting(endpoint, json, limits, false)
+}
+
+/// [`inspect`], and with `users`, the events of each user.
+pub fn inspect_counting(
+    endpoint: Endpoint,
+    json: &[u8],
+    limits: &Limits,
+    users: bool,
 ) -> Result<Inspected, CaptureError> {
     let limit = limits.for_endpoint(endpoint);
     if json.len() > limit {
@@ -98,6 +124,10 @@ pub fn inspect(
     let scanned = scan(json, endpoint == Endpoint::Batch, limits)?;
     if endpoint != Endpoint::Batch {
         return Ok(Inspected {
+            users: match users {
+                true => count_users(scanned.user.as_deref().into_iter()),
+                false => Vec::new(),
+            },
             write_key: scanned.write_key,
             events: 1,
             refused: Vec::new(),
@@ -123,6 +153,10 @@ pub fn inspect(
         });
     }
     Ok(Inspected {
+        users: match users {
+            true => count_users(batch.events.iter().filter_map(|e| e.user.as_deref())),
+            false => Vec::new(),
+        },
         write_key: scanned.write_key,
         events: batch.elements - batch.refused.len(),
         refused: batch.refused,

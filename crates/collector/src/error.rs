@@ -52,6 +52,8 @@ pub enum CaptureError {
     },
     #[error("this source is over its request rate; retry later")]
     RateLimited { retry_after_secs: u64 },
+    #[error("this source sent more events per second than its ceiling (policy.max_events_per_second); retry later")]
+    OverCeiling { retry_after_secs: u64 },
     #[error("too many requests in flight from this client address; retry later")]
     ClientOverShare { retry_after_secs: u64 },
     #[error(
@@ -94,6 +96,7 @@ impl CaptureError {
             | Self::Overloaded { .. }
             | Self::Lagging { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::RateLimited { .. }
+            | Self::OverCeiling { .. }
             | Self::ClientOverShare { .. }
             | Self::UnauthenticatedOverBudget { .. } => StatusCode::TOO_MANY_REQUESTS,
         }
@@ -117,6 +120,7 @@ impl CaptureError {
             Self::Unavailable { .. } | Self::NotSpooled { .. } => "unavailable",
             Self::Overloaded { .. } | Self::Lagging { .. } => "overloaded",
             Self::RateLimited { .. } => "rate_limited",
+            Self::OverCeiling { .. } => "over_event_ceiling",
             Self::ClientOverShare { .. } => "client_over_share",
             Self::UnauthenticatedOverBudget { .. } => "unauthenticated_over_budget",
             Self::TooManyEvents { .. } => "too_many_events",
@@ -139,6 +143,7 @@ impl CaptureError {
             } => "max_in_flight_bytes",
             Self::Lagging { .. } => "scheduling_delay",
             Self::RateLimited { .. } => "rate_limit",
+            Self::OverCeiling { .. } => "event_ceiling",
             Self::ClientOverShare { .. } => "max_connections_per_ip",
             Self::UnauthenticatedOverBudget { .. } => "unauthenticated_work",
             Self::Unavailable { source, .. } => source.shed_reason(),
@@ -170,6 +175,7 @@ impl IntoResponse for CaptureError {
             retry_after_secs, ..
         }
         | Self::RateLimited { retry_after_secs }
+        | Self::OverCeiling { retry_after_secs }
         | Self::ClientOverShare { retry_after_secs }
         | Self::UnauthenticatedOverBudget { retry_after_secs }
         | Self::BodyTimeout { retry_after_secs } = self

@@ -10,6 +10,7 @@ pub mod in_flight;
 pub mod limits;
 pub mod per_client;
 pub mod publisher;
+pub mod quota;
 pub mod ratelimit;
 pub mod scan;
 pub mod server;
@@ -69,6 +70,7 @@ pub async fn serve(
             c.rate_limit_per_second,
             c.rate_limit_burst,
         ),
+        quotas: quota::Quotas::new(c.write_keys.keys(), &settings.policy),
         keys: WriteKeys::new(&c.write_keys),
         limits: Limits {
             max_event_bytes: c.max_event_bytes,

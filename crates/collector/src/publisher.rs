@@ -96,12 +96,23 @@ struct Shared {
     closed: Notify,
 }
 
+/// The queue a request goes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lane {
+    Raw,
+    /// Past its source's quota or a user's (`quota`).
+    Overflow,
+}
+
 #[derive(Clone)]
 pub struct Publisher {
     shared: Arc<Shared>,
     /// The ingest exchange: to the raw queue and, with the archive on, the archive stream.
     exchange: String,
     queue: String,
+    /// The same for the overflow lane.
+    overflow_exchange: String,
+    overflow_queue: String,
     confirm_timeout: Duration,
 }
 
@@ -120,6 +131,8 @@ impl Publisher {
             shared: shared.clone(),
             exchange: topology.ingest_exchange(),
             queue: topology.raw(),
+            overflow_exchange: topology.overflow_exchange(),
+            overflow_queue: topology.overflow(),
             confirm_timeout: settings.confirm_timeout(),
         };
         tokio::spawn(supervise(shared, settings, topology));
@@ -146,8 +159,18 @@ impl Publisher {
         (!live.leaving.load(Ordering::SeqCst)).then_some(live)
     }
 
+    /// Publishes to the raw queue.
     pub async fn publish(
         &self,
+        body: &[u8],
+        properties: BasicProperties,
+    ) -> Result<(), PublishError> {
+        self.publish_to(Lane::Raw, body, properties).await
+    }
+
+    pub async fn publish_to(
+        &self,
+        lane: Lane,
         body: &[u8],
         properties: BasicProperties,
     ) -> Result<(), PublishError> {
@@ -159,15 +182,11 @@ impl Publisher {
         let channel = &live.channels[index];
         let started = std::time::Instant::now();
         let policy = Policy::answer_within(self.confirm_timeout);
-        let result = until_taken(
-            channel,
-            &self.exchange,
-            &self.queue,
-            body,
-            properties,
-            &policy,
-        )
-        .await;
+        let (exchange, queue) = match lane {
+            Lane::Raw => (&self.exchange, &self.queue),
+            Lane::Overflow => (&self.overflow_exchange, &self.overflow_queue),
+        };
+        let result = until_taken(channel, exchange, queue, body, properties, &policy).await;
         let outcome = match &result {
             Ok(()) => "ack",
             Err(Refused::Nacked | Refused::Returned) => "nack",

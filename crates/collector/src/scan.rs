@@ -58,6 +58,8 @@ pub struct Scanned<'a> {
     pub shared_integrations: Option<usize>,
     /// The batch-level `sentAt` as sent, in bytes (`None` when absent or `null`).
     pub shared_sent_at: Option<usize>,
+    /// A single event's user (not a batch's): see [`EventFields::user`].
+    pub user: Option<Cow<'a, str>>,
 }
 
 /// A batch's elements as one pass found them.
@@ -118,6 +120,9 @@ pub struct EventFields<'a> {
     /// Why the worker could not use it, whatever the tracking plan: its `type` missing or not
     /// one it knows, its `messageId` not a string.
     pub unusable: Option<(&'static str, String)>,
+    /// Whose event it is, for per-user quotas: its `userId`, else its `anonymousId` (the last
+    /// of each sent, a non-empty string).
+    pub user: Option<Cow<'a, str>>,
 }
 
 #[derive(Debug, PartialEq)]
@@ -146,8 +151,14 @@ fn top<'a>(cursor: &mut Cursor<'a>, batch: bool, limits: &Limits) -> Scan<Scanne
     }
     let mut scanned = Scanned::default();
     let mut seen = [false; 5];
+    let (mut user_id, mut anonymous_id) = (Text::Null, Text::Null);
     cursor.object(0, |cursor, key| {
         let key = key.text();
+        match (key.as_ref(), batch) {
+            ("userId", false) => return text(cursor, 1).map(|t| user_id = t),
+            ("anonymousId", false) => return text(cursor, 1).map(|t| anonymous_id = t),
+            _ => {}
+        }
         let field = match (key.as_ref(), batch) {
             ("writeKey", _) => 0,
             ("batch", true) => 1,
@@ -174,7 +185,16 @@ fn top<'a>(cursor: &mut Cursor<'a>, batch: bool, limits: &Limits) -> Scan<Scanne
         }
         Ok(())
     })?;
+    scanned.user = user_of(user_id, anonymous_id);
     Ok(scanned)
+}
+
+/// An event's `userId`, else its `anonymousId`, when a non-empty string.
+fn user_of<'a>(user_id: Text<'a>, anonymous_id: Text<'a>) -> Option<Cow<'a, str>> {
+    [user_id, anonymous_id].into_iter().find_map(|id| match id {
+        Text::Str(id) if !id.is_empty() => Some(id),
+        _ => None,
+    })
 }
 
 /// A top-level value's bytes as sent; `None` for `null`.
@@ -312,7 +332,9 @@ fn event<'a>(cursor: &mut Cursor<'a>) -> Scan<EventFields<'a>> {
         has_sent_at: false,
         view_name: None,
         unusable: None,
+        user: None,
     };
+    let (mut user_id, mut anonymous_id) = (Text::Null, Text::Null);
     let mut has_name = false;
     // The `event`: its text when a string, and its bytes as sent.
     let mut event_name: Option<(Option<Str<'a>>, usize)> = None;
@@ -337,10 +359,13 @@ fn event<'a>(cursor: &mut Cursor<'a>) -> Scan<EventFields<'a>> {
             }
             "type" => kind = text(cursor, 3)?,
             "messageId" => message_id = text(cursor, 3)?,
+            "userId" => user_id = text(cursor, 3)?,
+            "anonymousId" => anonymous_id = text(cursor, 3)?,
             _ => cursor.value(3)?,
         }
         Ok(())
     })?;
+    fields.user = user_of(user_id, anonymous_id);
     if let (Text::Str(kind), false, Some((Some(name), bytes))) = (&kind, has_name, event_name) {
         if built::is_view(kind) && built::is_view_name(&name.text()) {
             fields.view_name = Some(bytes);

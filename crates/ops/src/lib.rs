@@ -84,7 +84,8 @@ pub fn parse_rates(queue: &serde_json::Value) -> Option<Rates> {
     })
 }
 
-/// Every queue of the pipeline: raw, invalid, the raw DLQ, and each sink's queue, delay queues and DLQ.
+/// Every queue of the pipeline: raw, the replay and overflow lanes, invalid, the raw DLQ, and
+/// each sink's queue, delay queues and DLQ.
 pub fn pipeline_queues(
     topology: &Topology,
     sinks: &[String],
@@ -448,6 +449,7 @@ mod tests {
             vec![
                 "a.raw",
                 "a.replay",
+                "a.overflow",
                 "a.invalid",
                 "a.raw.dlq",
                 "a.sink.mongo",

@@ -83,6 +83,20 @@ impl Topology {
         format!("{}.replay", self.prefix)
     }
 
+    /// Requests past their source's quota or one of its users' (`policy`): the collector
+    /// publishes them here instead of the raw queue, and workers drain it behind the raw queue
+    /// with a smaller prefetch (`worker.overflow_prefetch`), so a flood slows only itself.
+    pub fn overflow(&self) -> String {
+        format!("{}.overflow", self.prefix)
+    }
+
+    /// The exchange the collector publishes overflowed requests to: it routes each to the
+    /// overflow lane and, with the archive on, to the archive stream, as the ingest exchange
+    /// does for the raw queue.
+    pub fn overflow_exchange(&self) -> String {
+        format!("{}.ingest.overflow", self.prefix)
+    }
+
     /// Raw payloads that reached the delivery limit (workers kept failing on them), with
     /// RabbitMQ's `x-death` header.
     pub fn raw_dlq(&self) -> String {
@@ -95,7 +109,13 @@ impl Topology {
     }
 
     pub fn all_queues(&self) -> Vec<String> {
-        vec![self.raw(), self.replay(), self.invalid(), self.raw_dlq()]
+        vec![
+            self.raw(),
+            self.replay(),
+            self.overflow(),
+            self.invalid(),
+            self.raw_dlq(),
+        ]
     }
 
     /// Valid events, one message per raw delivery, fanned out to every sink's queue.
@@ -201,9 +221,17 @@ impl Topology {
         let channel = connection.create_channel().await?;
         declare_fanout(&channel, &exchange).await?;
         bind(&channel, &self.raw(), &exchange).await?;
+        // The overflow lane: the raw queue's arguments, so a flood there is capped and
+        // dead-lettered as raw requests are.
+        let overflow_exchange = self.overflow_exchange();
+        declare_fanout(&channel, &overflow_exchange).await?;
+        let warning = "the overflow lane exists with other arguments; using it as it is";
+        declare_as_it_is(connection, &self.overflow(), self.raw_arguments(), warning).await?;
+        bind(&channel, &self.overflow(), &overflow_exchange).await?;
         if let Some(archive) = &self.archive {
             declare_archive(connection, &self.archive(), archive).await?;
             bind(&channel, &self.archive(), &exchange).await?;
+            bind(&channel, &self.archive(), &overflow_exchange).await?;
         }
         let _ = channel.close(200, "".into()).await;
         Ok(())
@@ -213,13 +241,23 @@ impl Topology {
     /// the broker). Declared by the workers and `ingestctl replay`, never by the collector:
     /// one that exists with other arguments is used as it is, with a warning.
     pub async fn declare_replay(&self, connection: &Connection) -> lapin::Result<()> {
+        // With `reject-publish`: a full lane nacks the replay's publish (it stops, to be
+        // resumed) instead of dropping the oldest requests, a quorum queue's default.
+        let args = self.raw_arguments();
+        let warning = "the replay lane exists with other arguments; using it as it is";
+        declare_as_it_is(connection, &self.replay(), args, warning).await
+    }
+
+    /// The raw queue's arguments as this release declares them: the dead-letter queue and
+    /// delivery limit, and the cap refusing publishes past it.
+    fn raw_arguments(&self) -> FieldTable {
         let mut args = self.consumed_arguments(&self.raw_dlq());
         if self.raw_max_length_bytes > 0 {
             let cap = i64::try_from(self.raw_max_length_bytes).unwrap_or(i64::MAX);
             args.insert("x-max-length-bytes".into(), AMQPValue::LongLongInt(cap));
+            args.insert("x-overflow".into(), long_string("reject-publish"));
         }
-        let warning = "the replay lane exists with other arguments; using it as it is";
-        declare_as_it_is(connection, &self.replay(), args, warning).await
+        args
     }
 
     /// Declares the fan-out exchange and, for each sink, its queue (bound to the exchange),
@@ -535,7 +573,13 @@ mod tests {
         assert_eq!(t.invalid(), "t1.invalid");
         assert_eq!(
             t.all_queues(),
-            vec!["t1.raw", "t1.replay", "t1.invalid", "t1.raw.dlq"]
+            vec![
+                "t1.raw",
+                "t1.replay",
+                "t1.overflow",
+                "t1.invalid",
+                "t1.raw.dlq"
+            ]
         );
         assert_eq!(t.valid_exchange(), "t1.valid");
         assert_eq!(

@@ -50,6 +50,9 @@ pub const CATALOGUE: &[(&str, Kind, &str)] = &[
     // Collector.
     ("http_requests_total", Kind::Counter, "HTTP requests answered, by route and status."),
     ("http_request_duration_seconds", Kind::Histogram, "Time from a request's head to its answer, by route and status."),
+    ("collector_overflowed_events_total", Kind::Counter, "Events of requests sent to the overflow lane (<prefix>.overflow) past their source's quota, by source and reason (source: policy.events_per_second; user: policy.user_events_per_second)."),
+    ("collector_ceiling_refused_events_total", Kind::Counter, "Events of requests refused with 429 past their source's ceiling (policy.max_events_per_second), by source."),
+    ("collector_quota_users_untracked_total", Kind::Counter, "Users not counted against policy.user_events_per_second because their source's table of active users was full (100000 per source per collector)."),
     ("collector_events_accepted_total", Kind::Counter, "Events in requests answered 2xx (confirmed by the broker)."),
     ("collector_events_refused_total", Kind::Counter, "Events of accepted batches refused alone (kept as invalid by the worker), by code."),
     ("collector_requests_spooled_total", Kind::Counter, "Requests answered 200 from the spool because the broker could not confirm them, by the broker's reason."),
@@ -85,6 +88,8 @@ pub const CATALOGUE: &[(&str, Kind, &str)] = &[
     ("worker_geo_lookups_total", Kind::Counter, "Geolocation of events' context.ip, by result: found, missing (an address the database does not have), no_address (none, or not an address)."),
     ("worker_privacy_rules_applied_total", Kind::Counter, "Values the privacy rules changed, by source and action: drop, hash, redact (policy.fields) and ip (context.ip truncated or dropped)."),
     ("worker_sampled_events_total", Kind::Counter, "Valid events left out by a sampling rule (policy.sample), by source and the event name the rule names."),
+    ("worker_overflow_events_total", Kind::Counter, "Events taken from the overflow lane (<prefix>.overflow: requests past their source's or a user's quota); also counted in worker_events_total."),
+    ("worker_overflow_lag_seconds", Kind::Histogram, "Time from the collector's receipt of an overflowed request to the worker's handling of it: the overflow lane's lag (kept out of worker_queue_lag_seconds)."),
     ("worker_processing_panics_total", Kind::Counter, "Payloads whose processing panicked; each is kept as an invalid record."),
     ("worker_publish_returned_total", Kind::Counter, "Worker publishes returned unroutable (the target queue was missing), by target."),
     ("worker_publish_nacked_total", Kind::Counter, "Worker publishes refused by the broker, by target."),

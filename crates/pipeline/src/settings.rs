@@ -241,6 +241,9 @@ pub struct WorkerSettings {
     /// `prefetch`: the replay's share of the worker while both lanes have work; 0 = this worker
     /// does not take replays.
     pub replay_prefetch: u16,
+    /// Unacked deliveries of the overflow lane (`<prefix>.overflow`, requests past a quota)
+    /// beside `prefetch`; 0 = this worker leaves the lane to others.
+    pub overflow_prefetch: u16,
     pub max_payload_bytes: usize,
     pub max_payload_events: usize,
     /// Bytes a delivery's events may come to once built (batch fields merged into each); a

@@ -127,23 +127,10 @@ pub(crate) async fn session(
     );
     let live = step("consuming the raw queue", consuming).await?;
     let replay_prefetch = settings.worker.replay_prefetch;
-    let replay = match replay_prefetch {
-        0 => None,
-        _ => {
-            let channel = step("opening the replay channel", connection.create_channel()).await?;
-            let qos = channel.basic_qos(replay_prefetch, BasicQosOptions::default());
-            step("setting the replay prefetch", qos).await?;
-            let consuming = channel.basic_consume(
-                topology.replay().into(),
-                tag.as_str().into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            );
-            let consumer = step("consuming the replay lane", consuming).await?;
-            Some((channel, consumer))
-        }
-    };
-    tracing::info!(queue = %topology.raw(), prefetch = settings.worker.prefetch, replay_prefetch, sinks = ?names, "consuming");
+    let replay = side_lane(&connection, &topology.replay(), replay_prefetch, &tag).await?;
+    let overflow_prefetch = settings.worker.overflow_prefetch;
+    let overflow = side_lane(&connection, &topology.overflow(), overflow_prefetch, &tag).await?;
+    tracing::info!(queue = %topology.raw(), prefetch = settings.worker.prefetch, replay_prefetch, overflow_prefetch, sinks = ?names, "consuming");
     context.health.set_consuming(true);
 
     let mut acks = LaneAcks {
@@ -151,9 +138,20 @@ pub(crate) async fn session(
         replay: replay
             .as_ref()
             .map(|(channel, _)| Acks::new(channel.clone(), replay_prefetch)),
+        overflow: overflow
+            .as_ref()
+            .map(|(channel, _)| Acks::new(channel.clone(), overflow_prefetch)),
     };
-    let replay_channel = replay.as_ref().map(|(channel, _)| channel.clone());
-    let mut consumer = merged(live, replay.map(|(_, consumer)| consumer));
+    let side_channels: Vec<lapin::Channel> = [&replay, &overflow]
+        .into_iter()
+        .flatten()
+        .map(|(channel, _)| channel.clone())
+        .collect();
+    let mut consumer = merged(
+        live,
+        replay.map(|(_, consumer)| consumer),
+        overflow.map(|(_, consumer)| consumer),
+    );
     let mut tasks = JoinSet::new();
     let mut health = tokio::time::interval(Duration::from_secs(1));
     // Finished deliveries held behind an unfinished one are acked alone after `acks::HOLD`.
@@ -212,12 +210,12 @@ pub(crate) async fn session(
                     tracing::warn!("the broker ended the consumer");
                     break true;
                 }
-                // The replay lane alone (deleted to abort a replay, its channel closed): the
-                // session ends as a stop does, settling the live deliveries in hand, and the
-                // next one subscribes again.
-                Some((Lane::Replay, ended)) => {
+                // A side lane alone (the replay lane deleted to abort a replay, its channel
+                // closed): the session ends as a stop does, settling the live deliveries in
+                // hand, and the next one subscribes again.
+                Some((lane @ (Lane::Replay | Lane::Overflow), ended)) => {
                     let error = ended.and_then(Result::err).map(|e| e.to_string());
-                    tracing::warn!(?error, "the replay lane's consumer ended; starting a new session");
+                    tracing::warn!(?error, ?lane, "a side lane's consumer ended; starting a new session");
                     break false;
                 }
                 None => break true,
@@ -231,7 +229,7 @@ pub(crate) async fn session(
     };
     context.health.set_consuming(false);
     if !lost {
-        for channel in std::iter::once(&channel).chain(&replay_channel) {
+        for channel in std::iter::once(&channel).chain(&side_channels) {
             let cancel = channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default());
             let _ = tokio::time::timeout(BROKER_CALL_TIMEOUT, cancel).await;
         }
@@ -314,22 +312,26 @@ async fn settle_joined(
     while let Some(more) = tasks.try_join_next() {
         finished.push(more);
     }
-    let (mut live, mut replay) = (Vec::with_capacity(finished.len()), Vec::new());
+    let mut live = Vec::with_capacity(finished.len());
+    let (mut replay, mut overflow) = (Vec::new(), Vec::new());
     for joined in finished {
         match joined {
             Ok((Lane::Live, tag, settled)) => live.push((tag, settled)),
             Ok((Lane::Replay, tag, settled)) => replay.push((tag, settled)),
+            Ok((Lane::Overflow, tag, settled)) => overflow.push((tag, settled)),
             // Only an abort gets here (a panic is caught in the task): the channel's close
             // returns the delivery.
             Err(error) => tracing::warn!(%error, "a delivery task ended without settling"),
         }
     }
-    // The replay channel failing costs only its own deliveries (they return to their lane
+    // A side lane's channel failing costs only its own deliveries (they return to their lane
     // when it closes), never the live ones: the session goes on.
-    if let (Some(replay_acks), false) = (&mut acks.replay, replay.is_empty()) {
-        if let Err(error) = replay_acks.settle_all(replay).await {
-            tracing::warn!(%error, "cannot ack on the replay channel");
-            acks.replay = None;
+    for (side, settled) in [(&mut acks.replay, replay), (&mut acks.overflow, overflow)] {
+        if let (Some(side_acks), false) = (side.as_mut(), settled.is_empty()) {
+            if let Err(error) = side_acks.settle_all(settled).await {
+                tracing::warn!(%error, "cannot ack on a side lane's channel");
+                *side = None;
+            }
         }
     }
     match acks.live.settle_all(live).await {
@@ -348,41 +350,79 @@ pub(crate) enum Lane {
     Live,
     /// The replay lane: archived requests sent again.
     Replay,
+    /// The overflow lane: requests past their source's quota or a user's.
+    Overflow,
 }
 
 /// Each lane's deliveries with the lane; `None` once a consumer ended (the session ends too).
 type Deliveries = BoxStream<'static, (Lane, Option<lapin::Result<Delivery>>)>;
 
-/// Both consumers as one stream.
-fn merged(live: lapin::Consumer, replay: Option<lapin::Consumer>) -> Deliveries {
+/// Every lane's consumer as one stream.
+fn merged(
+    live: lapin::Consumer,
+    replay: Option<lapin::Consumer>,
+    overflow: Option<lapin::Consumer>,
+) -> Deliveries {
     let lane = |lane: Lane, consumer: lapin::Consumer| {
         consumer
             .map(move |next| (lane, Some(next)))
             .chain(stream::once(async move { (lane, None) }))
+            .boxed()
     };
-    match replay {
-        Some(replay) => stream::select(lane(Lane::Live, live), lane(Lane::Replay, replay)).boxed(),
-        None => lane(Lane::Live, live).boxed(),
+    let sides = [(Lane::Replay, replay), (Lane::Overflow, overflow)]
+        .into_iter()
+        .filter_map(|(kind, consumer)| consumer.map(|c| lane(kind, c)));
+    stream::select_all(std::iter::once(lane(Lane::Live, live)).chain(sides)).boxed()
+}
+
+/// A side lane's channel and consumer, with its own prefetch; `None` when it is 0 (this
+/// worker leaves the lane to others).
+async fn side_lane(
+    connection: &lapin::Connection,
+    queue: &str,
+    prefetch: u16,
+    tag: &str,
+) -> anyhow::Result<Option<(lapin::Channel, lapin::Consumer)>> {
+    if prefetch == 0 {
+        return Ok(None);
     }
+    let channel = step("opening a side lane's channel", connection.create_channel()).await?;
+    let qos = channel.basic_qos(prefetch, BasicQosOptions::default());
+    step("setting a side lane's prefetch", qos).await?;
+    let consuming = channel.basic_consume(
+        queue.into(),
+        tag.into(),
+        BasicConsumeOptions::default(),
+        FieldTable::default(),
+    );
+    let consumer = step("consuming a side lane", consuming).await?;
+    Ok(Some((channel, consumer)))
 }
 
 /// Each consuming channel's ack tracker (their delivery tags are their own).
 struct LaneAcks {
     live: Acks,
     replay: Option<Acks>,
+    overflow: Option<Acks>,
 }
 
 impl LaneAcks {
-    /// Whether a finished delivery waits behind an unfinished one on either channel.
+    /// Whether a finished delivery waits behind an unfinished one on any channel.
     fn waiting(&self) -> bool {
-        self.live.waiting() > 0 || self.replay.as_ref().is_some_and(|a| a.waiting() > 0)
+        self.live.waiting() > 0
+            || [&self.replay, &self.overflow]
+                .into_iter()
+                .flatten()
+                .any(|a| a.waiting() > 0)
     }
 
     async fn ack_overdue(&mut self) -> lapin::Result<()> {
-        if let Some(replay) = &mut self.replay {
-            if let Err(error) = replay.ack_overdue().await {
-                tracing::warn!(%error, "cannot ack on the replay channel");
-                self.replay = None;
+        for side in [&mut self.replay, &mut self.overflow] {
+            if let Some(acks) = side.as_mut() {
+                if let Err(error) = acks.ack_overdue().await {
+                    tracing::warn!(%error, "cannot ack on a side lane's channel");
+                    *side = None;
+                }
             }
         }
         self.live.ack_overdue().await
@@ -438,8 +478,9 @@ async fn handle(
         return Settled::Requeue;
     }
     // Live traffic first: while more than a quarter of the live prefetch is in hand (live
-    // deliveries arrive faster than they finish), a replayed one waits before using any CPU.
-    if replayed.is_some() {
+    // deliveries arrive faster than they finish), a replayed or overflowed one waits before
+    // using any CPU.
+    if lane != Lane::Live {
         while session.live_in_flight.load(Ordering::Relaxed) > session.live_busy_above {
             tokio::time::sleep(LIVE_BUSY_POLL).await;
         }
@@ -460,6 +501,11 @@ async fn handle(
         waited.num_milliseconds().max(0) as f64 / 1000.0
     };
     match &replayed {
+        None if lane == Lane::Overflow => {
+            metrics::counter!("worker_overflow_events_total").increment((valid + invalid) as u64);
+            metrics::histogram!("worker_overflow_lag_seconds")
+                .record(since(outcome.meta.received_at));
+        }
         None => {
             metrics::histogram!("worker_queue_lag_seconds").record(since(outcome.meta.received_at))
         }

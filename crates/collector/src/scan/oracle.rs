@@ -86,6 +86,7 @@ impl<'de> Visitor<'de> for Top<'_> {
         };
         let mut scanned = Scanned::default();
         let mut seen = [false; 5];
+        let (mut user_id, mut anonymous_id) = (Text::Null, Text::Null);
         let mut once = |field: usize, name: &str| {
             if std::mem::replace(&mut seen[field], true) {
                 return Err(A::Error::custom(format!("duplicate field `{name}`")));
@@ -94,6 +95,10 @@ impl<'de> Visitor<'de> for Top<'_> {
         };
         while let Some(key) = map.next_key::<Key<'de>>()? {
             match (key.0.as_ref(), self.batch) {
+                ("userId", false) => user_id = map.next_value_seed(TextSeed(top_level))?,
+                ("anonymousId", false) => {
+                    anonymous_id = map.next_value_seed(TextSeed(top_level))?;
+                }
                 ("writeKey", _) => {
                     once(0, "writeKey")?;
                     scanned.write_key = map.next_value()?;
@@ -124,6 +129,7 @@ impl<'de> Visitor<'de> for Top<'_> {
                 _ => map.next_value_seed(top_level)?,
             }
         }
+        scanned.user = super::user_of(user_id, anonymous_id);
         Ok(scanned)
     }
 }
@@ -324,7 +330,9 @@ impl<'de> Visitor<'de> for Event<'_> {
             has_sent_at: false,
             view_name: None,
             unusable: None,
+            user: None,
         };
+        let (mut user_id, mut anonymous_id) = (Text::Null, Text::Null);
         let mut has_name = false;
         let mut event_name: Option<&'de RawValue> = None;
         // The last of a key sent twice counts, as in the worker's parse; `null` is absent.
@@ -345,6 +353,8 @@ impl<'de> Visitor<'de> for Event<'_> {
                 }
                 "type" => kind = map.next_value_seed(TextSeed(inside))?,
                 "messageId" => message_id = map.next_value_seed(TextSeed(inside))?,
+                "userId" => user_id = map.next_value_seed(TextSeed(inside))?,
+                "anonymousId" => anonymous_id = map.next_value_seed(TextSeed(inside))?,
                 _ => map.next_value_seed(inside)?,
             }
         }
@@ -355,6 +365,7 @@ impl<'de> Visitor<'de> for Event<'_> {
             }
         }
         fields.unusable = super::unusable(kind, message_id);
+        fields.user = super::user_of(user_id, anonymous_id);
         Ok(fields)
     }
 }

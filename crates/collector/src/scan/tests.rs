@@ -117,6 +117,13 @@ fn member_value(name: &'static str) -> BoxedStrategy<String> {
             1 => value(),
         ]
         .boxed(),
+        "userId" | "anonymousId" => prop_oneof![
+            3 => prop::sample::select(vec!["\"u1\"", "\"\"", "\"u\\u0031\"", "\"anon-7\""])
+                .prop_map(str::to_owned),
+            1 => Just("null".to_owned()),
+            1 => value(),
+        ]
+        .boxed(),
         "context" | "integrations" => prop_oneof![
             3 => prop::collection::vec(
                 (prop::sample::select(vec!["ip", "library", "os", "locale", "app", "ip"]), value()),
@@ -159,10 +166,12 @@ fn event() -> impl Strategy<Value = String> {
         "sentAt",
         "properties",
         "userId",
+        "anonymousId",
         "type",
+        "userId",
     ];
     prop_oneof![
-        8 => prop::sample::subsequence(names, 0..=10).prop_shuffle().prop_flat_map(object_of),
+        8 => prop::sample::subsequence(names, 0..=12).prop_shuffle().prop_flat_map(object_of),
         1 => value(),
     ]
 }
@@ -176,9 +185,11 @@ fn body() -> impl Strategy<Value = String> {
         "other",
         "writeKey",
         "context",
+        "userId",
+        "anonymousId",
     ];
     (
-        prop::sample::subsequence(names, 0..=7)
+        prop::sample::subsequence(names, 0..=9)
             .prop_shuffle()
             .prop_flat_map(object_of),
         prop::option::of(prop::collection::vec(event(), 0..6)),
@@ -281,4 +292,27 @@ fn malformed_json_says_where() {
         error.to_string(),
         "malformed JSON: trailing comma at line 2 column 21"
     );
+}
+
+#[test]
+fn the_user_is_the_user_id_else_the_anonymous_id() {
+    let limits = limits(1 << 20, 10, true);
+    let body = r#"{"batch":[{"type":"track","userId":"u\u0031","anonymousId":"a"},{"type":"track","userId":"","anonymousId":"a2"},{"type":"track","userId":7}]}"#;
+    let scanned = scan(body, true, &limits).expect("scans");
+    let users: Vec<Option<&str>> = scanned
+        .batch
+        .as_ref()
+        .expect("a batch")
+        .events
+        .iter()
+        .map(|e| e.user.as_deref())
+        .collect();
+    assert_eq!(users, [Some("u1"), Some("a2"), None]);
+    let single = scan(
+        r#"{"type":"track","anonymousId":"a","userId":null}"#,
+        false,
+        &limits,
+    )
+    .expect("scans");
+    assert_eq!(single.user.as_deref(), Some("a"));
 }
