@@ -23,6 +23,7 @@ mod e2e {
     pub mod ops;
     pub mod ops_cluster;
     pub mod per_client;
+    pub mod quota;
     pub mod replay;
     pub mod resilience;
     pub mod sink_isolation;
