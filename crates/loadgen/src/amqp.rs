@@ -118,9 +118,30 @@ pub struct PublishTarget {
     queue: String,
     source: String,
     confirm_timeout: Duration,
+    /// Client addresses the requests come from in turn, each with one of
+    /// [`crate::stages_enrich::AGENTS`] (none: the collector-like defaults).
+    clients: Vec<String>,
 }
 
 impl PublishTarget {
+    /// Requests from these client addresses, in turn, each with a user agent of its own.
+    pub fn from_clients(mut self, clients: Vec<String>) -> Self {
+        self.clients = clients;
+        self
+    }
+
+    fn properties(&self, gzip: bool, index: usize) -> BasicProperties {
+        let properties = collector_properties(&self.source, gzip);
+        if self.clients.is_empty() {
+            return properties;
+        }
+        let mut table = properties.headers().clone().unwrap_or_default();
+        let agents = crate::stages_enrich::AGENTS;
+        let n = index % self.clients.len();
+        table.insert(headers::CLIENT_IP.into(), long_string(&self.clients[n]));
+        table.insert(headers::USER_AGENT.into(), long_string(agents[n % agents.len()]));
+        properties.with_headers(table)
+    }
     pub async fn open(url: &str, queue: &str, channels: usize) -> anyhow::Result<Self> {
         let connection = connect(url, "loadgen-publish").await?;
         let channels = confirm_channels(&connection, channels).await?;
@@ -131,13 +152,15 @@ impl PublishTarget {
             queue: queue.to_owned(),
             source: "shop-ios".into(),
             confirm_timeout: Duration::from_secs(30),
+            clients: Vec::new(),
         })
     }
 }
 
 impl crate::drive::Target for PublishTarget {
     async fn send(&self, body: Bytes, gzip: bool) -> Outcome {
-        let index = self.next.fetch_add(1, Ordering::Relaxed) % self.channels.len();
+        let sent = self.next.fetch_add(1, Ordering::Relaxed);
+        let index = sent % self.channels.len();
         let options = BasicPublishOptions {
             mandatory: true,
             ..BasicPublishOptions::default()
@@ -149,7 +172,7 @@ impl crate::drive::Target for PublishTarget {
                     self.queue.as_str().into(),
                     options,
                     &body,
-                    collector_properties(&self.source, gzip),
+                    self.properties(gzip, sent),
                 )
                 .await?
                 .await
@@ -296,8 +319,13 @@ pub async fn prefill(
     requests: u64,
     concurrency: usize,
     ids: &crate::record::Recorder,
+    clients: Vec<String>,
 ) -> anyhow::Result<crate::record::Report> {
-    let target = Arc::new(PublishTarget::open(url, queue, 4).await?);
+    let target = Arc::new(
+        PublishTarget::open(url, queue, 4)
+            .await?
+            .from_clients(clients),
+    );
     // Closed loop until `requests` were accepted.
     ids.start();
     let done = Arc::new(AtomicUsize::new(0));

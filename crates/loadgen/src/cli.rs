@@ -111,6 +111,10 @@ pub enum Command {
         concurrency: usize,
         #[arg(long)]
         ids_out: Option<PathBuf>,
+        /// Client addresses (one per line) the requests come from in turn, each with a user
+        /// agent of its own (for the enrichment's drains); without it, 127.0.0.1.
+        #[arg(long)]
+        client_ips: Option<PathBuf>,
         #[arg(long)]
         json: bool,
         #[arg(long, default_value_t = 0x5eed)]
@@ -290,6 +294,12 @@ pub enum Command {
         rounds: usize,
         #[arg(long, default_value_t = 0x5eed)]
         seed: u64,
+        /// The enrichment's steps instead (issue #25), with this MaxMind-format database...
+        #[arg(long, requires = "addresses")]
+        geo_database: Option<PathBuf>,
+        /// ...and the client addresses of the requests (one per line), inside its networks.
+        #[arg(long, requires = "geo_database")]
+        addresses: Option<PathBuf>,
         #[arg(long)]
         json: bool,
     },

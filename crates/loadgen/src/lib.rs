@@ -19,6 +19,7 @@ pub mod proc;
 pub mod receiver;
 pub mod record;
 pub mod stages;
+pub mod stages_enrich;
 
 pub use drive::{closed_loop, open_loop, HttpTarget, Schedule, Target};
 pub use payload::{Generator, Payload, Shape};

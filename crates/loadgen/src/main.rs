@@ -11,7 +11,7 @@ use ingest_loadgen::amqp::{self, DepthProbe, PublishTarget};
 use ingest_loadgen::drive::{closed_loop, open_loop, HttpTarget, Schedule, Target};
 use ingest_loadgen::payload::{Generator, Shape};
 use ingest_loadgen::record::{Recorder, Report};
-use ingest_loadgen::{mongo, plot, proc, receiver, stages};
+use ingest_loadgen::{mongo, plot, proc, receiver, stages, stages_enrich};
 
 mod cli;
 mod drain;
@@ -138,17 +138,27 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             requests,
             concurrency,
             ids_out,
+            client_ips,
             json,
             seed,
         } => {
             amqp::declare_quorum(&url, &queue).await?;
+            let clients = match client_ips {
+                Some(path) => std::fs::read_to_string(&path)?
+                    .lines()
+                    .map(|line| line.trim().to_owned())
+                    .filter(|line| !line.is_empty())
+                    .collect(),
+                None => Vec::new(),
+            };
             let recorder = Recorder::new(true);
             let generator = Generator::new(&Shape {
                 seed,
                 ..Shape::default()
             });
             let mut report =
-                amqp::prefill(&url, &queue, generator, requests, concurrency, &recorder).await?;
+                amqp::prefill(&url, &queue, generator, requests, concurrency, &recorder, clients)
+                    .await?;
             report.series.clear();
             if let Some(path) = ids_out {
                 recorder.write_ids(&path)?;
@@ -365,13 +375,24 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             requests,
             rounds,
             seed,
+            geo_database,
+            addresses,
             json,
         } => {
             let generator = Generator::new(&Shape {
                 seed,
                 ..Shape::default()
             });
-            let report = stages::run(&schemas, generator, requests, rounds)?;
+            let report = match (geo_database, addresses) {
+                (Some(geo), Some(addresses)) => {
+                    let addresses = std::fs::read_to_string(&addresses)?
+                        .lines()
+                        .filter_map(|line| line.trim().parse().ok())
+                        .collect::<Vec<std::net::IpAddr>>();
+                    stages_enrich::run(&schemas, generator, requests, rounds, &geo, &addresses)?
+                }
+                _ => stages::run(&schemas, generator, requests, rounds)?,
+            };
             print(json, &report, || {
                 let mut text = format!(
                     "{} requests, {} events, fastest of {} rounds\n",

@@ -63,7 +63,7 @@ struct Request {
 
 /// Times `run` over `rounds` rounds, each given a fresh input from `prepare` (made before the
 /// clock starts); the fastest round, in µs per event.
-fn time<I, O>(
+pub(crate) fn time<I, O>(
     rounds: usize,
     events: usize,
     mut prepare: impl FnMut() -> I,
@@ -82,7 +82,7 @@ fn time<I, O>(
 }
 
 /// [`time`] for a stage whose input is shared data made before (nothing to prepare per round).
-fn over<O>(rounds: usize, events: usize, mut run: impl FnMut() -> O) -> f64 {
+pub(crate) fn over<O>(rounds: usize, events: usize, mut run: impl FnMut() -> O) -> f64 {
     time(rounds, events, || (), |()| run())
 }
 

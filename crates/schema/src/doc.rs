@@ -309,32 +309,70 @@ fn segment_matches(segment: &str, key: &str) -> bool {
     }
 }
 
+/// Edits of values held once for several events ([`Val::Shared`]: a batch's `context`), kept
+/// for one delivery: the first event that an edit reaches in such a value pays for its copy and
+/// the edit, and each later event refers to the edited copy instead. An edit must give the same
+/// result for the same value (it is not called again).
+#[derive(Default)]
+pub struct SharedEdits {
+    /// (the shared object's address, the member's index, the edit's tag) -> (the shared
+    /// object, kept alive so its address stays its own; the edited member, as member 0 of an
+    /// object of its own; the values the edit reached in it).
+    done: HashMap<(usize, u32, usize), (Arc<Val>, Arc<Val>, usize)>,
+}
+
 impl Doc {
     /// Calls `edit` on each value that `path` reaches (object keys, each may end in `*`) and
     /// does what it answers; returns how many it reached. A value held once for several events
-    /// (a batch's `context`) is copied into this one before it changes, so the others keep it.
-    pub fn edit_path(&mut self, path: &[&str], edit: &mut dyn FnMut(Node<'_>) -> Edit) -> usize {
+    /// (a batch's `context`) is copied into this one before it changes, so the others keep it;
+    /// with `shared`, an edit of such a value (told apart by `tag`) is done once per delivery.
+    pub fn edit_path<S: AsRef<str>>(
+        &mut self,
+        path: &[S],
+        shared: Option<(&mut SharedEdits, usize)>,
+        edit: &mut dyn FnMut(Node<'_>) -> Edit,
+    ) -> usize {
         let text = Arc::clone(&self.text);
-        edit_members(&text, &mut self.root, path, edit)
+        let mut shared = shared;
+        edit_members(&text, &mut self.root, path, &mut shared, edit)
     }
 }
 
-fn edit_members(
+fn edit_members<S: AsRef<str>>(
     text: &str,
     val: &mut Val,
-    path: &[&str],
+    path: &[S],
+    shared: &mut Option<(&mut SharedEdits, usize)>,
     edit: &mut dyn FnMut(Node<'_>) -> Edit,
 ) -> usize {
     let Some((segment, rest)) = path.split_first() else {
         return 0;
     };
-    if let Val::Shared(..) = val {
+    if let Val::Shared(object, index) = &*val {
         // Only copied when something in it is reached.
         if !reaches(text, val.resolved(), path) {
             return 0;
         }
-        *val = val.resolved().clone();
+        let (object, index) = (Arc::clone(object), *index);
+        let Some((edits, tag)) = shared else {
+            *val = val.resolved().clone();
+            return edit_members(text, val, path, &mut None, edit);
+        };
+        let key = (Arc::as_ptr(&object) as usize, index, *tag);
+        if let Some((_, edited, reached)) = edits.done.get(&key) {
+            let reached = *reached;
+            *val = Val::Shared(Arc::clone(edited), 0);
+            return reached;
+        }
+        let source = object;
+        let mut copy = val.resolved().clone();
+        let reached = edit_members(text, &mut copy, path, &mut None, edit);
+        let edited = Arc::new(Val::Obj(vec![(Text::from(""), copy)]));
+        *val = Val::Shared(Arc::clone(&edited), 0);
+        edits.done.insert(key, (source, edited, reached));
+        return reached;
     }
+    let segment = segment.as_ref();
     let Val::Obj(members) = val else {
         return 0;
     };
@@ -347,7 +385,7 @@ fn edit_members(
             continue;
         }
         if !rest.is_empty() {
-            reached += edit_members(text, value, rest, edit);
+            reached += edit_members(text, value, rest, shared, edit);
             index += 1;
             continue;
         }
@@ -368,10 +406,11 @@ fn edit_members(
 }
 
 /// Whether `path` reaches anything in `val`.
-fn reaches(text: &str, val: &Val, path: &[&str]) -> bool {
+fn reaches<S: AsRef<str>>(text: &str, val: &Val, path: &[S]) -> bool {
     let Some((segment, rest)) = path.split_first() else {
         return true;
     };
+    let segment = segment.as_ref();
     match val.resolved() {
         Val::Obj(members) => members.iter().any(|(key, value)| {
             segment_matches(segment, key.read(text)) && reaches(text, value, rest)

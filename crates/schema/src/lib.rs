@@ -11,7 +11,7 @@ mod event;
 mod registry;
 mod slug;
 
-pub use doc::{Doc, DocJson, Edit, Node, ObjMut, Text, Val};
+pub use doc::{Doc, DocJson, Edit, Node, ObjMut, SharedEdits, Text, Val};
 pub use error::LoadError;
 pub use event::{Invalid, Issue, ValidatedEvent};
 pub use registry::{Registry, UnknownEventPolicy, EVENT_TYPES};

@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use ingest_pipeline::message::RequestMeta;
@@ -128,22 +129,45 @@ impl Enrichment {
 
     /// Adds `context.userAgentParsed` and `context.bot` from `context.userAgent`, and
     /// `context.geo` from `context.ip`. An event whose `context` is not an object gets none.
-    pub fn annotate(&self, event: &mut Doc) -> Annotated {
+    /// `memo` carries the last address located from one event of a delivery to the next (a
+    /// request's events mostly share one).
+    pub fn annotate(&self, event: &mut Doc, memo: &mut Memo) -> Annotated {
         let mut found = Annotated::default();
         if !self.annotates() {
             return found;
         }
         let context = event.get("context");
         let agent = match (&self.agents, context.and_then(|c| c.get("userAgent"))) {
-            (Some(parser), Some(agent)) => agent.as_str().map(|a| parser.read(a)),
+            (Some(parser), Some(agent)) => agent.as_str().map(|agent| match &memo.agent {
+                Some((last, read)) if **last == *agent => read.clone(),
+                _ => {
+                    let read = parser.read_with_annotation(agent);
+                    memo.agent = Some((agent.into(), read.clone()));
+                    read
+                }
+            }),
             _ => None,
         };
         let geo = self.geo.as_ref().map(|reader| {
-            context
+            let ip = context
                 .and_then(|c| c.get("ip"))
                 .and_then(|ip| ip.as_str())
-                .and_then(|ip| ip.trim().parse::<IpAddr>().ok())
-                .map(|ip| reader.locate(ip))
+                .and_then(|ip| ip.trim().parse::<IpAddr>().ok())?;
+            Some(match &memo.geo {
+                Some((last, located)) if *last == ip => located.clone(),
+                _ => {
+                    let located = reader.locate(ip).map(|geo| {
+                        let fields = [
+                            ("country", geo.country.as_deref()),
+                            ("countryName", geo.country_name.as_deref()),
+                            ("city", geo.city.as_deref()),
+                        ];
+                        Arc::new(Val::Obj(vec![("geo".into(), agent::object_of(&fields))]))
+                    });
+                    memo.geo = Some((ip, located.clone()));
+                    located
+                }
+            })
         });
         found.geo = match &geo {
             None => GeoResult::Off,
@@ -157,44 +181,30 @@ impl Enrichment {
         let Some(mut context) = object.object_entry("context") else {
             return found;
         };
-        if let Some(agent) = agent {
-            let fields = [
-                ("browser", agent.browser.as_deref()),
-                ("browserVersion", agent.browser_version.as_deref()),
-                ("os", agent.os.as_deref()),
-                ("osVersion", agent.os_version.as_deref()),
-                ("deviceType", agent.device_type),
-            ];
-            context.insert("userAgentParsed", object_of(&fields));
-            if let Some(bot) = &agent.bot {
-                let fields = [
-                    ("name", Some(bot.name.as_str())),
-                    ("category", Some(bot.category.as_str())),
-                ];
-                context.insert("bot", object_of(&fields));
+        if let Some(read) = agent {
+            context.insert("userAgentParsed", Val::Shared(read.annotation.clone(), 0));
+            if let Some(bot) = &read.agent.bot {
+                context.insert("bot", Val::Shared(read.annotation.clone(), 1));
+                found.bot = Some(bot.clone());
             }
-            found.bot = agent.bot.clone();
         }
         if let Some(Some(Some(geo))) = geo {
-            let fields = [
-                ("country", geo.country.as_deref()),
-                ("countryName", geo.country_name.as_deref()),
-                ("city", geo.city.as_deref()),
-            ];
-            context.insert("geo", object_of(&fields));
+            context.insert("geo", Val::Shared(geo, 0));
         }
         found
     }
 }
 
-/// An object of the fields that have a value.
-fn object_of(fields: &[(&str, Option<&str>)]) -> Val {
-    Val::Obj(
-        fields
-            .iter()
-            .filter_map(|(key, value)| value.map(|v| ((*key).into(), Val::string(v))))
-            .collect(),
-    )
+/// What one delivery's events share (a request's events mostly come from one device): the
+/// last user agent read, the last address located and the last one truncated, and the privacy
+/// rules' edits of the batch's shared values. For one delivery only: those edits read its text.
+#[derive(Default)]
+pub struct Memo {
+    agent: Option<(Box<str>, agent::Read)>,
+    geo: Option<(IpAddr, Option<Arc<Val>>)>,
+    /// An address as sent, and what truncating it gave (`None`: not an address).
+    truncated_ip: Option<(Box<str>, Option<Box<str>>)>,
+    edits: ingest_schema::SharedEdits,
 }
 
 /// Whether an event is kept under a sampling rule that keeps `keep` of its name's events: the

@@ -131,6 +131,7 @@ fn process_payload(
         Err(error) => return undecodable(meta, &error, &json, withhold),
     };
     let mut tally = Tally::default();
+    let mut memo = enrich::Memo::default();
     // Ids for events that came without one: from the request's content, so a client's retry
     // of the same request (a new request id) gets the same ids.
     // Hashing a 500 KB payload costs as much as validating it: only when an event needs it.
@@ -165,7 +166,7 @@ fn process_payload(
                 }
                 let seed = seed.as_deref().unwrap_or_default();
                 enrich::enrich(&mut event, &meta, seed, index, split.sent_at.as_ref());
-                let annotated = enrichment.annotate(&mut event);
+                let annotated = enrichment.annotate(&mut event, &mut memo);
                 tally.geo(annotated.geo);
                 if let Some(bot) = &annotated.bot {
                     let action = match rules.bots {
@@ -186,9 +187,11 @@ fn process_payload(
                                 ),
                                 schema: "bot".into(),
                             }];
-                            tally
-                                .applied
-                                .add(rules.privacy.apply(&mut event, &mut issues));
+                            tally.applied.add(rules.privacy.apply(
+                                &mut event,
+                                &mut issues,
+                                &mut memo,
+                            ));
                             invalid.push(InvalidRecord::new(
                                 "bot",
                                 issues,
@@ -202,7 +205,7 @@ fn process_payload(
                 let mut issues = registry.check(event.node());
                 tally
                     .applied
-                    .add(rules.privacy.apply(&mut event, &mut issues));
+                    .add(rules.privacy.apply(&mut event, &mut issues, &mut memo));
                 if issues.is_empty() {
                     if let Some((name, keep)) = event_name(&event).and_then(|n| rules.sampled(n)) {
                         let id = event.get_str("messageId").unwrap_or_default();

@@ -215,12 +215,12 @@ fn edit_path_reaches_each_match_and_copies_a_shared_value_before_changing_it() {
             .expect("context")
             .merge_shared(&shared);
     }
-    let reached = first.edit_path(&["context", "traits", "email"], &mut |node| {
+    let reached = first.edit_path(&["context", "traits", "email"], None, &mut |node| {
         assert_eq!(node.as_str(), Some("a@b.c"));
         Edit::Set(Val::string("hidden"))
     });
     assert_eq!(reached, 1);
-    let dropped = first.edit_path(&["properties", "card_*"], &mut |_| Edit::Remove);
+    let dropped = first.edit_path(&["properties", "card_*"], None, &mut |_| Edit::Remove);
     assert_eq!(dropped, 2);
     assert_eq!(
         first.to_value(),
@@ -232,11 +232,66 @@ fn edit_path_reaches_each_match_and_copies_a_shared_value_before_changing_it() {
         json!("a@b.c")
     );
     assert_eq!(
-        first.edit_path(&["context", "nothing"], &mut |_| Edit::Remove),
+        first.edit_path(&["context", "nothing"], None, &mut |_| Edit::Remove),
         0
     );
     assert_eq!(
-        first.edit_path(&["properties", "cart", "deeper"], &mut |_| Edit::Remove),
+        first.edit_path(&["properties", "cart", "deeper"], None, &mut |_| {
+            Edit::Remove
+        }),
         0
+    );
+}
+
+#[test]
+fn a_shared_value_is_edited_once_per_delivery_with_its_memo() {
+    use super::{Edit, SharedEdits};
+    let batch = parse(r#"{"context":{"device":{"id":"d-1","model":"x"}},"e":{"n":1}}"#);
+    let shared = Arc::new(batch.get("context").expect("context").to_val());
+    let mut events: Vec<Doc> = (0..3)
+        .map(|_| {
+            let mut event = batch.with_root(batch.get("e").expect("e").to_val());
+            let mut object = event.object_mut().expect("object");
+            object
+                .object_entry("context")
+                .expect("context")
+                .merge_shared(&shared);
+            event
+        })
+        .collect();
+    let mut memo = SharedEdits::default();
+    let mut calls = 0;
+    for event in &mut events {
+        let reached = event.edit_path(
+            &["context", "device", "id"],
+            Some((&mut memo, 7)),
+            &mut |_| {
+                calls += 1;
+                Edit::Set(Val::string("hidden"))
+            },
+        );
+        assert_eq!(reached, 1);
+    }
+    assert_eq!(calls, 1, "the shared device was edited once");
+    for event in &events {
+        assert_eq!(
+            event.to_value()["context"]["device"],
+            json!({"id": "hidden", "model": "x"})
+        );
+    }
+    // Another edit of the same value (another tag) builds on the first.
+    let dropped = events[0].edit_path(
+        &["context", "device", "model"],
+        Some((&mut memo, 8)),
+        &mut |_| Edit::Remove,
+    );
+    assert_eq!(dropped, 1);
+    assert_eq!(
+        events[0].to_value()["context"]["device"],
+        json!({"id": "hidden"})
+    );
+    assert_eq!(
+        events[1].to_value()["context"]["device"],
+        json!({"id": "hidden", "model": "x"})
     );
 }

@@ -13,6 +13,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use ingest_pipeline::settings::BotPattern;
+use ingest_schema::Val;
 
 /// User agents read as this and longer are cut to it before parsing (the collector cuts the
 /// header to 512 characters; an event's own `context.userAgent` can be longer).
@@ -94,7 +95,16 @@ pub struct AgentParser {
     bots: Vec<Pattern>,
     generic: Vec<Pattern>,
     parser: woothee::parser::Parser,
-    cache: Mutex<HashMap<Box<str>, Arc<Agent>>>,
+    cache: Mutex<HashMap<Box<str>, Read>>,
+}
+
+/// A user agent's reading, and what it adds to an event, built once: an object whose member 0
+/// is `userAgentParsed` and member 1, for a bot, `bot`. Events refer to its members
+/// ([`Val::Shared`]) instead of each holding a copy.
+#[derive(Clone)]
+pub struct Read {
+    pub agent: Arc<Agent>,
+    pub annotation: Arc<Val>,
 }
 
 impl AgentParser {
@@ -124,11 +134,21 @@ impl AgentParser {
 
     /// What `agent` reads as, from the cache when it was read before.
     pub fn read(&self, agent: &str) -> Arc<Agent> {
+        self.read_with_annotation(agent).agent
+    }
+
+    /// What `agent` reads as and what it adds to an event, from the cache when it was read
+    /// before.
+    pub fn read_with_annotation(&self, agent: &str) -> Read {
         let agent = cut(agent, MAX_AGENT_CHARS);
         if let Some(known) = self.cache.lock().ok().and_then(|c| c.get(agent).cloned()) {
             return known;
         }
-        let read = Arc::new(self.parse(agent));
+        let parsed = self.parse(agent);
+        let read = Read {
+            annotation: Arc::new(annotation(&parsed)),
+            agent: Arc::new(parsed),
+        };
         if let Ok(mut cache) = self.cache.lock() {
             if cache.len() >= CACHE_ENTRIES {
                 cache.clear();
@@ -136,6 +156,11 @@ impl AgentParser {
             cache.insert(agent.into(), read.clone());
         }
         read
+    }
+
+    /// What `agent` reads as, parsed anew (what the cache saves; for benchmarks).
+    pub fn parse_uncached(&self, agent: &str) -> Agent {
+        self.parse(cut(agent, MAX_AGENT_CHARS))
     }
 
     fn parse(&self, agent: &str) -> Agent {
@@ -187,6 +212,36 @@ impl AgentParser {
         }
         read
     }
+}
+
+/// `{"userAgentParsed": {...}, "bot": {...}}`, each with the fields that have a value.
+fn annotation(agent: &Agent) -> Val {
+    let parsed = [
+        ("browser", agent.browser.as_deref()),
+        ("browserVersion", agent.browser_version.as_deref()),
+        ("os", agent.os.as_deref()),
+        ("osVersion", agent.os_version.as_deref()),
+        ("deviceType", agent.device_type),
+    ];
+    let mut members = vec![("userAgentParsed".into(), object_of(&parsed))];
+    if let Some(bot) = &agent.bot {
+        let bot = [
+            ("name", Some(bot.name.as_str())),
+            ("category", Some(bot.category.as_str())),
+        ];
+        members.push(("bot".into(), object_of(&bot)));
+    }
+    Val::Obj(members)
+}
+
+/// An object of the fields that have a value.
+pub fn object_of(fields: &[(&str, Option<&str>)]) -> Val {
+    Val::Obj(
+        fields
+            .iter()
+            .filter_map(|(key, value)| value.map(|v| ((*key).into(), Val::string(v))))
+            .collect(),
+    )
 }
 
 /// Native app clients woothee leaves unknown: Android's `Dalvik/2.1.0 (Linux; U; Android 14;

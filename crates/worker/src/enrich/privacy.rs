@@ -10,12 +10,17 @@ use std::net::IpAddr;
 use hmac::{Hmac, Mac};
 use ingest_pipeline::settings::{FieldAction, IpPolicy, SourcePolicy};
 use ingest_schema::{Doc, Edit, Issue, Val};
+
+use super::Memo;
 use sha2::Sha256;
 
 /// Bytes by which hashes and redactions may lengthen one event (a hash is longer than a short
 /// value, and a wildcard can reach thousands of them); past it, what such a rule reaches is
 /// dropped instead. The worker counts it in what an event may grow by (`process`).
 pub const MAX_GROWTH_BYTES: usize = 256;
+
+/// The IP rule's tag in a delivery's [`SharedEdits`] (the field rules' are their indexes).
+const IP_TAG: usize = usize::MAX;
 
 /// What replaces a redacted value.
 pub const REDACTED: &str = "[redacted]";
@@ -72,7 +77,8 @@ impl Privacy {
 
     /// Applies the rules to `event`, and withholds the messages of `issues` that point at what
     /// they reached.
-    pub fn apply(&self, event: &mut Doc, issues: &mut [Issue]) -> Applied {
+    /// `memo` is the delivery's: a value the batch's events share is edited once.
+    pub fn apply(&self, event: &mut Doc, issues: &mut [Issue], memo: &mut Memo) -> Applied {
         let mut applied = Applied::default();
         if self.is_off() {
             return applied;
@@ -88,23 +94,36 @@ impl Privacy {
         match self.ip {
             IpPolicy::Keep => {}
             IpPolicy::Drop => {
-                applied.ip += event.edit_path(&["context", "ip"], &mut |_| Edit::Remove) as u64;
+                let edits = Some((&mut memo.edits, IP_TAG));
+                applied.ip +=
+                    event.edit_path(&["context", "ip"], edits, &mut |_| Edit::Remove) as u64;
             }
             IpPolicy::Truncate => {
-                applied.ip += event.edit_path(&["context", "ip"], &mut |node| {
-                    match node.as_str().and_then(truncate_ip) {
-                        Some(cut) => Edit::Set(Val::string(cut)),
-                        // Not an address: nothing of it can be kept safely.
-                        None => Edit::Remove,
-                    }
-                }) as u64;
+                let (edits, last) = (&mut memo.edits, &mut memo.truncated_ip);
+                applied.ip +=
+                    event.edit_path(&["context", "ip"], Some((edits, IP_TAG)), &mut |node| {
+                        let Some(sent) = node.as_str() else {
+                            return Edit::Remove;
+                        };
+                        if last.as_ref().is_none_or(|(was, _)| **was != *sent) {
+                            *last = Some((sent.into(), truncate_ip(sent).map(Into::into)));
+                        }
+                        match last.as_ref().and_then(|(_, cut)| cut.as_deref()) {
+                            Some(cut) => Edit::Set(Val::string(cut)),
+                            // Not an address: nothing of it can be kept safely.
+                            None => Edit::Remove,
+                        }
+                    }) as u64;
             }
         }
         let mut grown = 0;
-        for rule in &self.rules {
-            let path: Vec<&str> = rule.path.iter().map(String::as_str).collect();
-            let reached = event.edit_path(&path, &mut |node| {
-                let mut json = Vec::new();
+        let mut json = Vec::new();
+        for (tag, rule) in self.rules.iter().enumerate() {
+            let reached = event.edit_path(&rule.path, Some((&mut memo.edits, tag)), &mut |node| {
+                if rule.action == FieldAction::Drop {
+                    return Edit::Remove;
+                }
+                json.clear();
                 node.write_json(&mut json);
                 let new = match rule.action {
                     FieldAction::Drop => return Edit::Remove,
@@ -135,7 +154,10 @@ impl Privacy {
         let mut mac = self.key.clone()?;
         mac.update(json);
         let digest = mac.finalize().into_bytes();
-        Some(format!("hmac:{}", hex::encode(&digest[..16])))
+        let mut out = String::with_capacity(5 + 32);
+        out.push_str("hmac:");
+        out.push_str(&hex::encode(&digest[..16]));
+        Some(out)
     }
 
     /// Whether a JSON pointer (`/traits/email`) is at or under a path a rule reaches, or at
@@ -233,7 +255,7 @@ mod tests {
             "properties": {"card_number": "4111", "card_cvc": "123", "cart": 2},
             "context": {"ip": "203.0.113.9"}
         }));
-        let applied = privacy.apply(&mut event, &mut []);
+        let applied = privacy.apply(&mut event, &mut [], &mut Memo::default());
         assert_eq!(
             applied,
             Applied {
@@ -262,7 +284,7 @@ mod tests {
                 secret,
             );
             let mut event = Doc::from_value(&json!({"traits": {"email": "ann@example.com"}}));
-            privacy.apply(&mut event, &mut []);
+            privacy.apply(&mut event, &mut [], &mut Memo::default());
             event.to_value()["traits"]["email"].clone()
         };
         assert_eq!(again(SECRET), json!(hashed));
@@ -295,7 +317,7 @@ mod tests {
         let mut event = Doc::from_value(
             &json!({"traits": {"email": "ann@"}, "context": {"ip": "203.0.113.9"}}),
         );
-        let applied = privacy.apply(&mut event, &mut issues);
+        let applied = privacy.apply(&mut event, &mut issues, &mut Memo::default());
         assert_eq!(applied.ip, 1);
         assert!(!issues[0].message.contains("ann@"), "{}", issues[0].message);
         assert!(
@@ -316,7 +338,7 @@ mod tests {
         let properties: serde_json::Map<String, serde_json::Value> =
             (0..100).map(|i| (format!("p{i}"), json!(i))).collect();
         let mut event = Doc::from_value(&json!({"properties": properties}));
-        let applied = privacy.apply(&mut event, &mut []);
+        let applied = privacy.apply(&mut event, &mut [], &mut Memo::default());
         assert_eq!(applied.hashed, 100);
         let kept = event.to_value()["properties"]
             .as_object()
