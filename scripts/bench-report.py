@@ -667,6 +667,30 @@ if send:
     w(f"`ingestctl replay` sent {send['events']} events ({send['requests']} requests) into the lane in {send['seconds']} s "
       f"({send['events_per_s']:.0f} events/s).")
 w("")
+w("## 11. Enrichment's cost in the worker")
+w("")
+w("Each step alone, on the benchmark's payloads from client addresses inside a MaxMind-format database of")
+w("50,000 networks (`bench/make-geo-db.py`), each request with one of ten user agents; one thread, no I/O,")
+w("fastest of 5 rounds (`ingest-loadgen stages --geo-database`). The rules: IP truncated, `context.device.id`")
+w("hashed, `context.network.carrier` dropped.")
+w("")
+stages_enrich, cost = maybe("stages-enrich.json"), maybe("enrich-cost.json")
+if stages_enrich:
+    w("| step | µs per event |")
+    w("|---|---|")
+    for st in stages_enrich["stages"]:
+        w(f"| {st['stage']} | {st['us_per_event']:.2f} |")
+    w("")
+if cost:
+    off, on = (sum(cost[m]) / len(cost[m]) for m in ("off", "on"))
+    w("The worker's drain of the same requests (statsd + HTTP sinks, as in section 2), all enrichment off then on,")
+    w(f"{len(cost['off'])} times alternating, in events per worker CPU-second: off {', '.join(f'{v:.0f}' for v in cost['off'])};")
+    w(f"on {', '.join(f'{v:.0f}' for v in cost['on'])}. On the means, all of it adds **{cost['cost'] * 100:.1f} %** to the")
+    pairs = ", ".join(f"{p * 100:.1f} %" for p in cost.get("pairs", []) if p is not None)
+    w(f"worker's CPU per event (target under 15 %: {verdict(cost['cost'], 0.15, higher=False)}); pair by pair: {pairs}.")
+else:
+    w("The drains were not measured (the phase failed; see the run's log).")
+w("")
 notes = os.path.join(os.getcwd(), "bench", "notes.md")
 if os.path.exists(notes):
     w(open(notes).read().strip())

@@ -139,7 +139,10 @@ impl PublishTarget {
         let agents = crate::stages_enrich::AGENTS;
         let n = index % self.clients.len();
         table.insert(headers::CLIENT_IP.into(), long_string(&self.clients[n]));
-        table.insert(headers::USER_AGENT.into(), long_string(agents[n % agents.len()]));
+        table.insert(
+            headers::USER_AGENT.into(),
+            long_string(agents[n % agents.len()]),
+        );
         properties.with_headers(table)
     }
     pub async fn open(url: &str, queue: &str, channels: usize) -> anyhow::Result<Self> {

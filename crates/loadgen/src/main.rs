@@ -156,9 +156,16 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                 seed,
                 ..Shape::default()
             });
-            let mut report =
-                amqp::prefill(&url, &queue, generator, requests, concurrency, &recorder, clients)
-                    .await?;
+            let mut report = amqp::prefill(
+                &url,
+                &queue,
+                generator,
+                requests,
+                concurrency,
+                &recorder,
+                clients,
+            )
+            .await?;
             report.series.clear();
             if let Some(path) = ids_out {
                 recorder.write_ids(&path)?;
