@@ -690,6 +690,16 @@ if cost:
     w(f"worker's CPU per event (target under 15 %: {verdict(cost['cost'], 0.15, higher=False)}); pair by pair: {pairs}.")
 else:
     w("The drains were not measured (the phase failed; see the run's log).")
+viewer = maybe("viewer-cost.json")
+if viewer:
+    w("")
+    w("### A viewer of the live feed on a flood")
+    w("")
+    w("The same drain (enrichment off) without and with `ingestctl tail --json` attached, three times alternating, in")
+    w(f"events per worker CPU-second: without {', '.join(f'{v:.0f}' for v in viewer['without'])}; with {', '.join(f'{v:.0f}' for v in viewer['with'])}.")
+    pairs = ", ".join(f"{p * 100:.1f} %" for p in viewer.get("pairs", []) if p is not None)
+    w(f"A viewer adds **{viewer['cost'] * 100:.1f} %** to the worker's CPU per event on the means (target under 5 %:")
+    w(f"{verdict(viewer['cost'], 0.05, higher=False)}); pair by pair: {pairs}.")
 w("")
 notes = os.path.join(os.getcwd(), "bench", "notes.md")
 if os.path.exists(notes):

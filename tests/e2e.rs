@@ -19,6 +19,7 @@ mod e2e {
     pub mod hostile;
     pub mod ingest;
     pub mod invalid_bound;
+    pub mod live;
     pub mod operate;
     pub mod ops;
     pub mod ops_cluster;

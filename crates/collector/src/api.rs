@@ -472,9 +472,15 @@ async fn accept(
     let refused_header = (!too_large.is_empty()).then(|| RefusedEvent::header(&too_large));
     let properties = raw_properties(&meta, content_type, gzip, refused_header.as_deref());
     let handed = std::time::Instant::now();
-    // A spooled request is forwarded to the raw queue, whatever its lane.
     let spooled = match state.publisher.publish_to(lane, &raw, properties).await {
         Ok(()) => None,
+        // Never spooled: the spool is every source's, and a flood must not fill it (nor reach
+        // the raw queue through its forwarder). The source is past its quota: it may wait.
+        Err(_) if lane == Lane::Overflow => {
+            return Err(CaptureError::OverQuota {
+                retry_after_secs: state.retry_after_secs,
+            })
+        }
         Err(source) => {
             let retry_after_secs = state.retry_after_secs;
             let Some(spool) = &state.spool else {

@@ -54,6 +54,8 @@ pub enum CaptureError {
     RateLimited { retry_after_secs: u64 },
     #[error("this source sent more events per second than its ceiling (policy.max_events_per_second); retry later")]
     OverCeiling { retry_after_secs: u64 },
+    #[error("this source or user is past its quota and the overflow lane cannot take more now; retry later")]
+    OverQuota { retry_after_secs: u64 },
     #[error("too many requests in flight from this client address; retry later")]
     ClientOverShare { retry_after_secs: u64 },
     #[error(
@@ -97,6 +99,7 @@ impl CaptureError {
             | Self::Lagging { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::RateLimited { .. }
             | Self::OverCeiling { .. }
+            | Self::OverQuota { .. }
             | Self::ClientOverShare { .. }
             | Self::UnauthenticatedOverBudget { .. } => StatusCode::TOO_MANY_REQUESTS,
         }
@@ -121,6 +124,7 @@ impl CaptureError {
             Self::Overloaded { .. } | Self::Lagging { .. } => "overloaded",
             Self::RateLimited { .. } => "rate_limited",
             Self::OverCeiling { .. } => "over_event_ceiling",
+            Self::OverQuota { .. } => "over_quota",
             Self::ClientOverShare { .. } => "client_over_share",
             Self::UnauthenticatedOverBudget { .. } => "unauthenticated_over_budget",
             Self::TooManyEvents { .. } => "too_many_events",
@@ -144,6 +148,7 @@ impl CaptureError {
             Self::Lagging { .. } => "scheduling_delay",
             Self::RateLimited { .. } => "rate_limit",
             Self::OverCeiling { .. } => "event_ceiling",
+            Self::OverQuota { .. } => "overflow_lane",
             Self::ClientOverShare { .. } => "max_connections_per_ip",
             Self::UnauthenticatedOverBudget { .. } => "unauthenticated_work",
             Self::Unavailable { source, .. } => source.shed_reason(),
@@ -176,6 +181,7 @@ impl IntoResponse for CaptureError {
         }
         | Self::RateLimited { retry_after_secs }
         | Self::OverCeiling { retry_after_secs }
+        | Self::OverQuota { retry_after_secs }
         | Self::ClientOverShare { retry_after_secs }
         | Self::UnauthenticatedOverBudget { retry_after_secs }
         | Self::BodyTimeout { retry_after_secs } = self

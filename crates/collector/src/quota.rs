@@ -168,7 +168,7 @@ impl Quotas {
 
     /// Where a request of `events` events goes, with `users` its users (key, events) when the
     /// source counts them. A request past the ceiling takes nothing; one sent to the overflow
-    /// lane counts against the ceiling only.
+    /// lane counts against the ceiling only (neither its source's quota nor its users').
     pub fn check(
         &self,
         source: &str,
@@ -189,6 +189,21 @@ impl Quotas {
             }
             bucket.tokens -= events;
         }
+        // The source's bucket is held while the users are looked at, so that a request that
+        // overflows for the source spends no user's quota, and one that overflows for a user
+        // spends none of the source's.
+        let mut source = match &quota.source {
+            Some((rate, bucket)) => match bucket.lock() {
+                Ok(mut bucket) => {
+                    if !rate.fits(&mut bucket, events, now) {
+                        return Verdict::Overflow(OverflowReason::Source);
+                    }
+                    Some(bucket)
+                }
+                Err(_) => None,
+            },
+            None => None,
+        };
         if let Some((rate, table)) = &quota.users {
             if let Ok(mut table) = table.lock() {
                 if !take_users(rate, &mut table, users, now) {
@@ -196,13 +211,8 @@ impl Quotas {
                 }
             }
         }
-        if let Some((rate, bucket)) = &quota.source {
-            if let Ok(mut bucket) = bucket.lock() {
-                if !rate.fits(&mut bucket, events, now) {
-                    return Verdict::Overflow(OverflowReason::Source);
-                }
-                bucket.tokens -= events;
-            }
+        if let Some(bucket) = &mut source {
+            bucket.tokens -= events;
         }
         Verdict::Live
     }
@@ -343,5 +353,41 @@ mod tests {
             Verdict::Live
         );
         assert_eq!(tracked(&quotas), 1, "the refilled users were forgotten");
+    }
+}
+
+#[cfg(test)]
+mod order_tests {
+    use std::collections::BTreeMap;
+
+    use ingest_pipeline::settings::{SourcePolicy, SourcePolicyChanges};
+
+    use super::*;
+
+    #[test]
+    fn a_request_over_the_source_quota_spends_none_of_its_users_quota() {
+        let policy = PolicySettings {
+            default: SourcePolicy::keep_all(),
+            sources: BTreeMap::from([(
+                "app".to_owned(),
+                SourcePolicyChanges {
+                    events_per_second: Some(10.0),
+                    user_events_per_second: Some(10.0),
+                    burst_seconds: Some(1.0),
+                    ..Default::default()
+                },
+            )]),
+        };
+        let quotas = Quotas::new([&"app".to_owned()], &policy);
+        let now = Instant::now();
+        let (a, b) = (user_key("a"), user_key("b"));
+        assert_eq!(quotas.check("app", 10, &[(a, 10)], now), Verdict::Live);
+        // The source is spent: b's request overflows for the source, and b keeps its quota.
+        assert_eq!(
+            quotas.check("app", 5, &[(b, 5)], now),
+            Verdict::Overflow(OverflowReason::Source)
+        );
+        let later = now + Duration::from_secs(1);
+        assert_eq!(quotas.check("app", 10, &[(b, 10)], later), Verdict::Live);
     }
 }

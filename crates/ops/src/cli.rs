@@ -136,6 +136,13 @@ pub enum Command {
     /// new sink, after a vendor's outage. MongoDB keeps each event once; HTTP sinks get each
     /// event's stable key; statsd only when named with --sink (its counters would count twice).
     Replay(ReplayArgs),
+    /// Events as the workers see them, live (after the privacy rules): one line each (time,
+    /// source, type, name, ids, valid or the first error), or with --json each whole item. The
+    /// feed is lossy: each worker sends at most 200 items a second, and says how many it skipped.
+    Tail(TailArgs),
+    /// A web page of the live feed and the pipeline's queues, served from this process
+    /// (127.0.0.1 by default; bound elsewhere it needs --token).
+    Console(ConsoleArgs),
     /// Check payloads against the tracking plan locally.
     Schema {
         #[command(subcommand)]
@@ -220,4 +227,60 @@ pub enum SchemaCommand {
         #[arg(long)]
         reject_unknown: bool,
     },
+}
+
+/// Which of the live feed's items to show.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct FeedFilter {
+    /// Only these sources (repeatable).
+    #[arg(long)]
+    pub source: Vec<String>,
+    /// Only these event types: track, page, screen, identify, group, alias (repeatable).
+    #[arg(long = "type")]
+    pub kind: Vec<String>,
+    /// Only these event names: a track's `event`, a page's or screen's `name` (repeatable).
+    #[arg(long)]
+    pub event: Vec<String>,
+    /// Only this user: a `userId` or an `anonymousId`.
+    #[arg(long)]
+    pub user: Option<String>,
+    /// Only events that were refused, with their errors.
+    #[arg(long)]
+    pub invalid_only: bool,
+}
+
+impl FeedFilter {
+    pub fn filter(&self) -> ingestctl::live::Filter {
+        ingestctl::live::Filter {
+            sources: self.source.iter().cloned().collect(),
+            types: self.kind.iter().cloned().collect(),
+            events: self.event.iter().cloned().collect(),
+            user: self.user.clone(),
+            invalid_only: self.invalid_only,
+        }
+    }
+}
+
+#[derive(clap::Args, Debug)]
+pub struct TailArgs {
+    #[command(flatten)]
+    pub filter: FeedFilter,
+    /// Each item as one JSON object per line: the whole event, and for a refused one its
+    /// reason and errors with their JSON pointers.
+    #[arg(long)]
+    pub json: bool,
+    /// Stop after this many items shown.
+    #[arg(long)]
+    pub count: Option<u64>,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct ConsoleArgs {
+    /// Where to serve the page.
+    #[arg(long, default_value = "127.0.0.1:8090")]
+    pub listen: std::net::SocketAddr,
+    /// Required (as `?token=` or a cookie the page sets) when --listen is not a loopback
+    /// address.
+    #[arg(long, env = "INGEST_CONSOLE_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
 }

@@ -3,8 +3,10 @@
 
 pub mod canary;
 pub mod cluster;
+pub mod console;
 pub mod dlq;
 pub mod invalid;
+pub mod live;
 pub mod management;
 pub mod range;
 pub mod replay;

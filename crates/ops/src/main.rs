@@ -19,6 +19,41 @@ use dlq_command::dlq;
 use replay_command::replay;
 use schema_command::schema_check;
 
+/// `ingestctl tail`: the live feed, filtered, until Ctrl-C or `--count` items.
+async fn tail(settings: &Settings, args: cli::TailArgs) -> anyhow::Result<()> {
+    let filter = args.filter.filter();
+    let mut viewer = ingestctl::live::Viewer::attach(settings).await?;
+    eprintln!(
+        "ingestctl: watching {}.live: events as the workers see them, after the privacy rules; lossy (each worker sends at most 200 a second); Ctrl-C stops",
+        settings.broker.prefix
+    );
+    let mut shown = 0u64;
+    let ended = loop {
+        if args.count.is_some_and(|count| shown >= count) {
+            break None;
+        }
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => break None,
+            item = viewer.next() => match item {
+                None => break Some("the feed ended: the connection to the broker was lost"),
+                Some(item) if filter.matches(&item) => {
+                    shown += 1;
+                    match args.json {
+                        true => println!("{item}"),
+                        false => println!("{}", ingestctl::live::line(&item)),
+                    }
+                }
+                Some(_) => {}
+            },
+        }
+    };
+    viewer.close().await;
+    match ended {
+        Some(why) => anyhow::bail!(why),
+        None => Ok(()),
+    }
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -147,6 +182,22 @@ async fn main() -> ExitCode {
             }
         },
         Command::Replay(args) => replay(&settings, args).await,
+        Command::Tail(args) => match tail(&settings, args).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(error) => {
+                eprintln!("ingestctl: {error:#}");
+                ExitCode::from(1)
+            }
+        },
+        Command::Console(args) => {
+            match ingestctl::console::serve(&settings, args.listen, args.token).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(error) => {
+                    eprintln!("ingestctl: {error:#}");
+                    ExitCode::from(1)
+                }
+            }
+        }
         Command::Schema {
             command:
                 SchemaCommand::Check {

@@ -97,6 +97,39 @@ impl Topology {
         format!("{}.ingest.overflow", self.prefix)
     }
 
+    /// The live feed's fanout exchange (`ingestctl tail`, `console`): workers publish to it only
+    /// while [`Topology::live_viewers`] has consumers.
+    pub fn live_exchange(&self) -> String {
+        format!("{}.live", self.prefix)
+    }
+
+    /// The live feed's presence queue: each viewer holds a consumer on it (it never gets a
+    /// message), and the workers read its consumer count.
+    pub fn live_viewers(&self) -> String {
+        format!("{}.live.viewers", self.prefix)
+    }
+
+    /// Declares the live feed's exchange and presence queue (idempotent, neither durable: a
+    /// viewer or worker declares them again); the presence queue's consumer count.
+    pub async fn declare_live(&self, channel: &Channel) -> lapin::Result<u32> {
+        channel
+            .exchange_declare(
+                self.live_exchange().as_str().into(),
+                lapin::ExchangeKind::Fanout,
+                lapin::options::ExchangeDeclareOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        let queue = channel
+            .queue_declare(
+                self.live_viewers().as_str().into(),
+                lapin::options::QueueDeclareOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        Ok(queue.consumer_count())
+    }
+
     /// Raw payloads that reached the delivery limit (workers kept failing on them), with
     /// RabbitMQ's `x-death` header.
     pub fn raw_dlq(&self) -> String {

@@ -67,8 +67,19 @@ pub mod headers {
     pub const DEATH_PREFIXES: [&str; 3] = ["x-death", "x-first-death", "x-last-death"];
 }
 
-/// Characters of a user agent that travel; the rest is cut.
-pub const USER_AGENT_CHARS: usize = 512;
+/// Bytes of a user agent that travel (cut at a character's boundary); the rest is cut. In
+/// bytes, not characters: the worker's allowance for its own fields in an event
+/// (`built::WORKER_FIELDS_BYTES`) counts it.
+pub const USER_AGENT_BYTES: usize = 512;
+
+/// `agent` in at most [`USER_AGENT_BYTES`] bytes.
+pub fn cut_user_agent(agent: &str) -> String {
+    let mut end = agent.len().min(USER_AGENT_BYTES);
+    while !agent.is_char_boundary(end) {
+        end -= 1;
+    }
+    agent[..end].to_owned()
+}
 /// Characters of a batch's last error that travel; the rest is cut.
 pub const LAST_ERROR_CHARS: usize = 1000;
 
@@ -180,12 +191,12 @@ impl RequestMeta {
                 .and_then(Endpoint::from_name)
                 .unwrap_or(Endpoint::Batch),
             client_ip: header_str(h, headers::CLIENT_IP).map(str::to_owned),
-            user_agent: header_str(h, headers::USER_AGENT).map(str::to_owned),
+            user_agent: header_str(h, headers::USER_AGENT).map(cut_user_agent),
         }
     }
 
     /// The headers that carry it: the client's address and user agent only when known, the
-    /// user agent cut to [`USER_AGENT_CHARS`].
+    /// user agent cut to [`USER_AGENT_BYTES`].
     pub fn headers(&self) -> FieldTable {
         let mut table = FieldTable::default();
         table.insert(
@@ -205,8 +216,10 @@ impl RequestMeta {
             table.insert(headers::CLIENT_IP.into(), long_string(ip));
         }
         if let Some(agent) = &self.user_agent {
-            let agent: String = agent.chars().take(USER_AGENT_CHARS).collect();
-            table.insert(headers::USER_AGENT.into(), long_string(&agent));
+            table.insert(
+                headers::USER_AGENT.into(),
+                long_string(&cut_user_agent(agent)),
+            );
         }
         table
     }

@@ -315,26 +315,36 @@ fn segment_matches(segment: &str, key: &str) -> bool {
 /// result for the same value (it is not called again).
 #[derive(Default)]
 pub struct SharedEdits {
-    /// (the shared object's address, the member's index, the edit's tag) -> (the shared
-    /// object, kept alive so its address stays its own; the edited member, as member 0 of an
-    /// object of its own; the values the edit reached in it).
-    done: HashMap<(usize, u32, usize), (Arc<Val>, Arc<Val>, usize)>,
+    /// (the shared object's address, the member's index, the edit's tag) -> the edit done.
+    done: HashMap<(usize, u32, usize), SharedEdit>,
+}
+
+/// One edit of a shared value.
+struct SharedEdit {
+    /// The shared object, kept alive so that its address stays its own.
+    _source: Arc<Val>,
+    /// The edited member, as member 0 of an object of its own.
+    edited: Arc<Val>,
+    /// The values the edit reached in it.
+    reached: usize,
 }
 
 impl Doc {
-    /// Calls `edit` on each value that `path` reaches (object keys, each may end in `*`) and
-    /// does what it answers; returns how many it reached. A value held once for several events
-    /// (a batch's `context`) is copied into this one before it changes, so the others keep it;
-    /// with `shared`, an edit of such a value (told apart by `tag`) is done once per delivery.
+    /// Calls `edit` on each value that `path` reaches (object keys, each may end in `*`; a `*`
+    /// alone also reaches each item of an array) and does what it answers; returns how many it
+    /// reached. A value held once for several events (a batch's `context`) is copied into this
+    /// one before it changes, so the others keep it; with `shared`, an edit of such a value
+    /// (told apart by `tag`) is done once per delivery, and `edit` is told so (its second
+    /// argument): what it answers then stands for every event of the delivery.
     pub fn edit_path<S: AsRef<str>>(
         &mut self,
         path: &[S],
         shared: Option<(&mut SharedEdits, usize)>,
-        edit: &mut dyn FnMut(Node<'_>) -> Edit,
+        edit: &mut dyn FnMut(Node<'_>, bool) -> Edit,
     ) -> usize {
         let text = Arc::clone(&self.text);
         let mut shared = shared;
-        edit_members(&text, &mut self.root, path, &mut shared, edit)
+        edit_members(&text, &mut self.root, path, &mut shared, false, edit)
     }
 }
 
@@ -343,7 +353,8 @@ fn edit_members<S: AsRef<str>>(
     val: &mut Val,
     path: &[S],
     shared: &mut Option<(&mut SharedEdits, usize)>,
-    edit: &mut dyn FnMut(Node<'_>) -> Edit,
+    in_shared: bool,
+    edit: &mut dyn FnMut(Node<'_>, bool) -> Edit,
 ) -> usize {
     let Some((segment, rest)) = path.split_first() else {
         return 0;
@@ -356,23 +367,43 @@ fn edit_members<S: AsRef<str>>(
         let (object, index) = (Arc::clone(object), *index);
         let Some((edits, tag)) = shared else {
             *val = val.resolved().clone();
-            return edit_members(text, val, path, &mut None, edit);
+            return edit_members(text, val, path, &mut None, in_shared, edit);
         };
         let key = (Arc::as_ptr(&object) as usize, index, *tag);
-        if let Some((_, edited, reached)) = edits.done.get(&key) {
-            let reached = *reached;
-            *val = Val::Shared(Arc::clone(edited), 0);
-            return reached;
+        if let Some(done) = edits.done.get(&key) {
+            *val = Val::Shared(Arc::clone(&done.edited), 0);
+            return done.reached;
         }
         let source = object;
         let mut copy = val.resolved().clone();
-        let reached = edit_members(text, &mut copy, path, &mut None, edit);
+        let reached = edit_members(text, &mut copy, path, &mut None, true, edit);
         let edited = Arc::new(Val::Obj(vec![(Text::from(""), copy)]));
         *val = Val::Shared(Arc::clone(&edited), 0);
-        edits.done.insert(key, (source, edited, reached));
+        let done = SharedEdit {
+            _source: source,
+            edited,
+            reached,
+        };
+        edits.done.insert(key, done);
         return reached;
     }
     let segment = segment.as_ref();
+    if let (Val::Arr(items), "*") = (&mut *val, segment) {
+        let mut reached = 0;
+        for item in items.iter_mut() {
+            if !rest.is_empty() {
+                reached += edit_members(text, item, rest, shared, in_shared, edit);
+                continue;
+            }
+            reached += 1;
+            match edit(Node::new(text, item), in_shared) {
+                Edit::Keep => {}
+                Edit::Set(new) => *item = new,
+                Edit::Remove => *item = Val::Null,
+            }
+        }
+        return reached;
+    }
     let Val::Obj(members) = val else {
         return 0;
     };
@@ -385,12 +416,12 @@ fn edit_members<S: AsRef<str>>(
             continue;
         }
         if !rest.is_empty() {
-            reached += edit_members(text, value, rest, shared, edit);
+            reached += edit_members(text, value, rest, shared, in_shared, edit);
             index += 1;
             continue;
         }
         reached += 1;
-        match edit(Node::new(text, value)) {
+        match edit(Node::new(text, value), in_shared) {
             Edit::Keep => index += 1,
             Edit::Set(new) => {
                 *value = new;
@@ -415,6 +446,7 @@ fn reaches<S: AsRef<str>>(text: &str, val: &Val, path: &[S]) -> bool {
         Val::Obj(members) => members.iter().any(|(key, value)| {
             segment_matches(segment, key.read(text)) && reaches(text, value, rest)
         }),
+        Val::Arr(items) if segment == "*" => items.iter().any(|item| reaches(text, item, rest)),
         _ => false,
     }
 }

@@ -480,8 +480,13 @@ async fn handle(
     // Live traffic first: while more than a quarter of the live prefetch is in hand (live
     // deliveries arrive faster than they finish), a replayed or overflowed one waits before
     // using any CPU.
+    // At most SIDE_WAIT_AT_MOST, though: a delivery held unacked for longer than the broker's
+    // consumer timeout (30 min by default) would have its channel closed under it.
     if lane != Lane::Live {
-        while session.live_in_flight.load(Ordering::Relaxed) > session.live_busy_above {
+        let waited = std::time::Instant::now();
+        while session.live_in_flight.load(Ordering::Relaxed) > session.live_busy_above
+            && waited.elapsed() < SIDE_WAIT_AT_MOST
+        {
             tokio::time::sleep(LIVE_BUSY_POLL).await;
         }
     }
@@ -492,6 +497,14 @@ async fn handle(
         context.limits,
         context.documents,
         &context.enrichment,
+    );
+    context.live.offer(
+        &outcome,
+        match lane {
+            Lane::Live => "live",
+            Lane::Replay => "replay",
+            Lane::Overflow => "overflow",
+        },
     );
     let (valid, invalid) = (outcome.valid.len(), outcome.invalid.len());
     metrics::counter!("worker_events_total", "result" => "valid").increment(valid as u64);
@@ -583,5 +596,8 @@ impl Drop for LiveBusy {
     }
 }
 
+/// How long a replayed or overflowed delivery waits for live traffic at most before it is
+/// handled all the same: well within RabbitMQ's consumer timeout for an unacked delivery.
+const SIDE_WAIT_AT_MOST: Duration = Duration::from_secs(300);
 /// How often a replayed delivery waiting for live traffic looks again.
 const LIVE_BUSY_POLL: Duration = Duration::from_millis(5);

@@ -205,6 +205,8 @@ pub struct Memo {
     /// An address as sent, and what truncating it gave (`None`: not an address).
     truncated_ip: Option<(Box<str>, Option<Box<str>>)>,
     edits: ingest_schema::SharedEdits,
+    /// What hashes and redactions of shared values grew by, in this delivery.
+    shared_grown: usize,
 }
 
 /// Whether an event is kept under a sampling rule that keeps `keep` of its name's events: the

@@ -14,6 +14,7 @@ pub mod enrich;
 pub mod health;
 pub mod invalid;
 pub(crate) mod invalid_publish;
+pub mod live;
 pub(crate) mod out;
 pub mod overflow;
 pub mod process;
@@ -52,6 +53,8 @@ pub(crate) struct Context {
     invalid: invalid_publish::InvalidQueue,
     /// The user agent read, bots, geolocation, and each source's rules.
     enrichment: enrich::Enrichment,
+    /// The live feed for `ingestctl tail` and `console`: built only while someone watches.
+    live: Arc<live::LiveFeed>,
 }
 
 /// Builds every enabled sink from the settings, checking each.
@@ -163,6 +166,7 @@ pub async fn serve(
         Topology::from_settings(&settings.broker),
         stop.clone(),
     ));
+    let live_feed = Arc::new(live::LiveFeed::default());
     let context = Arc::new(Context {
         health,
         registry,
@@ -180,7 +184,9 @@ pub async fn serve(
         confirm_timeout: settings.broker.confirm_timeout(),
         invalid: invalid_publish::InvalidQueue::new(&w.invalid),
         enrichment,
+        live: live_feed.clone(),
     });
+    let live_task = tokio::spawn(live_feed.run(settings.clone(), stop.clone()));
 
     let mut backoff = reconnect;
     while !stop.is_cancelled() {
@@ -198,6 +204,7 @@ pub async fn serve(
         }
     }
     http.abort();
+    live_task.abort();
     let unreported = context.invalid.unreported();
     if unreported > 0 {
         tracing::error!(unreported, "stopping with invalid events counted in no summary the invalid queue took (it was full, or the broker gone): only the metrics and this line keep their count");

@@ -46,7 +46,7 @@ fn enrichment_bytes(meta: &RequestMeta) -> usize {
     const FIXED: usize = 400;
     FIXED
         + enrich::ANNOTATION_BYTES
-        + enrich::privacy::MAX_GROWTH_BYTES
+        + 2 * enrich::privacy::MAX_GROWTH_BYTES
         + meta.source.len()
         + meta.request_id.len()
         + meta.client_ip.as_ref().map_or(0, String::len)
@@ -76,11 +76,19 @@ pub fn process(
             // Read again: the panic took the first reading with it (the rare path pays, not
             // every delivery).
             let meta = RequestMeta::from_properties(properties, body);
-            let what = panic
-                .downcast_ref::<&str>()
-                .map(|s| (*s).to_owned())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "a panic".to_owned());
+            // A panic's message can quote what it failed on: for a source with privacy rules,
+            // neither it nor the payload is kept.
+            let withhold = !enrichment.rules(&meta.source).privacy.is_off();
+            let what = match withhold {
+                true => {
+                    "a panic (its message is not kept: the source has privacy rules)".to_owned()
+                }
+                false => panic
+                    .downcast_ref::<&str>()
+                    .map(|s| (*s).to_owned())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "a panic".to_owned()),
+            };
             tracing::error!(request_id = %meta.request_id, panic = %what, "processing a payload panicked; it is kept as invalid");
             metrics::counter!("worker_processing_panics_total").increment(1);
             let mut record = InvalidRecord::undecodable(
@@ -88,6 +96,9 @@ pub fn process(
                 body,
                 &meta,
             );
+            if withhold {
+                record.raw_base64 = None;
+            }
             record.reason = "internal";
             Outcome {
                 meta,
@@ -241,7 +252,9 @@ fn process_payload(
                     message: format!("batch[{index}] is not a JSON object"),
                     schema: "payload".into(),
                 }],
-                Some(value),
+                // A source with privacy rules keeps no value the rules could not read (an
+                // event sent as a JSON string would be kept whole).
+                (!withhold).then_some(value),
                 &meta,
             )),
         }

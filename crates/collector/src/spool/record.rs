@@ -10,7 +10,7 @@
 use std::io::{self, Read};
 
 use chrono::{DateTime, Utc};
-use ingest_pipeline::message::{Endpoint, RequestMeta, USER_AGENT_CHARS};
+use ingest_pipeline::message::{cut_user_agent, Endpoint, RequestMeta};
 use lapin::BasicProperties;
 use serde::{Deserialize, Serialize};
 
@@ -50,10 +50,7 @@ impl Entry {
             endpoint: meta.endpoint.as_str().to_owned(),
             client_ip: meta.client_ip.clone(),
             // Cut as its header is: a client's long header must not make a large record.
-            user_agent: meta
-                .user_agent
-                .as_ref()
-                .map(|agent| agent.chars().take(USER_AGENT_CHARS).collect()),
+            user_agent: meta.user_agent.as_ref().map(|agent| cut_user_agent(agent)),
             content_type: content_type.to_owned(),
             gzip,
             refused_events: refused_events.map(str::to_owned),
@@ -225,6 +222,7 @@ fn fill(inner: &mut impl Read, buf: &mut [u8]) -> Result<usize, Bad> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ingest_pipeline::message::USER_AGENT_BYTES;
 
     pub fn entry(id: &str) -> Entry {
         Entry {
@@ -345,9 +343,7 @@ mod tests {
             user_agent: Some("é".repeat(20_000)),
         };
         let entry = Entry::new(&meta, "application/json", false, None);
-        assert_eq!(
-            entry.user_agent.map(|a| a.chars().count()),
-            Some(USER_AGENT_CHARS)
-        );
+        // Cut in bytes, at a character's boundary: 256 two-byte characters.
+        assert_eq!(entry.user_agent.map(|a| a.len()), Some(USER_AGENT_BYTES));
     }
 }

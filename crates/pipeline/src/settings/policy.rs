@@ -254,7 +254,18 @@ impl PolicySettings {
     }
 }
 
-/// A field rule's path: keys joined by `.`, none empty, `*` only at a key's end.
+/// Top-level fields the pipeline itself needs: no rule may reach them.
+const NEEDED: [&str; 6] = [
+    "messageId",
+    "type",
+    "source",
+    "receivedAt",
+    "timestamp",
+    "requestId",
+];
+
+/// A field rule's path: keys joined by `.`, none empty, `*` only at a key's end, and not one
+/// that reaches a field the pipeline needs (`*Id` would reach `messageId`).
 fn check_path(path: &str) -> Result<(), &'static str> {
     if path.split('.').any(str::is_empty) {
         return Err("a path is keys joined by '.', none of them empty");
@@ -265,8 +276,14 @@ fn check_path(path: &str) -> Result<(), &'static str> {
     {
         return Err("'*' may only end a key");
     }
-    if path == "messageId" || path == "type" || path == "source" || path == "receivedAt" {
-        return Err("the pipeline needs this field");
+    if !path.contains('.') {
+        let reaches = |field: &str| match path.strip_suffix('*') {
+            Some(prefix) => field.starts_with(prefix),
+            None => field == path,
+        };
+        if NEEDED.into_iter().any(reaches) {
+            return Err("it reaches a field the pipeline needs (messageId, type, source, receivedAt, timestamp, requestId)");
+        }
     }
     Ok(())
 }
@@ -351,6 +368,10 @@ mod tests {
             .expect_err("refused");
         assert_eq!(setting, "policy.sources.web.fields");
         assert!(why.contains("'*' may only end a key"), "{why}");
+        for needed in ["*Id", "s*", "type", "*"] {
+            assert!(check_path(needed).is_err(), "{needed}");
+        }
+        assert!(check_path("traits.*").is_ok() && check_path("userId").is_ok());
         policy.sources.insert(
             "web".into(),
             SourcePolicyChanges {

@@ -215,12 +215,12 @@ fn edit_path_reaches_each_match_and_copies_a_shared_value_before_changing_it() {
             .expect("context")
             .merge_shared(&shared);
     }
-    let reached = first.edit_path(&["context", "traits", "email"], None, &mut |node| {
+    let reached = first.edit_path(&["context", "traits", "email"], None, &mut |node, _| {
         assert_eq!(node.as_str(), Some("a@b.c"));
         Edit::Set(Val::string("hidden"))
     });
     assert_eq!(reached, 1);
-    let dropped = first.edit_path(&["properties", "card_*"], None, &mut |_| Edit::Remove);
+    let dropped = first.edit_path(&["properties", "card_*"], None, &mut |_, _| Edit::Remove);
     assert_eq!(dropped, 2);
     assert_eq!(
         first.to_value(),
@@ -232,11 +232,11 @@ fn edit_path_reaches_each_match_and_copies_a_shared_value_before_changing_it() {
         json!("a@b.c")
     );
     assert_eq!(
-        first.edit_path(&["context", "nothing"], None, &mut |_| Edit::Remove),
+        first.edit_path(&["context", "nothing"], None, &mut |_, _| Edit::Remove),
         0
     );
     assert_eq!(
-        first.edit_path(&["properties", "cart", "deeper"], None, &mut |_| {
+        first.edit_path(&["properties", "cart", "deeper"], None, &mut |_, _| {
             Edit::Remove
         }),
         0
@@ -265,7 +265,8 @@ fn a_shared_value_is_edited_once_per_delivery_with_its_memo() {
         let reached = event.edit_path(
             &["context", "device", "id"],
             Some((&mut memo, 7)),
-            &mut |_| {
+            &mut |_, shared| {
+                assert!(shared, "told that the edit stands for the delivery");
                 calls += 1;
                 Edit::Set(Val::string("hidden"))
             },
@@ -283,7 +284,7 @@ fn a_shared_value_is_edited_once_per_delivery_with_its_memo() {
     let dropped = events[0].edit_path(
         &["context", "device", "model"],
         Some((&mut memo, 8)),
-        &mut |_| Edit::Remove,
+        &mut |_, _| Edit::Remove,
     );
     assert_eq!(dropped, 1);
     assert_eq!(
@@ -293,5 +294,27 @@ fn a_shared_value_is_edited_once_per_delivery_with_its_memo() {
     assert_eq!(
         events[1].to_value()["context"]["device"],
         json!({"id": "hidden", "model": "x"})
+    );
+}
+
+#[test]
+fn a_star_reaches_each_item_of_an_array() {
+    use super::Edit;
+    let mut event = parse(r#"{"properties":{"emails":["a@x","b@y"],"n":[{"e":"c@z"},{"f":1}]}}"#);
+    let reached = event.edit_path(&["properties", "emails", "*"], None, &mut |_, _| {
+        Edit::Set(Val::string("h"))
+    });
+    assert_eq!(reached, 2);
+    let removed = event.edit_path(&["properties", "n", "*", "e"], None, &mut |_, _| {
+        Edit::Remove
+    });
+    assert_eq!(removed, 1);
+    let nulled = event.edit_path(&["properties", "emails", "*"], None, &mut |_, _| {
+        Edit::Remove
+    });
+    assert_eq!(nulled, 2);
+    assert_eq!(
+        event.to_value(),
+        json!({"properties":{"emails":[null,null],"n":[{},{"f":1}]}})
     );
 }

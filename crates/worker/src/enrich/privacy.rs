@@ -14,10 +14,11 @@ use ingest_schema::{Doc, Edit, Issue, Val};
 use super::Memo;
 use sha2::Sha256;
 
-/// Bytes by which hashes and redactions may lengthen one event (a hash is longer than a short
-/// value, and a wildcard can reach thousands of them); past it, what such a rule reaches is
-/// dropped instead. The worker counts it in what an event may grow by (`process`).
-pub const MAX_GROWTH_BYTES: usize = 256;
+/// Bytes by which hashes and redactions may lengthen one event's own values, and (apart) the
+/// values a delivery's events share (a hash is longer than a short value, and a wildcard can
+/// reach thousands of them); past it, what such a rule reaches is dropped instead. The worker
+/// counts twice this in what an event may grow by (`process`).
+pub const MAX_GROWTH_BYTES: usize = 128;
 
 /// The IP rule's tag in a delivery's [`SharedEdits`] (the field rules' are their indexes).
 const IP_TAG: usize = usize::MAX;
@@ -96,12 +97,12 @@ impl Privacy {
             IpPolicy::Drop => {
                 let edits = Some((&mut memo.edits, IP_TAG));
                 applied.ip +=
-                    event.edit_path(&["context", "ip"], edits, &mut |_| Edit::Remove) as u64;
+                    event.edit_path(&["context", "ip"], edits, &mut |_, _| Edit::Remove) as u64;
             }
             IpPolicy::Truncate => {
                 let (edits, last) = (&mut memo.edits, &mut memo.truncated_ip);
                 applied.ip +=
-                    event.edit_path(&["context", "ip"], Some((edits, IP_TAG)), &mut |node| {
+                    event.edit_path(&["context", "ip"], Some((edits, IP_TAG)), &mut |node, _| {
                         let Some(sent) = node.as_str() else {
                             return Edit::Remove;
                         };
@@ -116,10 +117,14 @@ impl Privacy {
                     }) as u64;
             }
         }
+        // What this event's own values grew by, and (for the whole delivery) the values its
+        // events share: each at most MAX_GROWTH_BYTES, so an event grows by twice that at most.
         let mut grown = 0;
+        let (edits, shared_grown) = (&mut memo.edits, &mut memo.shared_grown);
         let mut json = Vec::new();
         for (tag, rule) in self.rules.iter().enumerate() {
-            let reached = event.edit_path(&rule.path, Some((&mut memo.edits, tag)), &mut |node| {
+            let edits = Some((&mut *edits, tag));
+            let reached = event.edit_path(&rule.path, edits, &mut |node, shared| {
                 if rule.action == FieldAction::Drop {
                     return Edit::Remove;
                 }
@@ -134,8 +139,13 @@ impl Privacy {
                     },
                 };
                 // Quoted, the new value is its length and 2.
-                grown += (new.len() + 2).saturating_sub(json.len());
-                match grown <= MAX_GROWTH_BYTES {
+                let budget = if shared {
+                    &mut *shared_grown
+                } else {
+                    &mut grown
+                };
+                *budget += (new.len() + 2).saturating_sub(json.len());
+                match *budget <= MAX_GROWTH_BYTES {
                     true => Edit::Set(Val::string(new)),
                     false => Edit::Remove,
                 }
@@ -344,7 +354,7 @@ mod tests {
             .as_object()
             .expect("object")
             .len();
-        // Each `n` (1 or 2 bytes) becomes 39: 6 fit in the bound, the rest go.
-        assert_eq!(kept, 6);
+        // Each `n` (1 or 2 bytes) becomes 39: 3 fit in the bound, the rest go.
+        assert_eq!(kept, 3);
     }
 }

@@ -529,7 +529,7 @@ fn what_enrichment_adds_stays_within_the_collectors_allowance() {
         source: "s".repeat(100),
         endpoint: ingest_pipeline::message::Endpoint::Batch,
         client_ip: Some("ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255".into()),
-        user_agent: Some("a".repeat(ingest_pipeline::message::USER_AGENT_CHARS)),
+        user_agent: Some("a".repeat(ingest_pipeline::message::USER_AGENT_BYTES)),
     };
     assert!(enrichment_bytes(&meta) <= ingest_pipeline::built::WORKER_FIELDS_BYTES);
 }
