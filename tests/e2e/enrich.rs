@@ -204,35 +204,21 @@ async fn user_agents_bots_and_places_land_and_a_sources_rules_reach_every_store(
 /// its source's rules like a new one.
 #[tokio::test]
 async fn a_replayed_request_goes_through_its_sources_rules() {
-    use lapin::options::BasicPublishOptions;
     let vendor = Receiver::start(Mode::Ok).await;
     let s = enriched_settings("enrichreplay", &vendor.url);
     let url = amqp_url();
     let topology = Topology::from_settings(&s.broker);
-    let (conn, ch) = channel(&url).await;
-    topology.declare(&conn).await.unwrap();
-    topology.declare_replay(&conn).await.unwrap();
     let properties = ingest_loadgen::amqp::collector_properties("shop-web", false);
-    let mut table = properties.headers().clone().unwrap_or_default();
-    ingest_pipeline::message::mark_from_archive(
-        &mut table,
-        chrono::Utc::now(),
-        Some(&["mongo".to_owned()]),
-    );
     let body = json!({"batch": [event("replayed", IPHONE)]});
-    ch.confirm_select(Default::default()).await.unwrap();
-    ch.basic_publish(
-        "".into(),
-        topology.replay().as_str().into(),
-        BasicPublishOptions::default(),
+    let sinks = ["mongo".to_owned()];
+    publish_replayed(
+        &url,
+        &topology,
         body.to_string().as_bytes(),
-        properties.with_headers(table),
+        properties,
+        &sinks,
     )
-    .await
-    .unwrap()
-    .await
-    .unwrap();
-    let _ = conn.close(200, "".into()).await;
+    .await;
     let worker = Worker::start(&s);
     assert_eq!(
         wait_for_count(&s, doc! {"messageId": "replayed"}, 1, LAND).await,

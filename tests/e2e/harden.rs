@@ -365,29 +365,17 @@ async fn a_poison_replayed_request_goes_back_to_the_replay_lane_with_its_marks()
     let s = settings("replaypoison");
     let url = amqp_url();
     let topology = Topology::from_settings(&s.broker);
-    let (conn, ch) = channel(&url).await;
-    topology.declare(&conn).await.unwrap();
-    topology.declare_replay(&conn).await.unwrap();
-    let mut table = FieldTable::default();
-    ingest_pipeline::message::mark_from_archive(
-        &mut table,
-        chrono::Utc::now(),
-        Some(&["mongo".to_owned()]),
-    );
     let body = json!({"batch":[{"type":"track","event":"Custom","userId":"u","messageId":"poisoned-replay"}]});
-    ch.confirm_select(Default::default()).await.unwrap();
-    ch.basic_publish(
-        "".into(),
-        topology.replay().as_str().into(),
-        BasicPublishOptions::default(),
+    let properties = lapin::BasicProperties::default();
+    let sinks = ["mongo".to_owned()];
+    publish_replayed(
+        &url,
+        &topology,
         body.to_string().as_bytes(),
-        lapin::BasicProperties::default().with_headers(table),
+        properties,
+        &sinks,
     )
-    .await
-    .unwrap()
-    .await
-    .unwrap();
-    let _ = conn.close(200, "".into()).await;
+    .await;
     fail_every_delivery(&url, &topology.replay()).await;
     assert!(
         eventually(PATIENCE, || async {

@@ -2,29 +2,15 @@
 //! quota goes to the overflow lane while another user of the same source stays on the raw
 //! queue; nothing is lost once a worker drains the lane; past the ceiling, 429.
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use ingest_e2e::*;
 use ingest_pipeline::settings::SourcePolicyChanges;
-use ingest_pipeline::{Settings, Topology};
+use ingest_pipeline::Topology;
 use mongodb::bson::doc;
 use serde_json::{json, Value};
 
 const LAND: Duration = Duration::from_secs(60);
-
-fn ingestctl(s: &Settings, args: &[&str]) -> (i32, String) {
-    let out = Command::new(binary("ingestctl"))
-        .envs(settings_env(s))
-        .current_dir(root())
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-    )
-}
 
 fn track(user: &str, id: &str) -> Value {
     json!({"type": "track", "event": "Product Viewed", "userId": user, "messageId": id,
@@ -128,7 +114,7 @@ async fn a_user_sending_fifty_times_the_quota_overflows_while_another_user_lands
     let overflow = topology.overflow();
     let requests = depth(&url, &overflow).await;
     assert_eq!(u64::from(requests) * 25, overflowed);
-    let (status, out) = ingestctl(&s, &["queues", "--json"]);
+    let (status, out) = ingestctl_async(&s, &["queues", "--json"]).await;
     assert_eq!(status, 0, "{out}");
     let listed: Vec<Value> = serde_json::from_str(&out).unwrap();
     let lane = listed
@@ -136,10 +122,11 @@ async fn a_user_sending_fifty_times_the_quota_overflows_while_another_user_lands
         .find(|q| q["name"] == overflow.as_str())
         .unwrap_or_else(|| panic!("{overflow} is not listed: {out}"));
     assert_eq!(lane["depth"], json!(requests));
-    let (status, out) = ingestctl(
+    let (status, out) = ingestctl_async(
         &s,
         &["check", "--queue", "overflow", "-w", "0", "-c", "1000000"],
-    );
+    )
+    .await;
     assert_eq!(status, 1, "WARNING while the lane holds requests: {out}");
     assert!(out.starts_with("QUEUE WARNING"), "{out}");
 
@@ -150,10 +137,11 @@ async fn a_user_sending_fifty_times_the_quota_overflows_while_another_user_lands
         flood_n
     );
     assert!(eventually(LAND, || async { depth(&url, &overflow).await == 0 }).await);
-    let (status, out) = ingestctl(
+    let (status, out) = ingestctl_async(
         &s,
         &["check", "--queue", "overflow", "-w", "0", "-c", "1000000"],
-    );
+    )
+    .await;
     assert_eq!(status, 0, "{out}");
     let drained = metrics_of(&client, &drainer.url).await;
     assert_eq!(

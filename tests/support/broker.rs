@@ -582,3 +582,33 @@ pub async fn read_stream(
     let _ = conn.close(200, "".into()).await;
     out
 }
+
+/// Publishes `body` to the replay lane as `ingestctl replay` does: `properties` (a request's,
+/// as the collector wrote them) with the replay's marks added, naming `sinks`; confirmed.
+pub async fn publish_replayed(
+    url: &str,
+    topology: &ingest_pipeline::Topology,
+    body: &[u8],
+    properties: lapin::BasicProperties,
+    sinks: &[String],
+) {
+    let (connection, channel) = channel(url).await;
+    topology.declare(&connection).await.unwrap();
+    topology.declare_replay(&connection).await.unwrap();
+    let mut table = properties.headers().clone().unwrap_or_default();
+    ingest_pipeline::message::mark_from_archive(&mut table, chrono::Utc::now(), Some(sinks));
+    channel.confirm_select(Default::default()).await.unwrap();
+    channel
+        .basic_publish(
+            "".into(),
+            topology.replay().as_str().into(),
+            lapin::options::BasicPublishOptions::default(),
+            body,
+            properties.with_headers(table),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let _ = connection.close(200, "".into()).await;
+}

@@ -60,28 +60,27 @@ impl LiveFeed {
         self.watched.load(Ordering::Relaxed)
     }
 
-    /// Offers what one delivery came to; nothing is built while nobody watches.
+    /// Offers what one delivery came to; nothing is built while nobody watches. Past the rate,
+    /// refused events go before valid ones (they are what a viewer looks for).
     pub fn offer(&self, outcome: &Outcome, lane: &'static str) {
         if !self.is_watched() {
             return;
         }
-        for event in &outcome.valid {
-            if let Some(skipped) = self.take() {
-                self.send(item(&outcome.meta.source, lane, skipped, Ok(event.json())));
-            }
-        }
-        for record in &outcome.invalid {
-            if let Some(skipped) = self.take() {
-                self.send(item(&outcome.meta.source, lane, skipped, Err(record)));
-            }
+        let all = outcome.invalid.len() + outcome.valid.len();
+        let (allowed, mut skipped) = self.take(all);
+        let refused = outcome.invalid.iter().map(Err);
+        let valid = outcome.valid.iter().map(|event| Ok(event.json()));
+        for what in refused.chain(valid).take(allowed) {
+            self.send(item(&outcome.meta.source, lane, skipped, what));
+            skipped = 0;
         }
     }
 
-    /// Takes one item's place in this second's budget: the items skipped since the last one
-    /// sent, or `None` (this one is skipped too).
-    fn take(&self) -> Option<u64> {
+    /// Takes up to `wanted` items' places in this second's budget, at one lock per delivery:
+    /// how many it got, and the items skipped before them (the rest are skipped now).
+    fn take(&self, wanted: usize) -> (usize, u64) {
         let Ok(mut budget) = self.budget.lock() else {
-            return None;
+            return (0, 0);
         };
         let (tokens, updated) = &mut *budget;
         let now = Instant::now();
@@ -89,13 +88,20 @@ impl LiveFeed {
             + now.saturating_duration_since(*updated).as_secs_f64() * MAX_PER_SECOND)
             .min(MAX_PER_SECOND);
         *updated = now;
-        if *tokens < 1.0 {
-            self.skipped.fetch_add(1, Ordering::Relaxed);
-            metrics::counter!("worker_live_feed_skipped_total").increment(1);
-            return None;
+        let allowed = (tokens.max(0.0).floor() as usize).min(wanted);
+        *tokens -= allowed as f64;
+        drop(budget);
+        let left_out = (wanted - allowed) as u64;
+        if left_out > 0 {
+            metrics::counter!("worker_live_feed_skipped_total").increment(left_out);
         }
-        *tokens -= 1.0;
-        Some(self.skipped.swap(0, Ordering::Relaxed))
+        // The first item sent carries what was skipped before it; what is skipped now waits for
+        // the next one.
+        if allowed == 0 {
+            self.skipped.fetch_add(left_out, Ordering::Relaxed);
+            return (0, 0);
+        }
+        (allowed, self.skipped.swap(left_out, Ordering::Relaxed))
     }
 
     fn send(&self, item: Vec<u8>) {
@@ -251,16 +257,20 @@ mod tests {
     }
 
     #[test]
-    fn nothing_is_offered_while_nobody_watches_and_the_rate_is_capped() {
+    fn the_rate_is_capped_and_what_is_skipped_is_told_with_the_next_item() {
         let feed = LiveFeed::default();
-        assert!(feed.take().is_some());
-        let mut sent = 0;
-        for _ in 0..1000 {
-            if feed.take().is_some() {
-                sent += 1;
-            }
-        }
-        assert!(sent < 250, "{sent} items in a moment");
-        assert!(feed.skipped.load(Ordering::Relaxed) > 700);
+        let (first, before) = feed.take(150);
+        assert_eq!((first, before), (150, 0));
+        // 50 places left this moment: 50 of 80 go, 30 are skipped.
+        let (second, before) = feed.take(80);
+        assert!((50..=52).contains(&second), "{second}");
+        assert_eq!(before, 0);
+        let (third, _) = feed.take(10);
+        assert!(third <= 2, "{third}");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        // A tenth of a second later, 20 places: the first item says what was skipped.
+        let (fourth, before) = feed.take(5);
+        assert_eq!(fourth, 5);
+        assert!(before >= 30 + 8, "{before} skipped before");
     }
 }
