@@ -103,16 +103,17 @@ async fn tail_shows_each_sources_valid_and_invalid_events_through_its_filters() 
         .iter()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
+    // One delivery's items: its refused events first (what a viewer looks for).
     let ids: Vec<&str> = items
         .iter()
         .map(|i| i["event"]["messageId"].as_str().unwrap())
         .collect();
-    assert_eq!(ids, ["web-ok", "web-bad"], "{lines:?}");
+    assert_eq!(ids, ["web-bad", "web-ok"], "{lines:?}");
     assert!(items.iter().all(|i| i["source"] == json!("shop-web")));
-    assert_eq!(items[0]["valid"], json!(true));
-    assert_eq!(items[0]["event"]["properties"]["price"], json!(5.0));
-    assert_eq!(items[1]["valid"], json!(false));
-    assert_eq!(items[1]["errors"][0]["pointer"], json!("/properties/price"));
+    assert_eq!(items[1]["valid"], json!(true));
+    assert_eq!(items[1]["event"]["properties"]["price"], json!(5.0));
+    assert_eq!(items[0]["valid"], json!(false));
+    assert_eq!(items[0]["errors"][0]["pointer"], json!("/properties/price"));
     assert!(
         !lines.iter().any(|l| l.contains(WEB_KEY)),
         "a write key in the feed"
@@ -236,9 +237,14 @@ async fn the_console_in_chromium_shows_an_event_sent_with_curl_and_a_refused_one
     let collector = Collector::start(&s).await;
     let port = free_port();
     let listen = format!("127.0.0.1:{port}");
-    let _console = ingestctl(&s, &["console", "--listen", &listen])
-        .spawn()
-        .unwrap();
+    let console = [
+        "console",
+        "--listen",
+        &listen,
+        "--collector",
+        &collector.url,
+    ];
+    let _console = ingestctl(&s, &console).spawn().unwrap();
     let page = format!("http://{listen}/");
     assert!(
         status_becomes(&http(), page.clone(), 200).await,
@@ -321,6 +327,39 @@ async fn the_console_in_chromium_shows_an_event_sent_with_curl_and_a_refused_one
         line.contains("\"price\": -1"),
         "the error is not beside its field: {line}"
     );
+    // The state the page was given: every pipeline queue, and the collector's spool (off here).
+    let state: Value = http()
+        .get(format!("{page}state"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let queues: Vec<&str> = state["queues"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|q| q["name"].as_str().unwrap())
+        .collect();
+    let topology = Topology::from_settings(&s.broker);
+    for queue in [
+        topology.raw(),
+        topology.overflow(),
+        topology.invalid(),
+        topology.sink_dlq("mongo"),
+    ] {
+        assert!(
+            queues.contains(&queue.as_str()),
+            "{queue} not in {queues:?}"
+        );
+    }
+    assert_eq!(
+        state["spools"][0]["collector"],
+        json!(collector.url),
+        "{state}"
+    );
+    assert!(state["spools"][0].get("error").is_none(), "{state}");
     let png = std::fs::read(&screenshot).unwrap();
     assert!(
         png.starts_with(b"\x89PNG") && png.len() > 10_000,

@@ -283,4 +283,7 @@ pub struct ConsoleArgs {
     /// address.
     #[arg(long, env = "INGEST_CONSOLE_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// A collector's base URL (repeatable): its spool is shown, read from its /metrics.
+    #[arg(long = "collector", value_name = "COLLECTOR_URL")]
+    pub collectors: Vec<String>,
 }

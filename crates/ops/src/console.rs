@@ -37,6 +37,8 @@ const PAGE: &str = include_str!("console/page.html");
 struct Console {
     settings: Settings,
     token: Option<String>,
+    /// Collectors whose spools are shown.
+    collectors: Vec<String>,
     items: broadcast::Sender<String>,
     state: RwLock<String>,
 }
@@ -50,6 +52,7 @@ pub async fn serve(
     settings: &Settings,
     listen: SocketAddr,
     token: Option<String>,
+    collectors: Vec<String>,
 ) -> anyhow::Result<()> {
     let token = token.filter(|t| !t.is_empty());
     if !listen.ip().is_loopback() && token.is_none() {
@@ -61,6 +64,7 @@ pub async fn serve(
     let console = Arc::new(Console {
         settings: settings.clone(),
         token,
+        collectors,
         items,
         state: RwLock::new("[]".to_owned()),
     });
@@ -224,12 +228,13 @@ async fn queues(console: Arc<Console>) {
     );
     loop {
         if console.items.receiver_count() > 0 {
-            let state = match states(settings, &names).await {
+            let mut state = match states(settings, &names).await {
                 Ok(states) => {
                     serde_json::json!({"queues": states, "prefix": settings.broker.prefix})
                 }
                 Err(error) => serde_json::json!({"error": format!("{error:#}")}),
             };
+            state["spools"] = spools(&console.collectors).await.into();
             *console.state.write().await = state.to_string();
         }
         tokio::time::sleep(STATE_EVERY).await;
@@ -253,6 +258,35 @@ async fn states(settings: &Settings, names: &[String]) -> anyhow::Result<Vec<Que
         }
     }
     Ok(states)
+}
+
+/// Each collector's spool, from its /metrics: requests and bytes held, its bound, the oldest
+/// one's age; or why it could not be read.
+async fn spools(collectors: &[String]) -> Vec<serde_json::Value> {
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(2))
+        .build()
+        .unwrap_or_default();
+    let mut out = Vec::new();
+    for base in collectors {
+        let url = format!("{}/metrics", base.trim_end_matches('/'));
+        let text = match client.get(&url).send().await {
+            Ok(response) => response.text().await.unwrap_or_default(),
+            Err(error) => {
+                out.push(serde_json::json!({"collector": base, "error": error.to_string()}));
+                continue;
+            }
+        };
+        let value = |name: &str| crate::exposed_value(&text, name);
+        out.push(serde_json::json!({
+            "collector": base,
+            "records": value("collector_spool_records"),
+            "bytes": value("collector_spool_bytes"),
+            "max_bytes": value("collector_spool_max_bytes"),
+            "oldest_age_s": value("collector_spool_oldest_age_seconds"),
+        }));
+    }
+    out
 }
 
 fn html_escape(text: &str) -> String {

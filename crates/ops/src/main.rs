@@ -190,7 +190,9 @@ async fn main() -> ExitCode {
             }
         },
         Command::Console(args) => {
-            match ingestctl::console::serve(&settings, args.listen, args.token).await {
+            match ingestctl::console::serve(&settings, args.listen, args.token, args.collectors)
+                .await
+            {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(error) => {
                     eprintln!("ingestctl: {error:#}");
