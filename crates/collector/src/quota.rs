@@ -114,6 +114,8 @@ struct Users {
 
 pub struct Quotas {
     sources: HashMap<String, SourceQuota>,
+    /// Whether any source has per-user quotas: asked of every request whose key is in its body.
+    any_users: bool,
 }
 
 /// A user id's key in the tables: a hash keyed at random per process, so ids cannot be chosen
@@ -128,7 +130,7 @@ impl Quotas {
     pub fn new<'a>(sources: impl IntoIterator<Item = &'a String>, policy: &PolicySettings) -> Self {
         let now = Instant::now();
         let bucket = |rate: Option<Rate>| rate.map(|r| (r, Mutex::new(r.full(now))));
-        let sources = sources
+        let sources: HashMap<String, SourceQuota> = sources
             .into_iter()
             .map(|name| {
                 let p = policy.for_source(name);
@@ -146,7 +148,8 @@ impl Quotas {
                 (name.clone(), quota)
             })
             .collect();
-        Self { sources }
+        let any_users = sources.values().any(|q| q.users.is_some());
+        Self { sources, any_users }
     }
 
     /// Whether `source` has per-user quotas (the body's user ids are read only then).
@@ -156,14 +159,7 @@ impl Quotas {
 
     /// Whether any source has per-user quotas.
     pub fn counts_any_users(&self) -> bool {
-        self.sources.values().any(|q| q.users.is_some())
-    }
-
-    /// Whether any source has a quota or a ceiling.
-    pub fn any(&self) -> bool {
-        self.sources
-            .values()
-            .any(|q| q.ceiling.is_some() || q.source.is_some() || q.users.is_some())
+        self.any_users
     }
 
     /// Where a request of `events` events goes, with `users` its users (key, events) when the

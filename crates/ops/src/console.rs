@@ -74,6 +74,7 @@ pub async fn serve(
         .route("/", get(page))
         .route("/events", get(events))
         .route("/state", get(state))
+        .route_layer(axum::middleware::from_fn_with_state(console.clone(), guard))
         .with_state(console);
     let listener = tokio::net::TcpListener::bind(listen).await?;
     eprintln!(
@@ -103,22 +104,21 @@ fn allowed(console: &Console, query: &Auth, headers: &HeaderMap) -> bool {
     from_cookie || query.token.as_deref() == Some(token.as_str())
 }
 
-fn refused() -> Response {
-    (
-        StatusCode::UNAUTHORIZED,
-        "a token is needed: open the page as /?token=…\n",
-    )
-        .into_response()
-}
-
-async fn page(
+/// Every route: 401 without the token, when one is needed.
+async fn guard(
     State(console): State<Arc<Console>>,
     Query(auth): Query<Auth>,
-    headers: HeaderMap,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
 ) -> Response {
-    if !allowed(&console, &auth, &headers) {
-        return refused();
+    if !allowed(&console, &auth, request.headers()) {
+        let why = "a token is needed: open the page as /?token=…\n";
+        return (StatusCode::UNAUTHORIZED, why).into_response();
     }
+    next.run(request).await
+}
+
+async fn page(State(console): State<Arc<Console>>, Query(auth): Query<Auth>) -> Response {
     let mut response =
         Html(PAGE.replace("__PREFIX__", &html_escape(&console.settings.broker.prefix)))
             .into_response();
@@ -132,26 +132,12 @@ async fn page(
     response
 }
 
-async fn state(
-    State(console): State<Arc<Console>>,
-    Query(auth): Query<Auth>,
-    headers: HeaderMap,
-) -> Response {
-    if !allowed(&console, &auth, &headers) {
-        return refused();
-    }
+async fn state(State(console): State<Arc<Console>>) -> Response {
     let state = console.state.read().await.clone();
     ([(header::CONTENT_TYPE, "application/json")], state).into_response()
 }
 
-async fn events(
-    State(console): State<Arc<Console>>,
-    Query(auth): Query<Auth>,
-    headers: HeaderMap,
-) -> Response {
-    if !allowed(&console, &auth, &headers) {
-        return refused();
-    }
+async fn events(State(console): State<Arc<Console>>) -> Response {
     let items = console.items.subscribe();
     let stream = sse_stream(console, items);
     Sse::new(stream)

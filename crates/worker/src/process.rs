@@ -217,7 +217,7 @@ fn process_payload(
                 tally
                     .applied
                     .add(rules.privacy.apply(&mut event, &mut issues, &mut memo));
-                if issues.is_empty() {
+                if issues.is_empty() && !rules.sample.is_empty() {
                     if let Some((name, keep)) = event_name(&event).and_then(|n| rules.sampled(n)) {
                         let id = event.get_str("messageId").unwrap_or_default();
                         if !enrich::sampled_in(id, keep) {
