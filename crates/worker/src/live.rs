@@ -29,8 +29,9 @@ use crate::process::Outcome;
 pub const CHECK_EVERY: Duration = Duration::from_secs(2);
 /// Items a worker sends to the feed a second at most; past it, items are skipped and counted.
 pub const MAX_PER_SECOND: f64 = 200.0;
-/// Items waiting for the feed's task; past it, an item is dropped.
-const BACKLOG: usize = 1024;
+/// Items waiting for the feed's task; past it, an item is dropped. With events of up to a few
+/// tens of KB, this bounds what a stalled feed holds in the worker to some MB.
+const BACKLOG: usize = 256;
 
 /// The worker's side of the feed: whether anyone watches, and the way to the feed's task.
 pub struct LiveFeed {
