@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use hmac::{Hmac, Mac};
+use hmac::{Hmac, KeyInit, Mac};
 use ingest_e2e::*;
 use ingest_pipeline::settings::{FieldAction, FieldRule, IpPolicy, SourcePolicyChanges};
 use ingest_pipeline::{Secret, Settings, Topology};

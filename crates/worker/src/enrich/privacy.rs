@@ -7,7 +7,7 @@
 
 use std::net::IpAddr;
 
-use hmac::{Hmac, Mac};
+use hmac::{Hmac, KeyInit, Mac};
 use ingest_pipeline::settings::{FieldAction, IpPolicy, SourcePolicy};
 use ingest_schema::{Doc, Edit, Issue, Val};
 
