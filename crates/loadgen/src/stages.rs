@@ -43,6 +43,21 @@ pub struct Stage {
     pub events_per_cpu_s: f64,
 }
 
+impl Stage {
+    /// A stage's figure from its µs per event.
+    pub fn new(stage: &'static str, us_per_event: f64) -> Self {
+        Self {
+            stage,
+            us_per_event,
+            events_per_cpu_s: if us_per_event > 0.0 {
+                1e6 / us_per_event
+            } else {
+                0.0
+            },
+        }
+    }
+}
+
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Report {
     pub requests: usize,
@@ -156,13 +171,7 @@ pub fn run(
     let statsd = statsd::Encoder::new(&settings);
 
     let mut stages = Vec::new();
-    let mut stage = |name: &'static str, us: f64| {
-        stages.push(Stage {
-            stage: name,
-            us_per_event: us,
-            events_per_cpu_s: if us > 0.0 { 1e6 / us } else { 0.0 },
-        })
-    };
+    let mut stage = |name: &'static str, us: f64| stages.push(Stage::new(name, us));
     let gunzip = over(rounds, events, || {
         inputs
             .iter()

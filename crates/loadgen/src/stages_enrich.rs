@@ -9,7 +9,7 @@
 use std::net::IpAddr;
 use std::path::Path;
 
-use ingest_pipeline::message::{headers, RequestMeta};
+use ingest_pipeline::message::headers;
 use ingest_pipeline::settings::{
     EnrichSettings, FieldAction, FieldRule, IpPolicy, PolicySettings, SourcePolicy,
 };
@@ -126,59 +126,34 @@ pub fn run(
     };
     let events = whole(&off);
     anyhow::ensure!(whole(&on) == events, "enrichment changed the events kept");
-    // Each event's own user agent and address, and the events as enrichment finds them.
-    let metas: Vec<RequestMeta> = inputs
-        .iter()
-        .map(|(properties, body)| RequestMeta::from_properties(properties, body))
-        .collect();
-    let per_event: Vec<(String, IpAddr)> = inputs
-        .iter()
-        .zip(&metas)
-        .flat_map(|((properties, body), meta)| {
-            let n = process(
-                &registry,
-                properties,
-                body,
-                LIMITS,
-                Documents::NotNeeded,
-                &off,
-            )
-            .valid
-            .len();
-            let agent = meta.user_agent.clone().unwrap_or_default();
-            let ip = meta
-                .client_ip
-                .as_deref()
-                .and_then(|ip| ip.parse().ok())
-                .unwrap_or(IpAddr::from([127, 0, 0, 1]));
-            std::iter::repeat_n((agent, ip), n)
-        })
-        .collect();
-    let docs: Vec<Doc> = inputs
-        .iter()
-        .flat_map(|(properties, body)| {
-            process(
-                &registry,
-                properties,
-                body,
-                LIMITS,
-                Documents::NotNeeded,
-                &off,
-            )
-            .valid
-            .into_iter()
-            .map(|e| e.doc().clone())
-        })
-        .collect();
+    // Each event as enrichment finds it, with its request's user agent and address: one
+    // process() of each request, before any clock.
+    let mut per_event: Vec<(String, IpAddr)> = Vec::new();
+    let mut docs: Vec<Doc> = Vec::new();
+    for (properties, body) in &inputs {
+        let outcome = process(
+            &registry,
+            properties,
+            body,
+            LIMITS,
+            Documents::NotNeeded,
+            &off,
+        );
+        let agent = outcome.meta.user_agent.clone().unwrap_or_default();
+        let ip = outcome
+            .meta
+            .client_ip
+            .as_deref()
+            .and_then(|ip| ip.parse().ok())
+            .unwrap_or(IpAddr::from([127, 0, 0, 1]));
+        for event in &outcome.valid {
+            per_event.push((agent.clone(), ip));
+            docs.push(event.doc().clone());
+        }
+    }
 
     let mut stages = Vec::new();
-    let mut stage = |name: &'static str, us: f64| {
-        stages.push(Stage {
-            stage: name,
-            us_per_event: us,
-            events_per_cpu_s: if us > 0.0 { 1e6 / us } else { 0.0 },
-        })
-    };
+    let mut stage = |name: &'static str, us: f64| stages.push(Stage::new(name, us));
     stage(
         "whole process() without enrichment (MongoDB not a sink)",
         over(rounds, events, || whole(&off)),
